@@ -1,0 +1,8 @@
+//! sft-model: the LLaMA architecture in candle, for training and for generation.
+//!
+//! Owns everything about the network itself: `config.json` parsing, weight loading (local
+//! Hugging Face folders, the hub, GGUF import), the forward pass with padding masks and a
+//! response-only loss, LoRA adapters in PEFT's format, fused ops that carry a backward, and
+//! batched generation with a KV cache. It knows nothing of datasets, optimizers or evaluators.
+pub mod linear;
+pub mod ops;

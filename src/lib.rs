@@ -1,0 +1,1 @@
+//! Root package: holds the workspace integration tests in `tests/`.
