@@ -433,7 +433,8 @@ where
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        if path == "." || path.is_empty() {
+        // serde_yaml already names the path in most messages.
+        if path == "." || path.is_empty() || inner.starts_with(&path) {
             inner
         } else {
             format!("{path}: {inner}")

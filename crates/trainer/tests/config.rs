@@ -1,0 +1,77 @@
+//! Config parsing: every shipped config loads; every error names its field (and line).
+use sft_trainer::config::Config;
+use std::path::Path;
+
+const BASE: &str = "run:
+  name: t
+model:
+  source: some/folder
+data:
+  sources:
+    - path: data.jsonl
+train:
+  max_steps: 10
+  lr: 0.001
+";
+
+fn err(yaml: &str, overrides: &[&str]) -> String {
+    let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+    Config::from_yaml(yaml, "cfg.yaml", &o).unwrap_err().to_string()
+}
+
+#[test]
+fn shipped_configs_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    for name in ["quickstart.yaml", "groovy.yaml", "groovy-13b.yaml"] {
+        let cfg = Config::load(&root.join(name), &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!cfg.run.name.is_empty());
+    }
+}
+
+#[test]
+fn type_error_names_the_path_and_the_line() {
+    let yaml = BASE.replace("lr: 0.001", "lr: fast");
+    let e = err(&yaml, &[]);
+    assert!(e.starts_with("cfg.yaml: train.lr: "), "{e}");
+    assert!(e.contains("line 10"), "{e}");
+}
+
+#[test]
+fn unknown_fields_are_refused_with_their_path() {
+    let yaml = BASE.replace("  lr: 0.001", "  lr: 0.001\n  learning_rate: 0.1");
+    let e = err(&yaml, &[]);
+    assert!(e.contains("train") && e.contains("unknown field `learning_rate`"), "{e}");
+}
+
+#[test]
+fn values_are_checked() {
+    for (from, to, want) in [
+        ("lr: 0.001", "lr: -1", "train.lr: expected a number > 0"),
+        ("max_steps: 10", "max_steps: 10\n  micro_batch_size: 0", "train.micro_batch_size"),
+        ("source: some/folder", "source: some/folder\n  dtype: f8", "model.dtype"),
+        ("source: some/folder", "source: some/folder\n  device: tpu", "model.device"),
+    ] {
+        let e = err(&BASE.replace(from, to), &[]);
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    let e = err(&format!("{BASE}adapter:\n  r: 0\n  targets: [q_proj, qq_proj]\n"), &[]);
+    assert!(e.contains("adapter.r: expected at least 1"), "{e}");
+    assert!(e.contains("unknown module 'qq_proj'"), "{e}");
+}
+
+#[test]
+fn overrides_apply_as_yaml_and_errors_name_them() {
+    let o = vec![
+        "train.lr=0.5".to_string(),
+        "adapter.targets=[q_proj, v_proj]".to_string(),
+        "eval.ifs.every_examples=32".to_string(),
+    ];
+    let cfg = Config::from_yaml(BASE, "cfg.yaml", &o).unwrap();
+    assert_eq!(cfg.train.lr, 0.5);
+    assert_eq!(cfg.adapter.targets, vec!["q_proj", "v_proj"]);
+    assert_eq!(cfg.eval.ifs.every_examples, 32);
+    let e = err(BASE, &["train.lr=fast"]);
+    assert!(e.starts_with("--set train.lr=fast: train.lr"), "{e}");
+    let e = err(BASE, &["train.lr"]);
+    assert!(e.contains("expected key.path=value"), "{e}");
+}
