@@ -4,6 +4,9 @@
 //! Hugging Face folders, the hub, GGUF import), the forward pass with padding masks and a
 //! response-only loss, LoRA adapters in PEFT's format, fused ops that carry a backward, and
 //! batched generation with a KV cache. It knows nothing of datasets, optimizers or evaluators.
+pub mod config;
 pub mod gguf;
 pub mod linear;
+pub mod llama;
+pub mod load;
 pub mod ops;

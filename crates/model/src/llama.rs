@@ -1,0 +1,1232 @@
+//! The LLaMA decoder (Touvron et al. 2023), with the tensor names of the Hugging Face hub.
+//!
+//! ```text
+//! h = embed_tokens[input_ids]
+//! for each layer:  h = h + o_proj(attention(rope(q_proj(rms(h))), rope(k_proj(..)), v_proj(..)))
+//!                  h = h + down_proj(silu(gate_proj(rms(h))) * up_proj(rms(h)))
+//! logits = lm_head(rms(h))            (lm_head = embed_tokens when the embeddings are tied)
+//! ```
+//!
+//! Three entry points share the same layers:
+//! - [`Llama::forward_hidden`] / [`Llama::forward_logits`]: a padded batch with an attention mask
+//!   (1 = token, 0 = pad), causal; position ids are derived from the mask, so left and right
+//!   padding give the same results for the real tokens.
+//! - [`Llama::loss`]: mean cross-entropy with Hugging Face's convention (labels aligned with
+//!   `input_ids`, shifted inside, -100 ignored), computing logits only where a label is.
+//! - [`Llama::forward_cached`]: incremental decoding with a [`KvCache`].
+//!
+//! The weights are plain tensors taken from a name → tensor map, so a trainer can pass candle
+//! `Var`s for the ones it trains ([`Llama::from_weights`], [`Llama::named_weights`]), and the
+//! LoRA code can reach each projection by its hub name ([`Llama::linears_mut`]).
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Result, Tensor};
+use rand::{Rng, SeedableRng};
+
+use crate::config::LlamaConfig;
+use crate::linear::Linear;
+use crate::ops;
+
+/// Labels equal to this are ignored by the loss (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Rows of logits computed at once by the loss (bounds its memory when no gradient is kept).
+const LOSS_CHUNK_ELEMENTS: usize = 1 << 24;
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+struct DecoderLayer {
+    input_layernorm: Tensor,
+    self_attn: Attention,
+    post_attention_layernorm: Tensor,
+    mlp: Mlp,
+    eps: f32,
+}
+
+/// A LLaMA causal language model.
+pub struct Llama {
+    cfg: LlamaConfig,
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: Linear,
+    /// The tensors the model was built from, by hub name (the tied lm_head is not listed).
+    weights: Vec<(String, Tensor)>,
+    inv_freq: Vec<f32>,
+    dtype: DType,
+    device: Device,
+}
+
+/// The result of [`Llama::loss`]: the summed token cross-entropy and how many tokens it covers,
+/// so a trainer can normalise over several accumulated micro-batches.
+#[derive(Debug, Clone)]
+pub struct LossOutput {
+    /// Sum of `-log p(label)` over the counted positions: a scalar in the graph, f32 (f64 for
+    /// an f64 model).
+    pub sum: Tensor,
+    pub n_tokens: usize,
+}
+
+impl LossOutput {
+    /// `sum / n_tokens` (0 when there are no tokens).
+    pub fn mean(&self) -> Result<Tensor> {
+        if self.n_tokens == 0 {
+            return Ok(self.sum.clone());
+        }
+        self.sum.affine(1.0 / self.n_tokens as f64, 0.0)
+    }
+}
+
+/// Rotary tables for one forward call: one row per (example, position).
+struct Rope {
+    /// (b * t, head_dim / 2)
+    cos: Tensor,
+    sin: Tensor,
+    /// All examples share the same positions: the tables are then (t, head_dim / 2).
+    shared: bool,
+}
+
+/// Per-layer keys and values of the tokens seen so far, preallocated along the time axis.
+pub struct KvCache {
+    /// (k, v) per layer, each (b, num_kv_heads, capacity, head_dim).
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+    capacity: usize,
+    /// Which cached positions are real tokens (false = padding), per example.
+    valid: Vec<Vec<bool>>,
+}
+
+impl KvCache {
+    /// Number of positions cached (padding included).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn batch_size(&self) -> usize {
+        self.valid.len()
+    }
+    /// Keeps only the given examples (in this order): drops finished sequences from a batch.
+    pub fn select_rows(&mut self, rows: &[usize]) -> Result<()> {
+        if rows.is_empty() {
+            candle_core::bail!("KvCache::select_rows: no rows to keep");
+        }
+        let dev = self.layers.first().map(|(k, _)| k.device().clone());
+        let Some(dev) = dev else {
+            self.valid = rows.iter().map(|&r| self.valid[r].clone()).collect();
+            return Ok(());
+        };
+        let idx = Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev)?;
+        for (k, v) in self.layers.iter_mut() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        self.valid = rows.iter().map(|&r| self.valid[r].clone()).collect();
+        Ok(())
+    }
+}
+
+/// Expected tensor names and shapes of a model with this config, in hub naming.
+pub fn weight_shapes(cfg: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let q = cfg.num_attention_heads * cfg.head_dim;
+    let kv = cfg.num_key_value_heads * cfg.head_dim;
+    let mut out = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{l}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        for (name, o, inp) in [
+            ("q_proj", q, h),
+            ("k_proj", kv, h),
+            ("v_proj", kv, h),
+            ("o_proj", h, q),
+        ] {
+            out.push((format!("{p}.self_attn.{name}.weight"), vec![o, inp]));
+            if cfg.attention_bias {
+                out.push((format!("{p}.self_attn.{name}.bias"), vec![o]));
+            }
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        for (name, o, inp) in [("gate_proj", i, h), ("up_proj", i, h), ("down_proj", h, i)] {
+            out.push((format!("{p}.mlp.{name}.weight"), vec![o, inp]));
+            if cfg.mlp_bias {
+                out.push((format!("{p}.mlp.{name}.bias"), vec![o]));
+            }
+        }
+    }
+    out.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        out.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    out
+}
+
+/// Random weights for a config (uniform, std 0.02 for matrices; norms near 1), from a seed:
+/// for tests and `init-random`.
+pub fn random_weights(
+    cfg: &LlamaConfig,
+    dtype: DType,
+    device: &Device,
+    seed: u64,
+) -> Result<HashMap<String, Tensor>> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let a = 0.02f32 * 3f32.sqrt();
+    let mut out = HashMap::new();
+    for (name, shape) in weight_shapes(cfg) {
+        let n: usize = shape.iter().product();
+        let data: Vec<f32> = if name.ends_with("norm.weight") {
+            (0..n)
+                .map(|_| 1.0 + rng.random_range(-0.1f32..0.1))
+                .collect()
+        } else {
+            (0..n).map(|_| rng.random_range(-a..a)).collect()
+        };
+        let t = Tensor::from_vec(data, shape, device)?.to_dtype(dtype)?;
+        out.insert(name, t);
+    }
+    Ok(out)
+}
+
+fn take(weights: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<Tensor> {
+    let t = weights
+        .remove(name)
+        .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))?;
+    if t.dims() != shape {
+        candle_core::bail!(
+            "tensor `{name}` has shape {:?}, expected {shape:?} for this config",
+            t.dims()
+        );
+    }
+    Ok(t)
+}
+
+impl Llama {
+    /// Builds the model from tensors named as on the hub (see [`weight_shapes`]). All must share
+    /// one dtype and device, which become the model's. With tied embeddings an `lm_head.weight`
+    /// entry is ignored; rotary `inv_freq` buffers of old checkpoints are ignored; any other
+    /// unexpected tensor is an error.
+    pub fn from_weights(cfg: &LlamaConfig, mut weights: HashMap<String, Tensor>) -> Result<Self> {
+        let shapes = weight_shapes(cfg);
+        let mut ordered = Vec::with_capacity(shapes.len());
+        for (name, shape) in &shapes {
+            ordered.push((name.clone(), take(&mut weights, name, shape)?));
+        }
+        if cfg.tie_word_embeddings {
+            weights.remove("lm_head.weight");
+        }
+        weights.retain(|k, _| !k.ends_with("rotary_emb.inv_freq"));
+        if let Some(extra) = weights.keys().min() {
+            candle_core::bail!(
+                "unexpected tensor `{extra}` ({} in all) for a LLaMA with this config",
+                weights.len()
+            );
+        }
+        let dtype = ordered[0].1.dtype();
+        let device = ordered[0].1.device().clone();
+        for (name, t) in &ordered {
+            if t.dtype() != dtype {
+                candle_core::bail!(
+                    "tensor `{name}` is {:?}, the embeddings {dtype:?}",
+                    t.dtype()
+                );
+            }
+            if !t.device().same_device(&device) {
+                candle_core::bail!("tensor `{name}` is on another device than the embeddings");
+            }
+        }
+        let mut map: HashMap<String, Tensor> = ordered.iter().cloned().collect();
+        // Every name below is in `weight_shapes`, so it was checked and inserted above.
+        let mut get = |name: String| -> Result<Tensor> {
+            map.remove(&name)
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing tensor `{name}`")))
+        };
+        let embed_tokens = get("model.embed_tokens.weight".into())?;
+        let eps = cfg.rms_norm_eps as f32;
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let mut linear = |name: &str, bias: bool| -> Result<Linear> {
+                let w = get(format!("{p}.{name}.weight"))?;
+                let b = if bias {
+                    Some(get(format!("{p}.{name}.bias"))?)
+                } else {
+                    None
+                };
+                Ok(Linear::new(w, b))
+            };
+            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+            let self_attn = Attention {
+                q_proj: linear("self_attn.q_proj", ab)?,
+                k_proj: linear("self_attn.k_proj", ab)?,
+                v_proj: linear("self_attn.v_proj", ab)?,
+                o_proj: linear("self_attn.o_proj", ab)?,
+                num_heads: cfg.num_attention_heads,
+                num_kv_heads: cfg.num_key_value_heads,
+                head_dim: cfg.head_dim,
+            };
+            let mlp = Mlp {
+                gate_proj: linear("mlp.gate_proj", mb)?,
+                up_proj: linear("mlp.up_proj", mb)?,
+                down_proj: linear("mlp.down_proj", mb)?,
+            };
+            layers.push(DecoderLayer {
+                input_layernorm: get(format!("{p}.input_layernorm.weight"))?,
+                self_attn,
+                post_attention_layernorm: get(format!("{p}.post_attention_layernorm.weight"))?,
+                mlp,
+                eps,
+            });
+        }
+        let norm = get("model.norm.weight".into())?;
+        let lm_head = if cfg.tie_word_embeddings {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            Linear::new(get("lm_head.weight".into())?, None)
+        };
+        Ok(Self {
+            inv_freq: cfg.rope_inv_freq(),
+            cfg: cfg.clone(),
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            weights: ordered,
+            dtype,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &LlamaConfig {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The tensors the model was built from, by hub name, in checkpoint order (the tied
+    /// `lm_head` is not listed: it is `model.embed_tokens.weight`).
+    pub fn named_weights(&self) -> &[(String, Tensor)] {
+        &self.weights
+    }
+
+    /// Every projection by hub module name (`model.layers.3.self_attn.q_proj`,
+    /// `model.layers.3.mlp.down_proj`, `lm_head` when untied), for LoRA to wrap.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (l, layer) in self.layers.iter_mut().enumerate() {
+            let a = &mut layer.self_attn;
+            let m = &mut layer.mlp;
+            let p = format!("model.layers.{l}");
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        if !self.cfg.tie_word_embeddings {
+            out.push(("lm_head".to_string(), &mut self.lm_head));
+        }
+        out
+    }
+
+    /// Final hidden states (after the last RMSNorm), (b, t, hidden). `input_ids`: (b, t) u32;
+    /// `attention_mask`: (b, t), 1 for tokens and 0 for padding (any integer or float dtype);
+    /// `None` means no padding.
+    pub fn forward_hidden(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let valid = mask_rows(attention_mask, b, t)?;
+        let positions = positions_from_mask(&valid, 0, t);
+        let rope = self.rope(&positions, b, t)?;
+        let mask = causal_mask(&valid, 0, t, &self.device)?;
+        let mut x = self.embed(input_ids)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &rope, mask.as_ref(), None)?;
+        }
+        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
+    }
+
+    /// `lm_head` applied to hidden states: (..., hidden) -> (..., vocab).
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.lm_head.forward(hidden)
+    }
+
+    /// Logits at every position, (b, t, vocab), in the model's dtype. For scoring; training
+    /// should use [`Llama::loss`], which never builds all of them.
+    pub fn forward_logits(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let h = self.forward_hidden(input_ids, attention_mask)?;
+        self.lm_head(&h)
+    }
+
+    /// Summed cross-entropy of next-token prediction, Hugging Face's convention: `labels` (b, t)
+    /// i64 are aligned with `input_ids` and shifted here (position i predicts `labels[i + 1]`);
+    /// positions whose label is -100 are ignored (so `labels = input_ids` with pads set to -100
+    /// gives the standard LM loss). Logits are computed only at counted positions, in chunks.
+    pub fn loss(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        labels: &Tensor,
+    ) -> Result<LossOutput> {
+        let (b, t) = input_ids.dims2()?;
+        if labels.dims() != [b, t] {
+            candle_core::bail!(
+                "labels have shape {:?}, input_ids ({b}, {t})",
+                labels.dims()
+            );
+        }
+        let hidden = self.forward_hidden(input_ids, attention_mask)?;
+        let labels: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
+        let mut rows = Vec::new();
+        let mut targets = Vec::new();
+        for (bi, row) in labels.iter().enumerate() {
+            for i in 0..t.saturating_sub(1) {
+                let l = row[i + 1];
+                if l == IGNORE_INDEX {
+                    continue;
+                }
+                if l < 0 || l as usize >= self.cfg.vocab_size {
+                    candle_core::bail!(
+                        "label {l} at ({bi}, {}) is outside the vocabulary (0..{}) and not -100",
+                        i + 1,
+                        self.cfg.vocab_size
+                    );
+                }
+                rows.push((bi * t + i) as u32);
+                targets.push(l as u32);
+            }
+        }
+        let n_tokens = rows.len();
+        if n_tokens == 0 {
+            return Ok(LossOutput {
+                sum: Tensor::zeros((), DType::F32, &self.device)?,
+                n_tokens,
+            });
+        }
+        let h = hidden.dim(2)?;
+        let flat = hidden.reshape((b * t, h))?;
+        let chunk = (LOSS_CHUNK_ELEMENTS / self.cfg.vocab_size).max(1);
+        let mut sums = Vec::new();
+        for start in (0..n_tokens).step_by(chunk) {
+            let end = (start + chunk).min(n_tokens);
+            let idx = Tensor::new(&rows[start..end], &self.device)?;
+            let tgt = Tensor::new(&targets[start..end], &self.device)?;
+            let logits = self.lm_head(&flat.index_select(&idx, 0)?)?;
+            sums.push(ops::cross_entropy(&logits, &tgt, IGNORE_INDEX)?.sum_all()?);
+        }
+        let sum = if sums.len() == 1 {
+            sums.pop().expect("one chunk")
+        } else {
+            Tensor::stack(&sums, 0)?.sum_all()?
+        };
+
+        Ok(LossOutput { sum, n_tokens })
+    }
+
+    /// An empty cache for `batch` sequences, room for `capacity` positions (it grows if needed).
+    pub fn new_cache(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        let capacity = capacity.max(1);
+        let shape = (
+            batch,
+            self.cfg.num_key_value_heads,
+            capacity,
+            self.cfg.head_dim,
+        );
+        let layers = (0..self.layers.len())
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers,
+            len: 0,
+            capacity,
+            valid: vec![Vec::new(); batch],
+        })
+    }
+
+    /// Incremental forward: appends `input_ids` (b, t) after the cached positions and returns the
+    /// logits of the last new position, (b, vocab) in f32. `attention_mask` (b, t) marks padding
+    /// among the new tokens (left padding of a prompt batch); `None` = all tokens. Positions
+    /// count the real tokens before each one, per example.
+    pub fn forward_cached(
+        &self,
+        input_ids: &Tensor,
+        attention_mask: Option<&Tensor>,
+        cache: &mut KvCache,
+    ) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        if b != cache.batch_size() {
+            candle_core::bail!(
+                "forward_cached: batch of {b}, cache of {}",
+                cache.batch_size()
+            );
+        }
+        let new_valid = mask_rows(attention_mask, b, t)?;
+        let past = cache.len;
+        if past + t > cache.capacity {
+            grow_cache(cache, (past + t).max(2 * cache.capacity))?;
+        }
+        for (row, new) in cache.valid.iter_mut().zip(new_valid) {
+            row.extend(new);
+        }
+        let positions = positions_from_mask(&cache.valid, past, t);
+        let rope = self.rope(&positions, b, t)?;
+        let mask = causal_mask(&cache.valid, past, t, &self.device)?;
+        let mut x = self.embed(input_ids)?;
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(&x, &rope, mask.as_ref(), Some((kv, past)))?;
+        }
+        cache.len = past + t;
+        let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
+        let last = ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        self.lm_head(&last)?.to_dtype(DType::F32)
+    }
+
+    /// Token embeddings, (b, t) -> (b, t, hidden).
+    fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = input_ids.dims2()?;
+        let h = self.embed_tokens.dim(1)?;
+        self.embed_tokens
+            .index_select(&input_ids.flatten_all()?, 0)?
+            .reshape((b, t, h))
+    }
+
+    /// cos/sin of each (example, position) in the model's dtype; computed in f32 as
+    /// transformers does (`inv_freq * position`, then cos and sin).
+    fn rope(&self, positions: &[Vec<u32>], b: usize, t: usize) -> Result<Rope> {
+        let shared = positions.iter().all(|p| p == &positions[0]);
+        let rows: &[Vec<u32>] = if shared { &positions[..1] } else { positions };
+        let half = self.inv_freq.len();
+        let n = rows.len() * t;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for row in rows {
+            for &p in row {
+                for &f in &self.inv_freq {
+                    let a = p as f32 * f;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(self.dtype)?;
+        let _ = b;
+        Ok(Rope { cos, sin, shared })
+    }
+}
+
+fn grow_cache(cache: &mut KvCache, capacity: usize) -> Result<()> {
+    for (k, v) in cache.layers.iter_mut() {
+        let (b, h, _, d) = k.dims4()?;
+        let nk = Tensor::zeros((b, h, capacity, d), k.dtype(), k.device())?;
+        let nv = Tensor::zeros((b, h, capacity, d), v.dtype(), v.device())?;
+        if cache.len > 0 {
+            nk.slice_set(&k.narrow(2, 0, cache.len)?.contiguous()?, 2, 0)?;
+            nv.slice_set(&v.narrow(2, 0, cache.len)?.contiguous()?, 2, 0)?;
+        }
+        *k = nk;
+        *v = nv;
+    }
+    cache.capacity = capacity;
+    Ok(())
+}
+
+/// The attention mask as rows of booleans (true = token).
+fn mask_rows(mask: Option<&Tensor>, b: usize, t: usize) -> Result<Vec<Vec<bool>>> {
+    match mask {
+        None => Ok(vec![vec![true; t]; b]),
+        Some(m) => {
+            if m.dims() != [b, t] {
+                candle_core::bail!(
+                    "attention_mask has shape {:?}, input_ids ({b}, {t})",
+                    m.dims()
+                );
+            }
+            let rows: Vec<Vec<f32>> = m.to_dtype(DType::F32)?.to_vec2()?;
+            Ok(rows
+                .into_iter()
+                .map(|r| r.into_iter().map(|x| x != 0.0).collect())
+                .collect())
+        }
+    }
+}
+
+/// Position id of each of the `t` newest positions: the number of real tokens before it
+/// (padding positions get the id of the token before them, or 0; they are never attended to).
+fn positions_from_mask(valid: &[Vec<bool>], past: usize, t: usize) -> Vec<Vec<u32>> {
+    valid
+        .iter()
+        .map(|row| {
+            let mut count = 0u32;
+            let mut out = Vec::with_capacity(t);
+            for (j, &v) in row.iter().enumerate() {
+                if v {
+                    count += 1;
+                }
+                if j >= past {
+                    out.push(count.saturating_sub(1));
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+/// Additive mask (b, 1, t, past + t) in f32: 0 where query i may attend key j (j not after i,
+/// and j a real token), -inf elsewhere. A padding query attends to itself so that no row is
+/// all -inf (its output is never used). `None` when nothing is masked.
+fn causal_mask(valid: &[Vec<bool>], past: usize, t: usize, dev: &Device) -> Result<Option<Tensor>> {
+    let b = valid.len();
+    let total = past + t;
+    let all_valid = valid.iter().all(|r| r.iter().all(|&v| v));
+    if t == 1 && all_valid {
+        return Ok(None);
+    }
+    let mut m = vec![0f32; b * t * total];
+    for (bi, row) in valid.iter().enumerate() {
+        for i in 0..t {
+            let q = past + i;
+            let base = (bi * t + i) * total;
+            for j in 0..total {
+                let allowed = j <= q && (row[j] || j == q);
+                if !allowed {
+                    m[base + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(m, (b, 1, t, total), dev)?))
+}
+
+/// Applies the rotary embedding to (b, heads, t, head_dim) (any strides, unit last stride).
+fn apply_rope(x: &Tensor, rope: &Rope) -> Result<Tensor> {
+    if rope.shared {
+        return ops::rope(x, &rope.cos, &rope.sin);
+    }
+    let (b, _, t, d) = x.dims4()?;
+    let cos = rope.cos.reshape((b, t, d / 2))?;
+    let sin = rope.sin.reshape((b, t, d / 2))?;
+    ops::rope(x, &cos, &sin)
+}
+
+impl Attention {
+    /// `x`: (b, t, hidden). `cache`: this layer's (k, v) buffers and the cached length.
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut (Tensor, Tensor), usize)>,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let q = apply_rope(&q, rope)?;
+        let k = apply_rope(&k, rope)?;
+        let (k, v) = match cache {
+            None => (k, v.contiguous()?),
+            Some(((kc, vc), past)) => {
+                kc.slice_set(&k.contiguous()?, 2, past)?;
+                vc.slice_set(&v.contiguous()?, 2, past)?;
+                (kc.narrow(2, 0, past + t)?, vc.narrow(2, 0, past + t)?)
+            }
+        };
+        let total = k.dim(2)?;
+        // Grouped-query attention without copying k/v: the n_rep query heads that share a kv
+        // head are stacked along the time axis, (b, nkv, n_rep * t, hd).
+        let n_rep = nh / nkv;
+        let q = (q.contiguous()? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, total))?;
+        // Softmax in f32 as transformers does for half-precision weights.
+        let scores = scores.to_dtype(DType::F32)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
+        let probs = ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
+        let out = probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?;
+        let out = out
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        self.down_proj.forward(&ops::silu_mul(&gate, &up)?)
+    }
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        mask: Option<&Tensor>,
+        cache: Option<(&mut (Tensor, Tensor), usize)>,
+    ) -> Result<Tensor> {
+        let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let x = (x + self.self_attn.forward(&h, rope, mask, cache)?)?;
+        let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        x + self.mlp.forward(&h)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{IndexOp, Var};
+
+    /// 2 layers, 4 query heads over 2 kv heads (GQA), untied unless asked.
+    pub(crate) fn tiny_config(tied: bool, llama3: bool) -> LlamaConfig {
+        let rope = if llama3 {
+            r#""rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16},"#
+        } else {
+            r#""rope_theta": 10000.0,"#
+        };
+        LlamaConfig::from_json_str(&format!(
+            r#"{{"model_type": "llama", "vocab_size": 61, "hidden_size": 32,
+                "intermediate_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "num_key_value_heads": 2, {rope} "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": {tied}, "max_position_embeddings": 128,
+                "eos_token_id": 2}}"#
+        ))
+        .unwrap()
+    }
+
+    fn tiny_model(cfg: &LlamaConfig, dtype: DType) -> Llama {
+        Llama::from_weights(cfg, random_weights(cfg, dtype, &Device::Cpu, 7).unwrap()).unwrap()
+    }
+
+    fn vecs(w: &HashMap<String, Tensor>, name: &str) -> Vec<Vec<f64>> {
+        let t = w[name].to_dtype(DType::F64).unwrap();
+        if t.rank() == 1 {
+            vec![t.to_vec1().unwrap()]
+        } else {
+            t.to_vec2().unwrap()
+        }
+    }
+
+    fn matvec(m: &[Vec<f64>], x: &[f64]) -> Vec<f64> {
+        m.iter()
+            .map(|r| r.iter().zip(x).map(|(a, b)| a * b).sum())
+            .collect()
+    }
+
+    fn rms(x: &[f64], w: &[f64], eps: f64) -> Vec<f64> {
+        let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+        let r = 1.0 / (ms + eps).sqrt();
+        x.iter().zip(w).map(|(v, g)| v * r * g).collect()
+    }
+
+    /// The LLaMA forward written out token by token, head by head, in f64: the reference the
+    /// tensor code is held against (GQA by explicit head mapping, RoPE by its formula).
+    fn naive_logits(cfg: &LlamaConfig, w: &HashMap<String, Tensor>, ids: &[u32]) -> Vec<Vec<f64>> {
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let eps = cfg.rms_norm_eps;
+        let inv: Vec<f64> = cfg.rope_inv_freq().iter().map(|&f| f as f64).collect();
+        let rot = |v: &mut [f64], pos: usize| {
+            for i in 0..hd / 2 {
+                let a = pos as f64 * inv[i];
+                let (x1, x2) = (v[i], v[i + hd / 2]);
+                v[i] = x1 * a.cos() - x2 * a.sin();
+                v[i + hd / 2] = x2 * a.cos() + x1 * a.sin();
+            }
+        };
+        let emb = vecs(w, "model.embed_tokens.weight");
+        let mut xs: Vec<Vec<f64>> = ids.iter().map(|&i| emb[i as usize].clone()).collect();
+        for l in 0..cfg.num_hidden_layers {
+            let g = |n: &str| vecs(w, &format!("model.layers.{l}.{n}"));
+            let (wq, wk, wv, wo) = (
+                g("self_attn.q_proj.weight"),
+                g("self_attn.k_proj.weight"),
+                g("self_attn.v_proj.weight"),
+                g("self_attn.o_proj.weight"),
+            );
+            let hs: Vec<Vec<f64>> = xs
+                .iter()
+                .map(|x| rms(x, &g("input_layernorm.weight")[0], eps))
+                .collect();
+            let mut q: Vec<Vec<f64>> = hs.iter().map(|h| matvec(&wq, h)).collect();
+            let mut k: Vec<Vec<f64>> = hs.iter().map(|h| matvec(&wk, h)).collect();
+            let v: Vec<Vec<f64>> = hs.iter().map(|h| matvec(&wv, h)).collect();
+            for (pos, (qt, kt)) in q.iter_mut().zip(k.iter_mut()).enumerate() {
+                for h in 0..nh {
+                    rot(&mut qt[h * hd..(h + 1) * hd], pos);
+                }
+                for h in 0..nkv {
+                    rot(&mut kt[h * hd..(h + 1) * hd], pos);
+                }
+            }
+            for i in 0..ids.len() {
+                let mut att_out = vec![0.0; nh * hd];
+                for h in 0..nh {
+                    let kh = h / (nh / nkv);
+                    let scores: Vec<f64> = (0..=i)
+                        .map(|j| {
+                            (0..hd)
+                                .map(|d| q[i][h * hd + d] * k[j][kh * hd + d])
+                                .sum::<f64>()
+                                / (hd as f64).sqrt()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+                    let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f64 = e.iter().sum();
+                    for (j, ej) in e.iter().enumerate() {
+                        for d in 0..hd {
+                            att_out[h * hd + d] += ej / z * v[j][kh * hd + d];
+                        }
+                    }
+                }
+                let o = matvec(&wo, &att_out);
+                for (x, o) in xs[i].iter_mut().zip(o) {
+                    *x += o;
+                }
+                let h = rms(&xs[i], &g("post_attention_layernorm.weight")[0], eps);
+                let gate = matvec(&g("mlp.gate_proj.weight"), &h);
+                let up = matvec(&g("mlp.up_proj.weight"), &h);
+                let act: Vec<f64> = gate
+                    .iter()
+                    .zip(&up)
+                    .map(|(g, u)| g / (1.0 + (-g).exp()) * u)
+                    .collect();
+                let d = matvec(&g("mlp.down_proj.weight"), &act);
+                for (x, d) in xs[i].iter_mut().zip(d) {
+                    *x += d;
+                }
+            }
+        }
+        let head = if cfg.tie_word_embeddings {
+            emb.clone()
+        } else {
+            vecs(w, "lm_head.weight")
+        };
+        let norm = vecs(w, "model.norm.weight");
+        xs.iter()
+            .map(|x| matvec(&head, &rms(x, &norm[0], eps)))
+            .collect()
+    }
+
+    fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+        a.iter()
+            .zip(b)
+            .flat_map(|(r, s)| r.iter().zip(s).map(|(x, y)| (x - y).abs()))
+            .fold(0.0, f64::max)
+    }
+
+    fn ids_tensor(rows: &[Vec<u32>]) -> Tensor {
+        Tensor::new(rows.to_vec(), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn forward_matches_the_written_out_formula() {
+        for (tied, llama3) in [(false, false), (true, false), (false, true)] {
+            let cfg = tiny_config(tied, llama3);
+            let w = random_weights(&cfg, DType::F64, &Device::Cpu, 3).unwrap();
+            let model = Llama::from_weights(&cfg, w.clone()).unwrap();
+            let ids = vec![5u32, 17, 2, 60, 33, 9, 41];
+            let logits = model
+                .forward_logits(&ids_tensor(&[ids.clone()]), None)
+                .unwrap();
+            assert_eq!(logits.dims(), &[1, ids.len(), cfg.vocab_size]);
+            let got: Vec<Vec<f64>> = logits.i(0).unwrap().to_vec2().unwrap();
+            let want = naive_logits(&cfg, &w, &ids);
+            let d = max_diff(&got, &want);
+            // Not 1e-12: the rotary tables are computed in f32, as transformers does.
+            assert!(d < 1e-6, "tied={tied} llama3={llama3}: max diff {d}");
+        }
+    }
+
+    #[test]
+    fn rope_tables_follow_the_formula_per_example() {
+        // Left padding gives each example its own positions; check the rotated values.
+        let cfg = tiny_config(false, false);
+        let model = tiny_model(&cfg, DType::F64);
+        let positions = vec![vec![0u32, 0, 1, 2], vec![0, 1, 2, 3]];
+        let rope = model.rope(&positions, 2, 4).unwrap();
+        assert!(!rope.shared);
+        let hd = cfg.head_dim;
+        let x = Tensor::arange(0f64, (2 * 3 * 4 * hd) as f64, &Device::Cpu)
+            .unwrap()
+            .affine(0.01, -1.0)
+            .unwrap()
+            .reshape((2, 3, 4, hd))
+            .unwrap();
+        let xv = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let yv = apply_rope(&x, &rope)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let inv: Vec<f64> = cfg.rope_inv_freq().iter().map(|&f| f as f64).collect();
+        for b in 0..2 {
+            for h in 0..3 {
+                for t in 0..4 {
+                    let base = ((b * 3 + h) * 4 + t) * hd;
+                    let p = positions[b][t] as f64;
+                    for i in 0..hd / 2 {
+                        let a = (p as f32 * inv[i] as f32) as f64;
+                        let (x1, x2) = (xv[base + i], xv[base + i + hd / 2]);
+                        let want1 = x1 * a.cos() - x2 * a.sin();
+                        let want2 = x2 * a.cos() + x1 * a.sin();
+                        assert!((yv[base + i] - want1).abs() < 1e-6, "b{b} h{h} t{t} i{i}");
+                        assert!((yv[base + i + hd / 2] - want2).abs() < 1e-6);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hidden states of real tokens do not depend on padding, on either side.
+    #[test]
+    fn left_and_right_padding_give_the_same_tokens() {
+        let cfg = tiny_config(false, false);
+        let model = tiny_model(&cfg, DType::F32);
+        let a = vec![3u32, 14, 15, 9, 26];
+        let b = vec![5u32, 35, 8];
+        let alone = |s: &Vec<u32>| -> Vec<Vec<f32>> {
+            model
+                .forward_hidden(&ids_tensor(&[s.clone()]), None)
+                .unwrap()
+                .i(0)
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        let (ha, hb) = (alone(&a), alone(&b));
+        let close = |x: &[f32], y: &[f32]| x.iter().zip(y).all(|(p, q)| (p - q).abs() < 1e-5);
+        // Right padding.
+        let ids = ids_tensor(&[a.clone(), vec![5, 35, 8, 0, 0]]);
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1], [1, 1, 1, 0, 0]], &Device::Cpu).unwrap();
+        let h = model.forward_hidden(&ids, Some(&mask)).unwrap();
+        let h: Vec<Vec<Vec<f32>>> = h.to_vec3().unwrap();
+        for t in 0..5 {
+            assert!(close(&h[0][t], &ha[t]));
+        }
+        for t in 0..3 {
+            assert!(close(&h[1][t], &hb[t]), "right pad, t={t}");
+        }
+        // Left padding (the pad id is arbitrary).
+        let ids = ids_tensor(&[a.clone(), vec![7, 7, 5, 35, 8]]);
+        let mask = Tensor::new(&[[1u8, 1, 1, 1, 1], [0, 0, 1, 1, 1]], &Device::Cpu).unwrap();
+        let h: Vec<Vec<Vec<f32>>> = model
+            .forward_hidden(&ids, Some(&mask))
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        for t in 0..3 {
+            assert!(close(&h[1][t + 2], &hb[t]), "left pad, t={t}");
+            assert!(h[1][t].iter().all(|v| v.is_finite()));
+        }
+        // Without the mask the padded row differs: the mask is what makes it work.
+        let h: Vec<Vec<Vec<f32>>> = model.forward_hidden(&ids, None).unwrap().to_vec3().unwrap();
+        assert!(!close(&h[1][4], &hb[2]));
+    }
+
+    #[test]
+    fn loss_is_the_shifted_cross_entropy_over_labelled_positions() {
+        let cfg = tiny_config(true, false);
+        let model = tiny_model(&cfg, DType::F64);
+        let ids = vec![vec![4u32, 8, 15, 16, 23, 42], vec![1u32, 2, 3, 0, 0, 0]];
+        let mask = Tensor::new(&[[1u32; 6], [1, 1, 1, 0, 0, 0]], &Device::Cpu).unwrap();
+        // Only the answer part of row 0 is labelled; row 1 is an ordinary LM row.
+        let labels = Tensor::new(
+            &[
+                [-100i64, -100, -100, 16, 23, 42],
+                [1, 2, 3, -100, -100, -100],
+            ],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let out = model.loss(&ids_tensor(&ids), Some(&mask), &labels).unwrap();
+        assert_eq!(out.n_tokens, 5);
+        let logits: Vec<Vec<Vec<f64>>> = model
+            .forward_logits(&ids_tensor(&ids), Some(&mask))
+            .unwrap()
+            .to_vec3()
+            .unwrap();
+        let nll = |row: &[f64], target: usize| {
+            let m = row.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = row.iter().map(|v| (v - m).exp()).sum();
+            m + z.ln() - row[target]
+        };
+        let want = nll(&logits[0][2], 16)
+            + nll(&logits[0][3], 23)
+            + nll(&logits[0][4], 42)
+            + nll(&logits[1][0], 2)
+            + nll(&logits[1][1], 3);
+        let got = out.sum.to_scalar::<f64>().unwrap();
+        assert!((got - want).abs() < 1e-9, "{got} vs {want}");
+        let mean = out.mean().unwrap().to_scalar::<f64>().unwrap();
+        assert!((mean - want / 5.0).abs() < 1e-9);
+        // A label outside the vocabulary is an error, not a silent skip.
+        let bad = Tensor::new(
+            &[[-100i64, 99, -100, -100, -100, -100], [-100; 6]],
+            &Device::Cpu,
+        )
+        .unwrap();
+        assert!(model.loss(&ids_tensor(&ids), Some(&mask), &bad).is_err());
+        // No labels: zero tokens.
+        let none = Tensor::new(&[[-100i64; 6], [-100; 6]], &Device::Cpu).unwrap();
+        assert_eq!(
+            model
+                .loss(&ids_tensor(&ids), Some(&mask), &none)
+                .unwrap()
+                .n_tokens,
+            0
+        );
+    }
+
+    /// Every weight gets a gradient through the loss when all of them are Vars (full
+    /// fine-tuning), and the tied embedding stays one tensor.
+    #[test]
+    fn every_weight_gets_a_gradient() {
+        let cfg = tiny_config(true, false);
+        let w = random_weights(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
+        let vars: HashMap<String, Var> = w
+            .iter()
+            .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+            .collect();
+        let model = Llama::from_weights(
+            &cfg,
+            vars.iter()
+                .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+                .collect(),
+        )
+        .unwrap();
+        assert_eq!(model.named_weights().len(), vars.len());
+        assert!(model
+            .named_weights()
+            .iter()
+            .all(|(n, _)| n != "lm_head.weight"));
+        let ids = ids_tensor(&[vec![1, 2, 3, 4, 5]]);
+        let labels = Tensor::new(&[[1i64, 2, 3, 4, 5]], &Device::Cpu).unwrap();
+        let loss = model.loss(&ids, None, &labels).unwrap().mean().unwrap();
+        let grads = loss.backward().unwrap();
+        for (name, v) in &vars {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {name}"));
+            let n = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(n > 0.0 && n.is_finite(), "{name}: |g|^2 = {n}");
+        }
+    }
+
+    /// Prefill + one token at a time through the cache gives the full forward's logits, for a
+    /// left-padded batch.
+    #[test]
+    fn cached_decoding_matches_the_full_forward() {
+        let cfg = tiny_config(false, true);
+        let model = tiny_model(&cfg, DType::F32);
+        let seqs = [
+            vec![9u32, 8, 7, 6, 5, 4, 3, 2],
+            vec![11u32, 12, 13, 14, 15, 16, 17],
+        ];
+        let prompt_len = [5usize, 3];
+        let width = 5;
+        let mut ids = Vec::new();
+        let mut mask = Vec::new();
+        for (s, &p) in seqs.iter().zip(&prompt_len) {
+            let pad = width - p;
+            ids.push([vec![0u32; pad], s[..p].to_vec()].concat());
+            mask.push([vec![0u32; pad], vec![1; p]].concat());
+        }
+        // Capacity 4 forces the cache to grow.
+        let mut cache = model.new_cache(2, 4).unwrap();
+        let mut step_logits = vec![model
+            .forward_cached(
+                &ids_tensor(&ids),
+                Some(&Tensor::new(mask.clone(), &Device::Cpu).unwrap()),
+                &mut cache,
+            )
+            .unwrap()];
+        for k in 0..3 {
+            let next: Vec<Vec<u32>> = seqs
+                .iter()
+                .zip(&prompt_len)
+                .map(|(s, &p)| vec![s[p + k]])
+                .collect();
+            step_logits.push(
+                model
+                    .forward_cached(&ids_tensor(&next), None, &mut cache)
+                    .unwrap(),
+            );
+        }
+        assert_eq!(cache.len(), width + 3);
+        for (bi, (s, &p)) in seqs.iter().zip(&prompt_len).enumerate() {
+            let full: Vec<Vec<f32>> = model
+                .forward_logits(&ids_tensor(&[s[..p + 3].to_vec()]), None)
+                .unwrap()
+                .i(0)
+                .unwrap()
+                .to_vec2()
+                .unwrap();
+            for (k, l) in step_logits.iter().enumerate() {
+                let got: Vec<f32> = l.i(bi).unwrap().to_vec1().unwrap();
+                let want = &full[p - 1 + k];
+                let d = got
+                    .iter()
+                    .zip(want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(d < 1e-5, "row {bi} step {k}: {d}");
+            }
+        }
+        // Dropping a finished row keeps the other one's state.
+        cache.select_rows(&[1]).unwrap();
+        let got: Vec<f32> = model
+            .forward_cached(&ids_tensor(&[vec![seqs[1][6]]]), None, &mut cache)
+            .unwrap()
+            .i(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let full: Vec<Vec<f32>> = model
+            .forward_logits(&ids_tensor(&[seqs[1].clone()]), None)
+            .unwrap()
+            .i(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        let d = got
+            .iter()
+            .zip(&full[6])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-5, "after select_rows: {d}");
+    }
+
+    #[test]
+    fn half_precision_runs_close_to_f32() {
+        let cfg = tiny_config(false, false);
+        let w = random_weights(&cfg, DType::F32, &Device::Cpu, 5).unwrap();
+        let ids = ids_tensor(&[vec![1, 5, 9, 13, 17, 21]]);
+        let f32_logits: Vec<f32> = Llama::from_weights(&cfg, w.clone())
+            .unwrap()
+            .forward_logits(&ids, None)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        for dt in [DType::BF16, DType::F16] {
+            let wd = w
+                .iter()
+                .map(|(n, t)| (n.clone(), t.to_dtype(dt).unwrap()))
+                .collect();
+            let m = Llama::from_weights(&cfg, wd).unwrap();
+            assert_eq!(m.dtype(), dt);
+            let l: Vec<f32> = m
+                .forward_logits(&ids, None)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let d = l
+                .iter()
+                .zip(&f32_logits)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(d < 0.05, "{dt:?}: {d}");
+        }
+    }
+
+    #[test]
+    fn weights_are_checked_by_name_and_shape() {
+        let cfg = tiny_config(false, false);
+        let w = random_weights(&cfg, DType::F32, &Device::Cpu, 5).unwrap();
+        let mut missing = w.clone();
+        missing.remove("model.layers.1.mlp.up_proj.weight");
+        let e = Llama::from_weights(&cfg, missing)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("model.layers.1.mlp.up_proj.weight"), "{e}");
+        let mut wrong = w.clone();
+        wrong.insert(
+            "model.norm.weight".into(),
+            Tensor::zeros(31, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = Llama::from_weights(&cfg, wrong).err().unwrap().to_string();
+        assert!(e.contains("model.norm.weight") && e.contains("[32]"), "{e}");
+        let mut extra = w.clone();
+        extra.insert(
+            "model.layers.0.self_attn.q_norm.weight".into(),
+            Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap(),
+        );
+        let e = Llama::from_weights(&cfg, extra).err().unwrap().to_string();
+        assert!(e.contains("q_norm"), "{e}");
+        let mut m = Llama::from_weights(&cfg, w).unwrap();
+        let names: Vec<String> = m.linears_mut().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names.len(), 2 * 7 + 1);
+        assert!(names.contains(&"model.layers.1.self_attn.k_proj".to_string()));
+        assert!(names.contains(&"lm_head".to_string()));
+    }
+}

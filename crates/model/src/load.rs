@@ -1,0 +1,583 @@
+//! Finding and loading a checkpoint: a local Hugging Face folder, a hub repository (through
+//! hf-hub, with its cache and offline use), or a `.gguf` file imported on the fly.
+//!
+//! A model folder holds `config.json`, `tokenizer.json` and the weights as `model.safetensors`
+//! or as shards listed by `model.safetensors.index.json` (memory-mapped while loading).
+//! PyTorch pickle checkpoints (`pytorch_model.bin`) are refused: unpickling runs arbitrary
+//! code, and safetensors conversions exist for every public LLaMA.
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use tokenizers::Tokenizer;
+
+use crate::config::{ConfigError, LlamaConfig};
+use crate::llama::Llama;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("{path}: {source}")]
+    Candle {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error(
+        "{path}: only PyTorch pickle weights ({files}) found; they are not loaded because \
+         unpickling can run arbitrary code. Convert them to safetensors first, e.g. in Python: \
+         `AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)`"
+    )]
+    Pickle { path: PathBuf, files: String },
+    #[error("hub repository `{repo}` (revision `{revision}`): {msg}")]
+    Hub {
+        repo: String,
+        revision: String,
+        msg: String,
+    },
+    #[error("{path}: cannot load the tokenizer: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("importing {path}: {source}")]
+    Gguf {
+        path: PathBuf,
+        source: crate::gguf::GgufError,
+    },
+    #[error("`{spec}` is neither a model folder, a .gguf file nor a hub id (org/name)")]
+    Spec { spec: String },
+}
+
+pub type Result<T> = std::result::Result<T, LoadError>;
+
+/// Where a model comes from, as given to `--model`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    Dir(PathBuf),
+    Gguf(PathBuf),
+    /// A hub repository, with an optional revision (`org/name@rev` on the command line).
+    Hub {
+        repo: String,
+        revision: Option<String>,
+    },
+}
+
+impl ModelSource {
+    /// Reads a `--model` value: an existing folder, a `.gguf` file, or `org/name[@revision]`.
+    pub fn parse(spec: &str) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            return Ok(Self::Dir(path.to_path_buf()));
+        }
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+        {
+            if path.is_file() {
+                return Ok(Self::Gguf(path.to_path_buf()));
+            }
+            return Err(LoadError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such GGUF file"),
+            });
+        }
+        let (repo, revision) = match spec.split_once('@') {
+            Some((r, rev)) if !rev.is_empty() => (r, Some(rev.to_string())),
+            _ => (spec, None),
+        };
+        let ok_part = |s: &str| {
+            !s.is_empty()
+                && !s.starts_with('.')
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        };
+        match repo.split_once('/') {
+            Some((org, name)) if ok_part(org) && ok_part(name) => Ok(Self::Hub {
+                repo: repo.to_string(),
+                revision,
+            }),
+            _ => Err(LoadError::Spec {
+                spec: spec.to_string(),
+            }),
+        }
+    }
+}
+
+/// How to reach the hub. [`HubOptions::from_env`] reads the usual variables.
+#[derive(Debug, Clone, Default)]
+pub struct HubOptions {
+    /// `HF_TOKEN`, else the token file hf-hub finds in the cache's parent folder.
+    pub token: Option<String>,
+    /// The hub cache (`models--org--name/...`): `HF_HUB_CACHE`, else `$HF_HOME/hub`, else
+    /// `~/.cache/huggingface/hub`.
+    pub cache_dir: Option<PathBuf>,
+    /// Use only the cache (`HF_HUB_OFFLINE=1`). Without it, a failing network also falls back
+    /// to the cache.
+    pub offline: bool,
+    /// Revision used when the source names none (default `main`).
+    pub revision: Option<String>,
+}
+
+impl HubOptions {
+    pub fn from_env() -> Self {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let cache_dir = env("HF_HUB_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| env("HF_HOME").map(|h| PathBuf::from(h).join("hub")));
+        let offline =
+            env("HF_HUB_OFFLINE").is_some_and(|v| v != "0" && v.to_lowercase() != "false");
+        Self {
+            token: env("HF_TOKEN"),
+            cache_dir,
+            offline,
+            revision: None,
+        }
+    }
+
+    fn cache(&self) -> hf_hub::Cache {
+        match &self.cache_dir {
+            Some(d) => hf_hub::Cache::new(d.clone()),
+            None => hf_hub::Cache::from_env(),
+        }
+    }
+}
+
+/// The project's cache root: `$SFT_CACHE`, else `~/.cache/sft`.
+pub fn sft_cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SFT_CACHE").filter(|v| !v.is_empty()) {
+        return PathBuf::from(d);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
+    home.join(".cache").join("sft")
+}
+
+/// Turns a model source into a local folder holding config, tokenizer and safetensors weights:
+/// the folder itself, the hub snapshot folder (downloading what is missing unless offline), or
+/// the folder a GGUF file was imported into (`<sft cache>/models/gguf/...`, reused if present).
+/// `dtype` only matters for a GGUF import (the dtype its dequantized weights are written in).
+pub fn resolve(source: &ModelSource, hub: &HubOptions, dtype: DType) -> Result<PathBuf> {
+    match source {
+        ModelSource::Dir(d) => Ok(d.clone()),
+        ModelSource::Gguf(p) => import_gguf_cached(p, dtype),
+        ModelSource::Hub { repo, revision } => {
+            let rev = revision
+                .clone()
+                .or_else(|| hub.revision.clone())
+                .unwrap_or_else(|| "main".to_string());
+            resolve_hub(repo, &rev, hub)
+        }
+    }
+}
+
+fn import_gguf_cached(path: &Path, dtype: DType) -> Result<PathBuf> {
+    let io = |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let meta = std::fs::metadata(path).map_err(io)?;
+    let canon = std::fs::canonicalize(path).map_err(io)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    // FNV-1a: a stable key for (file, size, mtime, dtype); the import is redone if any changes.
+    let key = format!("{}|{}|{}|{:?}", canon.display(), meta.len(), mtime, dtype);
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in key.bytes() {
+        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
+    }
+    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let dir = sft_cache_dir()
+        .join("models")
+        .join("gguf")
+        .join(format!("{stem}-{h:016x}"));
+    if dir.join(".complete").is_file() {
+        return Ok(dir);
+    }
+    tracing::info!("importing {} into {}", path.display(), dir.display());
+    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    crate::gguf::import_gguf(path, &tmp, dtype).map_err(|source| LoadError::Gguf {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    std::fs::write(tmp.join(".complete"), b"").map_err(|source| LoadError::Io {
+        path: tmp.clone(),
+        source,
+    })?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|source| LoadError::Io {
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
+/// Files a model folder needs besides the weights; the first two are required.
+const MODEL_FILES: &[&str] = &[
+    "config.json",
+    "tokenizer.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+];
+
+fn resolve_hub(repo: &str, revision: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let hub_err = |msg: String| LoadError::Hub {
+        repo: repo.to_string(),
+        revision: revision.to_string(),
+        msg,
+    };
+    if !opts.offline {
+        match download_hub(repo, revision, opts) {
+            Ok(dir) => return Ok(dir),
+            Err(HubFailure::Fatal(e)) => return Err(e),
+            Err(HubFailure::Network(msg)) => {
+                tracing::warn!("hub unreachable for {repo} ({msg}); trying the local cache");
+                return cached_snapshot(repo, revision, opts).map_err(|e| {
+                    hub_err(format!(
+                        "download failed ({msg}), and the cache has no complete copy: {e}"
+                    ))
+                });
+            }
+        }
+    }
+    cached_snapshot(repo, revision, opts)
+        .map_err(|e| hub_err(format!("offline (HF_HUB_OFFLINE): {e}")))
+}
+
+enum HubFailure {
+    /// The hub could not be reached: the cache may still serve.
+    Network(String),
+    Fatal(LoadError),
+}
+
+fn download_hub(
+    repo: &str,
+    revision: &str,
+    opts: &HubOptions,
+) -> std::result::Result<PathBuf, HubFailure> {
+    use hf_hub::api::sync::ApiBuilder;
+    let fatal = |msg: String| {
+        HubFailure::Fatal(LoadError::Hub {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            msg,
+        })
+    };
+    let mut builder = ApiBuilder::from_cache(opts.cache()).with_progress(false);
+    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
+        builder = builder.with_endpoint(endpoint);
+    }
+    if opts.token.is_some() {
+        builder = builder.with_token(opts.token.clone());
+    }
+    let api = builder
+        .build()
+        .map_err(|e| HubFailure::Network(e.to_string()))?;
+    let classify = |e: hf_hub::api::sync::ApiError| classify(repo, revision, &e.to_string());
+    let api = api.repo(hf_hub::Repo::with_revision(
+        repo.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    ));
+    let info = api.info().map_err(classify)?;
+    let files: BTreeSet<String> = info.siblings.iter().map(|s| s.rfilename.clone()).collect();
+    let mut wanted: Vec<String> = MODEL_FILES
+        .iter()
+        .filter(|f| files.contains(**f))
+        .map(|f| f.to_string())
+        .collect();
+    for req in &MODEL_FILES[..2] {
+        if !files.contains(*req) {
+            return Err(fatal(format!("the repository has no `{req}`")));
+        }
+    }
+    if files.contains("model.safetensors.index.json") {
+        let index = api.get("model.safetensors.index.json").map_err(classify)?;
+        let shards = index_shards(&index).map_err(HubFailure::Fatal)?;
+        wanted.extend(shards);
+    } else if files.contains("model.safetensors") {
+        wanted.push("model.safetensors".to_string());
+    } else {
+        let pickles: Vec<&String> = files.iter().filter(|f| is_pickle_name(f)).collect();
+        if !pickles.is_empty() {
+            return Err(HubFailure::Fatal(LoadError::Pickle {
+                path: PathBuf::from(repo),
+                files: pickles
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }));
+        }
+        return Err(fatal(
+            "the repository has no model.safetensors(.index.json)".to_string(),
+        ));
+    }
+    let mut dir = None;
+    for f in &wanted {
+        tracing::info!("hub: {repo}@{revision}: {f}");
+        let p = api.get(f).map_err(classify)?;
+        if f == "config.json" {
+            dir = p.parent().map(Path::to_path_buf);
+        }
+    }
+    dir.ok_or_else(|| fatal("config.json has no parent folder".to_string()))
+}
+
+/// Tells HTTP answers (the hub said no: final) from transport failures (try the cache).
+fn classify(repo: &str, revision: &str, msg: &str) -> HubFailure {
+    let status = ["status code 401", "status code 403", "status code 404"];
+    if status.iter().any(|s| msg.contains(s)) {
+        HubFailure::Fatal(LoadError::Hub {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            msg: format!("{msg} (gated or private repositories need HF_TOKEN)"),
+        })
+    } else {
+        HubFailure::Network(msg.to_string())
+    }
+}
+
+/// The snapshot folder of `repo` at `revision` in the hub cache, if it holds a complete model.
+/// `revision` is a branch or tag (looked up in `refs/`) or a commit hash.
+pub fn cached_snapshot(repo: &str, revision: &str, opts: &HubOptions) -> Result<PathBuf> {
+    let root = opts
+        .cache()
+        .path()
+        .join(format!("models--{}", repo.replace('/', "--")));
+    let invalid = |msg: String| LoadError::Invalid {
+        path: root.clone(),
+        msg,
+    };
+    if !root.is_dir() {
+        return Err(invalid("not in the hub cache".to_string()));
+    }
+    let ref_path = root.join("refs").join(revision);
+    let commit = match std::fs::read_to_string(&ref_path) {
+        Ok(c) => c.trim().to_string(),
+        Err(_) if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) => {
+            revision.to_string()
+        }
+        Err(_) => return Err(invalid(format!("no refs/{revision} in the cache"))),
+    };
+    let dir = root.join("snapshots").join(&commit);
+    if !dir.is_dir() {
+        return Err(invalid(format!("no snapshots/{commit} in the cache")));
+    }
+    for req in &MODEL_FILES[..2] {
+        if !dir.join(req).is_file() {
+            return Err(invalid(format!("snapshot {commit} lacks {req}")));
+        }
+    }
+    weight_files(&dir)?;
+    Ok(dir)
+}
+
+fn is_pickle_name(f: &str) -> bool {
+    let f = f.rsplit('/').next().unwrap_or(f);
+    (f.starts_with("pytorch_model") && f.ends_with(".bin"))
+        || f.ends_with(".pt")
+        || f.ends_with(".pth")
+        || f.ends_with(".ckpt")
+}
+
+/// Shard file names listed by a `model.safetensors.index.json`, sorted, without repeats.
+fn index_shards(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|source| LoadError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let invalid = |msg: &str| LoadError::Invalid {
+        path: index.to_path_buf(),
+        msg: msg.to_string(),
+    };
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(&format!("not valid JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| invalid("no `weight_map` object"))?;
+    let mut shards = BTreeSet::new();
+    for (name, file) in map {
+        let f = file
+            .as_str()
+            .ok_or_else(|| invalid(&format!("weight_map.{name}: expected a file name")))?;
+        if f.contains("..") || f.starts_with('/') {
+            return Err(invalid(&format!(
+                "weight_map.{name}: `{f}` leaves the folder"
+            )));
+        }
+        shards.insert(f.to_string());
+    }
+    if shards.is_empty() {
+        return Err(invalid("`weight_map` is empty"));
+    }
+    Ok(shards.into_iter().collect())
+}
+
+/// The safetensors files of a model folder: the shards of `model.safetensors.index.json`, or
+/// `model.safetensors`. Pickle-only folders are refused with an explanation.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.is_file() {
+        let files: Vec<PathBuf> = index_shards(&index)?
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect();
+        for f in &files {
+            if !f.is_file() {
+                return Err(LoadError::Invalid {
+                    path: index.clone(),
+                    msg: format!("lists {}, which is missing", f.display()),
+                });
+            }
+        }
+        return Ok(files);
+    }
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let mut pickles: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|f| is_pickle_name(f))
+        .collect();
+    pickles.sort();
+    if !pickles.is_empty() {
+        return Err(LoadError::Pickle {
+            path: dir.to_path_buf(),
+            files: pickles.join(", "),
+        });
+    }
+    Err(LoadError::Invalid {
+        path: dir.to_path_buf(),
+        msg: "no model.safetensors or model.safetensors.index.json".to_string(),
+    })
+}
+
+/// Loads every tensor of the given safetensors files (memory-mapped), converted to `dtype`
+/// on `device`.
+pub fn load_safetensors(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    let mut out = HashMap::new();
+    for f in files {
+        let candle = |source| LoadError::Candle {
+            path: f.clone(),
+            source,
+        };
+        // SAFETY: the file is mapped read-only; modifying it while loading is undefined, as for
+        // every memory-mapped checkpoint loader.
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(candle)?;
+        for (name, _) in st.tensors() {
+            let t = st.load(&name, device).map_err(candle)?;
+            let t = if t.dtype() == dtype {
+                t
+            } else {
+                t.to_dtype(dtype).map_err(candle)?
+            };
+            if out.insert(name.clone(), t).is_some() {
+                return Err(LoadError::Invalid {
+                    path: f.clone(),
+                    msg: format!("tensor `{name}` appears in more than one shard"),
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The tokenizer of a model folder (`tokenizer.json`).
+pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
+    let path = dir.join("tokenizer.json");
+    if !path.is_file() {
+        return Err(LoadError::Tokenizer {
+            path,
+            msg: "missing (only tokenizer.json is supported)".to_string(),
+        });
+    }
+    Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer {
+        path,
+        msg: e.to_string(),
+    })
+}
+
+/// End-of-sequence ids: `config.json`'s, plus `generation_config.json`'s when present.
+pub fn eos_token_ids(dir: &Path, config: &LlamaConfig) -> Result<Vec<u32>> {
+    let mut ids = config.eos_token_ids.clone();
+    let path = dir.join("generation_config.json");
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Invalid {
+            path: path.clone(),
+            msg: format!("not valid JSON: {e}"),
+        })?;
+        let extra: Vec<u64> = match v.get("eos_token_id") {
+            Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).collect(),
+            Some(x) => x.as_u64().into_iter().collect(),
+            None => vec![],
+        };
+        for id in extra {
+            let id = id as u32;
+            if !ids.contains(&id) {
+                ids.push(id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+/// A model ready to run: weights, tokenizer and where they came from.
+pub struct LoadedModel {
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    pub config: LlamaConfig,
+    /// The local folder the files were read from.
+    pub dir: PathBuf,
+    /// Ids that end generation (config + generation_config).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Loads config, weights and tokenizer from a local model folder.
+pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let config = LlamaConfig::from_file(dir.join("config.json"))?;
+    let files = weight_files(dir)?;
+    let weights = load_safetensors(&files, dtype, device)?;
+    let model = Llama::from_weights(&config, weights).map_err(|source| LoadError::Candle {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let tokenizer = load_tokenizer(dir)?;
+    let eos_token_ids = eos_token_ids(dir, &config)?;
+    Ok(LoadedModel {
+        model,
+        tokenizer,
+        config,
+        dir: dir.to_path_buf(),
+        eos_token_ids,
+    })
+}
+
+/// Loads a model from a `--model` value (folder, `.gguf` file or hub id), reading hub settings
+/// from the environment.
+pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    let source = ModelSource::parse(spec)?;
+    let dir = resolve(&source, &HubOptions::from_env(), dtype)?;
+    load_dir(&dir, dtype, device)
+}
