@@ -1,0 +1,78 @@
+//! Binary classification metrics with 1 as the positive class.
+use serde::{Deserialize, Serialize};
+
+/// Counts and scores of predictions against labels; precision, recall and F1 are of class 1
+/// (0 where undefined, as scikit-learn's `zero_division=0`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    pub n: usize,
+    pub accuracy: f64,
+    pub precision: f64,
+    pub recall: f64,
+    pub f1: f64,
+    pub tp: usize,
+    pub fp: usize,
+    pub tn: usize,
+    #[serde(rename = "fn")]
+    pub fn_: usize,
+}
+
+impl Metrics {
+    /// `predicted` and `labels` are 0/1 and of equal length (extra items of either are ignored).
+    pub fn from_labels(predicted: &[u8], labels: &[u8]) -> Self {
+        let (mut tp, mut fp, mut tn, mut fn_) = (0, 0, 0, 0);
+        for (&p, &y) in predicted.iter().zip(labels) {
+            match (p == 1, y == 1) {
+                (true, true) => tp += 1,
+                (true, false) => fp += 1,
+                (false, false) => tn += 1,
+                (false, true) => fn_ += 1,
+            }
+        }
+        let n = tp + fp + tn + fn_;
+        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        let precision = ratio(tp, tp + fp);
+        let recall = ratio(tp, tp + fn_);
+        let f1 = if precision + recall == 0.0 {
+            0.0
+        } else {
+            2.0 * precision * recall / (precision + recall)
+        };
+        Metrics {
+            n,
+            accuracy: ratio(tp + tn, n),
+            precision,
+            recall,
+            f1,
+            tp,
+            fp,
+            tn,
+            fn_,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_scores() {
+        let m = Metrics::from_labels(&[1, 1, 0, 0, 1], &[1, 0, 0, 1, 1]);
+        assert_eq!((m.tp, m.fp, m.tn, m.fn_, m.n), (2, 1, 1, 1, 5));
+        assert!((m.accuracy - 0.6).abs() < 1e-12);
+        assert!((m.precision - 2.0 / 3.0).abs() < 1e-12);
+        assert!((m.recall - 2.0 / 3.0).abs() < 1e-12);
+        assert!((m.f1 - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn undefined_scores_are_zero() {
+        let m = Metrics::from_labels(&[0, 0], &[0, 0]);
+        assert_eq!(
+            (m.accuracy, m.precision, m.recall, m.f1),
+            (1.0, 0.0, 0.0, 0.0)
+        );
+        assert_eq!(Metrics::from_labels(&[], &[]).accuracy, 0.0);
+    }
+}
