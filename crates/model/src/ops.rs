@@ -1,28 +1,1154 @@
-//! Differentiable building blocks of the forward pass.
+//! Differentiable building blocks of the forward pass, as fused CPU kernels with a backward.
 //!
-//! candle-nn's fused ops (`rms_norm`, `softmax_last_dim`, `rope`) have no backward: the
-//! gradient silently stops at them. Every op here keeps the graph intact.
-// Placeholder implementations: candle's composed ops, which do carry a backward. To be replaced
-// by fused custom ops with hand-written backward passes (same signatures).
-use candle_core::{Result, Tensor, D};
+//! candle-nn's fused ops (`rms_norm`, `softmax_last_dim`, `rope`) are applied without a backward:
+//! the gradient silently stops at them. Every op here is a candle `CustomOp` recorded with
+//! `apply_opN`, so the graph stays intact, and its `bwd` runs fused CPU kernels too.
+//!
+//! - Kernels exist for f32, f64, bf16 and f16; half types compute in f32 and round once. f64
+//!   computes in f64, which is what the finite-difference tests use.
+//! - Inputs are made contiguous by the wrappers (a no-op when they already are), except the `x`
+//!   of [`rope`], which may be any strided (b, h, t, d) view with a unit last stride (e.g. the
+//!   transpose of a (b, t, h, d) projection) and saves a copy that way.
+//! - Work is split over rows with rayon once a tensor is large enough to pay for it.
+//! - On other devices (CUDA, behind the `cuda` feature) the wrappers fall back to candle's
+//!   composed ops, which carry a backward on every device; only [`frozen_linear`] and
+//!   [`cross_entropy`] are custom there too (`frozen_linear` runs the device's matmul,
+//!   `cross_entropy` is composed).
+//! - Gradients are only computed for inputs that can carry one (`Tensor::track_op`): a frozen
+//!   RMSNorm weight costs nothing in backward.
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    Tensor, WithDType, D,
+};
+use half::{bf16, f16};
+use num_traits::{Float, One, Zero};
+use rayon::prelude::*;
+
+// ---------------------------------------------------------------------------------------------
+// Element types and helpers
+// ---------------------------------------------------------------------------------------------
+
+/// A storage element and the float type its arithmetic runs in.
+trait Elem: WithDType + Copy + Send + Sync {
+    type A: Float + Send + Sync + std::iter::Sum + std::ops::AddAssign;
+    /// A 16-bit type: arithmetic runs in f32 and results are rounded once.
+    const HALF: bool;
+    fn to_a(self) -> Self::A;
+    fn from_a(a: Self::A) -> Self;
+    /// An `f64` constant in the arithmetic type.
+    fn a(v: f64) -> Self::A;
+    /// Storage for a vector of the arithmetic type (f32 or f64).
+    fn store_a(v: Vec<Self::A>) -> CpuStorage;
+    /// A contiguous slice of arithmetic-type storage.
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [Self::A]>;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn a(v: f64) -> f32 {
+        v as f32
+    }
+    fn store_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        cont::<f32>(s, l, op)
+    }
+    const HALF: bool = false;
+    type A = f32;
+    #[inline(always)]
+    fn to_a(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_a(a: f32) -> Self {
+        a
+    }
+}
+impl Elem for f64 {
+    #[inline(always)]
+    fn a(v: f64) -> f64 {
+        v
+    }
+    fn store_a(v: Vec<f64>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f64]> {
+        cont::<f64>(s, l, op)
+    }
+    const HALF: bool = false;
+    type A = f64;
+    #[inline(always)]
+    fn to_a(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_a(a: f64) -> Self {
+        a
+    }
+}
+impl Elem for bf16 {
+    #[inline(always)]
+    fn a(v: f64) -> f32 {
+        v as f32
+    }
+    fn store_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        cont::<f32>(s, l, op)
+    }
+    const HALF: bool = true;
+    type A = f32;
+    #[inline(always)]
+    fn to_a(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_a(a: f32) -> Self {
+        bf16::from_f32(a)
+    }
+}
+impl Elem for f16 {
+    #[inline(always)]
+    fn a(v: f64) -> f32 {
+        v as f32
+    }
+    fn store_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        cont::<f32>(s, l, op)
+    }
+    const HALF: bool = true;
+    type A = f32;
+    #[inline(always)]
+    fn to_a(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_a(a: f32) -> Self {
+        f16::from_f32(a)
+    }
+}
+
+/// Calls `$f::<T>(args)` with `T` the Rust type of a float dtype.
+macro_rules! by_dtype {
+    ($dt:expr, $name:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $dt {
+            DType::F32 => $f::<f32>($($arg),*),
+            DType::F64 => $f::<f64>($($arg),*),
+            DType::BF16 => $f::<bf16>($($arg),*),
+            DType::F16 => $f::<f16>($($arg),*),
+            dt => bail!("{}: unsupported dtype {dt:?} (expected f32, f64, bf16 or f16)", $name),
+        }
+    };
+}
+
+/// The contiguous slice a layout describes.
+fn cont<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
+    let data = s.as_slice::<T>()?;
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&data[a..b]),
+        None => bail!(
+            "{op}: expected a contiguous input, got strides {:?}",
+            l.stride()
+        ),
+    }
+}
+
+fn same_dtype(op: &str, a: DType, b: DType) -> Result<()> {
+    if a != b {
+        bail!("{op}: dtype mismatch, {a:?} and {b:?}");
+    }
+    Ok(())
+}
+
+/// Below this many elements a kernel runs on the calling thread.
+const PAR_MIN_ELEMS: usize = 32 * 1024;
+
+/// Runs `f(row_index, out_row)` over the `d`-wide rows of `out`, in parallel when large.
+fn for_rows<T: Send, F>(out: &mut [T], d: usize, f: F)
+where
+    F: Fn(usize, &mut [T]) + Send + Sync,
+{
+    if d == 0 {
+        return;
+    }
+    if out.len() < PAR_MIN_ELEMS {
+        out.chunks_mut(d).enumerate().for_each(|(i, r)| f(i, r));
+    } else {
+        let min_rows = (PAR_MIN_ELEMS / 4 / d).max(1);
+        out.par_chunks_mut(d)
+            .enumerate()
+            .with_min_len(min_rows)
+            .for_each(|(i, r)| f(i, r));
+    }
+}
+
+/// Sums `f(row_index, acc)` contributions of `rows` rows into a `d`-vector, in parallel when large.
+fn sum_rows<A, F>(rows: usize, d: usize, f: F) -> Vec<A>
+where
+    A: Float + Send + Sync + std::ops::AddAssign,
+    F: Fn(usize, &mut [A]) + Send + Sync,
+{
+    let chunk = if rows * d < PAR_MIN_ELEMS {
+        rows.max(1)
+    } else {
+        (PAR_MIN_ELEMS / 4 / d.max(1)).max(1)
+    };
+    let n_chunks = rows.div_ceil(chunk);
+    let partial = |c: usize| {
+        let mut acc = vec![A::zero(); d];
+        for i in c * chunk..((c + 1) * chunk).min(rows) {
+            f(i, &mut acc);
+        }
+        acc
+    };
+    let add = |mut a: Vec<A>, b: Vec<A>| {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        a
+    };
+    if n_chunks <= 1 {
+        partial(0)
+    } else {
+        (0..n_chunks)
+            .into_par_iter()
+            .map(partial)
+            .reduce(|| vec![A::zero(); d], add)
+    }
+}
+
+fn storage<T: Elem>(v: Vec<T>) -> CpuStorage {
+    T::to_cpu_storage_owned(v)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+// ---------------------------------------------------------------------------------------------
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
+/// `x`: (..., d); `weight`: (d). Half types normalise in f32 and round once.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    candle_nn::ops::rms_norm_slow(x, weight, eps)
+    if !x.device().is_cpu() {
+        return candle_nn::ops::rms_norm_slow(x, weight, eps);
+    }
+    x.contiguous()?
+        .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f64 })
 }
 
-/// Softmax over the last dimension.
+struct RmsNorm {
+    eps: f64,
+}
+
+fn rms_dims(op: &str, lx: &Layout, lw: &Layout) -> Result<(usize, usize)> {
+    let d = lx.dims().last().copied().unwrap_or(1);
+    if lw.dims() != [d] {
+        bail!("{op}: weight shape {:?}, expected [{d}]", lw.dims());
+    }
+    Ok((lx.shape().elem_count() / d.max(1), d))
+}
+
+#[inline(always)]
+fn inv_rms<T: Elem>(row: &[T], eps: T::A) -> T::A {
+    let d = T::a(row.len() as f64);
+    let ss: T::A = row.iter().map(|&v| v.to_a() * v.to_a()).sum();
+    (ss / d + eps).sqrt().recip()
+}
+
+fn rms_fwd<T: Elem>(
+    op: &RmsNorm,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sw: &CpuStorage,
+    lw: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (_, d) = rms_dims("rms_norm", lx, lw)?;
+    let x = cont::<T>(sx, lx, "rms_norm")?;
+    let w = cont::<T>(sw, lw, "rms_norm")?;
+    let eps = T::a(op.eps);
+    let mut out = vec![T::zero(); x.len()];
+    for_rows(&mut out, d, |i, o| {
+        let xr = &x[i * d..(i + 1) * d];
+        let r = inv_rms(xr, eps);
+        for ((o, &xv), &wv) in o.iter_mut().zip(xr).zip(w) {
+            *o = T::from_a(xv.to_a() * r * wv.to_a());
+        }
+    });
+    Ok((storage(out), lx.shape().clone()))
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "sft-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype("rms_norm", s1.dtype(), s2.dtype())?;
+        by_dtype!(s1.dtype(), "rms_norm", rms_fwd(self, s1, l1, s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = if x.track_op() {
+            Some(x.apply_op3_no_bwd(w, &grad, &RmsNormBwdX { eps: self.eps })?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(x.apply_op2_no_bwd(&grad, &RmsNormBwdW { eps: self.eps })?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// dx = r * (g*w - xhat * mean(g*w*xhat)), with xhat = x * r.
+struct RmsNormBwdX {
+    eps: f64,
+}
+
+fn rms_bwd_x<T: Elem>(
+    op: &RmsNormBwdX,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sw: &CpuStorage,
+    lw: &Layout,
+    sg: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (_, d) = rms_dims("rms_norm bwd", lx, lw)?;
+    let x = cont::<T>(sx, lx, "rms_norm bwd")?;
+    let w = cont::<T>(sw, lw, "rms_norm bwd")?;
+    let g = cont::<T>(sg, lg, "rms_norm bwd")?;
+    let eps = T::a(op.eps);
+    let dn = T::a(d as f64);
+    let mut out = vec![T::zero(); x.len()];
+    for_rows(&mut out, d, |i, o| {
+        let xr = &x[i * d..(i + 1) * d];
+        let gr = &g[i * d..(i + 1) * d];
+        let r = inv_rms(xr, eps);
+        let dot: T::A = xr
+            .iter()
+            .zip(gr)
+            .zip(w)
+            .map(|((&xv, &gv), &wv)| gv.to_a() * wv.to_a() * xv.to_a())
+            .sum();
+        // mean(g*w*xhat) = r * dot / d; the xhat factor brings another r.
+        let c = dot * r * r / dn;
+        for (((o, &xv), &gv), &wv) in o.iter_mut().zip(xr).zip(gr).zip(w) {
+            *o = T::from_a(r * (gv.to_a() * wv.to_a() - xv.to_a() * c));
+        }
+    });
+    Ok((storage(out), lx.shape().clone()))
+}
+
+impl CustomOp3 for RmsNormBwdX {
+    fn name(&self) -> &'static str {
+        "sft-rms-norm-bwd-x"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(
+            s1.dtype(),
+            "rms_norm bwd",
+            rms_bwd_x(self, s1, l1, s2, l2, s3, l3)
+        )
+    }
+}
+
+/// dw = sum over rows of g * xhat.
+struct RmsNormBwdW {
+    eps: f64,
+}
+
+fn rms_bwd_w<T: Elem>(
+    op: &RmsNormBwdW,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sg: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let d = lx.dims().last().copied().unwrap_or(1);
+    let x = cont::<T>(sx, lx, "rms_norm bwd")?;
+    let g = cont::<T>(sg, lg, "rms_norm bwd")?;
+    let eps = T::a(op.eps);
+    let rows = x.len() / d.max(1);
+    let acc = sum_rows::<T::A, _>(rows, d, |i, acc| {
+        let xr = &x[i * d..(i + 1) * d];
+        let gr = &g[i * d..(i + 1) * d];
+        let r = inv_rms(xr, eps);
+        for ((a, &xv), &gv) in acc.iter_mut().zip(xr).zip(gr) {
+            *a += gv.to_a() * xv.to_a() * r;
+        }
+    });
+    let out: Vec<T> = acc.into_iter().map(T::from_a).collect();
+    Ok((storage(out), Shape::from(d)))
+}
+
+impl CustomOp2 for RmsNormBwdW {
+    fn name(&self) -> &'static str {
+        "sft-rms-norm-bwd-w"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "rms_norm bwd", rms_bwd_w(self, s1, l1, s2, l2))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax
+// ---------------------------------------------------------------------------------------------
+
+/// Softmax over the last dimension. A row that is entirely `-inf` (a fully masked query)
+/// gives zeros instead of NaN.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax(x, D::Minus1)
+    if !x.device().is_cpu() {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
 }
 
-/// Rotary embedding, non-interleaved (GPT-NeoX / Hugging Face LLaMA layout).
-/// `x`: (b, heads, t, head_dim); `cos`, `sin`: (t, head_dim / 2).
+struct Softmax;
+
+fn softmax_fwd<T: Elem>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let d = l.dims().last().copied().unwrap_or(1);
+    let x = cont::<T>(s, l, "softmax")?;
+    let mut out = vec![T::zero(); x.len()];
+    for_rows(&mut out, d, |i, o| {
+        let xr = &x[i * d..(i + 1) * d];
+        let max = xr
+            .iter()
+            .fold(T::A::neg_infinity(), |m, &v| m.max(v.to_a()));
+        if max == T::A::neg_infinity() {
+            return; // stays zero
+        }
+        let mut sum = T::A::zero();
+        if T::HALF {
+            // Recompute exp when scaling so a half-precision result is rounded only once.
+            for &v in xr {
+                sum += (v.to_a() - max).exp();
+            }
+            let inv = sum.recip();
+            for (o, &v) in o.iter_mut().zip(xr) {
+                *o = T::from_a((v.to_a() - max).exp() * inv);
+            }
+        } else {
+            for (o, &v) in o.iter_mut().zip(xr) {
+                let e = (v.to_a() - max).exp();
+                sum += e;
+                *o = T::from_a(e);
+            }
+            let inv = sum.recip();
+            for o in o.iter_mut() {
+                *o = T::from_a(o.to_a() * inv);
+            }
+        }
+    });
+    Ok((storage(out), l.shape().clone()))
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "sft-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s.dtype(), "softmax", softmax_fwd(s, l))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// dx = y * (g - sum(g * y)).
+struct SoftmaxBwd;
+
+fn softmax_bwd<T: Elem>(
+    sy: &CpuStorage,
+    ly: &Layout,
+    sg: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let d = ly.dims().last().copied().unwrap_or(1);
+    let y = cont::<T>(sy, ly, "softmax bwd")?;
+    let g = cont::<T>(sg, lg, "softmax bwd")?;
+    let mut out = vec![T::zero(); y.len()];
+    for_rows(&mut out, d, |i, o| {
+        let yr = &y[i * d..(i + 1) * d];
+        let gr = &g[i * d..(i + 1) * d];
+        let dot: T::A = yr.iter().zip(gr).map(|(&a, &b)| a.to_a() * b.to_a()).sum();
+        for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+            *o = T::from_a(yv.to_a() * (gv.to_a() - dot));
+        }
+    });
+    Ok((storage(out), ly.shape().clone()))
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "sft-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "softmax bwd", softmax_bwd(s1, l1, s2, l2))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rotary embedding
+// ---------------------------------------------------------------------------------------------
+
+/// Rotary embedding, non-interleaved (GPT-NeoX / Hugging Face LLaMA layout):
+/// `out[i] = x[i] cos[i] - x[i + d/2] sin[i]`, `out[i + d/2] = x[i + d/2] cos[i] + x[i] sin[i]`.
+///
+/// `x`: (b, heads, t, head_dim), any strides with a unit last stride; `cos`, `sin`:
+/// (t, head_dim / 2) shared by the batch, or (b, t, head_dim / 2) per sequence (left-padded
+/// batches, where positions differ per row). The output is contiguous. `cos` and `sin` are
+/// treated as constants (no gradient).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    candle_nn::rotary_emb::rope_slow(x, cos, sin)
+    if !x.device().is_cpu() {
+        return if cos.rank() == 3 {
+            rope_composed(x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope_slow(x, cos, sin)
+        };
+    }
+    let x = if x.stride().last() == Some(&1) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    x.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { inverse: false },
+    )
 }
 
-/// SiLU(gate) * up, the SwiGLU activation.
+/// The composed form of [`rope`] for per-sequence (b, t, d/2) tables on non-CPU devices.
+fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// `inverse` rotates by the opposite angle (sin negated): the transpose, used by backward.
+struct Rope {
+    inverse: bool,
+}
+
+fn rope_fwd<T: Elem>(
+    op: &Rope,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sc: &CpuStorage,
+    lc: &Layout,
+    ss: &CpuStorage,
+    ls: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (b, h, t, d) = match lx.dims() {
+        &[b, h, t, d] => (b, h, t, d),
+        dims => bail!("rope: x must be (b, heads, t, head_dim), got {dims:?}"),
+    };
+    if d % 2 != 0 {
+        bail!("rope: head_dim {d} must be even");
+    }
+    let d2 = d / 2;
+    let per_batch = match lc.dims() {
+        &[ct, cd] if ct == t && cd == d2 => false,
+        &[cb, ct, cd] if cb == b && ct == t && cd == d2 => true,
+        dims => bail!("rope: cos must be ({t}, {d2}) or ({b}, {t}, {d2}), got {dims:?}"),
+    };
+    if ls.dims() != lc.dims() {
+        bail!("rope: sin {:?} and cos {:?} differ", ls.dims(), lc.dims());
+    }
+    let xs = sx.as_slice::<T>()?;
+    let cos = cont::<T>(sc, lc, "rope")?;
+    let sin = cont::<T>(ss, ls, "rope")?;
+    let st = lx.stride();
+    if st[3] != 1 {
+        bail!("rope: x needs a unit last stride, got {st:?}");
+    }
+    let (sb, sh, stt, off) = (st[0], st[1], st[2], lx.start_offset());
+    let sign = if op.inverse {
+        -T::A::one()
+    } else {
+        T::A::one()
+    };
+    let mut out = vec![T::zero(); b * h * t * d];
+    for_rows(&mut out, d, |row, o| {
+        let ti = row % t;
+        let hi = (row / t) % h;
+        let bi = row / (t * h);
+        let src = off + bi * sb + hi * sh + ti * stt;
+        let xr = &xs[src..src + d];
+        let crow = if per_batch { bi * t + ti } else { ti };
+        let c = &cos[crow * d2..(crow + 1) * d2];
+        let s = &sin[crow * d2..(crow + 1) * d2];
+        let (o1, o2) = o.split_at_mut(d2);
+        for i in 0..d2 {
+            let (x1, x2) = (xr[i].to_a(), xr[i + d2].to_a());
+            let (cv, sv) = (c[i].to_a(), s[i].to_a() * sign);
+            o1[i] = T::from_a(x1 * cv - x2 * sv);
+            o2[i] = T::from_a(x2 * cv + x1 * sv);
+        }
+    });
+    Ok((storage(out), Shape::from((b, h, t, d))))
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "sft-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype("rope", s1.dtype(), s2.dtype())?;
+        same_dtype("rope", s1.dtype(), s3.dtype())?;
+        by_dtype!(s1.dtype(), "rope", rope_fwd(self, s1, l1, s2, l2, s3, l3))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // A rotation's transpose is the rotation by the opposite angle.
+        let grad = if grad.stride().last() == Some(&1) {
+            grad.clone()
+        } else {
+            grad.contiguous()?
+        };
+        let dx = grad.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+// ---------------------------------------------------------------------------------------------
+
+/// `silu(gate) * up`, the SwiGLU activation; `gate` and `up` have the same shape.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::silu(gate)? * up
+    if !gate.device().is_cpu() {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    if gate.shape() != up.shape() {
+        bail!(
+            "silu_mul: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        );
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+#[inline(always)]
+fn sigmoid<A: Float>(x: A) -> A {
+    (A::one() + (-x).exp()).recip()
+}
+
+fn silu_mul_fwd<T: Elem>(
+    sg: &CpuStorage,
+    lg: &Layout,
+    su: &CpuStorage,
+    lu: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let g = cont::<T>(sg, lg, "silu_mul")?;
+    let u = cont::<T>(su, lu, "silu_mul")?;
+    let d = lg.dims().last().copied().unwrap_or(1);
+    let mut out = vec![T::zero(); g.len()];
+    for_rows(&mut out, d, |i, o| {
+        let gr = &g[i * d..(i + 1) * d];
+        let ur = &u[i * d..(i + 1) * d];
+        for ((o, &gv), &uv) in o.iter_mut().zip(gr).zip(ur) {
+            let gv = gv.to_a();
+            *o = T::from_a(gv * sigmoid(gv) * uv.to_a());
+        }
+    });
+    Ok((storage(out), lg.shape().clone()))
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "sft-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype("silu_mul", s1.dtype(), s2.dtype())?;
+        by_dtype!(s1.dtype(), "silu_mul", silu_mul_fwd(s1, l1, s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One pass writes both gradients into a (2, ...) tensor; each is a contiguous view.
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulBwd)?;
+        let dgate = gate.track_op().then(|| both.get(0)).transpose()?;
+        let dup = up.track_op().then(|| both.get(1)).transpose()?;
+        Ok((dgate, dup))
+    }
+}
+
+/// d gate = grad * up * s * (1 + g (1 - s)), d up = grad * g * s, stacked as (2, ...).
+struct SiluMulBwd;
+
+fn silu_mul_bwd<T: Elem>(
+    sg: &CpuStorage,
+    lg: &Layout,
+    su: &CpuStorage,
+    lu: &Layout,
+    sd: &CpuStorage,
+    ld: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let g = cont::<T>(sg, lg, "silu_mul bwd")?;
+    let u = cont::<T>(su, lu, "silu_mul bwd")?;
+    let dy = cont::<T>(sd, ld, "silu_mul bwd")?;
+    let n = g.len();
+    let d = lg.dims().last().copied().unwrap_or(1);
+    let mut out = vec![T::zero(); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    let kernel = |i: usize, dg: &mut [T], du: &mut [T]| {
+        let r = i * d..(i + 1) * d;
+        for (((dgv, duv), (&gv, &uv)), &yv) in dg
+            .iter_mut()
+            .zip(du.iter_mut())
+            .zip(g[r.clone()].iter().zip(&u[r.clone()]))
+            .zip(&dy[r])
+        {
+            let (gv, uv, yv) = (gv.to_a(), uv.to_a(), yv.to_a());
+            let s = sigmoid(gv);
+            *dgv = T::from_a(yv * uv * s * (T::A::one() + gv * (T::A::one() - s)));
+            *duv = T::from_a(yv * gv * s);
+        }
+    };
+    if n < PAR_MIN_ELEMS || d == 0 {
+        dg.chunks_mut(d.max(1))
+            .zip(du.chunks_mut(d.max(1)))
+            .enumerate()
+            .for_each(|(i, (a, b))| kernel(i, a, b));
+    } else {
+        dg.par_chunks_mut(d)
+            .zip(du.par_chunks_mut(d))
+            .enumerate()
+            .with_min_len((PAR_MIN_ELEMS / 4 / d).max(1))
+            .for_each(|(i, (a, b))| kernel(i, a, b));
+    }
+    let mut dims = vec![2];
+    dims.extend_from_slice(lg.dims());
+    Ok((storage(out), Shape::from(dims)))
+}
+
+impl CustomOp3 for SiluMulBwd {
+    fn name(&self) -> &'static str {
+        "sft-silu-mul-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(
+            s1.dtype(),
+            "silu_mul bwd",
+            silu_mul_bwd(s1, l1, s2, l2, s3, l3)
+        )
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Frozen linear
+// ---------------------------------------------------------------------------------------------
+
+/// `y = x W^T` for a frozen `W` (out, in): the backward returns only the input gradient
+/// `grad · W` and never computes a gradient for `W`, so a frozen base layer costs neither the
+/// memory nor the FLOPs of a dW. `x`: (..., in). Refuses a `Var` weight (it would silently
+/// get no gradient): trainable weights use a plain matmul.
+pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if w.is_variable() {
+        bail!("frozen_linear: the weight is a Var; trainable weights need a plain matmul");
+    }
+    let (n, k) = w.dims2()?;
+    let dims = x.dims();
+    if dims.last() != Some(&k) {
+        bail!("frozen_linear: x {dims:?} does not end in in_features {k} of W ({n}, {k})");
+    }
+    let m = x.elem_count() / k.max(1);
+    let y = x
+        .contiguous()?
+        .reshape((m, k))?
+        .apply_op2(w, FrozenLinear)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank >= 1 checked above") = n;
+    y.reshape(out_dims)
+}
+
+struct FrozenLinear;
+
+fn linear_bmnk(l1: &Layout, l2: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
+    let (m, k) = match l1.dims() {
+        &[m, k] => (m, k),
+        d => bail!("frozen_linear: x must be 2D here, got {d:?}"),
+    };
+    let (n, k2) = match l2.dims() {
+        &[n, k2] => (n, k2),
+        d => bail!("frozen_linear: W must be 2D, got {d:?}"),
+    };
+    if k != k2 {
+        bail!("frozen_linear: x (.., {k}) and W ({n}, {k2}) do not match");
+    }
+    Ok(((1, m, n, k), l2.transpose(0, 1)?))
+}
+
+/// bf16 x bf16 through gemm in f32: candle's CPU matmul has no bf16 kernel.
+fn bf16_matmul_t(
+    x: &[bf16],
+    w: &CpuStorage,
+    lw: &Layout,
+    (m, n, k): (usize, usize, usize),
+) -> Result<CpuStorage> {
+    let xf = CpuStorage::F32(x.iter().map(|v| v.to_f32()).collect());
+    let ws = w.as_slice::<bf16>()?;
+    let wf: Vec<f32> = match lw.contiguous_offsets() {
+        Some((a, b)) => ws[a..b].iter().map(|v| v.to_f32()).collect(),
+        None => bail!("frozen_linear: W must be contiguous"),
+    };
+    let wf = CpuStorage::F32(wf);
+    let lx = Layout::contiguous((m, k));
+    let lwt = Layout::contiguous((n, k)).transpose(0, 1)?;
+    let y = xf.matmul(&wf, (1, m, n, k), &lx, &lwt)?;
+    let y = y.as_slice::<f32>()?;
+    Ok(CpuStorage::BF16(
+        y.iter().map(|&v| bf16::from_f32(v)).collect(),
+    ))
+}
+
+impl CustomOp2 for FrozenLinear {
+    fn name(&self) -> &'static str {
+        "sft-frozen-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype("frozen_linear", s1.dtype(), s2.dtype())?;
+        let (bmnk, lwt) = linear_bmnk(l1, l2)?;
+        let (_, m, n, k) = bmnk;
+        let out = if s1.dtype() == DType::BF16 {
+            let x = cont::<bf16>(s1, l1, "frozen_linear")?;
+            bf16_matmul_t(x, s2, l2, (m, n, k))?
+        } else {
+            s1.matmul(s2, bmnk, l1, &lwt)?
+        };
+        Ok((out, Shape::from((m, n))))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (bmnk, lwt) = linear_bmnk(l1, l2)?;
+        let out = s1.matmul(s2, bmnk, l1, &lwt)?;
+        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dx = if w.dtype() == DType::BF16 && w.device().is_cpu() {
+            let g = grad.to_dtype(DType::F32)?;
+            g.matmul(&w.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?
+        } else {
+            grad.matmul(w)?
+        };
+        Ok((Some(dx), None))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cross-entropy
+// ---------------------------------------------------------------------------------------------
+
+/// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, labels[i]]`, fused (no softmax
+/// tensor is kept). `logits`: (n, vocab) float; `labels`: (n) u32 or i64. Rows whose label
+/// equals `ignore_index` give 0 and no gradient. The result is (n) in f32 (f64 for f64
+/// logits): sum it and divide by the number of counted tokens. Labels out of range are an
+/// error.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if labels.dims() != [n] {
+        bail!(
+            "cross_entropy: labels {:?}, expected [{n}] for logits ({n}, {v})",
+            labels.dims()
+        );
+    }
+    if !logits.device().is_cpu() {
+        return cross_entropy_composed(logits, labels, ignore_index);
+    }
+    logits
+        .contiguous()?
+        .apply_op2(&labels.contiguous()?, CrossEntropy { ignore_index })
+}
+
+fn cross_entropy_composed(logits: &Tensor, labels: &Tensor, ignore: i64) -> Result<Tensor> {
+    let out_dt = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let logits = logits.to_dtype(out_dt)?;
+    let labels = labels.to_dtype(DType::I64)?;
+    let keep = labels.ne(ignore)?;
+    let safe = keep.where_cond(&labels, &labels.zeros_like()?)?;
+    let lse = logits.exp()?.sum_keepdim(1)?.log()?; // composed fallback: not max-shifted
+    let picked = logits.gather(&safe.unsqueeze(1)?, 1)?;
+    let loss = (lse - picked)?.squeeze(1)?;
+    keep.where_cond(&loss, &loss.zeros_like()?)
+}
+
+struct CrossEntropy {
+    ignore_index: i64,
+}
+
+fn labels_i64(s: &CpuStorage, l: &Layout) -> Result<Vec<i64>> {
+    Ok(match s.dtype() {
+        DType::U32 => cont::<u32>(s, l, "cross_entropy")?
+            .iter()
+            .map(|&v| v as i64)
+            .collect(),
+        DType::I64 => cont::<i64>(s, l, "cross_entropy")?.to_vec(),
+        dt => bail!("cross_entropy: labels must be u32 or i64, got {dt:?}"),
+    })
+}
+
+fn check_labels(labels: &[i64], v: usize, ignore: i64) -> Result<()> {
+    if let Some((i, &bad)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &y)| y != ignore && (y < 0 || y as usize >= v))
+    {
+        bail!("cross_entropy: label {bad} at row {i} is outside the vocabulary 0..{v}");
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn logsumexp<T: Elem>(row: &[T]) -> T::A {
+    let max = row
+        .iter()
+        .fold(T::A::neg_infinity(), |m, &v| m.max(v.to_a()));
+    let sum: T::A = row.iter().map(|&v| (v.to_a() - max).exp()).sum();
+    max + sum.ln()
+}
+
+fn ce_fwd<T: Elem>(
+    op: &CrossEntropy,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sy: &CpuStorage,
+    ly: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, v) = lx.shape().dims2()?;
+    let x = cont::<T>(sx, lx, "cross_entropy")?;
+    let labels = labels_i64(sy, ly)?;
+    check_labels(&labels, v, op.ignore_index)?;
+    let row_loss = |i: usize| -> T::A {
+        let y = labels[i];
+        if y == op.ignore_index {
+            return T::A::zero();
+        }
+        let r = &x[i * v..(i + 1) * v];
+        logsumexp(r) - r[y as usize].to_a()
+    };
+    let losses: Vec<T::A> = if n * v < PAR_MIN_ELEMS {
+        (0..n).map(row_loss).collect()
+    } else {
+        (0..n).into_par_iter().map(row_loss).collect()
+    };
+    let out = T::store_a(losses);
+    Ok((out, Shape::from(n)))
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "sft-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => ce_fwd::<f32>(self, s1, l1, s2, l2),
+            DType::F64 => ce_fwd::<f64>(self, s1, l1, s2, l2),
+            DType::BF16 => ce_fwd::<bf16>(self, s1, l1, s2, l2),
+            DType::F16 => ce_fwd::<f16>(self, s1, l1, s2, l2),
+            dt => bail!("cross_entropy: unsupported logits dtype {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = logits.apply_op3_no_bwd(
+            labels,
+            &grad,
+            &CrossEntropyBwd {
+                ignore_index: self.ignore_index,
+            },
+        )?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// d logits[i] = grad[i] * (softmax(logits[i]) - onehot(labels[i])), zero for ignored rows.
+struct CrossEntropyBwd {
+    ignore_index: i64,
+}
+
+fn ce_bwd<T: Elem>(
+    op: &CrossEntropyBwd,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sy: &CpuStorage,
+    ly: &Layout,
+    sg: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (_, v) = lx.shape().dims2()?;
+    let x = cont::<T>(sx, lx, "cross_entropy bwd")?;
+    let labels = labels_i64(sy, ly)?;
+    let g = T::a_slice(sg, lg, "cross_entropy bwd")?;
+    let mut out = vec![T::zero(); x.len()];
+    for_rows(&mut out, v, |i, o| {
+        let y = labels[i];
+        if y == op.ignore_index {
+            return;
+        }
+        let r = &x[i * v..(i + 1) * v];
+        let lse = logsumexp(r);
+        let gi = g[i];
+        for (o, &xv) in o.iter_mut().zip(r) {
+            *o = T::from_a(gi * (xv.to_a() - lse).exp());
+        }
+        let y = y as usize;
+        o[y] = T::from_a(gi * ((r[y].to_a() - lse).exp() - T::A::one()));
+    });
+    Ok((storage(out), lx.shape().clone()))
+}
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "sft-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => ce_bwd::<f32>(self, s1, l1, s2, l2, s3, l3),
+            DType::F64 => ce_bwd::<f64>(self, s1, l1, s2, l2, s3, l3),
+            DType::BF16 => ce_bwd::<bf16>(self, s1, l1, s2, l2, s3, l3),
+            DType::F16 => ce_bwd::<f16>(self, s1, l1, s2, l2, s3, l3),
+            dt => bail!("cross_entropy bwd: unsupported logits dtype {dt:?}"),
+        }
+    }
 }

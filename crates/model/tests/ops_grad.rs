@@ -1,0 +1,403 @@
+//! The fused ops of `sft_model::ops`: every backward against central finite differences in
+//! float64, every forward against candle's composed reference, and the fused backward against
+//! the composed backward on tensors large enough to take the parallel path.
+mod gradcheck;
+
+use candle_core::{DType, Device, IndexOp, Result, Tensor, Var, D};
+use gradcheck::{assert_grads, rand_t};
+use sft_model::ops;
+
+const TOL: f64 = 1e-4;
+
+fn cos_sin(b: Option<usize>, t: usize, d2: usize, seed: u64) -> (Tensor, Tensor) {
+    let shape: Vec<usize> = match b {
+        Some(b) => vec![b, t, d2],
+        None => vec![t, d2],
+    };
+    let angles = (rand_t(&shape, seed, 1.0) * 3.0).unwrap();
+    (angles.cos().unwrap(), angles.sin().unwrap())
+}
+
+#[test]
+fn ops_rms_norm_grad() {
+    let x = rand_t(&[2, 3, 8], 1, 1.0);
+    let w = (rand_t(&[8], 2, 0.5) + 1.0).unwrap();
+    let f = |t: &[Tensor]| ops::rms_norm(&t[0], &t[1], 1e-5);
+    assert_grads("rms_norm", &f, &[x, w], &[0, 1], TOL);
+}
+
+#[test]
+fn ops_softmax_grad() {
+    let x = rand_t(&[3, 7], 3, 2.0);
+    let f = |t: &[Tensor]| ops::softmax_last_dim(&t[0]);
+    assert_grads("softmax", &f, &[x.clone()], &[0], TOL);
+    // With a causal-style mask of -inf entries added before the softmax.
+    let mask: Vec<f64> = (0..21)
+        .map(|i| {
+            if i % 7 > i / 7 + 3 {
+                f64::NEG_INFINITY
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (3, 7), &Device::Cpu).unwrap();
+    let f = |t: &[Tensor]| ops::softmax_last_dim(&(&t[0] + &t[1])?);
+    assert_grads("softmax masked", &f, &[x, mask], &[0], TOL);
+}
+
+#[test]
+fn ops_rope_grad() {
+    // x as the transpose of a (b, t, h, d) projection: strided, unit last stride.
+    let x = rand_t(&[2, 4, 3, 8], 4, 1.0);
+    let (cos, sin) = cos_sin(None, 4, 4, 5);
+    let f = |t: &[Tensor]| ops::rope(&t[0].transpose(1, 2)?, &t[1], &t[2]);
+    assert_grads("rope", &f, &[x.clone(), cos, sin], &[0], TOL);
+    let (cos, sin) = cos_sin(Some(2), 4, 4, 6);
+    assert_grads("rope per-batch", &f, &[x, cos, sin], &[0], TOL);
+}
+
+#[test]
+fn ops_silu_mul_grad() {
+    let g = rand_t(&[3, 10], 7, 3.0);
+    let u = rand_t(&[3, 10], 8, 1.0);
+    let f = |t: &[Tensor]| ops::silu_mul(&t[0], &t[1]);
+    assert_grads("silu_mul", &f, &[g.clone(), u.clone()], &[0, 1], TOL);
+    assert_grads("silu_mul gate only", &f, &[g.clone(), u.clone()], &[0], TOL);
+    assert_grads("silu_mul up only", &f, &[g, u], &[1], TOL);
+}
+
+#[test]
+fn ops_frozen_linear_grad() {
+    let x = rand_t(&[2, 3, 5], 9, 1.0);
+    let w = rand_t(&[4, 5], 10, 1.0);
+    let f = |t: &[Tensor]| ops::frozen_linear(&t[0], &t[1]);
+    assert_grads("frozen_linear", &f, &[x, w], &[0], TOL);
+}
+
+#[test]
+fn ops_frozen_linear_refuses_var_and_computes_no_dw() {
+    let w = Var::from_tensor(&rand_t(&[4, 5], 11, 1.0)).unwrap();
+    let x = rand_t(&[3, 5], 12, 1.0);
+    assert!(ops::frozen_linear(&x, w.as_tensor()).is_err());
+    // A frozen weight gets no entry in the gradient store, unlike a plain matmul.
+    let w = rand_t(&[4, 5], 11, 1.0);
+    let xv = Var::from_tensor(&x).unwrap();
+    let grads = ops::frozen_linear(xv.as_tensor(), &w)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(grads.get(xv.as_tensor()).is_some());
+    assert!(grads.get(&w).is_none());
+    let wt = w.t().unwrap();
+    let grads = xv
+        .as_tensor()
+        .matmul(&wt)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    assert!(grads.get(&wt).is_some(), "candle's matmul does compute dW");
+}
+
+#[test]
+fn ops_cross_entropy_grad() {
+    let logits = (rand_t(&[5, 7], 13, 1.0) * 3.0).unwrap();
+    let labels = Tensor::new(&[3i64, -100, 0, 6, 2], &Device::Cpu).unwrap();
+    let f = |t: &[Tensor]| ops::cross_entropy(&t[0], &t[1], -100);
+    assert_grads(
+        "cross_entropy i64",
+        &f,
+        &[logits.clone(), labels],
+        &[0],
+        TOL,
+    );
+    let labels = Tensor::new(&[3u32, 1, 0, 6, 2], &Device::Cpu).unwrap();
+    let f = |t: &[Tensor]| ops::cross_entropy(&t[0], &t[1], 1);
+    assert_grads("cross_entropy u32", &f, &[logits, labels], &[0], TOL);
+}
+
+#[test]
+fn ops_cross_entropy_rejects_bad_labels() {
+    let logits = rand_t(&[2, 4], 14, 1.0);
+    let labels = Tensor::new(&[3i64, 4], &Device::Cpu).unwrap();
+    assert!(ops::cross_entropy(&logits, &labels, -100).is_err());
+    let labels = Tensor::new(&[3i64, -1], &Device::Cpu).unwrap();
+    assert!(ops::cross_entropy(&logits, &labels, -100).is_err());
+}
+
+// ------------------------------------------------------------------------------------------
+// Forward against candle's composed ops
+// ------------------------------------------------------------------------------------------
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+fn max_abs(a: &Tensor) -> f64 {
+    a.to_dtype(DType::F64)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Each op and its composed reference, evaluated on the same inputs in `dt`.
+/// The reference runs in f32 on the (already rounded) inputs.
+fn forward_pairs(dt: DType, big: bool) -> Vec<(&'static str, Tensor, Tensor)> {
+    let (rows, d) = if big { (96, 576) } else { (6, 16) };
+    let cast = |t: Tensor| t.to_dtype(dt).unwrap();
+    let f32_ = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let mut out = vec![];
+
+    let x = cast((rand_t(&[2, rows / 2, d], 20, 1.0) * 2.0).unwrap());
+    let w = cast((rand_t(&[d], 21, 0.5) + 1.0).unwrap());
+    out.push((
+        "rms_norm",
+        ops::rms_norm(&x, &w, 1e-5).unwrap(),
+        candle_nn::ops::rms_norm_slow(&f32_(&x), &f32_(&w), 1e-5).unwrap(),
+    ));
+    out.push((
+        "softmax",
+        ops::softmax_last_dim(&x).unwrap(),
+        candle_nn::ops::softmax(&f32_(&x), D::Minus1).unwrap(),
+    ));
+    let up = cast(rand_t(&[2, rows / 2, d], 22, 1.0));
+    out.push((
+        "silu_mul",
+        ops::silu_mul(&x, &up).unwrap(),
+        (candle_nn::ops::silu(&f32_(&x)).unwrap() * f32_(&up)).unwrap(),
+    ));
+    let wl = cast(rand_t(&[d / 2, d], 23, 0.2));
+    out.push((
+        "frozen_linear",
+        ops::frozen_linear(&x, &wl).unwrap(),
+        f32_(&x).broadcast_matmul(&f32_(&wl).t().unwrap()).unwrap(),
+    ));
+    // rope: (b, t, h, hd) transposed to (b, h, t, hd), as the attention does.
+    let (t, h, hd) = if big { (64, 9, 64) } else { (4, 3, 8) };
+    let q = cast(rand_t(&[2, t, h, hd], 24, 1.0));
+    let (cos, sin) = cos_sin(None, t, hd / 2, 25);
+    let (cos, sin) = (cast(cos), cast(sin));
+    let qt = q.transpose(1, 2).unwrap();
+    out.push((
+        "rope",
+        ops::rope(&qt, &cos, &sin).unwrap(),
+        candle_nn::rotary_emb::rope_slow(
+            &f32_(&qt).contiguous().unwrap(),
+            &f32_(&cos),
+            &f32_(&sin),
+        )
+        .unwrap(),
+    ));
+    let (cb, sb) = cos_sin(Some(2), t, hd / 2, 26);
+    let (cb, sb) = (cast(cb), cast(sb));
+    let per_batch_ref: Vec<Tensor> = (0..2)
+        .map(|b| {
+            candle_nn::rotary_emb::rope_slow(
+                &f32_(&qt.i(b..b + 1).unwrap()).contiguous().unwrap(),
+                &f32_(&cb.i(b).unwrap()),
+                &f32_(&sb.i(b).unwrap()),
+            )
+            .unwrap()
+        })
+        .collect();
+    out.push((
+        "rope per-batch",
+        ops::rope(&qt, &cb, &sb).unwrap(),
+        Tensor::cat(&per_batch_ref, 0).unwrap(),
+    ));
+    // cross-entropy against candle-nn's (mean) loss.
+    let logits = cast((rand_t(&[rows, 3 * d], 27, 1.0) * 4.0).unwrap());
+    let labels: Vec<u32> = (0..rows as u32)
+        .map(|i| (i * 37) % (3 * d as u32))
+        .collect();
+    let labels = Tensor::new(labels, &Device::Cpu).unwrap();
+    out.push((
+        "cross_entropy",
+        ops::cross_entropy(&logits, &labels, -100)
+            .unwrap()
+            .mean_all()
+            .unwrap(),
+        candle_nn::loss::cross_entropy(&f32_(&logits), &labels).unwrap(),
+    ));
+    out
+}
+
+#[test]
+fn ops_forward_matches_candle_f32() {
+    for big in [false, true] {
+        for (name, ours, reference) in forward_pairs(DType::F32, big) {
+            assert_eq!(ours.dims(), reference.dims(), "{name}");
+            let err = max_abs_diff(&ours, &reference) / max_abs(&reference).max(1.0);
+            assert!(err < 1e-5, "{name} (big: {big}): error {err:e}");
+        }
+    }
+}
+
+#[test]
+fn ops_forward_matches_candle_half() {
+    for dt in [DType::BF16, DType::F16] {
+        // bf16 has 8 bits of mantissa: one rounding of the result is about 4e-3 relative.
+        let tol = if dt == DType::BF16 { 1e-2 } else { 2e-3 };
+        for big in [false, true] {
+            for (name, ours, reference) in forward_pairs(dt, big) {
+                if name != "cross_entropy" {
+                    assert_eq!(ours.dtype(), dt, "{name}");
+                }
+                let err = max_abs_diff(&ours, &reference) / max_abs(&reference).max(1.0);
+                assert!(err < tol, "{name} {dt:?} (big: {big}): error {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn ops_softmax_fully_masked_row_is_zero() {
+    let x = Tensor::new(
+        &[[f32::NEG_INFINITY; 4], [0.0, 1.0, 2.0, 3.0]],
+        &Device::Cpu,
+    )
+    .unwrap();
+    let y = ops::softmax_last_dim(&x).unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(y[0], vec![0.0; 4]);
+    assert!((y[1].iter().sum::<f32>() - 1.0).abs() < 1e-6);
+}
+
+// ------------------------------------------------------------------------------------------
+// Backward against candle's composed backward, large enough for the parallel kernels
+// ------------------------------------------------------------------------------------------
+
+fn grads_of(
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    proj_seed: u64,
+) -> Vec<Tensor> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let out = f(&ts).unwrap();
+    let proj = rand_t(out.dims(), proj_seed, 1.0)
+        .to_dtype(out.dtype())
+        .unwrap();
+    let g = (out * proj).unwrap().sum_all().unwrap().backward().unwrap();
+    ts.iter()
+        .map(|t| g.get(t).expect("no gradient").clone())
+        .collect()
+}
+
+fn assert_same_grads(name: &str, a: &[Tensor], b: &[Tensor], tol: f64) {
+    for (i, (a, b)) in a.iter().zip(b).enumerate() {
+        let err = max_abs_diff(a, b) / max_abs(b).max(1e-6);
+        assert!(err < tol, "{name}: input {i} error {err:e}");
+    }
+}
+
+#[test]
+fn ops_backward_matches_composed_large_f32() {
+    let f32_ = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let x = f32_(rand_t(&[4, 64, 576], 30, 1.0));
+    let w = f32_((rand_t(&[576], 31, 0.5) + 1.0).unwrap());
+    let ours = |t: &[Tensor]| ops::rms_norm(&t[0], &t[1], 1e-5);
+    let theirs = |t: &[Tensor]| candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-5);
+    let ins = [x.clone(), w];
+    assert_same_grads(
+        "rms_norm",
+        &grads_of(&ours, &ins, 1),
+        &grads_of(&theirs, &ins, 1),
+        1e-4,
+    );
+
+    let s = f32_(rand_t(&[4, 9, 64, 64], 32, 3.0));
+    let ours = |t: &[Tensor]| ops::softmax_last_dim(&t[0]);
+    let theirs = |t: &[Tensor]| candle_nn::ops::softmax(&t[0], D::Minus1);
+    assert_same_grads(
+        "softmax",
+        &grads_of(&ours, &[s.clone()], 2),
+        &grads_of(&theirs, &[s], 2),
+        1e-4,
+    );
+
+    let up = f32_(rand_t(&[4, 64, 576], 33, 1.0));
+    let ours = |t: &[Tensor]| ops::silu_mul(&t[0], &t[1]);
+    let theirs = |t: &[Tensor]| candle_nn::ops::silu(&t[0])? * &t[1];
+    let ins = [x.clone(), up];
+    assert_same_grads(
+        "silu_mul",
+        &grads_of(&ours, &ins, 3),
+        &grads_of(&theirs, &ins, 3),
+        1e-4,
+    );
+
+    let q = f32_(rand_t(&[4, 64, 9, 64], 34, 1.0));
+    let (cos, sin) = cos_sin(None, 64, 32, 35);
+    let (cos, sin) = (f32_(cos), f32_(sin));
+    let ours = |t: &[Tensor]| ops::rope(&t[0].transpose(1, 2)?, &cos, &sin);
+    let theirs = |t: &[Tensor]| {
+        candle_nn::rotary_emb::rope_slow(&t[0].transpose(1, 2)?.contiguous()?, &cos, &sin)
+    };
+    assert_same_grads(
+        "rope",
+        &grads_of(&ours, &[q.clone()], 4),
+        &grads_of(&theirs, &[q], 4),
+        1e-4,
+    );
+
+    let logits = f32_((rand_t(&[64, 2048], 36, 1.0) * 4.0).unwrap());
+    let labels: Vec<u32> = (0..64u32).map(|i| (i * 97) % 2048).collect();
+    let labels = Tensor::new(labels, &Device::Cpu).unwrap();
+    let ours = |t: &[Tensor]| ops::cross_entropy(&t[0], &labels, -100)?.mean_all();
+    let theirs = |t: &[Tensor]| candle_nn::loss::cross_entropy(&t[0], &labels);
+    assert_same_grads(
+        "cross_entropy",
+        &grads_of(&ours, &[logits.clone()], 5),
+        &grads_of(&theirs, &[logits], 5),
+        1e-4,
+    );
+}
+
+#[test]
+fn ops_backward_half_close_to_f32() {
+    // bf16 gradients computed by the fused kernels stay close to the f32 ones.
+    let x = rand_t(&[8, 128], 40, 1.0);
+    let w = (rand_t(&[128], 41, 0.5) + 1.0).unwrap();
+    let up = rand_t(&[8, 128], 42, 1.0);
+    let f = |t: &[Tensor]| {
+        let h = ops::rms_norm(&t[0], &t[1], 1e-5)?;
+        let s = ops::softmax_last_dim(&h)?;
+        ops::silu_mul(&s.affine(10.0, 0.0)?, &t[2])
+    };
+    let to = |dt: DType| -> Vec<Tensor> {
+        [&x, &w, &up]
+            .iter()
+            .map(|t| t.to_dtype(dt).unwrap())
+            .collect()
+    };
+    let g32 = grads_of(&f, &to(DType::F32), 7);
+    for dt in [DType::BF16, DType::F16] {
+        let gh = grads_of(&f, &to(dt), 7);
+        for a in &gh {
+            assert_eq!(a.dtype(), dt);
+        }
+        assert_same_grads(&format!("{dt:?}"), &gh, &g32, 5e-2);
+    }
+}
