@@ -143,7 +143,13 @@ impl Encoder {
         };
         let bytes = std::fs::read(&path).map_err(|e| DataError::io(&path, e))?;
         let tokenizer_hash = hex(&Sha256::digest(&bytes));
-        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| terr(e.to_string()))?;
+        let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| terr(e.to_string()))?;
+        // Some tokenizer.json files carry truncation/padding settings (MiniLM's: 128 tokens):
+        // lengths are this crate's business, never the tokenizer's.
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| terr(e.to_string()))?;
+        tokenizer.with_padding(None);
         let config: Option<serde_json::Value> = match &files.tokenizer_config {
             Some(p) => {
                 let text = std::fs::read_to_string(p).map_err(|e| DataError::io(p, e))?;
