@@ -9,9 +9,13 @@ pub mod error;
 pub mod features;
 pub mod head;
 pub mod metrics;
+pub mod recipe;
+pub mod sources;
 
 pub use encoder::Encoder;
 pub use error::{Error, Result};
 pub use features::FeatureSet;
 pub use head::{Head, HeadKind, HeadTrainConfig};
 pub use metrics::Metrics;
+pub use recipe::{build_examples, Example, RecipeConfig, Shape};
+pub use sources::Pair;

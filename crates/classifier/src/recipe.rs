@@ -1,0 +1,494 @@
+//! The tone classifier's training data, by the paper's recipe (arXiv 2307.03692, §3.2) plus the
+//! failure shapes real base models produce.
+//!
+//! Each instruction I and its response R are joined and cut: R alone is answer-like (1); the
+//! continuation Ic of a cut instruction, and Ic followed by R, are continuation-like (0). The
+//! classifier sees the text alone, as in the paper. Added, as continuation-like: an empty
+//! answer, the Alpaca template continued (`### Instruction:` again, or a `{next}### Response:`
+//! turn), `### Response:` echoed, a list of further questions, one line repeated, and the start
+//! of a next instruction. Added, as answer-like: R cut to a word budget (what `max_new_tokens`
+//! leaves of an answer) and the (Ip, R) case of the paper, a reply asking for the rest of a
+//! cut-off question. Every random choice comes from a generator seeded by the config's seed and
+//! the pair's own text, so a pair gives the same examples whatever else is in the set.
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::sources::Pair;
+
+/// The kind of text an example is; its label follows from it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shape {
+    /// R: the response (1).
+    Response,
+    /// R cut after a number of words, as a generation budget leaves it (1).
+    ResponseTruncated,
+    /// A reply to a fragment Ip asking for the rest of the question (1).
+    Clarification,
+    /// Ic: the rest of a cut instruction (0).
+    Continuation,
+    /// Ic + R: the rest of the instruction, then the answer (0).
+    ContinuationResponse,
+    /// Another instruction: the model starts the next turn (0).
+    NextInstruction,
+    /// Nothing, or whitespace (0).
+    Empty,
+    /// The Alpaca template continued: `### Instruction:` or a new `### Response:` turn (0).
+    TemplateContinued,
+    /// `### Response:` echoed at the start (0).
+    ResponseEcho,
+    /// A list of further questions (0).
+    QuestionList,
+    /// One line over and over (0).
+    RepeatedLine,
+}
+
+impl Shape {
+    pub fn label(self) -> u8 {
+        match self {
+            Shape::Response | Shape::ResponseTruncated | Shape::Clarification => 1,
+            _ => 0,
+        }
+    }
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+/// One labelled text. `instruction` is the prompt the text answers or continues (I, or the
+/// fragment Ip); the classifier itself sees only `text`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Example {
+    pub instruction: String,
+    #[serde(rename = "response")]
+    pub text: String,
+    pub label: u8,
+    pub shape: Shape,
+}
+
+/// Knobs of the recipe; the defaults are what the shipped head was trained with.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RecipeConfig {
+    pub seed: u64,
+    /// Word budgets (inclusive range) for cut responses; about 64 tokens is 45 words.
+    pub truncate_words: [usize; 2],
+    /// Chance that a pair whose instruction was cut also gives a clarification reply.
+    pub clarification_rate: f64,
+    /// Failure-shape examples per pair (the fraction is a chance of one more).
+    pub failures_per_pair: f64,
+}
+
+impl Default for RecipeConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            truncate_words: [8, 48],
+            clarification_rate: 0.3,
+            failures_per_pair: 1.5,
+        }
+    }
+}
+
+/// FNV-1a, 64-bit: a stable hash for seeding and splitting (std's hasher may change).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= *b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+/// Splits pairs into (train, held-out) by a hash of the instruction and the seed: stable for a
+/// pair whatever else is in the set, and every cut of one pair lands in the same split.
+pub fn split_pairs(pairs: &[Pair], seed: u64, heldout_fraction: f64) -> (Vec<Pair>, Vec<Pair>) {
+    let (mut train, mut heldout) = (Vec::new(), Vec::new());
+    for p in pairs {
+        let h = fnv1a(format!("{seed}\u{0}{}", p.instruction).as_bytes());
+        if ((h % 1_000_000) as f64) < heldout_fraction * 1_000_000.0 {
+            heldout.push(p.clone());
+        } else {
+            train.push(p.clone());
+        }
+    }
+    (train, heldout)
+}
+
+/// Byte offsets where each whitespace-separated word starts.
+fn word_starts(text: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut prev_ws = true;
+    for (i, c) in text.char_indices() {
+        if !c.is_whitespace() && prev_ws {
+            starts.push(i);
+        }
+        prev_ws = c.is_whitespace();
+    }
+    starts
+}
+
+/// The first `n` words of `text`, with its own spacing.
+pub fn truncate_words(text: &str, n: usize) -> &str {
+    let starts = word_starts(text);
+    if n >= starts.len() {
+        return text;
+    }
+    text[..starts[n]].trim_end()
+}
+
+/// Cuts `text` before word `k` (1 ≤ k < words): (the part before, the rest).
+pub fn cut_at_word(text: &str, k: usize) -> Option<(&str, &str)> {
+    let starts = word_starts(text);
+    if k == 0 || k >= starts.len() {
+        return None;
+    }
+    Some((text[..starts[k]].trim_end(), &text[starts[k]..]))
+}
+
+fn first_line(text: &str) -> &str {
+    text.trim().lines().next().unwrap_or("").trim()
+}
+
+/// The first sentence (to the first `.`, `!` or `?` that ends a word, or the first line).
+fn first_sentence(text: &str) -> &str {
+    let line = first_line(text);
+    let mut end = line.len();
+    for (i, c) in line.char_indices() {
+        if matches!(c, '.' | '!' | '?') {
+            let next = line[i + c.len_utf8()..].chars().next();
+            if next.is_none_or(char::is_whitespace) {
+                end = i + c.len_utf8();
+                break;
+            }
+        }
+    }
+    &line[..end]
+}
+
+const CLARIFICATIONS: &[&str] = &[
+    "It looks like your message was cut off. Could you send the rest of your question?",
+    "Your question seems incomplete. Could you give me more context about what you would like to know?",
+    "I'm not sure what you're asking: \"{ip}\" seems to be missing something. Could you clarify?",
+    "Could you finish your sentence? I'd be happy to help once I know what you're asking about.",
+    "It seems part of your request is missing. What would you like me to do with \"{ip}\"?",
+    "I'd be glad to help, but your message ends abruptly. Could you provide the full question?",
+    "Sorry, I didn't quite get that. Could you rephrase or complete your question?",
+    "Your request appears to be incomplete: \"{ip}\". Please add a few details so that I can give you a useful answer.",
+    "Happy to help! It seems your question got cut short, though. What exactly would you like to know?",
+    "I can help with that, but I need a bit more information. What is the rest of your question?",
+];
+
+const JOINS: &[&str] = &["\n", "\n\n", " "];
+
+struct Builder<'a> {
+    pairs: &'a [Pair],
+    cfg: &'a RecipeConfig,
+    out: Vec<Example>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, instruction: &str, text: String, shape: Shape) {
+        self.out.push(Example {
+            instruction: instruction.to_string(),
+            text,
+            label: shape.label(),
+            shape,
+        });
+    }
+
+    fn budget(&self, rng: &mut ChaCha8Rng) -> usize {
+        let [lo, hi] = self.cfg.truncate_words;
+        rng.random_range(lo.min(hi)..=hi.max(lo))
+    }
+
+    /// A text cut to a word budget half of the time, as a generation limit would leave it.
+    fn maybe_cut<'t>(&self, rng: &mut ChaCha8Rng, text: &'t str) -> &'t str {
+        if rng.random_bool(0.5) {
+            truncate_words(text, self.budget(rng))
+        } else {
+            text
+        }
+    }
+
+    fn other(&self, rng: &mut ChaCha8Rng, not: usize) -> &Pair {
+        if self.pairs.len() < 2 {
+            return &self.pairs[not];
+        }
+        let mut j = rng.random_range(0..self.pairs.len() - 1);
+        if j >= not {
+            j += 1;
+        }
+        &self.pairs[j]
+    }
+
+    fn pair(&mut self, i: usize) {
+        let p = &self.pairs[i];
+        let seed =
+            self.cfg.seed ^ fnv1a(format!("{}\u{0}{}", p.instruction, p.response).as_bytes());
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let (inst, resp) = (p.instruction.trim(), p.response.trim());
+
+        self.push(inst, resp.to_string(), Shape::Response);
+        let budget = self.budget(&mut rng);
+        let cut = truncate_words(resp, budget);
+        if cut.len() < resp.len() {
+            self.push(inst, cut.to_string(), Shape::ResponseTruncated);
+        }
+        let words = word_starts(inst).len();
+        if words >= 2 {
+            let k = rng.random_range(1..words);
+            if let Some((ip, ic)) = cut_at_word(inst, k) {
+                self.push(ip, ic.to_string(), Shape::Continuation);
+                if rng.random_bool(self.cfg.clarification_rate.clamp(0.0, 1.0)) {
+                    let t = CLARIFICATIONS[rng.random_range(0..CLARIFICATIONS.len())];
+                    self.push(ip, t.replace("{ip}", ip), Shape::Clarification);
+                }
+            }
+            let k = rng.random_range(1..words);
+            if let Some((ip, ic)) = cut_at_word(inst, k) {
+                let join = JOINS[rng.random_range(0..JOINS.len())];
+                let text = format!("{ic}{join}{resp}");
+                let text = self.maybe_cut(&mut rng, &text).to_string();
+                self.push(ip, text, Shape::ContinuationResponse);
+            }
+        }
+        let rate = self.cfg.failures_per_pair.max(0.0);
+        let mut n = rate.floor() as usize;
+        if rng.random_bool(rate.fract()) {
+            n += 1;
+        }
+        for _ in 0..n {
+            self.failure(i, &mut rng);
+        }
+    }
+
+    fn failure(&mut self, i: usize, rng: &mut ChaCha8Rng) {
+        let p = &self.pairs[i];
+        let (inst, resp) = (p.instruction.trim(), p.response.trim());
+        let o = self.other(rng, i).clone();
+        let (oi, or) = (o.instruction.trim(), o.response.trim());
+        // Weights: empty answers are one point in input space and need few examples.
+        const SHAPES: &[(Shape, u32)] = &[
+            (Shape::Empty, 1),
+            (Shape::TemplateContinued, 6),
+            (Shape::ResponseEcho, 3),
+            (Shape::QuestionList, 3),
+            (Shape::RepeatedLine, 3),
+            (Shape::NextInstruction, 4),
+        ];
+        let total: u32 = SHAPES.iter().map(|s| s.1).sum();
+        let mut pick = rng.random_range(0..total);
+        let mut shape = Shape::Empty;
+        for (s, w) in SHAPES {
+            if pick < *w {
+                shape = *s;
+                break;
+            }
+            pick -= w;
+        }
+        let b = self.budget(rng);
+        let short_resp = truncate_words(resp, b);
+        let short_or = truncate_words(or, b);
+        let text = match shape {
+            Shape::Empty => ["", " ", "\n", "\n\n"][rng.random_range(0..4)].to_string(),
+            Shape::TemplateContinued => match rng.random_range(0..6) {
+                0 => format!("### Instruction:\n{oi}\n\n### Response:\n{short_or}"),
+                1 => format!("{short_resp}\n\n### Instruction:\n{oi}"),
+                2 => format!("\n\n### Instruction:\n{oi}\n\n### Response:"),
+                3 => format!("{oi}### Response:{short_or}"),
+                4 => format!("{oi}\n\n### Response:\n{short_or}"),
+                _ => format!(
+                    "### Instruction:\n{oi}\n\n### Input:\n{}",
+                    first_sentence(or)
+                ),
+            },
+            Shape::ResponseEcho => match rng.random_range(0..4) {
+                0 => "### Response:".to_string(),
+                1 => format!("### Response:\n{short_resp}"),
+                2 => "### Response:\n### Response:\n### Response:".to_string(),
+                _ => format!("### Response: {}", first_sentence(resp)),
+            },
+            Shape::QuestionList => {
+                let k = rng.random_range(3..=6);
+                let qs: Vec<String> = (0..k)
+                    .map(|_| {
+                        truncate_words(first_line(self.other(rng, i).instruction.as_str()), 20)
+                            .to_string()
+                    })
+                    .collect();
+                let style = rng.random_range(0..3);
+                qs.iter()
+                    .enumerate()
+                    .map(|(n, q)| match style {
+                        0 => format!("{}. {q}", n + 1),
+                        1 => format!("- {q}"),
+                        _ => q.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            }
+            Shape::RepeatedLine => {
+                let line = match rng.random_range(0..3) {
+                    0 => first_sentence(resp),
+                    1 => first_sentence(inst),
+                    _ => first_sentence(oi),
+                };
+                let r = rng.random_range(3..=8);
+                let sep = if rng.random_bool(0.7) { "\n" } else { " " };
+                vec![line; r].join(sep)
+            }
+            _ => match rng.random_range(0..4) {
+                0 => oi.to_string(),
+                1 => format!("\n{oi}"),
+                2 => match word_starts(inst).len() {
+                    w if w >= 2 => {
+                        let k = rng.random_range(1..w);
+                        let ic = cut_at_word(inst, k).map(|c| c.1).unwrap_or(inst);
+                        format!("{ic}\n\n{oi}")
+                    }
+                    _ => oi.to_string(),
+                },
+                _ => format!("{oi}\n{}", self.other(rng, i).instruction.trim()),
+            },
+        };
+        let shape = if shape == Shape::Empty || !text.trim().is_empty() {
+            shape
+        } else {
+            Shape::Empty
+        };
+        self.push(inst, text, shape);
+    }
+}
+
+/// The labelled examples of `pairs` (the order of pairs, then a fixed order within each).
+pub fn build_examples(pairs: &[Pair], cfg: &RecipeConfig) -> Vec<Example> {
+    let mut b = Builder {
+        pairs,
+        cfg,
+        out: Vec::new(),
+    };
+    for i in 0..pairs.len() {
+        b.pair(i);
+    }
+    b.out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs() -> Vec<Pair> {
+        (0..30)
+            .map(|i| Pair {
+                instruction: format!("Explain topic number {i} to a curious child in simple words"),
+                response: format!(
+                    "Topic {i} is a fine thing. {}",
+                    "It has many parts and each one matters. ".repeat(1 + i % 8)
+                ),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cuts_follow_the_paper() {
+        let p = &pairs()[3];
+        let ex = build_examples(std::slice::from_ref(p), &RecipeConfig::default());
+        let r = ex.iter().find(|e| e.shape == Shape::Response).unwrap();
+        assert_eq!((r.text.as_str(), r.label), (p.response.trim(), 1));
+        let c = ex.iter().find(|e| e.shape == Shape::Continuation).unwrap();
+        // Ip + Ic is the instruction again, and Ip is a proper prefix.
+        assert_eq!(format!("{} {}", c.instruction, c.text), p.instruction);
+        assert!(!c.instruction.is_empty() && !c.text.is_empty() && c.label == 0);
+        let cr = ex
+            .iter()
+            .find(|e| e.shape == Shape::ContinuationResponse)
+            .unwrap();
+        assert_eq!(cr.label, 0);
+        let ic = &p.instruction[cr.instruction.len()..].trim_start();
+        assert!(cr.text.starts_with(ic), "{:?} / {ic:?}", cr.text);
+        for e in &ex {
+            assert_eq!(e.label, e.shape.label());
+        }
+    }
+
+    #[test]
+    fn deterministic_per_seed_and_per_pair() {
+        let ps = pairs();
+        let cfg = RecipeConfig::default();
+        let a = build_examples(&ps, &cfg);
+        assert_eq!(a, build_examples(&ps, &cfg));
+        let b = build_examples(
+            &ps,
+            &RecipeConfig {
+                seed: 1,
+                ..cfg.clone()
+            },
+        );
+        assert_ne!(a, b);
+        // A pair's own cuts do not depend on the rest of the set.
+        let cuts = |ex: &[Example], inst: &str| -> Vec<Example> {
+            ex.iter()
+                .filter(|e| e.shape == Shape::Continuation)
+                .filter(|e| format!("{} {}", e.instruction, e.text) == inst)
+                .cloned()
+                .collect()
+        };
+        let alone = build_examples(&ps[5..6], &cfg);
+        assert_eq!(
+            cuts(&alone, &ps[5].instruction),
+            cuts(&a, &ps[5].instruction)
+        );
+    }
+
+    #[test]
+    fn covers_every_shape_and_is_roughly_balanced() {
+        let ex = build_examples(&pairs(), &RecipeConfig::default());
+        let mut shapes: Vec<Shape> = ex.iter().map(|e| e.shape).collect();
+        shapes.sort();
+        shapes.dedup();
+        assert_eq!(shapes.len(), 11, "{shapes:?}");
+        let pos = ex.iter().filter(|e| e.label == 1).count() as f64;
+        let share = pos / ex.len() as f64;
+        assert!((0.3..0.6).contains(&share), "{share}");
+        for e in ex.iter().filter(|e| e.shape == Shape::TemplateContinued) {
+            assert!(e.text.contains("### "), "{:?}", e.text);
+        }
+        for e in ex.iter().filter(|e| e.shape == Shape::Empty) {
+            assert!(e.text.trim().is_empty());
+        }
+        for e in ex.iter().filter(|e| e.shape == Shape::RepeatedLine) {
+            assert!(crate::features::tone_features(&e.text)[7] > 0.5 || e.text.contains(' '));
+        }
+    }
+
+    #[test]
+    fn split_is_stable_and_disjoint() {
+        let ps = pairs();
+        let (tr, ho) = split_pairs(&ps, 0, 0.3);
+        assert_eq!(tr.len() + ho.len(), ps.len());
+        assert!(!ho.is_empty() && !tr.is_empty());
+        for h in &ho {
+            assert!(!tr.contains(h));
+        }
+        // Removing other pairs does not move a pair to the other side.
+        let (_, ho2) = split_pairs(&ps[..10], 0, 0.3);
+        for h in &ho2 {
+            assert!(ho.contains(h));
+        }
+    }
+
+    #[test]
+    fn word_helpers() {
+        assert_eq!(truncate_words("a  b\nc d", 3), "a  b\nc");
+        assert_eq!(truncate_words("a b", 5), "a b");
+        assert_eq!(cut_at_word("one two  three", 2), Some(("one two", "three")));
+        assert_eq!(cut_at_word("one", 1), None);
+        assert_eq!(first_sentence("Hi there. More"), "Hi there.");
+        assert_eq!(first_sentence("v1.2 is out! Yes"), "v1.2 is out!");
+    }
+}
