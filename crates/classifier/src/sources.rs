@@ -251,7 +251,15 @@ mod tests {
             OPTIONAL DOUBLE rank;
         }";
         // id, parent, text, role, lang, rank
-        let rows: &[(&str, Option<&str>, &str, &str, &str, Option<f64>)] = &[
+        type Row<'a> = (
+            &'a str,
+            Option<&'a str>,
+            &'a str,
+            &'a str,
+            &'a str,
+            Option<f64>,
+        );
+        let rows: &[Row] = &[
             ("a", None, "What is 2+2?", "prompter", "en", None),
             ("a1", Some("a"), "It is 5.", "assistant", "en", Some(1.0)),
             ("a2", Some("a"), "2+2 is 4.", "assistant", "en", Some(0.0)),
