@@ -37,25 +37,21 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 /// Errors of the GGUF import; each names the file, key or tensor at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("{path}: {source}")]
+    // Causes are kept as messages in the Display (not as `source`), so that `{:#}` chains do
+    // not print them twice and candle's captured backtraces stay out of user-facing errors.
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("{path}: not a readable GGUF file: {source}")]
-    Read {
-        path: PathBuf,
-        source: candle_core::Error,
-    },
+    #[error("{path}: not a readable GGUF file: {msg}")]
+    Read { path: PathBuf, msg: String },
     #[error("GGUF metadata `{key}`: {msg}")]
     Metadata { key: String, msg: String },
     #[error("GGUF tensor `{name}`: {msg}")]
     Tensor { name: String, msg: String },
-    #[error("GGUF tensor `{name}`: {source}")]
-    Candle {
-        name: String,
-        source: candle_core::Error,
-    },
+    #[error("GGUF tensor `{name}`: {msg}")]
+    Candle { name: String, msg: String },
     #[error("unsupported GGUF: {0}")]
     Unsupported(String),
     #[error("building the tokenizer from the GGUF vocabulary: {0}")]
@@ -91,19 +87,15 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Imp
     let config = gguf.config_json(dtype, &plan)?;
     let tokenizer = gguf.tokenizer()?;
 
-    std::fs::create_dir_all(out_dir).map_err(|source| GgufError::Io {
+    let generation_config = gguf.generation_config_json()?;
+    let tokenizer_config = gguf.tokenizer_config_json()?;
+
+    std::fs::create_dir_all(out_dir).map_err(|cause| GgufError::Io {
         path: out_dir.to_path_buf(),
-        source,
+        cause,
     })?;
-    write_json(&out_dir.join("config.json"), &config)?;
-    write_json(
-        &out_dir.join("generation_config.json"),
-        &gguf.generation_config_json()?,
-    )?;
-    write_json(
-        &out_dir.join("tokenizer_config.json"),
-        &gguf.tokenizer_config_json()?,
-    )?;
+    // Weights first and config.json last: a failed import leaves no folder that looks loadable.
+    let n_params = gguf.write_safetensors(&plan, dtype, &out_dir.join("model.safetensors"))?;
     let tok_path = out_dir.join("tokenizer.json");
     tokenizer
         .save(&tok_path, false)
@@ -111,7 +103,9 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Imp
             path: tok_path.clone(),
             msg: e.to_string(),
         })?;
-    let n_params = gguf.write_safetensors(&plan, dtype, &out_dir.join("model.safetensors"))?;
+    write_json(&out_dir.join("tokenizer_config.json"), &tokenizer_config)?;
+    write_json(&out_dir.join("generation_config.json"), &generation_config)?;
+    write_json(&out_dir.join("config.json"), &config)?;
     let mut tensor_names: Vec<String> = plan.iter().map(|p| p.hub_name.clone()).collect();
     tensor_names.sort();
     tracing::info!(
@@ -133,9 +127,9 @@ fn write_json(path: &Path, value: &Json) -> Result<()> {
         path: path.to_path_buf(),
         msg: e.to_string(),
     })?;
-    std::fs::write(path, text + "\n").map_err(|source| GgufError::Io {
+    std::fs::write(path, text + "\n").map_err(|cause| GgufError::Io {
         path: path.to_path_buf(),
-        source,
+        cause,
     })
 }
 
@@ -176,7 +170,7 @@ pub fn hub_tensor_name(gguf_name: &str) -> Option<String> {
 pub fn unpermute_rope_rows(t: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if n_heads == 0 || rows % (2 * n_heads) != 0 {
+    if n_heads == 0 || !rows.is_multiple_of(2 * n_heads) {
         candle_core::bail!("cannot un-permute {rows} rows into {n_heads} heads of even size")
     }
     let half = rows / n_heads / 2;
@@ -193,7 +187,7 @@ pub fn unpermute_rope_rows(t: &Tensor, n_heads: usize) -> candle_core::Result<Te
 pub fn permute_rope_rows(t: &Tensor, n_heads: usize) -> candle_core::Result<Tensor> {
     let dims = t.dims().to_vec();
     let rows = dims[0];
-    if n_heads == 0 || rows % (2 * n_heads) != 0 {
+    if n_heads == 0 || !rows.is_multiple_of(2 * n_heads) {
         candle_core::bail!("cannot permute {rows} rows into {n_heads} heads of even size")
     }
     let half = rows / n_heads / 2;
@@ -225,13 +219,13 @@ pub struct GgufFile {
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).map_err(|source| GgufError::Io {
+        let mut file = File::open(path).map_err(|cause| GgufError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
-        let content = Content::read(&mut file).map_err(|source| GgufError::Read {
+        let content = Content::read(&mut file).map_err(|e| GgufError::Read {
             path: path.to_path_buf(),
-            source,
+            msg: candle_message(e),
         })?;
         let arch = match content.metadata.get("general.architecture") {
             Some(Value::String(s)) => s.clone(),
@@ -351,7 +345,7 @@ impl GgufFile {
         let n_kv = self
             .usize_opt(&self.arch_key("attention.head_count_kv"))?
             .unwrap_or(n_heads);
-        if n_heads == 0 || n_kv == 0 || n_heads % n_kv != 0 {
+        if n_heads == 0 || n_kv == 0 || !n_heads.is_multiple_of(n_kv) {
             return Err(meta_err(
                 &self.arch_key("attention.head_count_kv"),
                 format!("{n_kv} kv heads do not divide {n_heads} heads"),
@@ -360,7 +354,7 @@ impl GgufFile {
         let head_dim = match self.usize_opt(&self.arch_key("attention.key_length"))? {
             Some(d) => d,
             None => {
-                if hidden % n_heads != 0 {
+                if !hidden.is_multiple_of(n_heads) {
                     return Err(meta_err(
                         &self.arch_key("attention.head_count"),
                         format!("{n_heads} heads do not divide hidden size {hidden}"),
@@ -702,9 +696,9 @@ impl GgufFile {
         p: &TensorPlan,
         dtype: DType,
     ) -> Result<Vec<u8>> {
-        let cerr = |source| GgufError::Candle {
+        let cerr = |e| GgufError::Candle {
             name: p.gguf_name.clone(),
-            source,
+            msg: candle_message(e),
         };
         let device = Device::Cpu;
         let q = self
@@ -751,9 +745,9 @@ impl GgufFile {
         dtype: DType,
         path: &Path,
     ) -> Result<usize> {
-        let file = File::open(&self.path).map_err(|source| GgufError::Io {
+        let file = File::open(&self.path).map_err(|cause| GgufError::Io {
             path: self.path.clone(),
-            source,
+            cause,
         })?;
         let writer = LazyWriter {
             gguf: self,
@@ -858,6 +852,14 @@ fn le_bytes<T: Copy, const N: usize>(xs: &[T], f: impl Fn(T) -> [u8; N]) -> Vec<
         out.extend_from_slice(&f(x));
     }
     out
+}
+
+/// A candle error's message without the backtrace candle attaches when `RUST_BACKTRACE` is set.
+fn candle_message(e: candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(*inner),
+        e => e.to_string(),
+    }
 }
 
 fn meta_err(key: &str, msg: impl Into<String>) -> GgufError {
