@@ -121,6 +121,8 @@ pub struct HubOptions {
     pub offline: bool,
     /// Revision used when the source names none (default `main`).
     pub revision: Option<String>,
+    /// The hub's address (`HF_ENDPOINT`, default https://huggingface.co).
+    pub endpoint: Option<String>,
 }
 
 impl HubOptions {
@@ -136,6 +138,7 @@ impl HubOptions {
             cache_dir,
             offline,
             revision: None,
+            endpoint: env("HF_ENDPOINT"),
         }
     }
 
@@ -274,8 +277,8 @@ fn download_hub(
         })
     };
     let mut builder = ApiBuilder::from_cache(opts.cache()).with_progress(false);
-    if let Ok(endpoint) = std::env::var("HF_ENDPOINT") {
-        builder = builder.with_endpoint(endpoint);
+    if let Some(endpoint) = &opts.endpoint {
+        builder = builder.with_endpoint(endpoint.trim_end_matches('/').to_string());
     }
     if opts.token.is_some() {
         builder = builder.with_token(opts.token.clone());
