@@ -273,14 +273,6 @@ mod tests {
         let mut w =
             SerializedFileWriter::new(file, schema, Arc::new(WriterProperties::new())).unwrap();
         let mut rg = w.next_row_group().unwrap();
-        type Row<'a> = (
-            &'a str,
-            Option<&'a str>,
-            &'a str,
-            &'a str,
-            &'a str,
-            Option<f64>,
-        );
         let columns: Vec<Vec<Option<&str>>> = vec![
             rows.iter().map(|r: &Row| Some(r.0)).collect(),
             rows.iter().map(|r: &Row| r.1).collect(),
