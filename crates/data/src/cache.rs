@@ -186,7 +186,8 @@ pub fn load(root: &Path, key: &str) -> Result<Option<(TokenizedSet, DataReport)>
     match load_entry(&dir) {
         Ok(v) => Ok(Some(v)),
         Err(e) => {
-            tracing::warn!("data cache: ignoring a damaged entry: {e}");
+            tracing::warn!("data cache: removing a damaged entry: {e}");
+            let _ = std::fs::remove_dir_all(&dir);
             Ok(None)
         }
     }

@@ -464,3 +464,91 @@ impl RunConfigView {
 
 /// Counts by reason, sorted by name.
 pub type ReasonCounts = BTreeMap<String, u64>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_keys() {
+        let c = DataConfig::from_yaml(
+            "sources:\n  - hub: nomic-ai/gpt4all-j-prompt-generations\n    revision: v1.3-groovy\n    split: train\n  - path: 'x/*.jsonl'\n    columns: {instruction: q, output: a}\ntemplate: alpaca_modified\nmax_length: 512\non_bad_row: fail\neval_split: 0.05\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.sources[0].kind().unwrap(),
+            SourceKind::Hub {
+                repo: "nomic-ai/gpt4all-j-prompt-generations",
+                revision: "v1.3-groovy",
+                split: "train"
+            }
+        );
+        let cols = c.sources[1].columns.as_ref().unwrap();
+        assert_eq!(
+            (cols.prompt.as_deref(), cols.response.as_deref()),
+            (Some("q"), Some("a"))
+        );
+        assert_eq!(c.template, TemplateSpec::AlpacaModified);
+        assert_eq!((c.max_length, c.on_bad_row), (512, OnBadRow::Fail));
+        assert_eq!(c.eval_split, Some(EvalSplit::Fraction(0.05)));
+        let d = DataConfig::from_yaml("sources: [{path: a.jsonl}]\neval_split: 200").unwrap();
+        assert_eq!(d.eval_split, Some(EvalSplit::Count(200)));
+        assert_eq!(
+            (d.truncation, d.on_bad_row, d.template.clone()),
+            (
+                Truncation::Drop,
+                OnBadRow::Skip,
+                TemplateSpec::AlpacaModified
+            )
+        );
+        let t = DataConfig::from_yaml(
+            "sources: [{path: a}]\ntemplate: \"Q: {instruction}\\nA: {response}\"",
+        )
+        .unwrap();
+        assert_eq!(
+            t.template,
+            TemplateSpec::Custom("Q: {instruction}\nA: {response}".into())
+        );
+        // Round trip through YAML.
+        let back = DataConfig::from_yaml(&serde_yaml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn refuses_what_it_does_not_know() {
+        for (text, needle) in [
+            ("sources: [{path: a}]\nmax_lenght: 3", "max_lenght"),
+            ("sources: [{pth: a}]", "pth"),
+            ("sources: [{path: a, hub: b/c}]", "both"),
+            ("sources: [{path: a, revision: x}]", "revision"),
+            ("sources: []", "at least one"),
+            ("sources: [{path: a}]\ntemplate: alpaka", "alpaka"),
+            ("sources: [{path: a}]\ntruncation: chop", "chop"),
+            ("sources: [{path: a}]\neval_split: 1.5", "eval_split"),
+            (
+                "sources: [{path: a}]\nmax_batch_tokens: 10",
+                "max_batch_tokens",
+            ),
+            ("sources: [{path: a, columns: {prompt: q}}]", "columns"),
+            (
+                "sources: [{path: a, columns: {prompt: q, response: r, messages: m}}]",
+                "messages",
+            ),
+        ] {
+            let e = DataConfig::from_yaml(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn reads_a_run_config_leniently() {
+        let v = RunConfigView::from_yaml(
+            "run: {name: x}\nmodel:\n  source: models/smol\n  dtype: f32\ntrain: {micro_batch: 4, lr: 1e-4}\ndata:\n  sources: [{path: d.jsonl}]\n",
+        )
+        .unwrap();
+        assert_eq!(v.model_source.as_deref(), Some("models/smol"));
+        assert_eq!(v.micro_batch, Some(4));
+        assert_eq!(v.data.sources[0].path.as_deref(), Some("d.jsonl"));
+        assert!(RunConfigView::from_yaml("model: {source: x}").is_err());
+    }
+}
