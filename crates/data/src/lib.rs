@@ -32,7 +32,8 @@ pub use config::{
     TemplateSpec, Truncation,
 };
 pub use dataset::{
-    build_dataset, default_cache_dir, BuildOptions, DataReport, Dataset, Example, TokenizedSet,
+    build_dataset, default_cache_dir, load_encoder_and_template, BuildOptions, DataReport, Dataset,
+    Example, TokenizedSet,
 };
 pub use error::{DataError, Result};
 pub use hub::HubOptions;

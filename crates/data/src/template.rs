@@ -62,7 +62,7 @@ enum Piece {
     Input,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Kind {
     Builtin(TemplateSpec),
     Custom {
@@ -74,7 +74,7 @@ enum Kind {
 }
 
 /// A prompt template ready to render. Build it once; rendering is cheap.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Template {
     spec: TemplateSpec,
     kind: Kind,
