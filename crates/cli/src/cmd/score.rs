@@ -1,9 +1,133 @@
-//! `sft score` (not yet implemented).
-use clap::Args;
+//! `sft score --model M --input FILE.jsonl`: for each line `{"prompt": "..."}`, one JSON line
+//! `{"input_ids": [...], "mean_next_token_loss": x, "last_logits_top10": {"ids", "values"}}`.
+//! The prompt is tokenized without special tokens; the loss is the mean next-token
+//! cross-entropy over the prompt (null for a one-token prompt).
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, IndexOp, Tensor};
+use clap::{Args, ValueEnum};
+use sft_model::load::{load_model, LoadedModel};
+
+/// How to load the model, shared by `score` and `generate`.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// A Hugging Face folder, a hub id (`org/name`, optionally `@revision`), or a `.gguf` file
+    /// (imported into the sft cache on first use). Hub access honours HF_TOKEN, HF_HOME and
+    /// HF_HUB_OFFLINE.
+    #[arg(long)]
+    pub model: String,
+    /// dtype the weights are computed in.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeArg {
+    pub fn dtype(self) -> DType {
+        match self {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::Bf16 => DType::BF16,
+            DtypeArg::F16 => DType::F16,
+        }
+    }
+}
+
+impl ModelArgs {
+    pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let device = Device::cuda_if_available(0).context("selecting the device")?;
+        let start = std::time::Instant::now();
+        let m = load_model(&self.model, self.dtype.dtype(), &device)
+            .with_context(|| format!("loading the model `{}`", self.model))?;
+        tracing::info!(
+            "loaded {} ({:?}) from {} in {:.1}s",
+            self.model,
+            self.dtype.dtype(),
+            m.dir.display(),
+            start.elapsed().as_secs_f64()
+        );
+        Ok(m)
+    }
+}
 
 #[derive(Args, Debug)]
-pub struct ScoreArgs {}
+pub struct ScoreArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSONL file, one `{"prompt": "..."}` object per line (blank lines are skipped).
+    #[arg(long)]
+    pub input: PathBuf,
+}
 
-pub fn run(_args: ScoreArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`sft score` is not implemented yet")
+/// The prompts of a JSONL file of `{"prompt": "..."}` objects (other keys are ignored).
+/// Errors name the file and the 1-based line.
+pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut prompts = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", at()))?;
+        match v.get("prompt") {
+            Some(serde_json::Value::String(s)) => prompts.push(s.clone()),
+            Some(_) => bail!("{}: `prompt` must be a string", at()),
+            None => bail!("{}: expected an object with a string `prompt`", at()),
+        }
+    }
+    Ok(prompts)
+}
+
+pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
+    let prompts = read_prompts(&args.input)?;
+    let m = args.model.load()?;
+    let device = m.model.device().clone();
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for (i, prompt) in prompts.iter().enumerate() {
+        let ids = m
+            .tokenizer
+            .encode(prompt.as_str(), false)
+            .map_err(|e| anyhow::anyhow!("{}: prompt {}: tokenizing: {e}", args.input.display(), i + 1))?
+            .get_ids()
+            .to_vec();
+        if ids.is_empty() {
+            bail!("{}: prompt {} has no tokens", args.input.display(), i + 1);
+        }
+        let input = Tensor::new(vec![ids.clone()], &device)?;
+        let hidden = m.model.forward_hidden(&input, None)?;
+        let t = ids.len();
+        // Last-position logits only; the loss computes its own (shifted) logits.
+        let last = m.model.lm_head(&hidden.i((0, t - 1))?)?.to_dtype(DType::F32)?;
+        let last: Vec<f32> = last.to_vec1()?;
+        let mut order: Vec<usize> = (0..last.len()).collect();
+        order.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
+        let top: Vec<usize> = order.into_iter().take(10).collect();
+        let labels = Tensor::new(vec![ids.iter().map(|&x| x as i64).collect::<Vec<_>>()], &device)?;
+        let loss = m.model.loss(&input, None, &labels)?;
+        let mean = if loss.n_tokens == 0 {
+            serde_json::Value::Null
+        } else {
+            (loss.mean()?.to_dtype(DType::F64)?.to_scalar::<f64>()?).into()
+        };
+        let line = serde_json::json!({
+            "input_ids": ids,
+            "mean_next_token_loss": mean,
+            "last_logits_top10": {
+                "ids": top,
+                "values": top.iter().map(|&j| last[j]).collect::<Vec<_>>(),
+            },
+        });
+        writeln!(out, "{line}")?;
+    }
+    Ok(())
 }

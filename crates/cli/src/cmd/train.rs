@@ -1,14 +1,77 @@
-//! `sft train` / `sft-train` (not yet implemented).
+//! `sft train` / `sft-train`: run a YAML config. SIGINT and SIGTERM (a scheduler's preemption)
+//! finish the current step, checkpoint and exit; a second signal exits at once.
+use anyhow::{Context, Result};
 use clap::Parser;
+use sft_trainer::config::Config;
+use sft_trainer::{Outcome, Resume, RunOptions};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The quickstart config, compiled in: `sft-train` with no `--config` runs it.
+const QUICKSTART: &str = include_str!("../../../../configs/quickstart.yaml");
 
 #[derive(Parser, Debug)]
 #[command(name = "sft-train", about = "Fine-tune a LLaMA-family model from a YAML config")]
 pub struct TrainArgs {
-    /// The YAML config.
+    /// The YAML config (default: the embedded quickstart, configs/quickstart.yaml).
     #[arg(long)]
-    pub config: Option<std::path::PathBuf>,
+    pub config: Option<PathBuf>,
+    /// Override a config value: `--set train.lr=1e-4` (the value is YAML; repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Resume the run: from its latest checkpoint, or from the checkpoint folder given.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "PATH")]
+    pub resume: Option<String>,
+    /// Print the resolved config, the plan and a memory estimate, then exit.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
-pub fn run(_args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`sft train` is not implemented yet")
+pub fn run(args: TrainArgs) -> Result<()> {
+    let cfg = match &args.config {
+        Some(path) => Config::load(path, &args.overrides)?,
+        None => Config::from_yaml(QUICKSTART, "configs/quickstart.yaml (embedded)", &args.overrides)?,
+    };
+    if args.dry_run {
+        let plan = sft_trainer::plan::dry_run(&cfg).context("dry run")?;
+        println!("{plan}");
+        return Ok(());
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                eprintln!("second interrupt: exiting without a checkpoint");
+                std::process::exit(130);
+            }
+            eprintln!("interrupt: finishing the current step, then checkpointing (again to exit now)");
+        })
+        .context("cannot install the signal handler")?;
+    }
+    let opts = RunOptions {
+        resume: args.resume.map(|r| {
+            if r == "latest" {
+                Resume::Latest
+            } else {
+                Resume::Path(PathBuf::from(r))
+            }
+        }),
+        stop,
+    };
+    // candle's backward recurses over the graph: give the run a deep stack.
+    let handle = std::thread::Builder::new()
+        .name("train".into())
+        .stack_size(1 << 30)
+        .spawn(move || sft_trainer::train(&cfg, &opts))
+        .context("cannot start the training thread")?;
+    let (outcome, summary) = handle
+        .join()
+        .map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
+    println!("{}", serde_json::to_string(&summary)?);
+    if outcome == Outcome::Interrupted {
+        std::process::exit(130);
+    }
+    Ok(())
 }

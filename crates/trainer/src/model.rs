@@ -1,0 +1,277 @@
+//! The model as the loop sees it: loading with the adapter applied, the trainable parameters,
+//! loss on a batch, save and restore, the optimizer, and the evaluators' view of the model.
+use crate::config::{AdapterKind, Config, GenEvalConfig};
+use crate::TrainError;
+use candle_core::{DType, Device, Tensor, Var};
+use sft_data::{Batch, BuildOptions, Dataset, Template, TokenizerFiles};
+use sft_eval::{Answer, BoxError};
+use sft_model::generate::{generate, GenerateConfig, Sampling};
+use sft_model::llama::{Llama, LossOutput};
+use std::path::{Path, PathBuf};
+
+/// A trainable parameter: its name in the saved files and its variable.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    /// Weight decay applies (not to norms and biases).
+    pub decay: bool,
+}
+
+pub struct TrainModel {
+    pub llama: Llama,
+    pub tokenizer: tokenizers::Tokenizer,
+    pub dir: PathBuf,
+    pub eos_token_ids: Vec<u32>,
+    pub params: Vec<Param>,
+    pub kind: AdapterKind,
+    pub device: Device,
+    template: Option<Template>,
+}
+
+pub fn parse_device(spec: &str) -> Result<Device, TrainError> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let n = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse::<usize>());
+            let n = n.map_err(|_| TrainError::Config(format!("model.device: bad device '{s}'")))?;
+            Device::new_cuda(n).map_err(|e| {
+                TrainError::Config(format!(
+                    "model.device: {s}: {e} (build with `--features cuda` for GPU support)"
+                ))
+            })
+        }
+        s => Err(TrainError::Config(format!("model.device: unknown device '{s}'"))),
+    }
+}
+
+pub fn parse_dtype(s: &str) -> Result<DType, TrainError> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        "f16" => Ok(DType::F16),
+        s => Err(TrainError::Config(format!("model.dtype: unknown dtype '{s}'"))),
+    }
+}
+
+/// `cache:NAME` is `$SFT_CACHE/models/NAME` (the folders scripts/fetch-test-models.sh fills).
+pub fn resolve_model_spec(spec: &str) -> String {
+    match spec.strip_prefix("cache:") {
+        Some(name) => sft_model::load::sft_cache_dir()
+            .join("models")
+            .join(name)
+            .display()
+            .to_string(),
+        None => spec.to_string(),
+    }
+}
+
+impl TrainModel {
+    pub fn load(cfg: &Config) -> Result<Self, TrainError> {
+        let device = parse_device(&cfg.model.device)?;
+        let dtype = parse_dtype(&cfg.model.dtype)?;
+        let spec = resolve_model_spec(&cfg.model.source);
+        let loaded = sft_model::load::load_model(&spec, dtype, &device)
+            .map_err(|e| TrainError::Model(format!("model.source {spec}: {e}")))?;
+        let mut llama = loaded.model;
+        let params = match cfg.adapter.kind {
+            AdapterKind::Lora => crate::adapter::apply_lora(&mut llama, cfg)?,
+            AdapterKind::Full => crate::adapter::make_all_trainable(&mut llama)?,
+        };
+        Ok(Self {
+            llama,
+            tokenizer: loaded.tokenizer,
+            dir: loaded.dir,
+            eos_token_ids: loaded.eos_token_ids,
+            params,
+            kind: cfg.adapter.kind,
+            device,
+            template: None,
+        })
+    }
+
+    pub fn total_params(&self) -> usize {
+        self.llama
+            .named_weights()
+            .iter()
+            .map(|(_, t)| t.elem_count())
+            .sum()
+    }
+
+    /// The optimizer's view of the trainable parameters.
+    pub fn param_specs(&self) -> Vec<sft_optim::ParamSpec> {
+        self.params
+            .iter()
+            .map(|p| sft_optim::ParamSpec {
+                name: p.name.clone(),
+                var: p.var.clone(),
+                weight_decay: p.decay,
+            })
+            .collect()
+    }
+
+    pub fn trainable_params(&self) -> usize {
+        self.params.iter().map(|p| p.var.elem_count()).sum()
+    }
+
+    /// Tokenize (or read from the cache) the config's data with this model's tokenizer.
+    pub fn dataset(&mut self, cfg: &Config) -> Result<Dataset, TrainError> {
+        let files = TokenizerFiles::from_dir(&self.dir).map_err(TrainError::Data)?;
+        let ds = sft_data::build_dataset(&cfg.data, &files, &BuildOptions::default())
+            .map_err(TrainError::Data)?;
+        let (_, template) =
+            sft_data::load_encoder_and_template(&cfg.data, &files).map_err(TrainError::Data)?;
+        self.template = Some(template);
+        Ok(ds)
+    }
+
+    /// The template training renders prompts with (after [`TrainModel::dataset`]).
+    pub fn template(&self) -> Option<&Template> {
+        self.template.as_ref()
+    }
+
+    pub fn set_dropout_seed(&mut self, seed: u64, step: u64, micro: u64) {
+        crate::adapter::set_training(&mut self.llama, Some(mix_seed(seed, step, micro)));
+    }
+
+    pub fn set_eval(&mut self) {
+        crate::adapter::set_training(&mut self.llama, None);
+    }
+
+    /// Summed loss of a batch and its token count.
+    pub fn loss(&self, batch: &Batch) -> Result<LossOutput, TrainError> {
+        let shape = (batch.rows, batch.seq_len);
+        let ids = Tensor::from_slice(&batch.input_ids, shape, &self.device)?;
+        let mask = Tensor::from_slice(&batch.attention_mask, shape, &self.device)?;
+        let labels = Tensor::from_slice(&batch.labels, shape, &self.device)?;
+        Ok(self.llama.loss(&ids, Some(&mask), &labels)?)
+    }
+
+    /// Mean held-out loss (no dropout, no graph kept).
+    pub fn eval_loss(&mut self, cfg: &Config, ds: &Dataset) -> Result<f64, TrainError> {
+        if ds.eval.is_empty() {
+            return Ok(f64::NAN);
+        }
+        let mut set = ds.eval.clone();
+        if cfg.eval.loss.max_examples > 0 && set.len() > cfg.eval.loss.max_examples {
+            let idx: Vec<usize> = (0..cfg.eval.loss.max_examples).collect();
+            set = set.select(&idx);
+        }
+        let opts = cfg.data.batch_options(cfg.train.micro_batch_size);
+        let batches = sft_data::eval_batches(&set, ds.pad_id, &opts);
+        crate::adapter::set_training(&mut self.llama, None);
+        let (mut sum, mut n) = (0.0, 0usize);
+        for b in &batches {
+            let out = self.loss(b)?;
+            sum += out.sum.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            n += out.n_tokens;
+        }
+        Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+    }
+
+    /// Write the trained weights: a PEFT adapter, or full weights in Hugging Face shards, plus
+    /// the config and tokenizer files needed to use them.
+    pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
+        crate::adapter::save(self, dir)
+    }
+
+    /// Set the trainable parameters from a checkpoint folder.
+    pub fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
+        crate::adapter::restore(self, dir)
+    }
+}
+
+/// One 64-bit seed per (run seed, step, micro-batch): dropout masks are a pure function of
+/// where the run is, so a resumed run draws the same ones.
+pub fn mix_seed(seed: u64, step: u64, micro: u64) -> u64 {
+    let mut x = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// The evaluators' view of the model being trained: render through the training template
+/// (or the evaluator's own), generate greedily in batches, return the texts.
+pub struct ModelAnswer<'a> {
+    model: &'a mut TrainModel,
+    template: Template,
+    batch_size: usize,
+}
+
+impl<'a> ModelAnswer<'a> {
+    pub fn new(model: &'a mut TrainModel, cfg: &Config, e: &GenEvalConfig) -> Result<Self, TrainError> {
+        let template = match &e.template {
+            Some(name) => {
+                let mut data = cfg.data.clone();
+                data.template = serde_yaml::from_str(name)
+                    .map_err(|err| TrainError::Config(format!("eval template '{name}': {err}")))?;
+                let files = TokenizerFiles::from_dir(&model.dir).map_err(TrainError::Data)?;
+                sft_data::load_encoder_and_template(&data, &files)
+                    .map_err(TrainError::Data)?
+                    .1
+            }
+            None => model
+                .template
+                .clone()
+                .ok_or_else(|| TrainError::Config("no training template loaded".into()))?,
+        };
+        model.set_eval();
+        Ok(Self {
+            model,
+            template,
+            batch_size: e.batch_size,
+        })
+    }
+}
+
+impl Answer for ModelAnswer<'_> {
+    fn answer(&mut self, instructions: &[String], max_new_tokens: usize) -> Result<Vec<String>, BoxError> {
+        let prompts = instructions
+            .iter()
+            .map(|i| self.template.render_prompt(i))
+            .collect::<Result<Vec<_>, _>>()?;
+        let cfg = GenerateConfig {
+            max_new_tokens,
+            sampling: Sampling::Greedy,
+            eos_token_ids: self.model.eos_token_ids.clone(),
+            stop_strings: Vec::new(),
+            batch_size: self.batch_size,
+            add_special_tokens: false,
+            pad_token_id: self.model.eos_token_ids.first().copied().unwrap_or(0),
+        };
+        let out = generate(&self.model.llama, &self.model.tokenizer, &prompts, &cfg)?;
+        Ok(out.into_iter().map(|g| g.text).collect())
+    }
+}
+
+/// The evaluators a config turns on.
+pub struct Evaluators {
+    pub ifs: Option<Box<dyn sft_eval::Evaluator>>,
+    pub objecqa: Option<Box<dyn sft_eval::Evaluator>>,
+    /// An evaluation asked for a checkpoint at this step (a format-infusion candidate).
+    pub pending_save: bool,
+}
+
+impl Evaluators {
+    pub fn new(cfg: &Config, model: &TrainModel) -> Result<Self, TrainError> {
+        let ifs = if cfg.eval.ifs.every_examples > 0 {
+            Some(crate::evals::ifs(&cfg.eval.ifs, &model.device)?)
+        } else {
+            None
+        };
+        let objecqa = if cfg.eval.objecqa.every_examples > 0 {
+            Some(crate::evals::objecqa(&cfg.eval.objecqa, &model.device)?)
+        } else {
+            None
+        };
+        if ifs.is_none() && cfg.early_stopping.enabled {
+            tracing::info!("eval.ifs.every_examples is 0: IFS early stopping is off for this run");
+        }
+        Ok(Self {
+            ifs,
+            objecqa,
+            pending_save: false,
+        })
+    }
+}

@@ -1,0 +1,64 @@
+//! The progress bar: examples/s, tokens/s, loss, lr, the latest IFS and the ETA. Drawn only
+//! on a terminal (indicatif hides itself otherwise; the logs carry the same numbers).
+use crate::config::Config;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::cell::Cell;
+use std::time::Instant;
+
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    start: Instant,
+    start_examples: u64,
+    tokens: Cell<u64>,
+    ifs: Cell<Option<f64>>,
+}
+
+impl Progress {
+    pub fn new(cfg: &Config, total_steps: u64, step: u64, examples: u64) -> Self {
+        let bar = cfg.logging.progress.then(|| {
+            let bar = ProgressBar::new(total_steps);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            bar.set_position(step);
+            bar
+        });
+        Self {
+            bar,
+            start: Instant::now(),
+            start_examples: examples,
+            tokens: Cell::new(0),
+            ifs: Cell::new(None),
+        }
+    }
+
+    pub fn step(&self, step: u64, examples: u64, tokens: usize, loss: f64, lr: f64, _dt: f64) {
+        self.tokens.set(self.tokens.get() + tokens as u64);
+        if let Some(bar) = &self.bar {
+            let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+            let ifs = self
+                .ifs
+                .get()
+                .map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+            bar.set_message(format!(
+                "{:.1} ex/s  {:.0} tok/s  loss {loss:.4}  lr {lr:.2e}  IFS {ifs}",
+                (examples - self.start_examples) as f64 / secs,
+                self.tokens.get() as f64 / secs,
+            ));
+            bar.set_position(step);
+        }
+    }
+
+    pub fn set_ifs(&self, ifs: Option<f64>) {
+        self.ifs.set(ifs);
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
