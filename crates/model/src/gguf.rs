@@ -701,37 +701,47 @@ impl GgufFile {
             msg: candle_message(e),
         };
         let device = Device::Cpu;
-        let q = self
-            .content
-            .tensor(file, &p.gguf_name, &device)
-            .map_err(cerr)?;
-        let mut t = q.dequantize(&device).map_err(cerr)?;
+        // Each stage is dropped before the next is built, so that at most two copies of the
+        // largest tensor (the embedding) are alive at once.
+        let t = {
+            let q = self
+                .content
+                .tensor(file, &p.gguf_name, &device)
+                .map_err(cerr)?;
+            q.dequantize(&device).map_err(cerr)?
+        };
         if t.dims() != p.shape.as_slice() {
             return Err(GgufError::Tensor {
                 name: p.gguf_name.clone(),
                 msg: format!("dequantized to {:?}, header says {:?}", t.dims(), p.shape),
             });
         }
-        if let Some(h) = p.unpermute_heads {
-            t = unpermute_rope_rows(&t, h).map_err(cerr)?;
-        }
-        let flat = t.flatten_all().map_err(cerr)?;
+        let t = match p.unpermute_heads {
+            Some(h) => unpermute_rope_rows(&t, h).map_err(cerr)?,
+            None => t,
+        };
+        let flat = t
+            .flatten_all()
+            .map_err(cerr)?
+            .to_dtype(dtype)
+            .map_err(cerr)?;
+        drop(t);
         let bytes = match dtype {
-            DType::F32 => le_bytes(&flat.to_vec1::<f32>().map_err(cerr)?, |x| x.to_le_bytes()),
-            DType::BF16 => le_bytes(
-                &flat
-                    .to_dtype(DType::BF16)
-                    .and_then(|x| x.to_vec1::<half::bf16>())
-                    .map_err(cerr)?,
-                |x| x.to_le_bytes(),
-            ),
-            DType::F16 => le_bytes(
-                &flat
-                    .to_dtype(DType::F16)
-                    .and_then(|x| x.to_vec1::<half::f16>())
-                    .map_err(cerr)?,
-                |x| x.to_le_bytes(),
-            ),
+            DType::F32 => {
+                let v = flat.to_vec1::<f32>().map_err(cerr)?;
+                drop(flat);
+                le_bytes(&v, f32::to_le_bytes)
+            }
+            DType::BF16 => {
+                let v = flat.to_vec1::<half::bf16>().map_err(cerr)?;
+                drop(flat);
+                le_bytes(&v, half::bf16::to_le_bytes)
+            }
+            DType::F16 => {
+                let v = flat.to_vec1::<half::f16>().map_err(cerr)?;
+                drop(flat);
+                le_bytes(&v, half::f16::to_le_bytes)
+            }
             other => return Err(GgufError::Unsupported(format!("output dtype {other:?}"))),
         };
         Ok(bytes)
