@@ -6,7 +6,11 @@ use clap::{Parser, Subcommand};
 mod cmd;
 
 #[derive(Parser)]
-#[command(name = "sft", version, about = "LLaMA supervised fine-tuning with IFS early stopping")]
+#[command(
+    name = "sft",
+    version,
+    about = "LLaMA supervised fine-tuning with IFS early stopping"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -13,8 +13,11 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// instruction through its prompt template, generates (greedy, batched) and returns the
 /// decoded responses, one per instruction and in order.
 pub trait Answer {
-    fn answer(&mut self, instructions: &[String], max_new_tokens: usize)
-        -> Result<Vec<String>, BoxError>;
+    fn answer(
+        &mut self,
+        instructions: &[String],
+        max_new_tokens: usize,
+    ) -> Result<Vec<String>, BoxError>;
 }
 
 /// The outcome of one evaluation.
@@ -97,7 +100,10 @@ mod tests {
     fn wilson_matches_known_values() {
         // 8 of 10: (0.4902, 0.9433) as tabulated for the Wilson interval.
         let (lo, hi) = wilson_interval(8, 10);
-        assert!((lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4, "{lo} {hi}");
+        assert!(
+            (lo - 0.4902).abs() < 1e-4 && (hi - 0.9433).abs() < 1e-4,
+            "{lo} {hi}"
+        );
         let (lo, hi) = wilson_interval(0, 20);
         assert_eq!(lo, 0.0);
         assert!((hi - 0.1611).abs() < 1e-4, "{hi}");

@@ -50,7 +50,11 @@ impl IfsScores {
             (sel.iter().filter(|l| l.answer_like).count(), sel.len())
         };
         let ratio = |(a, n): (usize, usize)| if n == 0 { 0.0 } else { a as f64 / n as f64 };
-        let (all, full, part) = (count(None), count(Some(Kind::Full)), count(Some(Kind::Partial)));
+        let (all, full, part) = (
+            count(None),
+            count(Some(Kind::Full)),
+            count(Some(Kind::Partial)),
+        );
         Self {
             ifs: ratio(all),
             ifs_full: ratio(full),

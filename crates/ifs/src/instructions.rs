@@ -117,7 +117,11 @@ pub fn fragment(instruction: &str) -> String {
 
 /// Full and partial prompts of the first `limit` instructions (0 = all), full ones first.
 pub fn prompts(set: &[Instruction], limit: usize) -> Vec<Prompt> {
-    let take = if limit == 0 { set.len() } else { limit.min(set.len()) };
+    let take = if limit == 0 {
+        set.len()
+    } else {
+        limit.min(set.len())
+    };
     let set = &set[..take];
     let full = set.iter().map(|i| Prompt {
         id: i.id.clone(),

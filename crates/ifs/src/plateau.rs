@@ -47,7 +47,10 @@ pub struct EvalPoint {
 pub enum Decision {
     Continue,
     /// Stop: the plateau is reached; `anchor` is the format-infusion evaluation.
-    Stop { anchor: EvalPoint, reason: String },
+    Stop {
+        anchor: EvalPoint,
+        reason: String,
+    },
 }
 
 /// The rule's whole state; saved in every checkpoint so a resumed run neither forgets its

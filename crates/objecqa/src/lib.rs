@@ -77,8 +77,11 @@ pub fn load(path: &Path) -> Result<Vec<Question>, QuestionError> {
 
 /// Judges answers: `true` = objective, with the judge's probability.
 pub trait Judge {
-    fn judge(&mut self, questions: &[String], answers: &[String])
-        -> Result<Vec<(bool, f64)>, BoxError>;
+    fn judge(
+        &mut self,
+        questions: &[String],
+        answers: &[String],
+    ) -> Result<Vec<(bool, f64)>, BoxError>;
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -101,7 +104,11 @@ pub struct ObjecqaEvaluator<J: Judge> {
 impl<J: Judge> ObjecqaEvaluator<J> {
     /// The first `limit` questions (0 = all).
     pub fn new(questions: Vec<Question>, limit: usize, judge: J, max_new_tokens: usize) -> Self {
-        let take = if limit == 0 { questions.len() } else { limit.min(questions.len()) };
+        let take = if limit == 0 {
+            questions.len()
+        } else {
+            limit.min(questions.len())
+        };
         Self {
             questions: questions.into_iter().take(take).collect(),
             judge,
@@ -166,7 +173,8 @@ impl<J: Judge> Evaluator for ObjecqaEvaluator<J> {
         r.scores.insert("objecqa_ci_low".into(), lo);
         r.scores.insert("objecqa_ci_high".into(), hi);
         r.details.insert("n".into(), n.into());
-        r.details.insert("answers".into(), path.display().to_string().into());
+        r.details
+            .insert("answers".into(), path.display().to_string().into());
         Ok(r)
     }
 }
@@ -188,13 +196,17 @@ mod tests {
     struct Fixed(Vec<&'static str>);
     impl Answer for Fixed {
         fn answer(&mut self, q: &[String], _: usize) -> Result<Vec<String>, BoxError> {
-            Ok((0..q.len()).map(|i| self.0[i % self.0.len()].to_string()).collect())
+            Ok((0..q.len())
+                .map(|i| self.0[i % self.0.len()].to_string())
+                .collect())
         }
     }
     struct ByWord;
     impl Judge for ByWord {
         fn judge(&mut self, _: &[String], a: &[String]) -> Result<Vec<(bool, f64)>, BoxError> {
-            Ok(a.iter().map(|s| (s.contains("depends") || s.is_empty(), 1.0)).collect())
+            Ok(a.iter()
+                .map(|s| (s.contains("depends") || s.is_empty(), 1.0))
+                .collect())
         }
     }
 
@@ -207,7 +219,10 @@ mod tests {
         // 25 "depends" answers of 100; the 25 empty ones never count.
         assert!((r.primary - 0.25).abs() < 1e-12, "{}", r.primary);
         assert_eq!(
-            std::fs::read_to_string(t.path().join("objecqa-answers.jsonl")).unwrap().lines().count(),
+            std::fs::read_to_string(t.path().join("objecqa-answers.jsonl"))
+                .unwrap()
+                .lines()
+                .count(),
             100
         );
     }

@@ -38,7 +38,9 @@ pub fn make_all_trainable(llama: &mut Llama) -> Result<Vec<Param>, TrainError> {
 
 pub fn apply_lora(llama: &mut Llama, cfg: &Config) -> Result<Vec<Param>, TrainError> {
     let _ = (llama, cfg);
-    Err(TrainError::Model("LoRA is not wired into the trainer yet".into()))
+    Err(TrainError::Model(
+        "LoRA is not wired into the trainer yet".into(),
+    ))
 }
 
 /// Training mode with this dropout seed, or evaluation mode (`None`).

@@ -280,7 +280,10 @@ mod tests {
         for s in [10, 20, 30, 40] {
             save(&c, s, &format!("w{s}"));
         }
-        assert_eq!(fs::read_link(t.path().join("latest")).unwrap(), Path::new("step-000040"));
+        assert_eq!(
+            fs::read_link(t.path().join("latest")).unwrap(),
+            Path::new("step-000040")
+        );
         let removed = c.prune(2, &[10]).unwrap();
         assert_eq!(removed, vec![20]);
         let steps: Vec<u64> = c.list().into_iter().map(|(s, _)| s).collect();
@@ -313,6 +316,9 @@ mod tests {
         assert!(err.is_err());
         let (_, step, _) = c.load_latest::<String>().unwrap();
         assert_eq!(step, 5);
-        assert_eq!(fs::read_link(t.path().join("latest")).unwrap(), Path::new("step-000005"));
+        assert_eq!(
+            fs::read_link(t.path().join("latest")).unwrap(),
+            Path::new("step-000005")
+        );
     }
 }

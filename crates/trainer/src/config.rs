@@ -290,7 +290,8 @@ impl Config {
             cfg.validate().map_err(invalid)?;
             return Ok(cfg);
         }
-        let mut value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
+        let mut value: serde_yaml::Value =
+            serde_yaml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let mut touched = Vec::new();
         for arg in overrides {
             let (key, val) = arg.split_once('=').ok_or_else(|| ConfigError::Override {
@@ -316,7 +317,10 @@ impl Config {
             Err(message) => {
                 // Name the override when the broken field came from one; otherwise re-read the
                 // file alone, whose error carries the line number.
-                if let Some((_, arg)) = touched.iter().find(|(k, _)| message.starts_with(k.as_str())) {
+                if let Some((_, arg)) = touched
+                    .iter()
+                    .find(|(k, _)| message.starts_with(k.as_str()))
+                {
                     return Err(ConfigError::Override {
                         arg: arg.clone(),
                         message,
@@ -369,10 +373,16 @@ impl Config {
                 errs.push("adapter.r: expected at least 1".into());
             }
             if !(a.alpha > 0.0) {
-                errs.push(format!("adapter.alpha: expected a number > 0, found {}", a.alpha));
+                errs.push(format!(
+                    "adapter.alpha: expected a number > 0, found {}",
+                    a.alpha
+                ));
             }
             if !(0.0..1.0).contains(&a.dropout) {
-                errs.push(format!("adapter.dropout: expected a value in [0, 1), found {}", a.dropout));
+                errs.push(format!(
+                    "adapter.dropout: expected a value in [0, 1), found {}",
+                    a.dropout
+                ));
             }
             if a.targets.is_empty() {
                 errs.push("adapter.targets: expected at least one module name".into());
@@ -387,7 +397,10 @@ impl Config {
             }
         }
         if !["f32", "bf16", "f16"].contains(&self.model.dtype.as_str()) {
-            errs.push(format!("model.dtype: expected f32, bf16 or f16, found '{}'", self.model.dtype));
+            errs.push(format!(
+                "model.dtype: expected f32, bf16 or f16, found '{}'",
+                self.model.dtype
+            ));
         }
         let dev = self.model.device.as_str();
         let cuda_ok = dev == "cuda"
@@ -395,7 +408,9 @@ impl Config {
                 .strip_prefix("cuda:")
                 .is_some_and(|n| n.parse::<usize>().is_ok());
         if dev != "cpu" && !cuda_ok {
-            errs.push(format!("model.device: expected cpu, cuda or cuda:N, found '{dev}'"));
+            errs.push(format!(
+                "model.device: expected cpu, cuda or cuda:N, found '{dev}'"
+            ));
         }
         if self.checkpoint.keep_last == 0 {
             errs.push("checkpoint.keep_last: expected at least 1".into());
@@ -410,7 +425,9 @@ impl Config {
         if self.early_stopping.enabled && self.eval.ifs.every_examples == 0 {
             // Not an error: the rule simply never fires. Said in the log by the trainer.
         }
-        if !(0.0..=1.0).contains(&self.early_stopping.threshold) || self.early_stopping.patience == 0 {
+        if !(0.0..=1.0).contains(&self.early_stopping.threshold)
+            || self.early_stopping.patience == 0
+        {
             errs.push("early_stopping: threshold in [0, 1] and patience >= 1 expected".into());
         }
         if errs.is_empty() {
@@ -423,7 +440,13 @@ impl Config {
 
 /// The linear modules of a LLaMA decoder layer that LoRA can target.
 pub const LINEAR_MODULES: [&str; 7] = [
-    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
 ];
 
 fn parse_with_path<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Config, String>

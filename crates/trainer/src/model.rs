@@ -32,7 +32,9 @@ pub fn parse_device(spec: &str) -> Result<Device, TrainError> {
     match spec {
         "cpu" => Ok(Device::Cpu),
         s if s.starts_with("cuda") => {
-            let n = s.strip_prefix("cuda:").map_or(Ok(0), |n| n.parse::<usize>());
+            let n = s
+                .strip_prefix("cuda:")
+                .map_or(Ok(0), |n| n.parse::<usize>());
             let n = n.map_err(|_| TrainError::Config(format!("model.device: bad device '{s}'")))?;
             Device::new_cuda(n).map_err(|e| {
                 TrainError::Config(format!(
@@ -40,7 +42,9 @@ pub fn parse_device(spec: &str) -> Result<Device, TrainError> {
                 ))
             })
         }
-        s => Err(TrainError::Config(format!("model.device: unknown device '{s}'"))),
+        s => Err(TrainError::Config(format!(
+            "model.device: unknown device '{s}'"
+        ))),
     }
 }
 
@@ -49,7 +53,9 @@ pub fn parse_dtype(s: &str) -> Result<DType, TrainError> {
         "f32" => Ok(DType::F32),
         "bf16" => Ok(DType::BF16),
         "f16" => Ok(DType::F16),
-        s => Err(TrainError::Config(format!("model.dtype: unknown dtype '{s}'"))),
+        s => Err(TrainError::Config(format!(
+            "model.dtype: unknown dtype '{s}'"
+        ))),
     }
 }
 
@@ -183,7 +189,8 @@ impl TrainModel {
 /// One 64-bit seed per (run seed, step, micro-batch): dropout masks are a pure function of
 /// where the run is, so a resumed run draws the same ones.
 pub fn mix_seed(seed: u64, step: u64, micro: u64) -> u64 {
-    let mut x = seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03);
+    let mut x =
+        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03);
     x ^= x >> 30;
     x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     x ^= x >> 27;
@@ -200,7 +207,11 @@ pub struct ModelAnswer<'a> {
 }
 
 impl<'a> ModelAnswer<'a> {
-    pub fn new(model: &'a mut TrainModel, cfg: &Config, e: &GenEvalConfig) -> Result<Self, TrainError> {
+    pub fn new(
+        model: &'a mut TrainModel,
+        cfg: &Config,
+        e: &GenEvalConfig,
+    ) -> Result<Self, TrainError> {
         let template = match &e.template {
             Some(name) => {
                 let mut data = cfg.data.clone();
@@ -226,7 +237,11 @@ impl<'a> ModelAnswer<'a> {
 }
 
 impl Answer for ModelAnswer<'_> {
-    fn answer(&mut self, instructions: &[String], max_new_tokens: usize) -> Result<Vec<String>, BoxError> {
+    fn answer(
+        &mut self,
+        instructions: &[String],
+        max_new_tokens: usize,
+    ) -> Result<Vec<String>, BoxError> {
         let prompts = instructions
             .iter()
             .map(|i| self.template.render_prompt(i))

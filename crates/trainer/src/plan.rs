@@ -135,10 +135,19 @@ impl fmt::Display for DryRun {
         writeln!(f, "held-out         {}", self.eval_examples)?;
         writeln!(f, "optimizer steps  {}", self.steps)?;
         writeln!(f, "examples seen    {}", self.examples)?;
-        writeln!(f, "# memory estimate (micro-batch {} x {} tokens)", self.batch, self.seq)?;
+        writeln!(
+            f,
+            "# memory estimate (micro-batch {} x {} tokens)",
+            self.batch, self.seq
+        )?;
         let m = &self.memory;
         writeln!(f, "weights          {}", gib(m.weights))?;
-        writeln!(f, "trainable        {} ({} parameters)", gib(m.trainable), m.trainable_params)?;
+        writeln!(
+            f,
+            "trainable        {} ({} parameters)",
+            gib(m.trainable),
+            m.trainable_params
+        )?;
         writeln!(f, "gradients        {}", gib(m.gradients))?;
         writeln!(f, "optimizer state  {}", gib(m.optimizer))?;
         writeln!(f, "activations      {}", gib(m.activations))?;

@@ -18,10 +18,8 @@ impl Progress {
         let bar = cfg.logging.progress.then(|| {
             let bar = ProgressBar::new(total_steps);
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{bar:30} {pos}/{len} steps  {msg}  ETA {eta}",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             bar.set_position(step);
             bar

@@ -5,7 +5,6 @@ use crate::checkpoint::Checkpoints;
 use crate::config::Config;
 use crate::metrics::MetricsLog;
 use crate::model::{Evaluators, ModelAnswer, TrainModel};
-use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 use crate::schedule::lr_at;
 use crate::state::{differences, hash_value, identity, Due, EvalRecord, TrainerState};
 use crate::summary::Summary;
@@ -13,6 +12,7 @@ use crate::{plot, TrainError};
 use serde_json::{Map, Value};
 use sft_data::{Batcher, Cursor};
 use sft_ifs::plateau::{Decision, EvalPoint};
+use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -46,6 +46,11 @@ fn stop_requested_by_test(step: u64) -> bool {
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
         == Some(step)
+}
+
+/// Slows every step (`SFT_TEST_STEP_DELAY_MS`) so that a test's signal lands mid-run.
+fn test_step_delay() -> Option<u64> {
+    std::env::var("SFT_TEST_STEP_DELAY_MS").ok()?.parse().ok()
 }
 
 /// Run a config to its end (or its interruption) and return the summary.
@@ -149,7 +154,11 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
 
     let mut log = MetricsLog::open(
         &run_dir.join("metrics.jsonl"),
-        if opts.resume.is_some() { Some(st.step) } else { None },
+        if opts.resume.is_some() {
+            Some(st.step)
+        } else {
+            None
+        },
     )
     .map_err(|e| TrainError::io(&run_dir, e))?;
     let progress = crate::progress::Progress::new(cfg, total_steps, st.step, st.examples);
@@ -160,7 +169,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
 
     // Evaluations before the first step: the base model's scores.
     if st.step == 0 && resumed_at == 0 {
-        let decision = evaluate_due(cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir, true)?;
+        let decision = evaluate_due(
+            cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir, true,
+        )?;
         if let Some(reason) = decision {
             stop_reason = reason;
             outcome = Outcome::Plateau;
@@ -180,6 +191,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
             break;
         }
         let t0 = Instant::now();
+        if let Some(ms) = test_step_delay() {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         let lr = lr_at(&cfg.train, st.step, total_steps);
 
         // Micro-batches: the loss is summed over every trained token of the optimizer step and
@@ -192,29 +206,41 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
             padding += batch.padding_ratio();
             model.set_dropout_seed(st.seed, st.step, micro as u64);
             let out = model.loss(&batch)?;
-            let value = out.sum.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            let value = out
+                .sum
+                .to_dtype(candle_core::DType::F64)?
+                .to_scalar::<f64>()?;
             loss_sum += value;
             tokens += out.n_tokens;
             if out.n_tokens > 0 {
                 let store = out.sum.backward()?;
-                acc.add(&specs, &store, out.n_tokens).map_err(TrainError::optim)?;
+                acc.add(&specs, &store, out.n_tokens)
+                    .map_err(TrainError::optim)?;
             }
         }
         st.examples += examples;
         st.tokens += tokens as u64;
         st.cursor = batcher.cursor();
-        let mean_loss = if tokens > 0 { loss_sum / tokens as f64 } else { 0.0 };
+        let mean_loss = if tokens > 0 {
+            loss_sum / tokens as f64
+        } else {
+            0.0
+        };
         let mut grads = acc.finish().map_err(TrainError::optim)?;
 
-        let finite = mean_loss.is_finite()
-            && grads.non_finite().map_err(TrainError::optim)?.is_empty();
+        let finite =
+            mean_loss.is_finite() && grads.non_finite().map_err(TrainError::optim)?.is_empty();
         if !finite || tokens == 0 {
             st.bad_steps += 1;
             st.bad_in_a_row += 1;
             tracing::warn!(
                 "step {}: {} — skipped ({} in a row)",
                 st.step + 1,
-                if tokens == 0 { "no trained tokens" } else { "non-finite loss or gradient" },
+                if tokens == 0 {
+                    "no trained tokens"
+                } else {
+                    "non-finite loss or gradient"
+                },
                 st.bad_in_a_row
             );
             if st.bad_in_a_row >= cfg.train.max_bad_steps {
@@ -246,7 +272,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
         rec.insert("lr".into(), lr.into());
         rec.insert("grad_norm".into(), grad_norm.into());
         rec.insert("tokens".into(), tokens.into());
-        rec.insert("padding".into(), (padding / cfg.train.grad_accum as f64).into());
+        rec.insert(
+            "padding".into(),
+            (padding / cfg.train.grad_accum as f64).into(),
+        );
         rec.insert("seconds".into(), dt.into());
         log.write(&rec).map_err(|e| TrainError::io(log.path(), e))?;
         progress.step(st.step, st.examples, tokens, mean_loss, lr, dt);
@@ -263,9 +292,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
             );
         }
 
-        if let Some(reason) =
-            evaluate_due(cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir, false)?
-        {
+        if let Some(reason) = evaluate_due(
+            cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir, false,
+        )? {
             stop_reason = reason;
             outcome = Outcome::Plateau;
         }
@@ -273,7 +302,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
 
         let periodic = cfg.checkpoint.every_steps > 0 && st.step % cfg.checkpoint.every_steps == 0;
         if (periodic || std::mem::take(&mut evals.pending_save)) && outcome == Outcome::Finished {
-            save(cfg, &ckpts, &mut st, &model, &optim, train_seconds_before + seconds_train)?;
+            save(
+                cfg,
+                &ckpts,
+                &mut st,
+                &model,
+                &optim,
+                train_seconds_before + seconds_train,
+            )?;
         }
         if stop_requested_by_test(st.step) {
             opts.stop.store(true, Ordering::SeqCst);
@@ -283,7 +319,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
 
     if outcome == Outcome::Finished {
         // Final evaluations of the finished model, unless they just ran.
-        if let Some(reason) = evaluate_final(cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir)? {
+        if let Some(reason) = evaluate_final(
+            cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir,
+        )? {
             stop_reason = reason;
             outcome = Outcome::Plateau;
         }
@@ -291,7 +329,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
     if outcome != Outcome::Interrupted {
         st.stopped = Some(stop_reason.clone());
     }
-    save(cfg, &ckpts, &mut st, &model, &optim, train_seconds_before + seconds_train)?;
+    save(
+        cfg,
+        &ckpts,
+        &mut st,
+        &model,
+        &optim,
+        train_seconds_before + seconds_train,
+    )?;
     if let Some(step) = st.format_infusion_step {
         ckpts
             .point("format-infusion", &crate::checkpoint::step_dir_name(step))
@@ -362,7 +407,8 @@ pub fn total_steps(cfg: &Config, batches_per_epoch: u64, train_examples: u64) ->
     let per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum) as u64;
     let mut limit = u64::MAX;
     if let Some(e) = cfg.train.epochs {
-        limit = limit.min(((batches_per_epoch as f64 * e) / cfg.train.grad_accum as f64).ceil() as u64);
+        limit =
+            limit.min(((batches_per_epoch as f64 * e) / cfg.train.grad_accum as f64).ceil() as u64);
     }
     if let Some(s) = cfg.train.max_steps {
         limit = limit.min(s);
@@ -393,16 +439,20 @@ fn still_stopped(cfg: &Config, st: &TrainerState, total_steps: u64) -> bool {
     }
     // Replay the plateau rule over the recorded IFS history with the new settings.
     let mut replay = sft_ifs::plateau::PlateauState::default();
-    st.plateau
-        .history
-        .iter()
-        .any(|p| matches!(replay.observe(&cfg.early_stopping, p.clone()), Decision::Stop { .. }))
+    st.plateau.history.iter().any(|p| {
+        matches!(
+            replay.observe(&cfg.early_stopping, p.clone()),
+            Decision::Stop { .. }
+        )
+    })
 }
 
 fn find_resume(ckpts: &Checkpoints, r: &Resume) -> Result<(PathBuf, TrainerState), TrainError> {
     match r {
         Resume::Latest => {
-            let (path, _, st) = ckpts.load_latest::<TrainerState>().map_err(TrainError::checkpoint)?;
+            let (path, _, st) = ckpts
+                .load_latest::<TrainerState>()
+                .map_err(TrainError::checkpoint)?;
             Ok((path, st))
         }
         Resume::Path(p) => {
@@ -493,7 +543,11 @@ fn evaluate_due(
     }
     // IFS, which drives early stopping.
     let e = &cfg.eval.ifs;
-    let ifs_due = if at_start { e.at_start } else { st.examples >= st.due.ifs };
+    let ifs_due = if at_start {
+        e.at_start
+    } else {
+        st.examples >= st.due.ifs
+    };
     if let (Some(ev), true) = (evals.ifs.as_mut(), e.every_examples > 0 && ifs_due) {
         if !at_start {
             advance(&mut st.due.ifs, e.every_examples, st.examples);
@@ -505,7 +559,12 @@ fn evaluate_due(
             ev.evaluate(&mut answer, &out).map_err(TrainError::eval)?
         };
         *st.seconds.entry("eval_ifs".into()).or_default() += t.elapsed().as_secs_f64();
-        record(st, log, "ifs", report.scores.iter().map(|(k, v)| (k.as_str(), *v)))?;
+        record(
+            st,
+            log,
+            "ifs",
+            report.scores.iter().map(|(k, v)| (k.as_str(), *v)),
+        )?;
         let point = EvalPoint {
             step: st.step,
             examples: st.examples,
@@ -527,7 +586,11 @@ fn evaluate_due(
             st.examples,
             report.primary,
             report.scores.get("ifs_full").copied().unwrap_or(f64::NAN),
-            report.scores.get("ifs_partial").copied().unwrap_or(f64::NAN)
+            report
+                .scores
+                .get("ifs_partial")
+                .copied()
+                .unwrap_or(f64::NAN)
         );
         if let Decision::Stop { anchor, reason } = decision {
             st.format_infusion_step = Some(anchor.step);
@@ -536,7 +599,11 @@ fn evaluate_due(
     }
     // ObjecQA, at its own cadence.
     let e = &cfg.eval.objecqa;
-    let oq_due = if at_start { e.at_start } else { st.examples >= st.due.objecqa };
+    let oq_due = if at_start {
+        e.at_start
+    } else {
+        st.examples >= st.due.objecqa
+    };
     if let (Some(ev), true) = (evals.objecqa.as_mut(), e.every_examples > 0 && oq_due) {
         if !at_start {
             advance(&mut st.due.objecqa, e.every_examples, st.examples);
@@ -548,7 +615,12 @@ fn evaluate_due(
             ev.evaluate(&mut answer, &out).map_err(TrainError::eval)?
         };
         *st.seconds.entry("eval_objecqa".into()).or_default() += t.elapsed().as_secs_f64();
-        record(st, log, "objecqa", report.scores.iter().map(|(k, v)| (k.as_str(), *v)))?;
+        record(
+            st,
+            log,
+            "objecqa",
+            report.scores.iter().map(|(k, v)| (k.as_str(), *v)),
+        )?;
         tracing::info!("ObjecQA at {} examples: {:.3}", st.examples, report.primary);
     }
     if (st.evals.last().is_some_and(|r| r.step == st.step)) && cfg.logging.plots {
@@ -640,4 +712,3 @@ impl TrainError {
         TrainError::Optim(e.to_string())
     }
 }
-

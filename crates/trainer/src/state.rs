@@ -93,8 +93,17 @@ pub fn differences(old: &Value, new: &Value) -> Vec<String> {
             (Value::Object(x), Value::Object(y)) => {
                 let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
                 for k in keys {
-                    let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
-                    walk(&p, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+                    let p = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
+                    walk(
+                        &p,
+                        x.get(k).unwrap_or(&Value::Null),
+                        y.get(k).unwrap_or(&Value::Null),
+                        out,
+                    );
                 }
             }
             _ if a != b => out.push(format!("{path}: {a} -> {b}")),
@@ -116,7 +125,10 @@ mod tests {
         let b = serde_json::json!({"model": {"source": "b", "dtype": "f32"}, "x": 1, "y": true});
         assert_eq!(
             differences(&a, &b),
-            vec!["model.source: \"a\" -> \"b\"".to_string(), "y: null -> true".to_string()]
+            vec![
+                "model.source: \"a\" -> \"b\"".to_string(),
+                "y: null -> true".to_string()
+            ]
         );
     }
 }

@@ -16,7 +16,9 @@ train:
 
 fn err(yaml: &str, overrides: &[&str]) -> String {
     let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    Config::from_yaml(yaml, "cfg.yaml", &o).unwrap_err().to_string()
+    Config::from_yaml(yaml, "cfg.yaml", &o)
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
@@ -40,21 +42,39 @@ fn type_error_names_the_path_and_the_line() {
 fn unknown_fields_are_refused_with_their_path() {
     let yaml = BASE.replace("  lr: 0.001", "  lr: 0.001\n  learning_rate: 0.1");
     let e = err(&yaml, &[]);
-    assert!(e.contains("train") && e.contains("unknown field `learning_rate`"), "{e}");
+    assert!(
+        e.contains("train") && e.contains("unknown field `learning_rate`"),
+        "{e}"
+    );
 }
 
 #[test]
 fn values_are_checked() {
     for (from, to, want) in [
         ("lr: 0.001", "lr: -1", "train.lr: expected a number > 0"),
-        ("max_steps: 10", "max_steps: 10\n  micro_batch_size: 0", "train.micro_batch_size"),
-        ("source: some/folder", "source: some/folder\n  dtype: f8", "model.dtype"),
-        ("source: some/folder", "source: some/folder\n  device: tpu", "model.device"),
+        (
+            "max_steps: 10",
+            "max_steps: 10\n  micro_batch_size: 0",
+            "train.micro_batch_size",
+        ),
+        (
+            "source: some/folder",
+            "source: some/folder\n  dtype: f8",
+            "model.dtype",
+        ),
+        (
+            "source: some/folder",
+            "source: some/folder\n  device: tpu",
+            "model.device",
+        ),
     ] {
         let e = err(&BASE.replace(from, to), &[]);
         assert!(e.contains(want), "{want}: {e}");
     }
-    let e = err(&format!("{BASE}adapter:\n  r: 0\n  targets: [q_proj, qq_proj]\n"), &[]);
+    let e = err(
+        &format!("{BASE}adapter:\n  r: 0\n  targets: [q_proj, qq_proj]\n"),
+        &[],
+    );
     assert!(e.contains("adapter.r: expected at least 1"), "{e}");
     assert!(e.contains("unknown module 'qq_proj'"), "{e}");
 }

@@ -4,13 +4,17 @@
 //! `--json` the last line is one JSON object:
 //! `{"rows_read", "kept", "skipped": {reason: n}, "truncated", "tokens", "padding_ratio"}`.
 //!
-//! Only the config's `data` section and `model.source` (where the tokenizer is) are read, and
-//! leniently ([`sft_data::RunConfigView`]); the rest of the run config is ignored here.
-use std::path::PathBuf;
+//! The config is the trainer's (parsed and checked as `sft train` does, `--set` overrides
+//! included); its `data` section, `model.source` (where the tokenizer is) and
+//! `train.micro_batch_size` (for the padding ratio) are used. No weights are loaded: a folder
+//! or `cache:NAME` is read in place, a hub model gives only its tokenizer files, a `.gguf` file
+//! is imported (once, cached) as training would.
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use sft_data::{build_dataset, BuildOptions, HubOptions, RunConfigView, TokenizerFiles};
+use sft_data::{build_dataset, BuildOptions, HubOptions, TokenizerFiles};
+use sft_trainer::config::Config;
 
 #[derive(Args, Debug)]
 pub struct DataArgs {
@@ -35,9 +39,12 @@ pub struct InspectArgs {
     /// End with one JSON line of the counts.
     #[arg(long)]
     pub json: bool,
-    /// Micro-batch size for the padding ratio (default: the config's train.micro_batch, else 8).
+    /// Micro-batch size for the padding ratio (default: the config's train.micro_batch_size).
     #[arg(long)]
     pub micro_batch: Option<usize>,
+    /// Override a config value, as for `sft train` (`--set data.max_length=256`).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
 }
 
 pub fn run(args: DataArgs) -> anyhow::Result<()> {
@@ -46,30 +53,37 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The tokenizer files of `model.source` without loading any weights.
+fn tokenizer_files(cfg: &Config, config_path: &Path) -> anyhow::Result<TokenizerFiles> {
+    let spec = sft_trainer::model::resolve_model_spec(&cfg.model.source);
+    let path = Path::new(&spec);
+    if path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        let dtype = sft_trainer::model::parse_dtype(&cfg.model.dtype)?;
+        let source = sft_model::load::ModelSource::parse(&spec)?;
+        let dir =
+            sft_model::load::resolve(&source, &sft_model::load::HubOptions::from_env(), dtype)?;
+        return Ok(TokenizerFiles::from_dir(&dir)?);
+    }
+    Ok(TokenizerFiles::from_model_source(
+        &spec,
+        cfg.model.revision.as_deref(),
+        config_path.parent(),
+        &HubOptions::from_env(),
+    )?)
+}
+
 fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let view = RunConfigView::from_file(&args.config)?;
-    let source = view.model_source.as_deref().with_context(|| {
-        format!(
-            "{}: `model.source` is needed for the tokenizer",
-            args.config.display()
-        )
-    })?;
-    let hub = HubOptions::from_env();
-    let tok = TokenizerFiles::from_model_source(
-        source,
-        view.model_revision.as_deref(),
-        view.dir.as_deref(),
-        &hub,
-    )
-    .with_context(|| format!("loading the tokenizer of model.source `{source}`"))?;
-    let opts = BuildOptions {
-        hub,
-        ..BuildOptions::default()
-    };
-    let ds = build_dataset(&view.data, &tok, &opts)?;
-    let (encoder, _) = sft_data::dataset::load_encoder_and_template(&view.data, &tok)?;
-    let micro_batch = args.micro_batch.or(view.micro_batch).unwrap_or(8);
-    let bopts = view.data.batch_options(micro_batch);
+    let cfg = Config::load(&args.config, &args.overrides)?;
+    let tok = tokenizer_files(&cfg, &args.config)
+        .with_context(|| format!("the tokenizer of model.source `{}`", cfg.model.source))?;
+    let ds = build_dataset(&cfg.data, &tok, &BuildOptions::default())?;
+    let (encoder, _) = sft_data::load_encoder_and_template(&cfg.data, &tok)?;
+    let micro_batch = args.micro_batch.unwrap_or(cfg.train.micro_batch_size);
+    let data = &cfg.data;
+    let bopts = data.batch_options(micro_batch);
     let padding_ratio = if ds.train.is_empty() {
         0.0
     } else {
@@ -89,7 +103,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     }
     println!(
         "truncated:   {} (over max_length {}, {:?})",
-        r.truncated, view.data.max_length, view.data.truncation
+        r.truncated, data.max_length, data.truncation
     );
     println!(
         "kept:        {} ({} train, {} held out)",
@@ -103,7 +117,7 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             .max_tokens
             .map(|t| format!(", budget {t} tokens"))
             .unwrap_or_default(),
-        if view.data.pack { ", packed" } else { "" }
+        if data.pack { ", packed" } else { "" }
     );
     if r.boundary_retokenized > 0 {
         println!(

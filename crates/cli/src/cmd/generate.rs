@@ -65,7 +65,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let cfg = GenerateConfig {
         max_new_tokens: args.max_new_tokens,
         sampling,
-        eos_token_ids: if args.ignore_eos { Vec::new() } else { m.eos_token_ids.clone() },
+        eos_token_ids: if args.ignore_eos {
+            Vec::new()
+        } else {
+            m.eos_token_ids.clone()
+        },
         stop_strings: args.stop_strings.clone(),
         batch_size: args.batch_size,
         add_special_tokens: args.add_special_tokens,

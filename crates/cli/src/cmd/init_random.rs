@@ -38,7 +38,12 @@ pub fn run(args: InitRandomArgs) -> Result<()> {
         .with_context(|| format!("cannot write {}", file.display()))?;
     std::fs::write(args.out.join("config.json"), &text)?;
     if let Some(dir) = &args.tokenizer {
-        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"] {
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ] {
             let src = dir.join(f);
             if src.is_file() {
                 std::fs::copy(&src, args.out.join(f))

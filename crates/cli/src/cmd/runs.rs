@@ -105,8 +105,8 @@ pub fn run(args: RunsArgs) -> Result<()> {
             } else {
                 dir.join(&run)
             };
-            let i = info(&path)
-                .with_context(|| format!("{} is not a run folder", path.display()))?;
+            let i =
+                info(&path).with_context(|| format!("{} is not a run folder", path.display()))?;
             let summary = std::fs::read_to_string(path.join("summary.json")).ok();
             if json {
                 println!("{}", summary.context("this run has no summary.json yet")?);
@@ -115,11 +115,22 @@ pub fn run(args: RunsArgs) -> Result<()> {
             println!("run        {}", i.name);
             println!("status     {}", i.status);
             println!("steps      {}   examples {}", i.steps, i.examples);
-            println!("last loss  {}   last IFS {}", fmt_opt(i.loss), fmt_opt(i.ifs));
+            println!(
+                "last loss  {}   last IFS {}",
+                fmt_opt(i.loss),
+                fmt_opt(i.ifs)
+            );
             if let Some(s) = summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()) {
-                for key in ["stop_reason", "format_infusion_checkpoint", "chosen_checkpoint"] {
+                for key in [
+                    "stop_reason",
+                    "format_infusion_checkpoint",
+                    "chosen_checkpoint",
+                ] {
                     if let Some(v) = s.get(key).filter(|v| !v.is_null()) {
-                        println!("{key:<11}{}", v.as_str().map_or(v.to_string(), String::from));
+                        println!(
+                            "{key:<11}{}",
+                            v.as_str().map_or(v.to_string(), String::from)
+                        );
                     }
                 }
             }

@@ -69,7 +69,8 @@ pub struct ScoreArgs {
 /// The prompts of a JSONL file of `{"prompt": "..."}` objects (other keys are ignored).
 /// Errors name the file and the 1-based line.
 pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let mut prompts = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -97,7 +98,13 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         let ids = m
             .tokenizer
             .encode(prompt.as_str(), false)
-            .map_err(|e| anyhow::anyhow!("{}: prompt {}: tokenizing: {e}", args.input.display(), i + 1))?
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: prompt {}: tokenizing: {e}",
+                    args.input.display(),
+                    i + 1
+                )
+            })?
             .get_ids()
             .to_vec();
         if ids.is_empty() {
@@ -107,12 +114,18 @@ pub fn run(args: ScoreArgs) -> anyhow::Result<()> {
         let hidden = m.model.forward_hidden(&input, None)?;
         let t = ids.len();
         // Last-position logits only; the loss computes its own (shifted) logits.
-        let last = m.model.lm_head(&hidden.i((0, t - 1))?)?.to_dtype(DType::F32)?;
+        let last = m
+            .model
+            .lm_head(&hidden.i((0, t - 1))?)?
+            .to_dtype(DType::F32)?;
         let last: Vec<f32> = last.to_vec1()?;
         let mut order: Vec<usize> = (0..last.len()).collect();
         order.sort_by(|&a, &b| last[b].total_cmp(&last[a]).then(a.cmp(&b)));
         let top: Vec<usize> = order.into_iter().take(10).collect();
-        let labels = Tensor::new(vec![ids.iter().map(|&x| x as i64).collect::<Vec<_>>()], &device)?;
+        let labels = Tensor::new(
+            vec![ids.iter().map(|&x| x as i64).collect::<Vec<_>>()],
+            &device,
+        )?;
         let loss = m.model.loss(&input, None, &labels)?;
         let mean = if loss.n_tokens == 0 {
             serde_json::Value::Null

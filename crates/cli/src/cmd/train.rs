@@ -12,7 +12,10 @@ use std::sync::Arc;
 const QUICKSTART: &str = include_str!("../../../../configs/quickstart.yaml");
 
 #[derive(Parser, Debug)]
-#[command(name = "sft-train", about = "Fine-tune a LLaMA-family model from a YAML config")]
+#[command(
+    name = "sft-train",
+    about = "Fine-tune a LLaMA-family model from a YAML config"
+)]
 pub struct TrainArgs {
     /// The YAML config (default: the embedded quickstart, configs/quickstart.yaml).
     #[arg(long)]
@@ -31,7 +34,11 @@ pub struct TrainArgs {
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = match &args.config {
         Some(path) => Config::load(path, &args.overrides)?,
-        None => Config::from_yaml(QUICKSTART, "configs/quickstart.yaml (embedded)", &args.overrides)?,
+        None => Config::from_yaml(
+            QUICKSTART,
+            "configs/quickstart.yaml (embedded)",
+            &args.overrides,
+        )?,
     };
     if args.dry_run {
         let plan = sft_trainer::plan::dry_run(&cfg).context("dry run")?;
@@ -46,7 +53,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
                 eprintln!("second interrupt: exiting without a checkpoint");
                 std::process::exit(130);
             }
-            eprintln!("interrupt: finishing the current step, then checkpointing (again to exit now)");
+            eprintln!(
+                "interrupt: finishing the current step, then checkpointing (again to exit now)"
+            );
         })
         .context("cannot install the signal handler")?;
     }

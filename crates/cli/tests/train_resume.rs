@@ -1,0 +1,318 @@
+//! The trainer end to end through `sft-train` on a tiny random LLaMA: interrupted and resumed
+//! runs (by signal, by a test hook, by a crash inside a checkpoint write, with a corrupted
+//! latest checkpoint) reproduce the uninterrupted run bit for bit; config errors and the dry
+//! run speak clearly.
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn cache_models() -> PathBuf {
+    let root = std::env::var_os("SFT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sft"));
+    let m = root.join("models/smollm2-135m-instruct");
+    assert!(
+        m.join("tokenizer.json").is_file(),
+        "{} is missing: run scripts/fetch-test-models.sh",
+        m.display()
+    );
+    m
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A tiny random model with SmolLM2's tokenizer, made once per test.
+fn tiny_model(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny-model");
+    let st = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(["init-random", "--config-json"])
+        .arg(repo().join("tests/data/tiny-llama-config.json"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--tokenizer")
+        .arg(cache_models())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+fn config(dir: &Path, model: &Path, kind: &str) -> PathBuf {
+    let yaml = format!(
+        "run:\n  name: r\nmodel:\n  source: {model}\nadapter:\n  kind: {kind}\n  r: 4\n  alpha: 8\n  dropout: 0.1\n\
+         data:\n  sources:\n    - path: {data}\n  max_length: 96\n  eval_split: 8\n\
+         train:\n  max_steps: 8\n  micro_batch_size: 2\n  grad_accum: 2\n  lr: 0.002\n  warmup_steps: 2\n\
+         eval:\n  loss:\n    every_examples: 12\ncheckpoint:\n  dir: {ck}\n  every_steps: 2\n  keep_last: 2\n\
+         logging:\n  every_steps: 1\n  progress: false\n  plots: false\n",
+        model = model.display(),
+        data = repo().join("configs/data/bundled.jsonl").display(),
+        ck = dir.join("ck").display(),
+    );
+    let p = dir.join("cfg.yaml");
+    std::fs::write(&p, yaml).unwrap();
+    p
+}
+
+fn train(cfg: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sft-train"));
+    c.arg("--config")
+        .arg(cfg)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+fn losses(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            // Exact bits: compare the JSON numbers as printed.
+            format!(
+                "{}:{}:{}",
+                v["step"],
+                v.get("loss").unwrap_or(&Value::Null),
+                v.get("eval_loss").unwrap_or(&Value::Null)
+            )
+        })
+        .collect()
+}
+
+fn weights(run: &Path, kind: &str) -> Vec<u8> {
+    let f = if kind == "full" {
+        "model.safetensors"
+    } else {
+        "adapter_model.safetensors"
+    };
+    std::fs::read(run.join("step-000008").join(f)).unwrap()
+}
+
+/// The uninterrupted run's losses and final weights.
+fn reference(kind: &str) -> (tempfile::TempDir, Vec<String>, Vec<u8>) {
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let cfg = config(t.path(), &model, kind);
+    let out = train(&cfg, &[], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = t.path().join("ck/r");
+    (t, losses(&run), weights(&run, kind))
+}
+
+fn resumed_matches(kind: &str) {
+    let (_keep, ref_losses, ref_weights) = reference(kind);
+    let first_loss = ref_losses[0].clone();
+
+    // Interrupted by the test hook (as SIGINT would) after step 3, resumed.
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let cfg = config(t.path(), &model, kind);
+    let out = train(&cfg, &[], &[("SFT_TEST_STOP_AT_STEP", "3")]);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = train(&cfg, &["--resume"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = t.path().join("ck/r");
+    assert_eq!(
+        losses(&run),
+        ref_losses,
+        "{kind}: losses after stop at 3 + resume"
+    );
+    assert_eq!(weights(&run, kind), ref_weights, "{kind}: final weights");
+    assert!(first_loss.starts_with("1:"));
+
+    // A crash inside the checkpoint write at step 6 (after step 4's checkpoint): the torn
+    // folder is never used; resuming from step 4 reproduces the run.
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let cfg = config(t.path(), &model, kind);
+    let out = train(&cfg, &[], &[("SFT_TEST_FAIL_CHECKPOINT_AT_STEP", "6")]);
+    assert!(!out.status.success());
+    let run = t.path().join("ck/r");
+    assert!(
+        run.join(".tmp-step-000006").exists(),
+        "the half-written checkpoint stays aside"
+    );
+    assert_eq!(
+        std::fs::read_link(run.join("latest")).unwrap(),
+        Path::new("step-000004")
+    );
+    let out = train(&cfg, &["--resume"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        losses(&run),
+        ref_losses,
+        "{kind}: losses after a crash mid-save"
+    );
+    assert_eq!(weights(&run, kind), ref_weights);
+}
+
+#[test]
+fn full_fine_tuning_resumes_bit_for_bit() {
+    resumed_matches("full");
+}
+
+#[test]
+fn corrupted_latest_checkpoint_falls_back_to_the_previous_one() {
+    let (_keep, ref_losses, ref_weights) = reference("full");
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let cfg = config(t.path(), &model, "full");
+    let out = train(&cfg, &[], &[("SFT_TEST_STOP_AT_STEP", "5")]);
+    assert_eq!(out.status.code(), Some(130));
+    let run = t.path().join("ck/r");
+    // Step 5's checkpoint (the interruption's) is the latest: flip a byte in its weights.
+    let f = run.join("step-000005/model.safetensors");
+    let mut bytes = std::fs::read(&f).unwrap();
+    let n = bytes.len();
+    bytes[n - 3] ^= 0x55;
+    std::fs::write(&f, bytes).unwrap();
+    let out = train(&cfg, &["--resume"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("checksum mismatch"), "{stderr}");
+    assert_eq!(losses(&run), ref_losses);
+    assert_eq!(weights(&run, "full"), ref_weights);
+}
+
+#[test]
+fn sigterm_checkpoints_and_resume_continues() {
+    let (_keep, ref_losses, ref_weights) = reference("full");
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let cfg = config(t.path(), &model, "full");
+    // Slow each step a little so the signal lands mid-run.
+    let child = Command::new(env!("CARGO_BIN_EXE_sft-train"))
+        .arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .env("SFT_TEST_STEP_DELAY_MS", "300")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = t.path().join("ck/r");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        let steps = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .map(|s| s.lines().filter(|l| l.contains("\"loss\"")).count())
+            .unwrap_or(0);
+        if steps >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: Value =
+        serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["status"], "interrupted");
+    let out = train(&cfg, &["--resume"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(losses(&run), ref_losses);
+    assert_eq!(weights(&run, "full"), ref_weights);
+}
+
+#[test]
+fn resume_refuses_a_changed_model_or_data_and_allows_more_steps() {
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let cfg = config(t.path(), &model, "full");
+    assert!(train(&cfg, &[], &[]).status.success());
+    let out = train(&cfg, &["--resume", "--set", "data.max_length=64"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("changes what was trained") && stderr.contains("data.max_length: 96 -> 64"),
+        "{stderr}"
+    );
+    // The finished run does not train on unless the limits grow.
+    let out = train(&cfg, &["--resume"], &[("RUST_LOG", "info")]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already stopped"));
+    let out = train(&cfg, &["--resume", "--set", "train.max_steps=10"], &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = t.path().join("ck/r");
+    assert!(run.join("step-000010").is_dir());
+}
+
+#[test]
+fn config_errors_name_the_field_and_line() {
+    let t = tempfile::tempdir().unwrap();
+    let p = t.path().join("bad.yaml");
+    std::fs::write(
+        &p,
+        "run:\n  name: x\nmodel:\n  source: m\ndata:\n  sources: []\ntrain:\n  lr: fast\n",
+    )
+    .unwrap();
+    let out = train(&p, &[], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("bad.yaml") && e.contains("train.lr") && e.contains("line 8"),
+        "{e}"
+    );
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_memory() {
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let cfg = config(t.path(), &model, "full");
+    let out = train(&cfg, &["--dry-run"], &[]);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(s.contains("optimizer steps  8"), "{s}");
+    // 3,219,776 f32 parameters: 12.3 MiB of weights, 8 bytes each of moments.
+    assert!(
+        s.contains("trainable") && s.contains("(3219776 parameters)"),
+        "{s}"
+    );
+    assert!(
+        !t.path().join("ck/r").join("step-000002").exists(),
+        "a dry run trains nothing"
+    );
+}
