@@ -316,3 +316,8 @@ fn dry_run_prints_the_plan_and_memory() {
         "a dry run trains nothing"
     );
 }
+
+#[test]
+fn lora_with_dropout_resumes_bit_for_bit() {
+    resumed_matches("lora");
+}

@@ -4,9 +4,9 @@
 use crate::config::{AdapterKind, Config};
 use crate::model::{Param, TrainModel};
 use crate::TrainError;
-use candle_core::Var;
 use sft_model::llama::Llama;
-use std::collections::HashMap;
+use sft_model::lora::{self, LoraAdapter};
+use sft_model::save;
 use std::path::Path;
 
 /// Files copied next to the weights so a checkpoint is usable on its own.
@@ -19,33 +19,46 @@ const MODEL_FILES: [&str; 6] = [
     "chat_template.jinja",
 ];
 
-/// Every weight becomes a variable; the model is rebuilt on them.
+/// Every weight becomes a variable (tied embeddings stay one), the model rebuilt on them.
 pub fn make_all_trainable(llama: &mut Llama) -> Result<Vec<Param>, TrainError> {
-    let mut params = Vec::new();
-    let mut map = HashMap::new();
-    for (name, t) in llama.named_weights() {
-        let var = Var::from_tensor(t)?;
-        map.insert(name.clone(), var.as_tensor().clone());
-        params.push(Param {
-            name: name.clone(),
-            decay: sft_optim::decays_by_name(name),
+    let vars = lora::make_all_trainable(llama).map_err(|e| TrainError::Model(e.to_string()))?;
+    Ok(vars
+        .into_iter()
+        .map(|(name, var)| Param {
+            decay: sft_optim::decays_by_name(&name),
+            name,
             var,
-        });
-    }
-    *llama = Llama::from_weights(llama.config(), map)?;
-    Ok(params)
+        })
+        .collect())
 }
 
-pub fn apply_lora(llama: &mut Llama, cfg: &Config) -> Result<Vec<Param>, TrainError> {
-    let _ = (llama, cfg);
-    Err(TrainError::Model(
-        "LoRA is not wired into the trainer yet".into(),
-    ))
+/// Fresh LoRA adapters on the targeted projections (A from the run's seed, B zero).
+pub fn apply_lora(
+    llama: &mut Llama,
+    cfg: &Config,
+) -> Result<(Vec<Param>, LoraAdapter), TrainError> {
+    let a = &cfg.adapter;
+    let targets = lora::Targets::from_names(&a.targets)
+        .map_err(|e| TrainError::Config(format!("adapter.targets: {e}")))?;
+    let mut lc = lora::LoraConfig::new(a.r, a.alpha, a.dropout, targets);
+    lc.init_seed = cfg.train.seed;
+    let adapter = lora::apply_lora(llama, &lc).map_err(|e| TrainError::Model(e.to_string()))?;
+    let params = adapter
+        .trainable()
+        .into_iter()
+        .map(|(name, var)| Param {
+            name,
+            var,
+            // PEFT's default: LoRA matrices decay like any weight when weight_decay > 0.
+            decay: true,
+        })
+        .collect();
+    Ok((params, adapter))
 }
 
 /// Training mode with this dropout seed, or evaluation mode (`None`).
 pub fn set_training(llama: &mut Llama, seed: Option<u64>) {
-    let _ = (llama, seed);
+    lora::set_training(llama, seed);
 }
 
 fn copy_model_files(from: &Path, to: &Path) -> Result<(), TrainError> {
@@ -60,31 +73,39 @@ fn copy_model_files(from: &Path, to: &Path) -> Result<(), TrainError> {
 }
 
 pub fn save(model: &TrainModel, dir: &Path) -> Result<(), TrainError> {
-    match model.kind {
-        AdapterKind::Full => {
-            let tensors: HashMap<String, candle_core::Tensor> = model
+    match (&model.kind, &model.lora) {
+        (AdapterKind::Lora, Some(adapter)) => {
+            adapter
+                .save(dir, &model.base_name)
+                .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+        }
+        _ => {
+            let tensors: Vec<(String, candle_core::Tensor)> = model
                 .params
                 .iter()
-                .map(|p| (p.name.clone(), p.var.as_tensor().clone()))
+                .map(|p| (p.name.clone(), p.var.as_tensor().detach()))
                 .collect();
-            candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
-            copy_model_files(&model.dir, dir)
+            save::save_hf_weights(dir, &tensors, save::DEFAULT_MAX_SHARD_BYTES)
+                .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
         }
-        AdapterKind::Lora => Err(TrainError::Model("LoRA saving is not wired yet".into())),
     }
+    copy_model_files(&model.dir, dir)
 }
 
 pub fn restore(model: &mut TrainModel, dir: &Path) -> Result<(), TrainError> {
-    let file = match model.kind {
-        AdapterKind::Full => dir.join("model.safetensors"),
-        AdapterKind::Lora => dir.join("adapter_model.safetensors"),
-    };
-    let saved = candle_core::safetensors::load(&file, &model.device)?;
+    if let (AdapterKind::Lora, Some(adapter)) = (&model.kind, &model.lora) {
+        return lora::restore_adapter(adapter, dir)
+            .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", dir.display())));
+    }
+    let files =
+        sft_model::load::weight_files(dir).map_err(|e| TrainError::Checkpoint(e.to_string()))?;
+    let saved = sft_model::load::load_safetensors(&files, model.llama.dtype(), &model.device)
+        .map_err(|e| TrainError::Checkpoint(e.to_string()))?;
     for p in &model.params {
         let t = saved.get(&p.name).ok_or_else(|| {
-            TrainError::Checkpoint(format!("{}: no tensor `{}`", file.display(), p.name))
+            TrainError::Checkpoint(format!("{}: no tensor `{}`", dir.display(), p.name))
         })?;
-        p.var.set(&t.to_dtype(p.var.dtype())?)?;
+        p.var.set(t)?;
     }
     Ok(())
 }

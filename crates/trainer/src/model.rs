@@ -23,6 +23,10 @@ pub struct TrainModel {
     pub dir: PathBuf,
     pub eos_token_ids: Vec<u32>,
     pub params: Vec<Param>,
+    /// The adapter when training LoRA.
+    pub lora: Option<sft_model::lora::LoraAdapter>,
+    /// `base_model_name_or_path` written into adapter configs.
+    pub base_name: String,
     pub kind: AdapterKind,
     pub device: Device,
     template: Option<Template>,
@@ -79,9 +83,12 @@ impl TrainModel {
         let loaded = sft_model::load::load_model(&spec, dtype, &device)
             .map_err(|e| TrainError::Model(format!("model.source {spec}: {e}")))?;
         let mut llama = loaded.model;
-        let params = match cfg.adapter.kind {
-            AdapterKind::Lora => crate::adapter::apply_lora(&mut llama, cfg)?,
-            AdapterKind::Full => crate::adapter::make_all_trainable(&mut llama)?,
+        let (params, lora) = match cfg.adapter.kind {
+            AdapterKind::Lora => {
+                let (p, a) = crate::adapter::apply_lora(&mut llama, cfg)?;
+                (p, Some(a))
+            }
+            AdapterKind::Full => (crate::adapter::make_all_trainable(&mut llama)?, None),
         };
         Ok(Self {
             llama,
@@ -89,6 +96,8 @@ impl TrainModel {
             dir: loaded.dir,
             eos_token_ids: loaded.eos_token_ids,
             params,
+            lora,
+            base_name: cfg.model.source.clone(),
             kind: cfg.adapter.kind,
             device,
             template: None,
