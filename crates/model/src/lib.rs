@@ -10,4 +10,6 @@ pub mod gguf;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod lora;
 pub mod ops;
+pub mod save;

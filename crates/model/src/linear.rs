@@ -1,26 +1,204 @@
-//! A linear layer `y = x W^T (+ b)` whose base weight may be frozen or trainable, with an
-//! optional LoRA adapter (to come).
-use candle_core::{Module, Result, Tensor};
+//! A linear layer `y = x W^T (+ b)` whose base weight is frozen or trainable, with an optional
+//! LoRA adapter as PEFT defines it: `y = base(x) + scale * B(A(dropout(x)))`.
+//!
+//! - A frozen base weight (a plain tensor) goes through [`ops::frozen_linear`], whose backward
+//!   computes only the input gradient: no dW is ever built for it.
+//! - A trainable base weight (a candle `Var`, full fine-tuning) uses a plain matmul, so its
+//!   gradient flows (and a tied `lm_head` shares its embedding's `Var`).
+//! - LoRA's A (r, in) and B (out, r) are `Var`s in f32 (f64 for an f64 model) whatever the base
+//!   dtype, as PEFT keeps adapters of half-precision models in float32; the adapter's output is
+//!   cast to the base output's dtype before the sum.
+use std::sync::Mutex;
+
+use candle_core::{DType, Module, Result, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::ops;
 
 #[derive(Clone, Debug)]
 pub struct Linear {
     /// (out_features, in_features), as stored on the hub.
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<LoraLayer>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self {
+            weight,
+            bias,
+            lora: None,
+        }
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dims().get(1).copied().unwrap_or(0)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dims().first().copied().unwrap_or(0)
+    }
+
+    /// The base layer alone (no adapter).
+    pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
+        let y = if self.weight.is_variable() {
+            x.broadcast_matmul(&self.weight.t()?)?
+        } else {
+            ops::frozen_linear(x, &self.weight)?
+        };
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// `W + scale * B A` in the base weight's dtype (computed in f32 or f64), or `W` itself
+    /// without an adapter.
+    pub fn merged_weight(&self) -> Result<Tensor> {
+        match &self.lora {
+            None => Ok(self.weight.clone()),
+            Some(l) => merge_weight(&self.weight, l.a.as_tensor(), l.b.as_tensor(), l.scale),
+        }
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
+        let y = self.forward_base(x)?;
+        match &self.lora {
             None => Ok(y),
+            Some(l) => {
+                let d = l.forward(x)?;
+                let d = if d.dtype() == y.dtype() {
+                    d
+                } else {
+                    d.to_dtype(y.dtype())?
+                };
+                y + d
+            }
         }
+    }
+}
+
+/// `w + scale * b a`, computed in f32 (f64 when `w` is f64) and returned in `w`'s dtype.
+pub fn merge_weight(w: &Tensor, a: &Tensor, b: &Tensor, scale: f64) -> Result<Tensor> {
+    let ct = if w.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let delta = b
+        .to_dtype(ct)?
+        .matmul(&a.to_dtype(ct)?)?
+        .affine(scale, 0.0)?;
+    if delta.dims() != w.dims() {
+        candle_core::bail!(
+            "LoRA update B A has shape {:?}, the base weight {:?}",
+            delta.dims(),
+            w.dims()
+        );
+    }
+    (w.to_dtype(ct)? + delta)?.to_dtype(w.dtype())
+}
+
+/// One LoRA adapter on a linear layer.
+pub struct LoraLayer {
+    /// (r, in_features)
+    pub a: Var,
+    /// (out_features, r)
+    pub b: Var,
+    /// `alpha / r` (or `alpha / sqrt(r)` with rsLoRA).
+    pub scale: f64,
+    /// Probability of zeroing an input element of the adapter path in training mode.
+    pub dropout: f64,
+    /// `Some` in training mode: the generator of the dropout masks.
+    rng: Mutex<Option<ChaCha8Rng>>,
+}
+
+impl Clone for LoraLayer {
+    fn clone(&self) -> Self {
+        Self {
+            a: self.a.clone(),
+            b: self.b.clone(),
+            scale: self.scale,
+            dropout: self.dropout,
+            rng: Mutex::new(self.rng.lock().map(|r| r.clone()).unwrap_or(None)),
+        }
+    }
+}
+
+impl std::fmt::Debug for LoraLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoraLayer")
+            .field("a", &self.a.dims())
+            .field("b", &self.b.dims())
+            .field("scale", &self.scale)
+            .field("dropout", &self.dropout)
+            .finish()
+    }
+}
+
+impl LoraLayer {
+    pub fn new(a: Var, b: Var, scale: f64, dropout: f64) -> Self {
+        Self {
+            a,
+            b,
+            scale,
+            dropout,
+            rng: Mutex::new(None),
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims().first().copied().unwrap_or(0)
+    }
+
+    /// Training mode with dropout masks drawn from `seed`, or evaluation mode (`None`).
+    pub fn set_training(&self, seed: Option<u64>) {
+        let mut g = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        *g = seed.map(ChaCha8Rng::seed_from_u64);
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.rng
+            .lock()
+            .map(|g| g.is_some())
+            .unwrap_or_else(|e| e.into_inner().is_some())
+    }
+
+    /// `scale * B A dropout(x)`, in the adapter's dtype.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = self.a.dtype();
+        let x = if x.dtype() == dt {
+            x.clone()
+        } else {
+            x.to_dtype(dt)?
+        };
+        let x = self.dropout(&x)?;
+        let h = x.broadcast_matmul(&self.a.as_tensor().t()?)?;
+        h.broadcast_matmul(&self.b.as_tensor().t()?)?
+            .affine(self.scale, 0.0)
+    }
+
+    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
+        if self.dropout <= 0.0 {
+            return Ok(x.clone());
+        }
+        let mut g = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rng) = g.as_mut() else {
+            return Ok(x.clone());
+        };
+        if self.dropout >= 1.0 {
+            return x.zeros_like();
+        }
+        let keep = 1.0 - self.dropout;
+        let inv = (1.0 / keep) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.random::<f64>() < keep { inv } else { 0.0 })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
     }
 }
