@@ -683,10 +683,16 @@ impl Attention {
         let n_rep = nh / nkv;
         let q = (q.contiguous()? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, total))?;
-        // Softmax in f32 as transformers does for half-precision weights.
-        let scores = scores.to_dtype(DType::F32)?;
+        // Softmax in f32 as transformers does for half-precision weights; an f64 model stays
+        // in f64 (the finite-difference gradient checks need it).
+        let sdt = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let scores = scores.to_dtype(sdt)?;
         let scores = match mask {
-            Some(m) => scores.broadcast_add(m)?,
+            Some(m) => scores.broadcast_add(&m.to_dtype(sdt)?)?,
             None => scores,
         };
         let probs = ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
