@@ -19,10 +19,8 @@
 //!   max_batch_tokens: 8192         # token budget of one batch, padding included
 //!   seed: 0
 //! ```
-use std::collections::BTreeMap;
-use std::path::PathBuf;
-
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 use crate::error::{DataError, Result};
 
@@ -405,63 +403,6 @@ impl DataConfig {
     }
 }
 
-/// The two sections of a full run config that `sft data inspect` needs, read leniently
-/// (everything else in the file is ignored). The trainer's typed config replaces this once it
-/// exists.
-#[derive(Debug, Clone)]
-pub struct RunConfigView {
-    pub data: DataConfig,
-    /// `model.source`: a Hugging Face folder or a hub model id (where the tokenizer lives).
-    pub model_source: Option<String>,
-    /// `model.revision`, if any.
-    pub model_revision: Option<String>,
-    /// The micro-batch size, from `train.micro_batch` (or `micro_batch_size`, `batch_size`).
-    pub micro_batch: Option<usize>,
-    /// The run config's directory (relative model folders are tried from here too).
-    pub dir: Option<PathBuf>,
-}
-
-impl RunConfigView {
-    pub fn from_yaml(text: &str) -> Result<RunConfigView> {
-        let root: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| DataError::Config(e.to_string()))?;
-        let data = root
-            .get("data")
-            .ok_or_else(|| DataError::Config("the config has no `data` section".into()))?;
-        let data: DataConfig = serde_yaml::from_value(data.clone())
-            .map_err(|e| DataError::Config(format!("data: {e}")))?;
-        data.validate()?;
-        let model = root.get("model");
-        let get_str = |v: Option<&serde_yaml::Value>, k: &str| {
-            v.and_then(|m| m.get(k))
-                .and_then(|s| s.as_str())
-                .map(str::to_string)
-        };
-        let train = root.get("train");
-        let micro_batch = ["micro_batch", "micro_batch_size", "batch_size"]
-            .iter()
-            .find_map(|k| train.and_then(|t| t.get(k)).and_then(|v| v.as_u64()))
-            .map(|v| v as usize);
-        Ok(RunConfigView {
-            data,
-            model_source: get_str(model, "source"),
-            model_revision: get_str(model, "revision"),
-            micro_batch,
-            dir: None,
-        })
-    }
-
-    pub fn from_file(path: &std::path::Path) -> Result<RunConfigView> {
-        let text = std::fs::read_to_string(path).map_err(|e| DataError::io(path, e))?;
-        let mut v = Self::from_yaml(&text).map_err(|e| match e {
-            DataError::Config(m) => DataError::Config(format!("{}: {m}", path.display())),
-            e => e,
-        })?;
-        v.dir = path.parent().map(|p| p.to_path_buf());
-        Ok(v)
-    }
-}
-
 /// Counts by reason, sorted by name.
 pub type ReasonCounts = BTreeMap<String, u64>;
 
@@ -538,17 +479,5 @@ mod tests {
             let e = DataConfig::from_yaml(text).unwrap_err().to_string();
             assert!(e.contains(needle), "{text}: {e}");
         }
-    }
-
-    #[test]
-    fn reads_a_run_config_leniently() {
-        let v = RunConfigView::from_yaml(
-            "run: {name: x}\nmodel:\n  source: models/smol\n  dtype: f32\ntrain: {micro_batch: 4, lr: 1e-4}\ndata:\n  sources: [{path: d.jsonl}]\n",
-        )
-        .unwrap();
-        assert_eq!(v.model_source.as_deref(), Some("models/smol"));
-        assert_eq!(v.micro_batch, Some(4));
-        assert_eq!(v.data.sources[0].path.as_deref(), Some("d.jsonl"));
-        assert!(RunConfigView::from_yaml("model: {source: x}").is_err());
     }
 }

@@ -355,9 +355,17 @@ const SPLIT_SALT: u64 = 0x5eed_0e7a_1500_0001;
 
 const SAMPLES_PER_REASON: usize = 5;
 
+/// Rendered examples waiting to be tokenized together, and where each came from.
+#[derive(Default)]
 struct Pending {
-    rendered: Rendered,
-    origin: (u32, u64),
+    rendered: Vec<Rendered>,
+    origins: Vec<(u32, u64)>,
+}
+
+impl Pending {
+    fn len(&self) -> usize {
+        self.rendered.len()
+    }
 }
 
 /// Reads and tokenizes every row of `files`.
@@ -374,7 +382,7 @@ pub fn tokenize_files(
         ..Default::default()
     };
     let mut samples: BTreeMap<&'static str, usize> = BTreeMap::new();
-    let mut pending: Vec<Pending> = Vec::with_capacity(chunk);
+    let mut pending = Pending::default();
     let max_rows = cfg.max_rows.unwrap_or(u64::MAX);
     for (fi, file) in files.iter().enumerate() {
         if report.rows_read >= max_rows {
@@ -391,10 +399,8 @@ pub fn tokenize_files(
                     if cfg.max_chars.is_some_and(|m| rec.chars() > m) {
                         report.skip(reason::OVER_MAX_CHARS);
                     } else {
-                        pending.push(Pending {
-                            rendered: template.render(&rec)?,
-                            origin: (fi as u32, code),
-                        });
+                        pending.rendered.push(template.render(&rec)?);
+                        pending.origins.push((fi as u32, code));
                     }
                 }
                 Err(bad) => {
@@ -436,18 +442,17 @@ pub fn tokenize_files(
 }
 
 fn flush(
-    pending: &mut Vec<Pending>,
+    pending: &mut Pending,
     encoder: &Encoder,
     cfg: &DataConfig,
     set: &mut TokenizedSet,
     report: &mut DataReport,
 ) -> Result<()> {
-    if pending.is_empty() {
+    if pending.len() == 0 {
         return Ok(());
     }
-    let rendered: Vec<Rendered> = pending.iter().map(|p| p.rendered.clone()).collect();
-    let encoded = encoder.encode_batch(&rendered)?;
-    for (p, e) in pending.iter().zip(encoded) {
+    let encoded = encoder.encode_batch(&pending.rendered)?;
+    for (&origin, e) in pending.origins.iter().zip(encoded) {
         if e.ids.len() <= e.prompt_len {
             report.skip(reason::EMPTY_RESPONSE);
             continue;
@@ -470,9 +475,10 @@ fn flush(
                 }
             }
         }
-        set.push(ids, e.prompt_len, p.origin);
+        set.push(ids, e.prompt_len, origin);
     }
-    pending.clear();
+    pending.rendered.clear();
+    pending.origins.clear();
     Ok(())
 }
 

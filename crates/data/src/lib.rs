@@ -28,8 +28,7 @@ pub mod tokenize;
 
 pub use batch::{eval_batches, make_batch, plan_epoch, Batch, BatchOptions, Batcher, Cursor};
 pub use config::{
-    Columns, DataConfig, EvalSplit, FileFormat, OnBadRow, RunConfigView, SourceConfig,
-    TemplateSpec, Truncation,
+    Columns, DataConfig, EvalSplit, FileFormat, OnBadRow, SourceConfig, TemplateSpec, Truncation,
 };
 pub use dataset::{
     build_dataset, default_cache_dir, load_encoder_and_template, BuildOptions, DataReport, Dataset,

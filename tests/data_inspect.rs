@@ -1,0 +1,134 @@
+//! `sft data inspect`: counts, the trained tokens marked, and the JSON last line, on a run
+//! config over a small file with bad rows, with SmolLM2's tokenizer.
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+fn cache_root() -> PathBuf {
+    match std::env::var_os("SFT_CACHE") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sft"),
+    }
+}
+
+/// The `sft` binary of this workspace, built (incrementally) if needed.
+fn sft_binary() -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "-q", "-p", "sft-cli", "--bin", "sft"])
+        .current_dir(&root)
+        .status()
+        .expect("running cargo build for the sft binary");
+    assert!(status.success(), "cargo build -p sft-cli failed");
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join("sft");
+    assert!(bin.is_file(), "{} not found after building", bin.display());
+    bin
+}
+
+fn write_config(dir: &std::path::Path, data: &std::path::Path, extra: &str) -> PathBuf {
+    let model = cache_root().join("models/smollm2-135m-instruct");
+    assert!(
+        model.join("tokenizer.json").is_file(),
+        "{} is missing: run scripts/fetch-test-models.sh first",
+        model.display()
+    );
+    let cfg = dir.join("run.yaml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "run: {{name: inspect-test}}\nmodel: {{source: {}}}\ndata:\n  sources: [{{path: {}}}]\n  template: alpaca_modified\n  max_length: 48\n  cache: false\n{extra}train: {{epochs: 1, micro_batch_size: 2}}\n",
+            model.display(),
+            data.display()
+        ),
+    )
+    .unwrap();
+    cfg
+}
+
+#[test]
+fn inspect_prints_counts_examples_and_a_json_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.jsonl");
+    let long = "word ".repeat(80);
+    std::fs::write(
+        &data,
+        format!(
+            "{{\"prompt\": \"Name a colour.\", \"response\": \"Blue.\"}}\n\
+             not json\n\
+             {{\"prompt\": \"Say hi\", \"response\": \"\"}}\n\
+             {{\"prompt\": \"Count to three.\", \"response\": \"One, two, three.\"}}\n\
+             {{\"prompt\": \"Ramble.\", \"response\": \"{long}\"}}\n\
+             {{\"prompt\": \"Hi\"}}\n"
+        ),
+    )
+    .unwrap();
+    let cfg = write_config(dir.path(), &data, "");
+    let out = std::process::Command::new(sft_binary())
+        .args(["data", "inspect", "--config"])
+        .arg(&cfg)
+        .args(["--n", "2", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let keys: Vec<&str> = last
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "kept",
+            "padding_ratio",
+            "rows_read",
+            "skipped",
+            "tokens",
+            "truncated"
+        ]
+    );
+    assert_eq!(last["rows_read"], 6);
+    assert_eq!(last["kept"], 2);
+    assert_eq!(last["truncated"], 1);
+    assert_eq!(
+        last["skipped"],
+        serde_json::json!({"empty_response": 1, "missing_field": 1, "not_json": 1, "over_max_length": 1})
+    );
+    assert!(last["tokens"].as_u64().unwrap() > 10);
+    let pad = last["padding_ratio"].as_f64().unwrap();
+    assert!((0.0..0.5).contains(&pad), "{pad}");
+    // The examples: the prompt as the template renders it, the response and EOS marked.
+    assert!(
+        stdout.contains("Name a colour.### Response:⟦Blue.<|im_end|>⟧"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("Count to three.### Response:⟦One, two, three.<|im_end|>⟧"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("{}:2: not_json", data.display())),
+        "{stdout}"
+    );
+
+    // Under `on_bad_row: fail` the command stops at line 2 and says where.
+    let cfg = write_config(dir.path(), &data, "  on_bad_row: fail\n");
+    let out = std::process::Command::new(sft_binary())
+        .args(["data", "inspect", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}:2: bad row (not_json)", data.display())),
+        "{err}"
+    );
+}
