@@ -6,11 +6,15 @@
 //!
 //! The boundary: the prompt and the concatenation prompt+response are both tokenized (without
 //! special tokens). When the prompt's tokens are a prefix of the concatenation's, the example is
-//! the concatenation's tokens, split there: the model trains on exactly the tokens it would see
-//! at generation time after that prompt. When a token straddles the boundary (the prompt's last
-//! characters merge with the response's first), the response is tokenized on its own instead and
-//! appended to the prompt's tokens; such examples are counted (`boundary_retokenized`). Either
-//! way the trained tokens are a tokenization of the response text alone, followed by EOS.
+//! the concatenation's tokens, split there. When a token straddles the boundary (the prompt's
+//! last characters merge with the response's first: with SmolLM2 and `alpaca_modified`, a
+//! response that starts with `"` or a backtick joins the `:` of `### Response:`), the response
+//! is tokenized on its own and appended to the prompt's tokens; such examples are counted
+//! (`boundary_retokenized`). Either way the prompt's ids are exactly
+//! [`Encoder::encode_prompt`] of the prompt text, the ids a generation prompt gets, and the
+//! trained ids are a tokenization of the response text alone followed by EOS: the model learns
+//! to continue the very token sequence it is given at generation time.
+
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
