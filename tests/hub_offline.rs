@@ -23,8 +23,9 @@ fn tiny_config() -> LlamaConfig {
 
 /// A minimal word-level tokenizer.json.
 fn tokenizer_json() -> String {
-    let vocab: serde_json::Map<String, serde_json::Value> =
-        (0..64).map(|i| (format!("w{i}"), serde_json::Value::from(i))).collect();
+    let vocab: serde_json::Map<String, serde_json::Value> = (0..64)
+        .map(|i| (format!("w{i}"), serde_json::Value::from(i)))
+        .collect();
     serde_json::json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
         "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
@@ -35,7 +36,9 @@ fn tokenizer_json() -> String {
 
 /// Writes `name` as a blob (named by a fake sha) and links it from the snapshot, as hf-hub does.
 fn put(repo_dir: &Path, name: &str, bytes: &[u8]) {
-    let blob = repo_dir.join("blobs").join(format!("{:064x}", name.len() * 7919 + bytes.len()));
+    let blob = repo_dir
+        .join("blobs")
+        .join(format!("{:064x}", name.len() * 7919 + bytes.len()));
     std::fs::create_dir_all(blob.parent().unwrap()).unwrap();
     std::fs::write(&blob, bytes).unwrap();
     let link = repo_dir.join("snapshots").join(COMMIT).join(name);
@@ -50,7 +53,11 @@ fn build_cache(root: &Path) -> HashMap<String, Tensor> {
     let repo = root.join("models--org--tiny-llama");
     std::fs::create_dir_all(repo.join("refs")).unwrap();
     std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
-    put(&repo, "config.json", cfg.to_hf_json().to_string().as_bytes());
+    put(
+        &repo,
+        "config.json",
+        cfg.to_hf_json().to_string().as_bytes(),
+    );
     put(&repo, "tokenizer.json", tokenizer_json().as_bytes());
     let mut names: Vec<&String> = weights.keys().collect();
     names.sort();
@@ -59,7 +66,10 @@ fn build_cache(root: &Path) -> HashMap<String, Tensor> {
     let tmp = tempfile::tempdir().unwrap();
     for (i, part) in [a, b].iter().enumerate() {
         let file = format!("model-0000{}-of-00002.safetensors", i + 1);
-        let shard: HashMap<String, Tensor> = part.iter().map(|n| (n.to_string(), weights[*n].clone())).collect();
+        let shard: HashMap<String, Tensor> = part
+            .iter()
+            .map(|n| (n.to_string(), weights[*n].clone()))
+            .collect();
         let p = tmp.path().join(&file);
         candle_core::safetensors::save(&shard, &p).unwrap();
         put(&repo, &file, &std::fs::read(&p).unwrap());
@@ -68,7 +78,11 @@ fn build_cache(root: &Path) -> HashMap<String, Tensor> {
         }
     }
     let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": weight_map});
-    put(&repo, "model.safetensors.index.json", index.to_string().as_bytes());
+    put(
+        &repo,
+        "model.safetensors.index.json",
+        index.to_string().as_bytes(),
+    );
     weights
 }
 
@@ -84,11 +98,21 @@ fn same_weights(dir: &Path, want: &HashMap<String, Tensor>) {
     let m = load_dir(dir, DType::F32, &Device::Cpu).unwrap();
     assert_eq!(m.model.named_weights().len(), want.len());
     for (name, t) in m.model.named_weights() {
-        let d = (t - &want[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (t - &want[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(d, 0.0, "{name}");
     }
     assert_eq!(m.eos_token_ids, vec![2]);
-    assert_eq!(m.tokenizer.encode("w5 w7", false).unwrap().get_ids(), &[5, 7]);
+    assert_eq!(
+        m.tokenizer.encode("w5 w7", false).unwrap().get_ids(),
+        &[5, 7]
+    );
 }
 
 #[test]
@@ -105,7 +129,12 @@ fn offline_hub_cache_by_branch_and_by_commit() {
     let src = ModelSource::parse(&format!("org/tiny-llama@{COMMIT}")).unwrap();
     assert_eq!(resolve(&src, &opts, DType::F32).unwrap(), dir);
     // An unknown branch, an unknown repository: errors naming them.
-    let e = resolve(&ModelSource::parse("org/tiny-llama@dev").unwrap(), &opts, DType::F32).unwrap_err();
+    let e = resolve(
+        &ModelSource::parse("org/tiny-llama@dev").unwrap(),
+        &opts,
+        DType::F32,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("refs/dev"), "{e}");
     let e = resolve(&ModelSource::parse("org/other").unwrap(), &opts, DType::F32).unwrap_err();
     assert!(e.to_string().contains("org/other"), "{e}");
@@ -121,20 +150,35 @@ fn unreachable_hub_falls_back_to_the_cache() {
         endpoint: Some("http://127.0.0.1:9".to_string()),
         ..offline(root.path())
     };
-    let dir = resolve(&ModelSource::parse("org/tiny-llama").unwrap(), &opts, DType::F32).unwrap();
+    let dir = resolve(
+        &ModelSource::parse("org/tiny-llama").unwrap(),
+        &opts,
+        DType::F32,
+    )
+    .unwrap();
     same_weights(&dir, &weights);
 }
 
 #[test]
 fn pickle_checkpoints_are_refused_with_an_explanation() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("config.json"), tiny_config().to_hf_json().to_string()).unwrap();
+    std::fs::write(
+        dir.path().join("config.json"),
+        tiny_config().to_hf_json().to_string(),
+    )
+    .unwrap();
     std::fs::write(dir.path().join("pytorch_model.bin"), b"not really").unwrap();
     let e = weight_files(dir.path()).unwrap_err();
     assert!(matches!(e, LoadError::Pickle { .. }));
     let msg = e.to_string();
-    assert!(msg.contains("pytorch_model.bin") && msg.contains("safetensors"), "{msg}");
-    let e = load_dir(dir.path(), DType::F32, &Device::Cpu).err().unwrap().to_string();
+    assert!(
+        msg.contains("pytorch_model.bin") && msg.contains("safetensors"),
+        "{msg}"
+    );
+    let e = load_dir(dir.path(), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("pickle"), "{e}");
 }
 
@@ -142,18 +186,30 @@ fn pickle_checkpoints_are_refused_with_an_explanation() {
 fn model_specs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
-    assert_eq!(ModelSource::parse(d).unwrap(), ModelSource::Dir(PathBuf::from(d)));
+    assert_eq!(
+        ModelSource::parse(d).unwrap(),
+        ModelSource::Dir(PathBuf::from(d))
+    );
     assert_eq!(
         ModelSource::parse("meta-llama/Llama-2-7b-hf").unwrap(),
-        ModelSource::Hub { repo: "meta-llama/Llama-2-7b-hf".into(), revision: None }
+        ModelSource::Hub {
+            repo: "meta-llama/Llama-2-7b-hf".into(),
+            revision: None
+        }
     );
     assert_eq!(
         ModelSource::parse("org/name@v1.0").unwrap(),
-        ModelSource::Hub { repo: "org/name".into(), revision: Some("v1.0".into()) }
+        ModelSource::Hub {
+            repo: "org/name".into(),
+            revision: Some("v1.0".into())
+        }
     );
     let g = dir.path().join("m.gguf");
     std::fs::write(&g, b"x").unwrap();
-    assert_eq!(ModelSource::parse(g.to_str().unwrap()).unwrap(), ModelSource::Gguf(g.clone()));
+    assert_eq!(
+        ModelSource::parse(g.to_str().unwrap()).unwrap(),
+        ModelSource::Gguf(g.clone())
+    );
     assert!(ModelSource::parse("/no/such/model.gguf").is_err());
     assert!(ModelSource::parse("not a model").is_err());
     assert!(ModelSource::parse("/no/such/folder").is_err());

@@ -27,17 +27,26 @@ fn smollm2_dir() -> PathBuf {
 }
 
 fn fixture() -> Value {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/smollm2_reference.json");
+    let p =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/smollm2_reference.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
 
 fn u32s(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn f64s(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 fn load() -> LoadedModel {
@@ -54,7 +63,14 @@ fn logits_and_loss_match_transformers() {
         let ids = m.tokenizer.encode(text, false).unwrap().get_ids().to_vec();
         assert_eq!(ids, want_ids, "token ids of {text:?}");
         let input = Tensor::new(vec![ids.clone()], &Device::Cpu).unwrap();
-        let logits: Vec<Vec<f32>> = m.model.forward_logits(&input, None).unwrap().i(0).unwrap().to_vec2().unwrap();
+        let logits: Vec<Vec<f32>> = m
+            .model
+            .forward_logits(&input, None)
+            .unwrap()
+            .i(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
 
         // First 8 logits at every position.
         let per_pos = case["logits_first8_per_position"].as_array().unwrap();
@@ -65,7 +81,10 @@ fn logits_and_loss_match_transformers() {
                 worst = worst.max((logits[t][j] as f64 - w).abs());
             }
         }
-        assert!(worst < 5e-3, "{text:?}: first-8 logits differ by up to {worst}");
+        assert!(
+            worst < 5e-3,
+            "{text:?}: first-8 logits differ by up to {worst}"
+        );
 
         // Top-10 of the last position: same ids in the same order, values within 5e-3.
         let last = logits.last().unwrap();
@@ -81,13 +100,23 @@ fn logits_and_loss_match_transformers() {
         }
 
         // Mean next-token loss over the prompt (labels = input_ids, shifted inside).
-        let labels = Tensor::new(vec![ids.iter().map(|&i| i as i64).collect::<Vec<_>>()], &Device::Cpu).unwrap();
+        let labels = Tensor::new(
+            vec![ids.iter().map(|&i| i as i64).collect::<Vec<_>>()],
+            &Device::Cpu,
+        )
+        .unwrap();
         let loss = m.model.loss(&input, None, &labels).unwrap();
         assert_eq!(loss.n_tokens, ids.len() - 1);
         let mean = loss.mean().unwrap().to_scalar::<f32>().unwrap() as f64;
         let want = case["mean_next_token_loss"].as_f64().unwrap();
-        assert!((mean - want).abs() < 5e-4, "{text:?}: loss {mean} vs {want}");
-        eprintln!("{text:?}: first-8 max diff {worst:.2e}, loss diff {:.2e}", (mean - want).abs());
+        assert!(
+            (mean - want).abs() < 5e-4,
+            "{text:?}: loss {mean} vs {want}"
+        );
+        eprintln!(
+            "{text:?}: first-8 max diff {worst:.2e}, loss diff {:.2e}",
+            (mean - want).abs()
+        );
     }
 }
 
@@ -110,17 +139,37 @@ fn greedy_generation_matches_transformers_alone_and_batched() {
     assert_eq!(m.eos_token_ids, vec![2]);
     let fx = fixture();
     let cases = fx["cases"].as_array().unwrap();
-    let prompts: Vec<String> = cases.iter().map(|c| c["text"].as_str().unwrap().to_string()).collect();
+    let prompts: Vec<String> = cases
+        .iter()
+        .map(|c| c["text"].as_str().unwrap().to_string())
+        .collect();
     for batch_size in [1, 5] {
-        let gens = generate(&m.model, &m.tokenizer, &prompts, &greedy_config(&m, batch_size)).unwrap();
+        let gens = generate(
+            &m.model,
+            &m.tokenizer,
+            &prompts,
+            &greedy_config(&m, batch_size),
+        )
+        .unwrap();
         for (case, g) in cases.iter().zip(&gens) {
             let want = u32s(&case["greedy_24_new_ids"]);
-            assert_eq!(g.output_ids, want, "batch size {batch_size}: {:?}", case["text"]);
+            assert_eq!(
+                g.output_ids, want,
+                "batch size {batch_size}: {:?}",
+                case["text"]
+            );
             assert_eq!(g.prompt_ids, u32s(&case["input_ids"]));
             let decoded = m.tokenizer.decode(&g.output_ids, false).unwrap();
             assert_eq!(decoded, case["greedy_24_text"].as_str().unwrap());
             let stopped = want.last() == Some(&2);
-            assert_eq!(g.stop_reason, if stopped { StopReason::Eos } else { StopReason::MaxNewTokens });
+            assert_eq!(
+                g.stop_reason,
+                if stopped {
+                    StopReason::Eos
+                } else {
+                    StopReason::MaxNewTokens
+                }
+            );
             // `text` leaves out the EOS special token.
             assert!(!g.text.contains("<|im_end|>"));
         }
@@ -144,7 +193,10 @@ fn sft_binary() -> PathBuf {
 }
 
 fn run_sft(args: &[&str]) -> Vec<Value> {
-    let out = std::process::Command::new(sft_binary()).args(args).output().unwrap();
+    let out = std::process::Command::new(sft_binary())
+        .args(args)
+        .output()
+        .unwrap();
     assert!(
         out.status.success(),
         "sft {args:?} failed: {}",
@@ -165,7 +217,10 @@ fn cli_score_and_generate_match_transformers() {
     let cases = fx["cases"].as_array().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let input = dir.path().join("prompts.jsonl");
-    let lines: Vec<String> = cases.iter().map(|c| serde_json::json!({"prompt": c["text"]}).to_string()).collect();
+    let lines: Vec<String> = cases
+        .iter()
+        .map(|c| serde_json::json!({"prompt": c["text"]}).to_string())
+        .collect();
     std::fs::write(&input, lines.join("\n") + "\n").unwrap();
     let model = smollm2_dir();
     let (model, input) = (model.to_str().unwrap(), input.to_str().unwrap());
@@ -176,24 +231,48 @@ fn cli_score_and_generate_match_transformers() {
         assert_eq!(u32s(&s["input_ids"]), u32s(&case["input_ids"]));
         let loss = s["mean_next_token_loss"].as_f64().unwrap();
         assert!((loss - case["mean_next_token_loss"].as_f64().unwrap()).abs() < 5e-4);
-        assert_eq!(u32s(&s["last_logits_top10"]["ids"]), u32s(&case["last_logits_top10"]["ids"]));
-        for (got, want) in f64s(&s["last_logits_top10"]["values"]).iter().zip(f64s(&case["last_logits_top10"]["values"])) {
+        assert_eq!(
+            u32s(&s["last_logits_top10"]["ids"]),
+            u32s(&case["last_logits_top10"]["ids"])
+        );
+        for (got, want) in f64s(&s["last_logits_top10"]["values"])
+            .iter()
+            .zip(f64s(&case["last_logits_top10"]["values"]))
+        {
             assert!((got - want).abs() < 5e-3, "{got} vs {want}");
         }
     }
 
     let gens = run_sft(&[
-        "generate", "--model", model, "--input", input, "--max-new-tokens", "24", "--greedy", "--batch-size", "5",
+        "generate",
+        "--model",
+        model,
+        "--input",
+        input,
+        "--max-new-tokens",
+        "24",
+        "--greedy",
+        "--batch-size",
+        "5",
     ]);
     assert_eq!(gens.len(), cases.len());
     for (case, g) in cases.iter().zip(&gens) {
         assert_eq!(g["prompt"], case["text"]);
-        assert_eq!(u32s(&g["output_ids"]), u32s(&case["greedy_24_new_ids"]), "{:?}", case["text"]);
+        assert_eq!(
+            u32s(&g["output_ids"]),
+            u32s(&case["greedy_24_new_ids"]),
+            "{:?}",
+            case["text"]
+        );
         assert!(g["text"].is_string());
     }
 
     // A bad line is an error naming the file and the line.
-    std::fs::write(dir.path().join("bad.jsonl"), "{\"prompt\": \"ok\"}\n{\"prompt\": 3}\n").unwrap();
+    std::fs::write(
+        dir.path().join("bad.jsonl"),
+        "{\"prompt\": \"ok\"}\n{\"prompt\": 3}\n",
+    )
+    .unwrap();
     let bad = dir.path().join("bad.jsonl");
     let out = std::process::Command::new(sft_binary())
         .args(["score", "--model", model, "--input", bad.to_str().unwrap()])

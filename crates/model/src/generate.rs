@@ -32,7 +32,11 @@ pub enum Sampling {
     Greedy,
     /// Softmax of `logits / temperature`, restricted to the smallest set of most likely tokens
     /// whose probability reaches `top_p`.
-    Sample { temperature: f64, top_p: f64, seed: u64 },
+    Sample {
+        temperature: f64,
+        top_p: f64,
+        seed: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -127,8 +131,11 @@ pub fn generate_ids(
     if !cfg.stop_strings.is_empty() && tokenizer.is_none() {
         return Err(GenerateError::Input("stop strings need a tokenizer".into()));
     }
-    if let Sampling::Sample { temperature, top_p, .. } = cfg.sampling {
-        if !(temperature >= 0.0 && temperature.is_finite()) || !(top_p > 0.0 && top_p <= 1.0) {
+    if let Sampling::Sample {
+        temperature, top_p, ..
+    } = cfg.sampling
+    {
+        if !(temperature >= 0.0 && temperature.is_finite() && top_p > 0.0 && top_p <= 1.0) {
             return Err(GenerateError::Input(format!(
                 "sampling needs temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})"
             )));
@@ -146,7 +153,10 @@ pub fn generate_ids(
             out[i] = Some(g);
         }
     }
-    Ok(out.into_iter().map(|g| g.expect("every prompt was generated")).collect())
+    Ok(out
+        .into_iter()
+        .map(|g| g.expect("every prompt was generated"))
+        .collect())
 }
 
 /// One row of a running batch.
@@ -213,7 +223,9 @@ fn run_batch(
                     seq.stop = Some(StopReason::MaxNewTokens);
                 }
             }
-            let keep: Vec<usize> = (0..active.len()).filter(|&r| seqs[active[r]].stop.is_none()).collect();
+            let keep: Vec<usize> = (0..active.len())
+                .filter(|&r| seqs[active[r]].stop.is_none())
+                .collect();
             if keep.is_empty() {
                 break;
             }
@@ -221,7 +233,10 @@ fn run_batch(
                 cache.select_rows(&keep)?;
                 active = keep.iter().map(|&r| active[r]).collect();
             }
-            let next: Vec<u32> = active.iter().map(|&s| *seqs[s].output.last().expect("one token")).collect();
+            let next: Vec<u32> = active
+                .iter()
+                .map(|&s| *seqs[s].output.last().expect("one token"))
+                .collect();
             let next = Tensor::from_vec(next, (active.len(), 1), dev)?;
             logits = model.forward_cached(&next, None, &mut cache)?;
         }
@@ -252,10 +267,18 @@ fn decode(tok: &Tokenizer, ids: &[u32], skip_special: bool) -> Result<String> {
 fn hits_stop(tok: Option<&Tokenizer>, output: &[u32], cfg: &GenerateConfig) -> Result<bool> {
     let Some(tok) = tok else { return Ok(false) };
     let text = decode(tok, output, false)?;
-    Ok(cfg.stop_strings.iter().any(|s| !s.is_empty() && text.contains(s.as_str())))
+    Ok(cfg
+        .stop_strings
+        .iter()
+        .any(|s| !s.is_empty() && text.contains(s.as_str())))
 }
 
-fn final_text(tok: &Tokenizer, output: &[u32], stop: Option<StopReason>, cfg: &GenerateConfig) -> Result<String> {
+fn final_text(
+    tok: &Tokenizer,
+    output: &[u32],
+    stop: Option<StopReason>,
+    cfg: &GenerateConfig,
+) -> Result<String> {
     let ids = match (stop, output.split_last()) {
         (Some(StopReason::Eos), Some((_, rest))) => rest,
         _ => output,
@@ -285,9 +308,12 @@ fn pick(logits: &[f32], sampling: &Sampling, rng: Option<&mut ChaCha8Rng>) -> u3
         best as u32
     };
     match (sampling, rng) {
-        (Sampling::Sample { temperature, top_p, .. }, Some(rng)) if *temperature > 0.0 => {
-            sample_top_p(logits, *temperature, *top_p, rng)
-        }
+        (
+            Sampling::Sample {
+                temperature, top_p, ..
+            },
+            Some(rng),
+        ) if *temperature > 0.0 => sample_top_p(logits, *temperature, *top_p, rng),
         _ => argmax(),
     }
 }
@@ -343,7 +369,11 @@ mod tests {
             .unwrap()
             .into_iter()
             .map(|(n, t)| {
-                let t = if n.ends_with("norm.weight") { t } else { (t * 8.0).unwrap() };
+                let t = if n.ends_with("norm.weight") {
+                    t
+                } else {
+                    (t * 8.0).unwrap()
+                };
                 (n, t)
             })
             .collect();
@@ -351,7 +381,13 @@ mod tests {
     }
 
     fn prompts() -> Vec<Vec<u32>> {
-        vec![vec![3, 9, 27, 4, 10], vec![7], vec![12, 1, 40], vec![5, 5, 5, 5, 5, 5, 5, 2], vec![33, 21]]
+        vec![
+            vec![3, 9, 27, 4, 10],
+            vec![7],
+            vec![12, 1, 40],
+            vec![5, 5, 5, 5, 5, 5, 5, 2],
+            vec![33, 21],
+        ]
     }
 
     /// Greedy tokens, one step at a time with the full forward (no cache, no batch).
@@ -361,7 +397,13 @@ mod tests {
         for _ in 0..n {
             let ids = Tensor::new(vec![seq.clone()], &Device::Cpu).unwrap();
             let l = model.forward_logits(&ids, None).unwrap();
-            let last: Vec<f32> = l.squeeze(0).unwrap().to_vec2::<f32>().unwrap().pop().unwrap();
+            let last: Vec<f32> = l
+                .squeeze(0)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+                .pop()
+                .unwrap();
             let tok = pick(&last, &Sampling::Greedy, None);
             out.push(tok);
             seq.push(tok);
@@ -392,7 +434,14 @@ mod tests {
                 assert_eq!(g.output_ids, want, "batch size {bs}, prompt {p:?}");
                 assert_eq!(&g.prompt_ids, p);
                 let stopped = want.last() == Some(&eos[0]);
-                assert_eq!(g.stop_reason, if stopped { StopReason::Eos } else { StopReason::MaxNewTokens });
+                assert_eq!(
+                    g.stop_reason,
+                    if stopped {
+                        StopReason::Eos
+                    } else {
+                        StopReason::MaxNewTokens
+                    }
+                );
             }
             let first = free.iter().position(|&t| t == eos[0]).unwrap() + 1;
             assert_eq!(gens[0].output_ids.len(), first);
@@ -407,18 +456,35 @@ mod tests {
         let run = |bs: usize, seed: u64, top_p: f64| {
             let cfg = GenerateConfig {
                 max_new_tokens: 8,
-                sampling: Sampling::Sample { temperature: 1.5, top_p, seed },
+                sampling: Sampling::Sample {
+                    temperature: 1.5,
+                    top_p,
+                    seed,
+                },
                 batch_size: bs,
                 ..Default::default()
             };
-            generate_ids(&model, None, &ps, &cfg).unwrap().into_iter().map(|g| g.output_ids).collect::<Vec<_>>()
+            generate_ids(&model, None, &ps, &cfg)
+                .unwrap()
+                .into_iter()
+                .map(|g| g.output_ids)
+                .collect::<Vec<_>>()
         };
         let a = run(5, 1, 0.9);
         assert_eq!(a, run(2, 1, 0.9), "batching changes sampled tokens");
         assert_eq!(a, run(5, 1, 0.9));
         assert_ne!(a, run(5, 2, 0.9), "the seed has no effect");
         // top_p this small keeps only the most likely token: greedy.
-        let greedy = generate_ids(&model, None, &ps, &GenerateConfig { max_new_tokens: 8, ..Default::default() }).unwrap();
+        let greedy = generate_ids(
+            &model,
+            None,
+            &ps,
+            &GenerateConfig {
+                max_new_tokens: 8,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let tiny_p = run(3, 9, 1e-9);
         for (g, s) in greedy.iter().zip(tiny_p) {
             assert_eq!(g.output_ids, s);
@@ -445,7 +511,12 @@ mod tests {
         let cfg = GenerateConfig::default();
         assert!(generate_ids(&model, None, &[vec![]], &cfg).is_err());
         assert!(generate_ids(&model, None, &[vec![1000]], &cfg).is_err());
-        let zero = GenerateConfig { max_new_tokens: 0, ..Default::default() };
-        assert!(generate_ids(&model, None, &[vec![1]], &zero).unwrap()[0].output_ids.is_empty());
+        let zero = GenerateConfig {
+            max_new_tokens: 0,
+            ..Default::default()
+        };
+        assert!(generate_ids(&model, None, &[vec![1]], &zero).unwrap()[0]
+            .output_ids
+            .is_empty());
     }
 }

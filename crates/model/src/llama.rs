@@ -889,7 +889,7 @@ mod tests {
             let model = Llama::from_weights(&cfg, w.clone()).unwrap();
             let ids = vec![5u32, 17, 2, 60, 33, 9, 41];
             let logits = model
-                .forward_logits(&ids_tensor(&[ids.clone()]), None)
+                .forward_logits(&ids_tensor(std::slice::from_ref(&ids)), None)
                 .unwrap();
             assert_eq!(logits.dims(), &[1, ids.len(), cfg.vocab_size]);
             let got: Vec<Vec<f64>> = logits.i(0).unwrap().to_vec2().unwrap();
@@ -923,11 +923,10 @@ mod tests {
             .to_vec1::<f64>()
             .unwrap();
         let inv: Vec<f64> = cfg.rope_inv_freq().iter().map(|&f| f as f64).collect();
-        for b in 0..2 {
+        for (b, row) in positions.iter().enumerate() {
             for h in 0..3 {
-                for t in 0..4 {
+                for (t, &p) in row.iter().enumerate() {
                     let base = ((b * 3 + h) * 4 + t) * hd;
-                    let p = positions[b][t] as f64;
                     for i in 0..hd / 2 {
                         let a = (p as f32 * inv[i] as f32) as f64;
                         let (x1, x2) = (xv[base + i], xv[base + i + hd / 2]);
@@ -950,7 +949,7 @@ mod tests {
         let b = vec![5u32, 35, 8];
         let alone = |s: &Vec<u32>| -> Vec<Vec<f32>> {
             model
-                .forward_hidden(&ids_tensor(&[s.clone()]), None)
+                .forward_hidden(&ids_tensor(std::slice::from_ref(s)), None)
                 .unwrap()
                 .i(0)
                 .unwrap()
