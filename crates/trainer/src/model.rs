@@ -3,11 +3,13 @@
 use crate::config::{AdapterKind, Config, GenEvalConfig};
 use crate::TrainError;
 use candle_core::{DType, Device, Tensor, Var};
+use sft_data::Encoder;
 use sft_data::{Batch, BuildOptions, Dataset, Template, TokenizerFiles};
 use sft_eval::{Answer, BoxError};
-use sft_model::generate::{generate, GenerateConfig, Sampling};
+use sft_model::generate::{generate_ids, GenerateConfig, Sampling};
 use sft_model::llama::{Llama, LossOutput};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// A trainable parameter: its name in the saved files and its variable.
 pub struct Param {
@@ -29,7 +31,7 @@ pub struct TrainModel {
     pub base_name: String,
     pub kind: AdapterKind,
     pub device: Device,
-    template: Option<Template>,
+    template: Option<(Arc<Encoder>, Template)>,
 }
 
 pub fn parse_device(spec: &str) -> Result<Device, TrainError> {
@@ -133,15 +135,15 @@ impl TrainModel {
         let files = TokenizerFiles::from_dir(&self.dir).map_err(TrainError::Data)?;
         let ds = sft_data::build_dataset(&cfg.data, &files, &BuildOptions::default())
             .map_err(TrainError::Data)?;
-        let (_, template) =
+        let (enc, template) =
             sft_data::load_encoder_and_template(&cfg.data, &files).map_err(TrainError::Data)?;
-        self.template = Some(template);
+        self.template = Some((Arc::new(enc), template));
         Ok(ds)
     }
 
     /// The template training renders prompts with (after [`TrainModel::dataset`]).
     pub fn template(&self) -> Option<&Template> {
-        self.template.as_ref()
+        self.template.as_ref().map(|t| &t.1)
     }
 
     pub fn set_dropout_seed(&mut self, seed: u64, step: u64, micro: u64) {
@@ -207,30 +209,33 @@ pub fn mix_seed(seed: u64, step: u64, micro: u64) -> u64 {
     x ^ (x >> 31)
 }
 
-/// The evaluators' view of the model being trained: render through the training template
-/// (or the evaluator's own), generate greedily in batches, return the texts.
+/// The evaluators' view of a model: render each instruction through a template (the
+/// training one by default), generate greedily in batches, return the texts.
 pub struct ModelAnswer<'a> {
-    model: &'a mut TrainModel,
-    template: Template,
-    batch_size: usize,
+    pub llama: &'a Llama,
+    pub tokenizer: &'a tokenizers::Tokenizer,
+    /// Tokenizes prompts exactly as training does (BOS prefix included).
+    pub encoder: Arc<Encoder>,
+    pub template: Template,
+    pub eos_token_ids: Vec<u32>,
+    pub batch_size: usize,
+}
+
+/// The template named `name` for the model in `dir` (as `data.template` would read it).
+pub fn template_named(name: &str, dir: &Path) -> Result<(Arc<Encoder>, Template), TrainError> {
+    let data: sft_data::DataConfig =
+        serde_yaml::from_str(&format!("sources: []\ntemplate: {name}"))
+            .map_err(|err| TrainError::Config(format!("template '{name}': {err}")))?;
+    let files = TokenizerFiles::from_dir(dir).map_err(TrainError::Data)?;
+    let (enc, t) = sft_data::load_encoder_and_template(&data, &files).map_err(TrainError::Data)?;
+    Ok((Arc::new(enc), t))
 }
 
 impl<'a> ModelAnswer<'a> {
-    pub fn new(
-        model: &'a mut TrainModel,
-        cfg: &Config,
-        e: &GenEvalConfig,
-    ) -> Result<Self, TrainError> {
-        let template = match &e.template {
-            Some(name) => {
-                let mut data = cfg.data.clone();
-                data.template = serde_yaml::from_str(name)
-                    .map_err(|err| TrainError::Config(format!("eval template '{name}': {err}")))?;
-                let files = TokenizerFiles::from_dir(&model.dir).map_err(TrainError::Data)?;
-                sft_data::load_encoder_and_template(&data, &files)
-                    .map_err(TrainError::Data)?
-                    .1
-            }
+    /// The model under training, in evaluation mode (no dropout).
+    pub fn new(model: &'a mut TrainModel, e: &GenEvalConfig) -> Result<Self, TrainError> {
+        let (encoder, template) = match &e.template {
+            Some(name) => template_named(name, &model.dir)?,
             None => model
                 .template
                 .clone()
@@ -238,8 +243,11 @@ impl<'a> ModelAnswer<'a> {
         };
         model.set_eval();
         Ok(Self {
-            model,
+            llama: &model.llama,
+            tokenizer: &model.tokenizer,
+            encoder,
             template,
+            eos_token_ids: model.eos_token_ids.clone(),
             batch_size: e.batch_size,
         })
     }
@@ -253,18 +261,18 @@ impl Answer for ModelAnswer<'_> {
     ) -> Result<Vec<String>, BoxError> {
         let prompts = instructions
             .iter()
-            .map(|i| self.template.render_prompt(i))
+            .map(|i| self.encoder.encode_prompt(&self.template.render_prompt(i)?))
             .collect::<Result<Vec<_>, _>>()?;
         let cfg = GenerateConfig {
             max_new_tokens,
             sampling: Sampling::Greedy,
-            eos_token_ids: self.model.eos_token_ids.clone(),
+            eos_token_ids: self.eos_token_ids.clone(),
             stop_strings: Vec::new(),
             batch_size: self.batch_size,
             add_special_tokens: false,
-            pad_token_id: self.model.eos_token_ids.first().copied().unwrap_or(0),
+            pad_token_id: self.eos_token_ids.first().copied().unwrap_or(0),
         };
-        let out = generate(&self.model.llama, &self.model.tokenizer, &prompts, &cfg)?;
+        let out = generate_ids(self.llama, Some(self.tokenizer), &prompts, &cfg)?;
         Ok(out.into_iter().map(|g| g.text).collect())
     }
 }

@@ -555,7 +555,7 @@ fn evaluate_due(
         let t = Instant::now();
         let out = run_dir.join("evals").join(format!("step-{:06}", st.step));
         let report = {
-            let mut answer = ModelAnswer::new(model, cfg, e)?;
+            let mut answer = ModelAnswer::new(model, e)?;
             ev.evaluate(&mut answer, &out).map_err(TrainError::eval)?
         };
         *st.seconds.entry("eval_ifs".into()).or_default() += t.elapsed().as_secs_f64();
@@ -611,7 +611,7 @@ fn evaluate_due(
         let t = Instant::now();
         let out = run_dir.join("evals").join(format!("step-{:06}", st.step));
         let report = {
-            let mut answer = ModelAnswer::new(model, cfg, e)?;
+            let mut answer = ModelAnswer::new(model, e)?;
             ev.evaluate(&mut answer, &out).map_err(TrainError::eval)?
         };
         *st.seconds.entry("eval_objecqa".into()).or_default() += t.elapsed().as_secs_f64();
