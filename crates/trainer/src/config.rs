@@ -412,6 +412,15 @@ impl Config {
                 "model.device: expected cpu, cuda or cuda:N, found '{dev}'"
             ));
         }
+        if self.data.pack {
+            // The data crate packs (segment ids, restarting positions), but the model does not
+            // yet build the block-diagonal mask: packed examples would attend to each other.
+            errs.push(
+                "data.pack: packing is not supported by the model's attention yet (examples \
+                 would see each other); use pack: false with group_by_length"
+                    .into(),
+            );
+        }
         if self.checkpoint.keep_last == 0 {
             errs.push("checkpoint.keep_last: expected at least 1".into());
         }

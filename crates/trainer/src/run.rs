@@ -99,7 +99,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
     );
 
     // The data.
+    let t_data = Instant::now();
     let data = model.dataset(cfg)?;
+    let data_build_seconds = t_data.elapsed().as_secs_f64();
     let mut batcher = Batcher::new(
         Arc::new(data.train.clone()),
         data.pad_id,
@@ -136,6 +138,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
         None => fresh_state(cfg),
     };
     let resumed_at = st.step;
+    *st.seconds.entry("data_build".into()).or_default() += data_build_seconds;
     let train_seconds_before = st.seconds.get("train").copied().unwrap_or(0.0);
 
     // A run that already stopped does not train on unless the new config no longer stops it.
@@ -201,7 +204,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
         let mut acc = GradAccumulator::new();
         let (mut loss_sum, mut tokens, mut examples, mut padding) = (0.0f64, 0usize, 0u64, 0.0);
         for micro in 0..cfg.train.grad_accum {
+            let tb = Instant::now();
             let batch = batcher.next_batch();
+            *st.seconds.entry("data_batches".into()).or_default() += tb.elapsed().as_secs_f64();
             examples += batch.num_examples() as u64;
             padding += batch.padding_ratio();
             model.set_dropout_seed(st.seed, st.step, micro as u64);
@@ -277,7 +282,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
             (padding / cfg.train.grad_accum as f64).into(),
         );
         rec.insert("seconds".into(), dt.into());
+        let tl = Instant::now();
         log.write(&rec).map_err(|e| TrainError::io(log.path(), e))?;
+        *st.seconds.entry("logging".into()).or_default() += tl.elapsed().as_secs_f64();
         progress.step(st.step, st.examples, tokens, mean_loss, lr, dt);
         if cfg.logging.every_steps > 0 && st.step % cfg.logging.every_steps == 0 {
             tracing::info!(
