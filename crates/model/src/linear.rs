@@ -66,6 +66,29 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let Some(l) = &self.lora else {
+            return self.forward_base(x);
+        };
+        // One fused graph node when base, input and adapter share f32/f64 (the common case).
+        let fused = !self.weight.is_variable()
+            && x.dtype() == l.a.dtype()
+            && self.weight.dtype() == x.dtype()
+            && matches!(x.dtype(), DType::F32 | DType::F64);
+        if fused {
+            let mask = l.dropout_mask(x)?;
+            let y = ops::lora_linear(
+                x,
+                &self.weight,
+                l.a.as_tensor(),
+                l.b.as_tensor(),
+                l.scale,
+                mask.as_ref(),
+            )?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let y = self.forward_base(x)?;
         match &self.lora {
             None => Ok(y),
@@ -176,29 +199,32 @@ impl LoraLayer {
         } else {
             x.to_dtype(dt)?
         };
-        let x = self.dropout(&x)?;
+        let x = match self.dropout_mask(&x)? {
+            Some(mask) => (x * mask)?,
+            None => x,
+        };
         let h = x.broadcast_matmul(&self.a.as_tensor().t()?)?;
         h.broadcast_matmul(&self.b.as_tensor().t()?)?
             .affine(self.scale, 0.0)
     }
 
-    fn dropout(&self, x: &Tensor) -> Result<Tensor> {
+    /// The dropout mask for an input like `x` (keep with probability 1 - p, scaled by
+    /// 1 / (1 - p)), in `x`'s dtype; `None` without dropout or in evaluation mode.
+    pub fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if self.dropout <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let mut g = self.rng.lock().unwrap_or_else(|e| e.into_inner());
         let Some(rng) = g.as_mut() else {
-            return Ok(x.clone());
+            return Ok(None);
         };
-        if self.dropout >= 1.0 {
-            return x.zeros_like();
-        }
         let keep = 1.0 - self.dropout;
-        let inv = (1.0 / keep) as f32;
+        let inv = if keep > 0.0 { (1.0 / keep) as f32 } else { 0.0 };
         let mask: Vec<f32> = (0..x.elem_count())
             .map(|_| if rng.random::<f64>() < keep { inv } else { 0.0 })
             .collect();
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x * mask
+        Ok(Some(
+            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+        ))
     }
 }

@@ -830,13 +830,14 @@ impl CustomOp3 for SiluMulBwd {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Frozen linear
+// Frozen linear and the fused LoRA linear
 // ---------------------------------------------------------------------------------------------
 
 /// `y = x W^T` for a frozen `W` (out, in): the backward returns only the input gradient
 /// `grad · W` and never computes a gradient for `W`, so a frozen base layer costs neither the
-/// memory nor the FLOPs of a dW. `x`: (..., in). Refuses a `Var` weight (it would silently
-/// get no gradient): trainable weights use a plain matmul.
+/// memory nor the FLOPs of a dW. `x`: (..., in) -> (..., out), one graph node (no reshapes).
+/// Refuses a `Var` weight (it would silently get no gradient): trainable weights use a plain
+/// matmul.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.is_variable() {
         bail!("frozen_linear: the weight is a Var; trainable weights need a plain matmul");
@@ -846,54 +847,61 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if dims.last() != Some(&k) {
         bail!("frozen_linear: x {dims:?} does not end in in_features {k} of W ({n}, {k})");
     }
-    let m = x.elem_count() / k.max(1);
-    let y = x
-        .contiguous()?
-        .reshape((m, k))?
-        .apply_op2(w, FrozenLinear)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("rank >= 1 checked above") = n;
-    y.reshape(out_dims)
+    x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinear)
 }
 
 struct FrozenLinear;
 
-fn linear_bmnk(l1: &Layout, l2: &Layout) -> Result<((usize, usize, usize, usize), Layout)> {
-    let (m, k) = match l1.dims() {
-        &[m, k] => (m, k),
-        d => bail!("frozen_linear: x must be 2D here, got {d:?}"),
+/// The (m, k) view of a contiguous (..., k) input and the output shape (..., n).
+fn rows_view(lx: &Layout, n: usize, op: &str) -> Result<(usize, usize, Layout, Shape)> {
+    let dims = lx.dims();
+    let Some(&k) = dims.last() else {
+        bail!("{op}: x must have at least one dimension");
     };
-    let (n, k2) = match l2.dims() {
-        &[n, k2] => (n, k2),
-        d => bail!("frozen_linear: W must be 2D, got {d:?}"),
+    let Some((start, _)) = lx.contiguous_offsets() else {
+        bail!("{op}: x must be contiguous");
     };
-    if k != k2 {
-        bail!("frozen_linear: x (.., {k}) and W ({n}, {k2}) do not match");
-    }
-    Ok(((1, m, n, k), l2.transpose(0, 1)?))
+    let m = lx.shape().elem_count() / k.max(1);
+    let mut out = dims.to_vec();
+    *out.last_mut().expect("rank >= 1") = n;
+    Ok((
+        m,
+        k,
+        Layout::contiguous_with_offset((m, k), start),
+        Shape::from(out),
+    ))
 }
 
-/// bf16 x bf16 through gemm in f32: candle's CPU matmul has no bf16 kernel.
-fn bf16_matmul_t(
-    x: &[bf16],
-    w: &CpuStorage,
+/// `x (m, k) · W^T` where `W` is (n, k), for any float dtype (bf16 through f32 gemm: candle's
+/// CPU matmul has no bf16 kernel).
+fn cpu_matmul_t(
+    sx: &CpuStorage,
+    lx: &Layout,
+    sw: &CpuStorage,
     lw: &Layout,
     (m, n, k): (usize, usize, usize),
 ) -> Result<CpuStorage> {
+    let lwt = lw.transpose(0, 1)?;
+    if sx.dtype() != DType::BF16 {
+        return sx.matmul(sw, (1, m, n, k), lx, &lwt);
+    }
+    let x = cont::<bf16>(sx, lx, "matmul")?;
+    let w = cont::<bf16>(sw, lw, "matmul")?;
     let xf = CpuStorage::F32(x.iter().map(|v| v.to_f32()).collect());
-    let ws = w.as_slice::<bf16>()?;
-    let wf: Vec<f32> = match lw.contiguous_offsets() {
-        Some((a, b)) => ws[a..b].iter().map(|v| v.to_f32()).collect(),
-        None => bail!("frozen_linear: W must be contiguous"),
-    };
-    let wf = CpuStorage::F32(wf);
-    let lx = Layout::contiguous((m, k));
+    let wf = CpuStorage::F32(w.iter().map(|v| v.to_f32()).collect());
     let lwt = Layout::contiguous((n, k)).transpose(0, 1)?;
-    let y = xf.matmul(&wf, (1, m, n, k), &lx, &lwt)?;
+    let y = xf.matmul(&wf, (1, m, n, k), &Layout::contiguous((m, k)), &lwt)?;
     let y = y.as_slice::<f32>()?;
     Ok(CpuStorage::BF16(
         y.iter().map(|&v| bf16::from_f32(v)).collect(),
     ))
+}
+
+fn w_dims(lw: &Layout, k: usize, op: &str) -> Result<usize> {
+    match lw.dims() {
+        &[n, k2] if k2 == k => Ok(n),
+        d => bail!("{op}: W {d:?} does not match x (.., {k})"),
+    }
 }
 
 impl CustomOp2 for FrozenLinear {
@@ -909,15 +917,10 @@ impl CustomOp2 for FrozenLinear {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         same_dtype("frozen_linear", s1.dtype(), s2.dtype())?;
-        let (bmnk, lwt) = linear_bmnk(l1, l2)?;
-        let (_, m, n, k) = bmnk;
-        let out = if s1.dtype() == DType::BF16 {
-            let x = cont::<bf16>(s1, l1, "frozen_linear")?;
-            bf16_matmul_t(x, s2, l2, (m, n, k))?
-        } else {
-            s1.matmul(s2, bmnk, l1, &lwt)?
-        };
-        Ok((out, Shape::from((m, n))))
+        let n = l2.dims().first().copied().unwrap_or(0);
+        let (m, k, lx, shape) = rows_view(l1, n, "frozen_linear")?;
+        w_dims(l2, k, "frozen_linear")?;
+        Ok((cpu_matmul_t(s1, &lx, s2, l2, (m, n, k))?, shape))
     }
 
     fn cuda_fwd(
@@ -927,26 +930,250 @@ impl CustomOp2 for FrozenLinear {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let (bmnk, lwt) = linear_bmnk(l1, l2)?;
-        let out = s1.matmul(s2, bmnk, l1, &lwt)?;
-        Ok((out, Shape::from((bmnk.1, bmnk.2))))
+        let n = l2.dims().first().copied().unwrap_or(0);
+        let (m, k, lx, shape) = rows_view(l1, n, "frozen_linear")?;
+        w_dims(l2, k, "frozen_linear")?;
+        let out = s1.matmul(s2, (1, m, n, k), &lx, &l2.transpose(0, 1)?)?;
+        Ok((out, shape))
     }
 
     fn bwd(
         &self,
-        _x: &Tensor,
+        x: &Tensor,
         w: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let dx = if w.dtype() == DType::BF16 && w.device().is_cpu() {
-            let g = grad.to_dtype(DType::F32)?;
-            g.matmul(&w.to_dtype(DType::F32)?)?.to_dtype(DType::BF16)?
-        } else {
-            grad.matmul(w)?
-        };
-        Ok((Some(dx), None))
+        Ok((Some(grad_times_w(grad, w, x.dims())?), None))
     }
+}
+
+/// `grad (..., n) · W (n, k)` reshaped to `x_dims` (..., k).
+fn grad_times_w(grad: &Tensor, w: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
+    let n = w.dim(0)?;
+    let g = grad.contiguous()?;
+    let g = g.reshape((g.elem_count() / n.max(1), n))?;
+    let dx = if w.dtype() == DType::BF16 && w.device().is_cpu() {
+        g.to_dtype(DType::F32)?
+            .matmul(&w.to_dtype(DType::F32)?)?
+            .to_dtype(DType::BF16)?
+    } else {
+        g.matmul(w)?
+    };
+    dx.reshape(x_dims)
+}
+
+/// LoRA on a frozen linear layer as one graph node:
+/// `y = x W^T + scale * (x A^T) B^T`, with `W` (out, in) frozen, `A` (r, in) and `B` (out, r)
+/// usually `Var`s. The backward gives `dx`, `dA`, `dB` (each only when its input tracks a
+/// gradient) and never a dW. `x`, `A` and `B` share one dtype (f32 or f64). `dropout_mask`
+/// (x's shape, already scaled by 1 / keep) multiplies the adapter's input only, as PEFT's
+/// `lora_dropout` does; it is a constant.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    if w.is_variable() {
+        bail!("lora_linear: the base weight is a Var; LoRA needs a frozen base");
+    }
+    let (n, k) = w.dims2()?;
+    let (r, ka) = a.dims2()?;
+    if ka != k || b.dims() != [n, r] {
+        bail!(
+            "lora_linear: A {:?} and B {:?} do not fit W ({n}, {k})",
+            a.dims(),
+            b.dims()
+        );
+    }
+    if x.dims().last() != Some(&k) {
+        bail!("lora_linear: x {:?} does not end in {k}", x.dims());
+    }
+    if x.dtype() != a.dtype() || b.dtype() != a.dtype() || w.dtype() != x.dtype() {
+        bail!(
+            "lora_linear: x {:?}, W {:?}, A {:?}, B {:?} must share one dtype",
+            x.dtype(),
+            w.dtype(),
+            a.dtype(),
+            b.dtype()
+        );
+    }
+    if let Some(mask) = dropout_mask {
+        if mask.shape() != x.shape() || mask.dtype() != x.dtype() {
+            bail!(
+                "lora_linear: dropout mask {:?} {:?}, x {:?} {:?}",
+                mask.dtype(),
+                mask.dims(),
+                x.dtype(),
+                x.dims()
+            );
+        }
+    }
+    if !x.device().is_cpu() {
+        let base = frozen_linear(x, w)?;
+        let xd = match dropout_mask {
+            Some(mask) => (x * mask)?,
+            None => x.clone(),
+        };
+        let h = xd.broadcast_matmul(&a.t()?)?;
+        return base + h.broadcast_matmul(&b.t()?)?.affine(scale, 0.0)?;
+    }
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.contiguous()?,
+            scale,
+            mask: dropout_mask.map(|m| m.contiguous()).transpose()?,
+        },
+    )
+}
+
+struct LoraLinear {
+    /// The frozen base weight (out, in), contiguous.
+    w: Tensor,
+    scale: f64,
+    /// The adapter input's dropout mask (x's shape, scaled), contiguous.
+    mask: Option<Tensor>,
+}
+
+impl LoraLinear {
+    /// The adapter's input: x, or x times the dropout mask.
+    fn adapter_input(&self, sx: &CpuStorage, lx: &Layout) -> Result<Option<CpuStorage>> {
+        let Some(mask) = &self.mask else {
+            return Ok(None);
+        };
+        let (ms, ml) = mask.storage_and_layout();
+        let candle_core::Storage::Cpu(ms) = &*ms else {
+            bail!("lora_linear: the dropout mask is not on the CPU");
+        };
+        Ok(Some(match sx.dtype() {
+            DType::F32 => {
+                let x = cont::<f32>(sx, lx, "lora_linear")?;
+                let m = cont::<f32>(ms, ml, "lora_linear")?;
+                CpuStorage::F32(x.iter().zip(m).map(|(a, b)| a * b).collect())
+            }
+            DType::F64 => {
+                let x = cont::<f64>(sx, lx, "lora_linear")?;
+                let m = cont::<f64>(ms, ml, "lora_linear")?;
+                CpuStorage::F64(x.iter().zip(m).map(|(a, b)| a * b).collect())
+            }
+            dt => bail!("lora_linear: unsupported dtype {dt:?} (f32 or f64)"),
+        }))
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "sft-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (ws, lw) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            bail!("lora_linear: the base weight is not on the CPU");
+        };
+        let (n, kw) = self.w.dims2()?;
+        let (m, k, lx, shape) = rows_view(lx, n, "lora_linear")?;
+        if kw != k {
+            bail!("lora_linear: W (.., {kw}) and x (.., {k}) differ");
+        }
+        let r = la.dims()[0];
+        let base = cpu_matmul_t(sx, &lx, ws, lw, (m, n, k))?;
+        let h = match self.adapter_input(sx, &lx)? {
+            Some(xd) => cpu_matmul_t(&xd, &Layout::contiguous((m, k)), sa, la, (m, r, k))?,
+            None => cpu_matmul_t(sx, &lx, sa, la, (m, r, k))?,
+        };
+        let delta = cpu_matmul_t(&h, &Layout::contiguous((m, r)), sb, lb, (m, n, r))?;
+        let out = match (base, delta) {
+            (CpuStorage::F32(mut y), CpuStorage::F32(d)) => {
+                let s = self.scale as f32;
+                axpy_rows(&mut y, &d, n, |y, d| *y += s * d);
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::F64(mut y), CpuStorage::F64(d)) => {
+                let s = self.scale;
+                axpy_rows(&mut y, &d, n, |y, d| *y += s * d);
+                CpuStorage::F64(y)
+            }
+            (y, _) => bail!(
+                "lora_linear: unsupported dtype {:?} (f32 or f64)",
+                y.dtype()
+            ),
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = self.w.dims2()?;
+        let (need_x, need_a, need_b) = (x.track_op(), a.track_op(), b.track_op());
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let g = grad.contiguous()?;
+        let m = g.elem_count() / n.max(1);
+        let g = g.reshape((m, n))?;
+        // The adapter's input, with dropout applied.
+        let xd = match &self.mask {
+            Some(mask) => (&x * mask)?.reshape((m, k))?,
+            None => x.reshape((m, k))?,
+        };
+        let x2 = &xd;
+        let gb = g.matmul(&b)?; // (m, r)
+        let dx = if need_x {
+            let da_in = gb.matmul(&a)?.affine(self.scale, 0.0)?;
+            let da_in = match &self.mask {
+                Some(mask) => (da_in * mask.reshape((m, k))?)?,
+                None => da_in,
+            };
+            let dx = (g.matmul(&self.w)? + da_in)?;
+            Some(dx.reshape(x.dims())?)
+        } else {
+            None
+        };
+        let da = if need_a {
+            Some(gb.t()?.matmul(x2)?.affine(self.scale, 0.0)?)
+        } else {
+            None
+        };
+        let db = if need_b {
+            let h = x2.matmul(&a.t()?)?; // (m, r)
+            Some(g.t()?.matmul(&h)?.affine(self.scale, 0.0)?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
+
+/// `f(y, d)` over two equally long buffers, in parallel over `n`-wide rows when large.
+fn axpy_rows<T: Copy + Send + Sync, F: Fn(&mut T, T) + Send + Sync>(
+    y: &mut [T],
+    d: &[T],
+    n: usize,
+    f: F,
+) {
+    for_rows(y, n, |i, row| {
+        for (yv, &dv) in row.iter_mut().zip(&d[i * n..(i + 1) * n]) {
+            f(yv, dv);
+        }
+    });
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ fn ops_rms_norm_grad() {
 fn ops_softmax_grad() {
     let x = rand_t(&[3, 7], 3, 2.0);
     let f = |t: &[Tensor]| ops::softmax_last_dim(&t[0]);
-    assert_grads("softmax", &f, &[x.clone()], &[0], TOL);
+    assert_grads("softmax", &f, std::slice::from_ref(&x), &[0], TOL);
     // With a causal-style mask of -inf entries added before the softmax.
     let mask: Vec<f64> = (0..21)
         .map(|i| {
@@ -332,7 +332,7 @@ fn ops_backward_matches_composed_large_f32() {
     let theirs = |t: &[Tensor]| candle_nn::ops::softmax(&t[0], D::Minus1);
     assert_same_grads(
         "softmax",
-        &grads_of(&ours, &[s.clone()], 2),
+        &grads_of(&ours, std::slice::from_ref(&s), 2),
         &grads_of(&theirs, &[s], 2),
         1e-4,
     );
@@ -357,7 +357,7 @@ fn ops_backward_matches_composed_large_f32() {
     };
     assert_same_grads(
         "rope",
-        &grads_of(&ours, &[q.clone()], 4),
+        &grads_of(&ours, std::slice::from_ref(&q), 4),
         &grads_of(&theirs, &[q], 4),
         1e-4,
     );
@@ -369,7 +369,7 @@ fn ops_backward_matches_composed_large_f32() {
     let theirs = |t: &[Tensor]| candle_nn::loss::cross_entropy(&t[0], &labels);
     assert_same_grads(
         "cross_entropy",
-        &grads_of(&ours, &[logits.clone()], 5),
+        &grads_of(&ours, std::slice::from_ref(&logits), 5),
         &grads_of(&theirs, &[logits], 5),
         1e-4,
     );
@@ -399,5 +399,65 @@ fn ops_backward_half_close_to_f32() {
             assert_eq!(a.dtype(), dt);
         }
         assert_same_grads(&format!("{dt:?}"), &gh, &g32, 5e-2);
+    }
+}
+
+#[test]
+fn ops_lora_linear_grad() {
+    let x = rand_t(&[2, 3, 6], 50, 1.0);
+    let w = rand_t(&[5, 6], 51, 1.0);
+    let a = rand_t(&[2, 6], 52, 1.0);
+    let b = rand_t(&[5, 2], 53, 1.0);
+    let f = |t: &[Tensor]| ops::lora_linear(&t[0], &t[1], &t[2], &t[3], 1.7, None);
+    let ins = [x.clone(), w.clone(), a.clone(), b.clone()];
+    assert_grads("lora_linear", &f, &ins, &[0, 2, 3], TOL);
+    assert_grads("lora_linear x only", &f, &ins, &[0], TOL);
+    assert_grads("lora_linear A only", &f, &ins, &[2], TOL);
+    // With a dropout mask on the adapter's input.
+    let mask: Vec<f64> = (0..36)
+        .map(|i| if i % 3 == 0 { 0.0 } else { 1.5 })
+        .collect();
+    let mask = Tensor::from_vec(mask, (2, 3, 6), &Device::Cpu).unwrap();
+    let f = |t: &[Tensor]| ops::lora_linear(&t[0], &t[1], &t[2], &t[3], 0.5, Some(&t[4]));
+    assert_grads(
+        "lora_linear masked",
+        &f,
+        &[x, w, a, b, mask],
+        &[0, 2, 3],
+        TOL,
+    );
+}
+
+#[test]
+fn ops_lora_linear_matches_the_composed_form() {
+    let f32_ = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    let x = f32_(rand_t(&[4, 64, 576], 60, 1.0));
+    let w = f32_(rand_t(&[192, 576], 61, 0.05));
+    let a = f32_(rand_t(&[8, 576], 62, 0.05));
+    let b = f32_(rand_t(&[192, 8], 63, 0.5));
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|i| if i % 7 == 0 { 0.0 } else { 1.25 })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), &Device::Cpu).unwrap();
+    for m in [None, Some(&mask)] {
+        let ours = |t: &[Tensor]| ops::lora_linear(&t[0], &w, &t[1], &t[2], 2.0, m);
+        let theirs = |t: &[Tensor]| {
+            let xd = match m {
+                Some(m) => (&t[0] * m)?,
+                None => t[0].clone(),
+            };
+            let h = xd.broadcast_matmul(&t[1].t()?)?;
+            t[0].broadcast_matmul(&w.t()?)? + (h.broadcast_matmul(&t[2].t()?)? * 2.0)?
+        };
+        let ins = [x.clone(), a.clone(), b.clone()];
+        let (y1, y2) = (ours(&ins).unwrap(), theirs(&ins).unwrap());
+        let err = max_abs_diff(&y1, &y2) / max_abs(&y2).max(1.0);
+        assert!(err < 1e-5, "forward error {err:e}");
+        assert_same_grads(
+            "lora_linear",
+            &grads_of(&ours, &ins, 9),
+            &grads_of(&theirs, &ins, 9),
+            1e-4,
+        );
     }
 }
