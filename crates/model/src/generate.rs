@@ -213,6 +213,9 @@ fn run_batch(
             let rows_logits: Vec<Vec<f32>> = logits.to_vec2()?;
             for (&s, l) in active.iter().zip(&rows_logits) {
                 let seq = &mut seqs[s];
+                if seq.stop.is_some() {
+                    continue;
+                }
                 let tok = pick(l, &cfg.sampling, seq.rng.as_mut());
                 seq.output.push(tok);
                 if cfg.eos_token_ids.contains(&tok) {
@@ -229,13 +232,19 @@ fn run_batch(
             if keep.is_empty() {
                 break;
             }
-            if keep.len() < active.len() {
+            // Dropping rows copies the whole cache, so wait until a quarter of the batch has
+            // finished; until then finished rows run along on padding and are ignored.
+            let done = active.len() - keep.len();
+            if done > 0 && done * 4 >= active.len() {
                 cache.select_rows(&keep)?;
                 active = keep.iter().map(|&r| active[r]).collect();
             }
             let next: Vec<u32> = active
                 .iter()
-                .map(|&s| *seqs[s].output.last().expect("one token"))
+                .map(|&s| match seqs[s].stop {
+                    Some(_) => cfg.pad_token_id,
+                    None => *seqs[s].output.last().expect("one token"),
+                })
                 .collect();
             let next = Tensor::from_vec(next, (active.len(), 1), dev)?;
             logits = model.forward_cached(&next, None, &mut cache)?;
@@ -418,9 +427,20 @@ mod tests {
     fn batched_greedy_equals_one_by_one_without_cache() {
         let model = tiny();
         let ps = prompts();
-        // Pick as EOS a token some prompt actually produces, so stopping is exercised.
-        let free = greedy_reference(&model, &ps[0], 12, &[]);
-        let eos = vec![free[4]];
+        // As EOS, the token that ends the most prompts early (but not all), so that rows stop
+        // at different steps: finished rows first run along, then leave the batch.
+        let free: Vec<Vec<u32>> = ps
+            .iter()
+            .map(|p| greedy_reference(&model, p, 12, &[]))
+            .collect();
+        let stops = |tok: u32| free.iter().filter(|f| f[..11].contains(&tok)).count();
+        let best = (0..50u32)
+            .filter(|&t| stops(t) < ps.len() && free[0][..11].contains(&t))
+            .max_by_key(|&t| stops(t))
+            .unwrap();
+        assert!(stops(best) >= 2, "no token stops two prompts: {free:?}");
+        let eos = vec![best];
+        let free = free[0].clone();
         for bs in [1, 2, 5] {
             let cfg = GenerateConfig {
                 max_new_tokens: 12,
