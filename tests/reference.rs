@@ -176,20 +176,24 @@ fn greedy_generation_matches_transformers_alone_and_batched() {
     }
 }
 
-/// The `sft` binary of this workspace, built (incrementally) if needed.
+/// The `sft` binary of this workspace, built (incrementally) once per test process.
 fn sft_binary() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "-q", "-p", "sft-cli", "--bin", "sft"])
-        .current_dir(&root)
-        .status()
-        .expect("running cargo build for the sft binary");
-    assert!(status.success(), "cargo build -p sft-cli failed");
-    // target/release/deps/reference-<hash> -> target/release/sft
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("sft");
-    assert!(bin.is_file(), "{} not found after building", bin.display());
-    bin
+    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--release", "-q", "-p", "sft-cli", "--bin", "sft"])
+            .current_dir(&root)
+            .status()
+            .expect("running cargo build for the sft binary");
+        assert!(status.success(), "cargo build -p sft-cli failed");
+        // target/release/deps/reference-<hash> -> target/release/sft
+        let exe = std::env::current_exe().unwrap();
+        let bin = exe.parent().unwrap().parent().unwrap().join("sft");
+        assert!(bin.is_file(), "{} not found after building", bin.display());
+        bin
+    })
+    .clone()
 }
 
 fn run_sft(args: &[&str]) -> Vec<Value> {
@@ -346,4 +350,35 @@ fn cli_takes_a_gguf_file_and_imports_it_once() {
     let second = run();
     assert_eq!(first, second);
     assert_eq!(stamp(&imported[0]), before, "the GGUF was imported again");
+}
+
+/// `sft score --adapter`: PEFT's own adapter, applied unmerged, gives PEFT's logits.
+#[test]
+fn cli_score_applies_a_peft_adapter() {
+    let fixtures =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peft_lora_smollm2");
+    let text = std::fs::read_to_string(fixtures.join("reference_top5_last_logits.json")).unwrap();
+    let want: Value = serde_json::from_str(&text).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("p.jsonl");
+    std::fs::write(
+        &input,
+        serde_json::json!({"prompt": want["prompt"]}).to_string(),
+    )
+    .unwrap();
+    let model = smollm2_dir();
+    let out = run_sft(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--adapter",
+        fixtures.to_str().unwrap(),
+    ]);
+    let top = &out[0]["last_logits_top10"];
+    assert_eq!(u32s(&top["ids"])[..5], u32s(&want["ids"])[..]);
+    for (got, w) in f64s(&top["values"]).iter().zip(f64s(&want["values"])) {
+        assert!((got - w).abs() < 5e-3, "{got} vs {w}");
+    }
 }

@@ -1,7 +1,8 @@
 //! `sft score --model M --input FILE.jsonl`: for each line `{"prompt": "..."}`, one JSON line
 //! `{"input_ids": [...], "mean_next_token_loss": x, "last_logits_top10": {"ids", "values"}}`.
 //! The prompt is tokenized without special tokens; the loss is the mean next-token
-//! cross-entropy over the prompt (null for a one-token prompt).
+//! cross-entropy over the prompt (null for a one-token prompt). `--adapter DIR` applies a LoRA
+//! adapter (ours or PEFT's) unmerged.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -21,6 +22,9 @@ pub struct ModelArgs {
     /// dtype the weights are computed in.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// A LoRA adapter folder (ours or PEFT's `save_pretrained`), applied unmerged.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,8 +48,13 @@ impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
         let device = Device::cuda_if_available(0).context("selecting the device")?;
         let start = std::time::Instant::now();
-        let m = load_model(&self.model, self.dtype.dtype(), &device)
+        let mut m = load_model(&self.model, self.dtype.dtype(), &device)
             .with_context(|| format!("loading the model `{}`", self.model))?;
+        if let Some(dir) = &self.adapter {
+            sft_model::lora::load_adapter(&mut m.model, dir)
+                .with_context(|| format!("applying the adapter {}", dir.display()))?;
+            tracing::info!("applied the LoRA adapter {}", dir.display());
+        }
         tracing::info!(
             "loaded {} ({:?}) from {} in {:.1}s",
             self.model,
