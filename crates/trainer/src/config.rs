@@ -412,6 +412,13 @@ impl Config {
                 "model.device: expected cpu, cuda or cuda:N, found '{dev}'"
             ));
         }
+        if t.gradient_checkpointing {
+            errs.push(
+                "train.gradient_checkpointing: activation recomputation is not implemented yet; \
+                 use a smaller micro_batch_size with grad_accum instead"
+                    .into(),
+            );
+        }
         if self.data.pack {
             // The data crate packs (segment ids, restarting positions), but the model does not
             // yet build the block-diagonal mask: packed examples would attend to each other.

@@ -86,8 +86,7 @@ pub fn estimate(cfg: &Config, m: &LlamaConfig, batch: u64, seq: u64) -> MemoryEs
     // Activations autograd keeps per layer and token: the norms' inputs and outputs, q, k, v
     // after rope, the attention output and o_proj's input (about 10 hidden-sized vectors), the
     // MLP's gate, up, activation and product (4 intermediate-sized), plus the attention
-    // probabilities (heads x seq per token). With gradient checkpointing only each layer's
-    // input is kept, plus one layer's worth during its recomputation.
+    // probabilities (heads x seq per token).
     let h = m.hidden_size as u64;
     let i = m.intermediate_size as u64;
     let heads = m.num_attention_heads as u64;
@@ -95,11 +94,8 @@ pub fn estimate(cfg: &Config, m: &LlamaConfig, batch: u64, seq: u64) -> MemoryEs
     let per_token_layer = (10 * h + 4 * i + 2 * heads * seq) * wb;
     let tokens = batch * seq;
     let layer_acts = tokens * per_token_layer;
-    let activations = if cfg.train.gradient_checkpointing {
-        tokens * h * wb * layers + layer_acts
-    } else {
-        layer_acts * layers
-    } + tokens * h * wb * 2 // embeddings and final norm
+    let activations = layer_acts * layers
+        + tokens * h * wb * 2 // embeddings and final norm
         + 4 * (16 << 20); // one chunk of logits in the loss (LOSS_CHUNK_ELEMENTS f32)
     MemoryEstimate {
         weights,
