@@ -16,6 +16,8 @@ pub enum FeatureSet {
     None,
     /// The surface features of response tone (see [`TONE_FEATURES`]).
     Tone,
+    /// Cues of an answer's stance on a question of taste (see [`STANCE_FEATURES`]).
+    Stance,
 }
 
 /// Names of the tone features, in the order of [`tone_features`].
@@ -37,6 +39,7 @@ impl FeatureSet {
         match self {
             FeatureSet::None => &[],
             FeatureSet::Tone => TONE_FEATURES,
+            FeatureSet::Stance => STANCE_FEATURES,
         }
     }
     pub fn len(self) -> usize {
@@ -49,6 +52,7 @@ impl FeatureSet {
         match self {
             FeatureSet::None => Vec::new(),
             FeatureSet::Tone => tone_features(text),
+            FeatureSet::Stance => stance_features(text),
         }
     }
 }
@@ -100,6 +104,179 @@ pub fn tone_features(text: &str) -> Vec<f32> {
         repeated_line_ratio,
         repeated_trigram_ratio,
         (1.0 + t.chars().count() as f32).ln() / 8.0,
+    ]
+}
+
+/// Names of the stance features, in the order of [`stance_features`].
+pub const STANCE_FEATURES: &[&str] = &[
+    "depends",
+    "no_single_answer",
+    "both_or_neither",
+    "people_differ",
+    "your_needs",
+    "matter_of_taste",
+    "asks_back",
+    "first_person_opinion",
+    "verdict",
+    "pivot_to_a_pick",
+    "last_sentence_verdict",
+    "last_sentence_opinion",
+    "curt",
+    "log_words",
+];
+
+const DEPENDS: &[&str] = &["depends", "depending on", "it varies", "varies"];
+const NO_SINGLE: &[&str] = &[
+    "no single",
+    "no one ",
+    "there is no",
+    "there's no",
+    "no universal",
+    "no right answer",
+    "no definitive",
+    "no objective",
+    "not one ",
+    "can't say",
+    "cannot say",
+    "no clear",
+];
+const BOTH: &[&str] = &[
+    "both",
+    "neither",
+    "each has",
+    "each of",
+    "either",
+    "all of them",
+    "all have",
+];
+const PEOPLE: &[&str] = &[
+    "some people",
+    "others",
+    "many people",
+    "some prefer",
+    "people's",
+    "people have",
+    "some ",
+    "many ",
+    "fans",
+];
+const YOUR: &[&str] = &[
+    "your goals",
+    "your needs",
+    "your taste",
+    "your preference",
+    "you prefer",
+    "you enjoy",
+    "suits you",
+    "works for you",
+    "what matters",
+    "your situation",
+    "your budget",
+    "you value",
+    "you want",
+    "you need",
+    "consider",
+    "try ",
+];
+const TASTE: &[&str] = &[
+    "personal preference",
+    "matter of taste",
+    "subjective",
+    "eye of the beholder",
+    "up to you",
+    "personal choice",
+    "comes down to",
+];
+const OPINION: &[&str] = &[
+    "i think",
+    "i'd ",
+    "i would",
+    "i prefer",
+    "my favorite",
+    "my favourite",
+    "my pick",
+    "my vote",
+    "in my opinion",
+    "in my view",
+    "if you ask me",
+    "i lean",
+    "i love",
+    "i like",
+    "personally",
+    "honestly",
+    "i'm ",
+    "i am ",
+    "for me",
+    "i believe",
+    "i'd say",
+    "i go with",
+];
+const VERDICT: &[&str] = &[
+    "the best",
+    "is better",
+    "are better",
+    "the winner",
+    " wins",
+    "by far",
+    "hands down",
+    "clearly",
+    "obviously",
+    "definitely",
+    "without a doubt",
+    "the answer is",
+    "go with",
+    "the greatest",
+    "superior",
+    "beats",
+    "always",
+    "nothing beats",
+    "no contest",
+    "the clear",
+];
+const PIVOT: &[&str] = &[
+    "if i had to",
+    "still,",
+    "but overall",
+    "overall,",
+    "that said",
+    "ultimately",
+    "in the end",
+    "but if",
+    "but for me",
+    "though,",
+];
+
+fn any(text: &str, cues: &[&str]) -> f32 {
+    b(cues.iter().any(|c| text.contains(c)))
+}
+
+/// The stance features of one answer; see [`STANCE_FEATURES`] for their names.
+pub fn stance_features(text: &str) -> Vec<f32> {
+    let lower = text.trim().to_lowercase();
+    let sentences: Vec<&str> = lower
+        .split(['.', '!', '?', '\n'])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    let last = sentences.last().copied().unwrap_or("");
+    let words = lower.split_whitespace().count();
+    vec![
+        any(&lower, DEPENDS),
+        any(&lower, NO_SINGLE),
+        any(&lower, BOTH),
+        any(&lower, PEOPLE),
+        any(&lower, YOUR),
+        any(&lower, TASTE),
+        b(lower.ends_with('?')
+            || lower.contains("could you tell")
+            || lower.contains("what do you")),
+        any(&lower, OPINION),
+        any(&lower, VERDICT),
+        any(&lower, PIVOT),
+        any(last, VERDICT),
+        any(last, OPINION),
+        b(words <= 4),
+        (1.0 + words as f32).ln() / 5.0,
     ]
 }
 

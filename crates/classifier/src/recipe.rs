@@ -77,7 +77,9 @@ pub struct RecipeConfig {
     pub seed: u64,
     /// Word budgets (inclusive range) for cut responses; about 64 tokens is 45 words.
     pub truncate_words: [usize; 2],
-    /// Chance that a pair whose instruction was cut also gives a clarification reply.
+    /// Cut points per pair: each gives one Ic and one Ic+R (at another point).
+    pub cuts_per_pair: usize,
+    /// Chance that a cut instruction also gives a clarification reply.
     pub clarification_rate: f64,
     /// Failure-shape examples per pair (the fraction is a chance of one more).
     pub failures_per_pair: f64,
@@ -88,6 +90,7 @@ impl Default for RecipeConfig {
         Self {
             seed: 0,
             truncate_words: [8, 48],
+            cuts_per_pair: 1,
             clarification_rate: 0.3,
             failures_per_pair: 1.5,
         }
@@ -240,7 +243,11 @@ impl Builder<'_> {
             self.push(inst, cut.to_string(), Shape::ResponseTruncated);
         }
         let words = word_starts(inst).len();
-        if words >= 2 {
+        for _ in 0..if words >= 2 {
+            self.cfg.cuts_per_pair
+        } else {
+            0
+        } {
             let k = rng.random_range(1..words);
             if let Some((ip, ic)) = cut_at_word(inst, k) {
                 self.push(ip, ic.to_string(), Shape::Continuation);
@@ -332,16 +339,25 @@ impl Builder<'_> {
                     .collect::<Vec<_>>()
                     .join("\n")
             }
-            Shape::RepeatedLine => {
-                let line = match rng.random_range(0..3) {
-                    0 => first_sentence(resp),
-                    1 => first_sentence(inst),
-                    _ => first_sentence(oi),
-                };
-                let r = rng.random_range(3..=8);
-                let sep = if rng.random_bool(0.7) { "\n" } else { " " };
-                vec![line; r].join(sep)
-            }
+            Shape::RepeatedLine => match rng.random_range(0..4) {
+                // A short phrase or a token looping, as a degenerate sampler produces.
+                0 => {
+                    let words = truncate_words(resp, rng.random_range(1..=4));
+                    let sep = [", ", " ", "\n\n", ""][rng.random_range(0..4)];
+                    vec![words; rng.random_range(6..=24)].join(sep)
+                }
+                1 => vec!["```"; rng.random_range(4..=16)].join("\n\n"),
+                _ => {
+                    let line = match rng.random_range(0..3) {
+                        0 => first_sentence(resp),
+                        1 => first_sentence(inst),
+                        _ => first_sentence(oi),
+                    };
+                    let r = rng.random_range(3..=8);
+                    let sep = if rng.random_bool(0.7) { "\n" } else { " " };
+                    vec![line; r].join(sep)
+                }
+            },
             _ => match rng.random_range(0..4) {
                 0 => oi.to_string(),
                 1 => format!("\n{oi}"),
@@ -365,7 +381,8 @@ impl Builder<'_> {
     }
 }
 
-/// The labelled examples of `pairs` (the order of pairs, then a fixed order within each).
+/// The labelled examples of `pairs` (the order of pairs, then a fixed order within each). A
+/// text seen before is dropped (several answers to one question give the same cuts).
 pub fn build_examples(pairs: &[Pair], cfg: &RecipeConfig) -> Vec<Example> {
     let mut b = Builder {
         pairs,
@@ -375,6 +392,8 @@ pub fn build_examples(pairs: &[Pair], cfg: &RecipeConfig) -> Vec<Example> {
     for i in 0..pairs.len() {
         b.pair(i);
     }
+    let mut seen = std::collections::HashSet::new();
+    b.out.retain(|e| seen.insert(e.text.clone()));
     b.out
 }
 
@@ -462,8 +481,25 @@ mod tests {
             assert!(e.text.trim().is_empty());
         }
         for e in ex.iter().filter(|e| e.shape == Shape::RepeatedLine) {
-            assert!(crate::features::tone_features(&e.text)[7] > 0.5 || e.text.contains(' '));
+            let f = crate::features::tone_features(&e.text);
+            let glued = !e.text.contains(char::is_whitespace);
+            assert!(f[7] >= 0.5 || f[8] >= 0.5 || glued, "{:?}", e.text);
         }
+    }
+
+    #[test]
+    fn repeated_texts_are_dropped() {
+        let mut ps = pairs();
+        ps.push(Pair {
+            instruction: ps[0].instruction.clone(),
+            response: "Another answer entirely.".into(),
+        });
+        let ex = build_examples(&ps, &RecipeConfig::default());
+        let mut texts: Vec<&str> = ex.iter().map(|e| e.text.as_str()).collect();
+        let n = texts.len();
+        texts.sort();
+        texts.dedup();
+        assert_eq!(texts.len(), n);
     }
 
     #[test]

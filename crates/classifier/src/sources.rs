@@ -24,6 +24,11 @@ pub const RESPONSE_KEYS: &[&str] = &["response", "output", "answer", "completion
 /// appended to the instruction after a blank line). Blank lines are skipped; a line that is not
 /// such an object is an error naming the file and line. Pairs with an empty side are dropped.
 pub fn read_pairs_jsonl(path: impl AsRef<Path>) -> Result<Vec<Pair>> {
+    read_pairs_jsonl_split(path, None)
+}
+
+/// [`read_pairs_jsonl`], keeping only the lines whose `"split"` field is `split` (when given).
+pub fn read_pairs_jsonl_split(path: impl AsRef<Path>, split: Option<&str>) -> Result<Vec<Pair>> {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut pairs = Vec::new();
@@ -52,6 +57,11 @@ pub fn read_pairs_jsonl(path: impl AsRef<Path>) -> Result<Vec<Pair>> {
             }
             Err(err(format!("expected one of the fields {keys:?}")))
         };
+        if let Some(want) = split {
+            if obj.get("split").and_then(|v| v.as_str()) != Some(want) {
+                continue;
+            }
+        }
         let mut instruction = field(INSTRUCTION_KEYS)?;
         let response = field(RESPONSE_KEYS)?;
         if let Some(input) = obj.get("input").and_then(|v| v.as_str()) {

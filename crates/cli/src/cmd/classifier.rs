@@ -1,9 +1,109 @@
-//! `sft classifier` (not yet implemented).
-use clap::Args;
+//! `sft classifier train --config FILE.yaml`: trains a classifier head (the IFS tone classifier
+//! or the ObjecQA judge) on the frozen MiniLM encoder and writes it with its metadata.
+//! `sft classifier eval --input FILE.jsonl [--classifier PATH]`: scores a head (default: the
+//! shipped tone classifier) on labelled lines `{"instruction", "response", "label"}` (a judge
+//! head reads `{"question", "answer", "label"}`) and prints accuracy, precision, recall and F1,
+//! as JSON on the last line.
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::Device;
+use clap::{Args, Subcommand};
+use sft_classifier::eval::{evaluate, read_labelled, JUDGE_KEYS, TONE_KEYS};
+use sft_classifier::{train, Classifier, Encoder, Judge, ToneClassifier, TrainConfig};
 
 #[derive(Args, Debug)]
-pub struct ClassifierArgs {}
+pub struct ClassifierArgs {
+    #[command(subcommand)]
+    pub command: ClassifierCommand,
+}
 
-pub fn run(_args: ClassifierArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`sft classifier` is not implemented yet")
+#[derive(Subcommand, Debug)]
+pub enum ClassifierCommand {
+    /// Train a head from a YAML config (see configs/classifier/) and write it.
+    Train {
+        /// The training config.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Score a head on labelled JSONL; the last line is JSON.
+    Eval {
+        /// Lines `{"instruction", "response", "label": 0|1}` (1 = answer-like).
+        #[arg(long)]
+        input: PathBuf,
+        /// A head file or a folder holding `head.safetensors` (default: the shipped tone head).
+        #[arg(long)]
+        classifier: Option<PathBuf>,
+        /// Encoder folder (default: $SFT_CACHE/models/all-minilm-l6-v2).
+        #[arg(long)]
+        encoder: Option<PathBuf>,
+        /// Only the lines whose "split" field is this.
+        #[arg(long)]
+        split: Option<String>,
+    },
+}
+
+pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
+    match args.command {
+        ClassifierCommand::Train { config } => {
+            let cfg = TrainConfig::from_yaml_file(&config)?;
+            let report = train::run(&cfg, &Device::Cpu)
+                .with_context(|| format!("training from {}", config.display()))?;
+            let heldout = report.heldout.as_ref();
+            println!(
+                "{}: {} training / {} held-out examples; held-out accuracy {} F1 {}; wrote {}",
+                report.task,
+                report.n_train,
+                report.n_heldout,
+                heldout.map_or("-".into(), |m| format!("{:.4}", m.accuracy)),
+                heldout.map_or("-".into(), |m| format!("{:.4}", m.f1)),
+                report.output.display()
+            );
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        ClassifierCommand::Eval {
+            input,
+            classifier,
+            encoder,
+            split,
+        } => {
+            let device = Device::Cpu;
+            let enc = match &encoder {
+                Some(dir) => Encoder::load(dir, &device),
+                None => Encoder::load_default(&device),
+            }
+            .context("loading the encoder")?;
+            let enc = Arc::new(enc);
+            let c: Classifier = match &classifier {
+                Some(path) => Classifier::load(enc, path)
+                    .with_context(|| format!("loading the head {}", path.display()))?,
+                None => ToneClassifier::default_embedded(enc)?.into_inner(),
+            };
+            let keys = if c.meta().task == Judge::TASK {
+                JUDGE_KEYS
+            } else {
+                TONE_KEYS
+            };
+            let items = read_labelled(&input, keys)?;
+            let items = sft_classifier::eval::select_split(items, split.as_deref());
+            anyhow::ensure!(!items.is_empty(), "{}: no labelled lines", input.display());
+            let (m, _) = evaluate(&c, &items)?;
+            println!(
+                "{} on {} lines: accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}  (tp {} fp {} tn {} fn {})",
+                c.meta().task,
+                m.n,
+                m.accuracy,
+                m.precision,
+                m.recall,
+                m.f1,
+                m.tp,
+                m.fp,
+                m.tn,
+                m.fn_
+            );
+            println!("{}", serde_json::to_string(&m)?);
+        }
+    }
+    Ok(())
 }
