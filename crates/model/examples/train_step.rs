@@ -28,6 +28,12 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
+    // candle runs element-wise ops on its own spinning thread pool next to rayon's (gemm):
+    // on 2 cores the two pools spin against each other; one element-wise thread measured
+    // better (less CPU, same or lower wall time). Set CANDLE_NUM_THREADS to override.
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(&args[1]);
     let dtype = match args.get(2).map(String::as_str).unwrap_or("f32") {
@@ -114,6 +120,7 @@ fn main() {
                     "median_optimizer_s": med(3),
                     "trainable_params": adapter.num_params(),
                     "peak_rss_mib": peak_rss_mib(),
+                    "candle_threads": std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
                 })
             );
         })

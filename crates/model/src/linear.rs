@@ -69,11 +69,16 @@ impl Module for Linear {
         let Some(l) = &self.lora else {
             return self.forward_base(x);
         };
-        // One fused graph node when base, input and adapter share f32/f64 (the common case).
+        // One fused graph node for a frozen base whose dtype matches the input: adapters in
+        // the same f32/f64, or f32 adapters on a bf16/f16 base.
         let fused = !self.weight.is_variable()
-            && x.dtype() == l.a.dtype()
             && self.weight.dtype() == x.dtype()
-            && matches!(x.dtype(), DType::F32 | DType::F64);
+            && matches!(
+                (x.dtype(), l.a.dtype()),
+                (DType::F32, DType::F32)
+                    | (DType::F64, DType::F64)
+                    | (DType::BF16 | DType::F16, DType::F32)
+            );
         if fused {
             let mask = l.dropout_mask(x)?;
             let y = ops::lora_linear(
@@ -209,7 +214,7 @@ impl LoraLayer {
     }
 
     /// The dropout mask for an input like `x` (keep with probability 1 - p, scaled by
-    /// 1 / (1 - p)), in `x`'s dtype; `None` without dropout or in evaluation mode.
+    /// 1 / (1 - p)), in the adapter's dtype; `None` without dropout or in evaluation mode.
     pub fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
         if self.dropout <= 0.0 {
             return Ok(None);
@@ -224,7 +229,7 @@ impl LoraLayer {
             .map(|_| if rng.random::<f64>() < keep { inv } else { 0.0 })
             .collect();
         Ok(Some(
-            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?,
+            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(self.a.dtype())?,
         ))
     }
 }

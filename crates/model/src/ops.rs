@@ -103,11 +103,12 @@ impl Elem for bf16 {
     type A = f32;
     #[inline(always)]
     fn to_a(self) -> f32 {
-        self.to_f32()
+        // Exact, and inlined (half's conversion goes through a per-call feature check).
+        f32::from_bits((self.to_bits() as u32) << 16)
     }
     #[inline(always)]
     fn from_a(a: f32) -> Self {
-        bf16::from_f32(a)
+        bf16::from_bits(crate::gemm_bf16::round_bf16(a.to_bits()))
     }
 }
 impl Elem for f16 {
@@ -887,6 +888,12 @@ fn cpu_matmul_t(
     }
     let x = cont::<bf16>(sx, lx, "matmul")?;
     let w = cont::<bf16>(sw, lw, "matmul")?;
+    // x · W^T: B[kk, j] = W[j, kk].
+    if let Some(y) = crate::gemm_bf16::matmul(x, m, k, k, w, n, 1, k) {
+        return Ok(CpuStorage::BF16(
+            y.into_iter().map(bf16::from_f32).collect(),
+        ));
+    }
     let xf = CpuStorage::F32(x.iter().map(|v| v.to_f32()).collect());
     let wf = CpuStorage::F32(w.iter().map(|v| v.to_f32()).collect());
     let lwt = Layout::contiguous((n, k)).transpose(0, 1)?;
@@ -954,6 +961,9 @@ fn grad_times_w(grad: &Tensor, w: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
     let g = grad.contiguous()?;
     let g = g.reshape((g.elem_count() / n.max(1), n))?;
     let dx = if w.dtype() == DType::BF16 && w.device().is_cpu() {
+        if let Some(dx) = bf16_times_w(&g, w)? {
+            return dx.reshape(x_dims);
+        }
         g.to_dtype(DType::F32)?
             .matmul(&w.to_dtype(DType::F32)?)?
             .to_dtype(DType::BF16)?
@@ -963,11 +973,73 @@ fn grad_times_w(grad: &Tensor, w: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
     dx.reshape(x_dims)
 }
 
+/// An f32 tensor in `dt`, with the fast bf16 rounding on the CPU (candle's conversion calls
+/// the `half` crate once per element). No gradient is recorded.
+fn cast_from_f32(t: &Tensor, dt: DType) -> Result<Tensor> {
+    if t.dtype() == dt {
+        return Ok(t.clone());
+    }
+    if t.dtype() == DType::F32 && dt == DType::BF16 && t.device().is_cpu() {
+        return t.contiguous()?.apply_op1_no_bwd(&CastBf16);
+    }
+    t.to_dtype(dt)
+}
+
+struct CastBf16;
+
+impl CustomOp1 for CastBf16 {
+    fn name(&self) -> &'static str {
+        "sft-cast-bf16"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let v = cont::<f32>(s, l, "cast to bf16")?;
+        Ok((
+            CpuStorage::BF16(crate::gemm_bf16::to_bf16(v)),
+            l.shape().clone(),
+        ))
+    }
+}
+
+/// `g (m, n) · W (n, k)` for bf16 on the CPU through the AVX512-BF16 kernel, when it runs here.
+fn bf16_times_w(g: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let Some(t) = bf16_times_w_f32(g, w)? else {
+        return Ok(None);
+    };
+    Ok(Some(cast_from_f32(&t, DType::BF16)?))
+}
+
+/// `g (m, n) · W (n, k)` for bf16 through the AVX512-BF16 kernel, as f32 (not rounded).
+fn bf16_times_w_f32(g: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (m, n) = g.dims2()?;
+    let (n2, k) = w.dims2()?;
+    if n != n2 {
+        bail!("grad (.., {n}) and W ({n2}, {k}) do not match");
+    }
+    let w = w.contiguous()?;
+    let (gs, gl) = g.storage_and_layout();
+    let (ws, wl) = w.storage_and_layout();
+    let (candle_core::Storage::Cpu(gs), candle_core::Storage::Cpu(ws)) = (&*gs, &*ws) else {
+        return Ok(None);
+    };
+    let gv = cont::<bf16>(gs, gl, "frozen_linear bwd")?;
+    let wv = cont::<bf16>(ws, wl, "frozen_linear bwd")?;
+    // B[kk, j] = W[kk, j]: row stride k.
+    let Some(dx) = crate::gemm_bf16::matmul(gv, m, n, n, wv, k, k, 1) else {
+        return Ok(None);
+    };
+    Ok(Some(Tensor::from_vec(dx, (m, k), g.device())?))
+}
+
 /// LoRA on a frozen linear layer as one graph node:
 /// `y = x W^T + scale * (x A^T) B^T`, with `W` (out, in) frozen, `A` (r, in) and `B` (out, r)
 /// usually `Var`s. The backward gives `dx`, `dA`, `dB` (each only when its input tracks a
-/// gradient) and never a dW. `x`, `A` and `B` share one dtype (f32 or f64). `dropout_mask`
-/// (x's shape, already scaled by 1 / keep) multiplies the adapter's input only, as PEFT's
+/// gradient) and never a dW.
+///
+/// `A` and `B` are f32 or f64; `x` and `W` share their dtype, or are bf16/f16 with f32
+/// adapters (PEFT keeps adapters of half-precision models in f32): the base product and the
+/// update are then summed in f32 and rounded once. `dropout_mask` (x's shape, in the adapters'
+/// dtype, already scaled by 1 / keep) multiplies the adapter's input only, as PEFT's
 /// `lora_dropout` does; it is a constant.
 pub fn lora_linear(
     x: &Tensor,
@@ -992,9 +1064,18 @@ pub fn lora_linear(
     if x.dims().last() != Some(&k) {
         bail!("lora_linear: x {:?} does not end in {k}", x.dims());
     }
-    if x.dtype() != a.dtype() || b.dtype() != a.dtype() || w.dtype() != x.dtype() {
+    let ct = a.dtype();
+    let dtypes_ok = b.dtype() == ct
+        && w.dtype() == x.dtype()
+        && match ct {
+            DType::F64 => x.dtype() == DType::F64,
+            DType::F32 => matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16),
+            _ => false,
+        };
+    if !dtypes_ok {
         bail!(
-            "lora_linear: x {:?}, W {:?}, A {:?}, B {:?} must share one dtype",
+            "lora_linear: x {:?}, W {:?}, A {:?}, B {:?}: adapters must be f32 or f64, x and W \
+             their dtype or (with f32 adapters) bf16/f16",
             x.dtype(),
             w.dtype(),
             a.dtype(),
@@ -1002,24 +1083,25 @@ pub fn lora_linear(
         );
     }
     if let Some(mask) = dropout_mask {
-        if mask.shape() != x.shape() || mask.dtype() != x.dtype() {
+        if mask.shape() != x.shape() || mask.dtype() != ct {
             bail!(
-                "lora_linear: dropout mask {:?} {:?}, x {:?} {:?}",
+                "lora_linear: dropout mask {:?} {:?}, expected {ct:?} {:?}",
                 mask.dtype(),
                 mask.dims(),
-                x.dtype(),
                 x.dims()
             );
         }
     }
     if !x.device().is_cpu() {
         let base = frozen_linear(x, w)?;
+        let xc = x.to_dtype(ct)?;
         let xd = match dropout_mask {
-            Some(mask) => (x * mask)?,
-            None => x.clone(),
+            Some(mask) => (xc * mask)?,
+            None => xc,
         };
         let h = xd.broadcast_matmul(&a.t()?)?;
-        return base + h.broadcast_matmul(&b.t()?)?.affine(scale, 0.0)?;
+        let delta = h.broadcast_matmul(&b.t()?)?.affine(scale, 0.0)?;
+        return base + delta.to_dtype(x.dtype())?;
     }
     x.contiguous()?.apply_op3(
         &a.contiguous()?,
@@ -1036,33 +1118,47 @@ struct LoraLinear {
     /// The frozen base weight (out, in), contiguous.
     w: Tensor,
     scale: f64,
-    /// The adapter input's dropout mask (x's shape, scaled), contiguous.
+    /// The adapter input's dropout mask (x's shape, adapter dtype, scaled), contiguous.
     mask: Option<Tensor>,
 }
 
+/// A contiguous storage converted to `dt` (borrowed when it already is).
+fn storage_as<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    dt: DType,
+) -> Result<std::borrow::Cow<'a, CpuStorage>> {
+    if s.dtype() == dt && l.start_offset() == 0 && l.is_contiguous() {
+        Ok(std::borrow::Cow::Borrowed(s))
+    } else {
+        Ok(std::borrow::Cow::Owned(s.to_dtype(l, dt)?))
+    }
+}
+
 impl LoraLinear {
-    /// The adapter's input: x, or x times the dropout mask.
-    fn adapter_input(&self, sx: &CpuStorage, lx: &Layout) -> Result<Option<CpuStorage>> {
-        let Some(mask) = &self.mask else {
-            return Ok(None);
+    /// `x W^T` in the compute dtype `ct` (f32 or f64), `x` as (m, k).
+    fn base_product(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        xc: &CpuStorage,
+        ct: DType,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<CpuStorage> {
+        let (ws, lw) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            bail!("lora_linear: the base weight is not on the CPU");
         };
-        let (ms, ml) = mask.storage_and_layout();
-        let candle_core::Storage::Cpu(ms) = &*ms else {
-            bail!("lora_linear: the dropout mask is not on the CPU");
-        };
-        Ok(Some(match sx.dtype() {
-            DType::F32 => {
-                let x = cont::<f32>(sx, lx, "lora_linear")?;
-                let m = cont::<f32>(ms, ml, "lora_linear")?;
-                CpuStorage::F32(x.iter().zip(m).map(|(a, b)| a * b).collect())
+        if sx.dtype() == DType::BF16 {
+            let x = cont::<bf16>(sx, lx, "lora_linear")?;
+            let w = cont::<bf16>(ws, lw, "lora_linear")?;
+            if let Some(y) = crate::gemm_bf16::matmul(x, m, k, k, w, n, 1, k) {
+                return Ok(CpuStorage::F32(y));
             }
-            DType::F64 => {
-                let x = cont::<f64>(sx, lx, "lora_linear")?;
-                let m = cont::<f64>(ms, ml, "lora_linear")?;
-                CpuStorage::F64(x.iter().zip(m).map(|(a, b)| a * b).collect())
-            }
-            dt => bail!("lora_linear: unsupported dtype {dt:?} (f32 or f64)"),
-        }))
+        }
+        let wc = storage_as(ws, lw, ct)?;
+        let lwc = Layout::contiguous((n, k)).transpose(0, 1)?;
+        xc.matmul(&wc, (1, m, n, k), &Layout::contiguous((m, k)), &lwc)
     }
 }
 
@@ -1080,21 +1176,38 @@ impl CustomOp3 for LoraLinear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (ws, lw) = self.w.storage_and_layout();
-        let candle_core::Storage::Cpu(ws) = &*ws else {
-            bail!("lora_linear: the base weight is not on the CPU");
-        };
         let (n, kw) = self.w.dims2()?;
         let (m, k, lx, shape) = rows_view(lx, n, "lora_linear")?;
         if kw != k {
             bail!("lora_linear: W (.., {kw}) and x (.., {k}) differ");
         }
+        let ct = sa.dtype();
         let r = la.dims()[0];
-        let base = cpu_matmul_t(sx, &lx, ws, lw, (m, n, k))?;
-        let h = match self.adapter_input(sx, &lx)? {
-            Some(xd) => cpu_matmul_t(&xd, &Layout::contiguous((m, k)), sa, la, (m, r, k))?,
-            None => cpu_matmul_t(sx, &lx, sa, la, (m, r, k))?,
+        let xc = storage_as(sx, &lx, ct)?;
+        let base = self.base_product(sx, &lx, &xc, ct, (m, n, k))?;
+        // The adapter's input: x, or x times the dropout mask.
+        let xd = match &self.mask {
+            None => xc,
+            Some(mask) => {
+                let (ms, ml) = mask.storage_and_layout();
+                let candle_core::Storage::Cpu(ms) = &*ms else {
+                    bail!("lora_linear: the dropout mask is not on the CPU");
+                };
+                let xd = match (&*xc, ms) {
+                    (CpuStorage::F32(x), CpuStorage::F32(_)) => {
+                        let mv = cont::<f32>(ms, ml, "lora_linear")?;
+                        CpuStorage::F32(x.iter().zip(mv).map(|(a, b)| a * b).collect())
+                    }
+                    (CpuStorage::F64(x), CpuStorage::F64(_)) => {
+                        let mv = cont::<f64>(ms, ml, "lora_linear")?;
+                        CpuStorage::F64(x.iter().zip(mv).map(|(a, b)| a * b).collect())
+                    }
+                    _ => bail!("lora_linear: dropout mask dtype {:?}", ms.dtype()),
+                };
+                std::borrow::Cow::Owned(xd)
+            }
         };
+        let h = cpu_matmul_t(&xd, &Layout::contiguous((m, k)), sa, la, (m, r, k))?;
         let delta = cpu_matmul_t(&h, &Layout::contiguous((m, r)), sb, lb, (m, n, r))?;
         let out = match (base, delta) {
             (CpuStorage::F32(mut y), CpuStorage::F32(d)) => {
@@ -1107,10 +1220,12 @@ impl CustomOp3 for LoraLinear {
                 axpy_rows(&mut y, &d, n, |y, d| *y += s * d);
                 CpuStorage::F64(y)
             }
-            (y, _) => bail!(
-                "lora_linear: unsupported dtype {:?} (f32 or f64)",
-                y.dtype()
-            ),
+            (y, _) => bail!("lora_linear: unsupported dtype {:?}", y.dtype()),
+        };
+        let out = match (&out, sx.dtype()) {
+            (_, dt) if dt == ct => out,
+            (CpuStorage::F32(y), DType::BF16) => CpuStorage::BF16(crate::gemm_bf16::to_bf16(y)),
+            (_, dt) => out.to_dtype(&Layout::contiguous((m, n)), dt)?,
         };
         Ok((out, shape))
     }
@@ -1126,35 +1241,49 @@ impl CustomOp3 for LoraLinear {
         let (n, k) = self.w.dims2()?;
         let (need_x, need_a, need_b) = (x.track_op(), a.track_op(), b.track_op());
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let ct = a.dtype();
         let g = grad.contiguous()?;
         let m = g.elem_count() / n.max(1);
         let g = g.reshape((m, n))?;
-        // The adapter's input, with dropout applied.
-        let xd = match &self.mask {
-            Some(mask) => (&x * mask)?.reshape((m, k))?,
-            None => x.reshape((m, k))?,
+        let gc = g.to_dtype(ct)?;
+        // The adapter's input, with dropout applied, in the adapters' dtype.
+        let xc = x.reshape((m, k))?.to_dtype(ct)?;
+        let mask = self
+            .mask
+            .as_ref()
+            .map(|mk| mk.reshape((m, k)))
+            .transpose()?;
+        let xd = match &mask {
+            Some(mk) => (&xc * mk)?,
+            None => xc,
         };
-        let x2 = &xd;
-        let gb = g.matmul(&b)?; // (m, r)
+        let gb = gc.matmul(&b)?; // (m, r)
         let dx = if need_x {
-            let da_in = gb.matmul(&a)?.affine(self.scale, 0.0)?;
-            let da_in = match &self.mask {
-                Some(mask) => (da_in * mask.reshape((m, k))?)?,
-                None => da_in,
+            let d_in = gb.matmul(&a)?.affine(self.scale, 0.0)?;
+            let d_in = match &mask {
+                Some(mk) => (d_in * mk)?,
+                None => d_in,
             };
-            let dx = (g.matmul(&self.w)? + da_in)?;
-            Some(dx.reshape(x.dims())?)
+            let base = if g.dtype() == DType::BF16 {
+                match bf16_times_w_f32(&g, &self.w)? {
+                    Some(t) => t,
+                    None => gc.matmul(&self.w.to_dtype(ct)?)?,
+                }
+            } else {
+                gc.matmul(&self.w.to_dtype(ct)?)?
+            };
+            Some(cast_from_f32(&(base + d_in)?, x.dtype())?.reshape(x.dims())?)
         } else {
             None
         };
         let da = if need_a {
-            Some(gb.t()?.matmul(x2)?.affine(self.scale, 0.0)?)
+            Some(gb.t()?.matmul(&xd)?.affine(self.scale, 0.0)?)
         } else {
             None
         };
         let db = if need_b {
-            let h = x2.matmul(&a.t()?)?; // (m, r)
-            Some(g.t()?.matmul(&h)?.affine(self.scale, 0.0)?)
+            let h = xd.matmul(&a.t()?)?; // (m, r)
+            Some(gc.t()?.matmul(&h)?.affine(self.scale, 0.0)?)
         } else {
             None
         };

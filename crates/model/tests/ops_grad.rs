@@ -461,3 +461,30 @@ fn ops_lora_linear_matches_the_composed_form() {
         );
     }
 }
+
+#[test]
+fn ops_lora_linear_bf16_base_with_f32_adapters() {
+    // The fused op on a bf16 base against the same computation done in f32 on the bf16 values.
+    let bf = |t: Tensor| t.to_dtype(DType::BF16).unwrap();
+    let f32_ = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+    let x = bf(rand_t(&[2, 40, 96], 70, 1.0));
+    let w = bf(rand_t(&[64, 96], 71, 0.1));
+    let a = f32_(&rand_t(&[4, 96], 72, 0.1));
+    let b = f32_(&rand_t(&[64, 4], 73, 0.5));
+    let ours = |t: &[Tensor]| ops::lora_linear(&t[0], &w, &t[1], &t[2], 2.0, None);
+    let theirs = |t: &[Tensor]| {
+        let xf = t[0].to_dtype(DType::F32)?;
+        let y = xf.broadcast_matmul(&f32_(&w).t()?)?;
+        let h = xf.broadcast_matmul(&t[1].t()?)?;
+        (y + (h.broadcast_matmul(&t[2].t()?)? * 2.0)?)?.to_dtype(DType::BF16)
+    };
+    let ins = [x.clone(), a.clone(), b.clone()];
+    let (y1, y2) = (ours(&ins).unwrap(), theirs(&ins).unwrap());
+    assert_eq!(y1.dtype(), DType::BF16);
+    let err = max_abs_diff(&y1, &y2) / max_abs(&y2).max(1.0);
+    assert!(err < 1e-2, "forward error {err:e}");
+    let (g1, g2) = (grads_of(&ours, &ins, 11), grads_of(&theirs, &ins, 11));
+    assert_eq!(g1[0].dtype(), DType::BF16);
+    assert_eq!(g1[1].dtype(), DType::F32);
+    assert_same_grads("lora_linear bf16", &g1, &g2, 2e-2);
+}
