@@ -7,3 +7,4 @@
 pub mod evaluator;
 pub mod instructions;
 pub mod plateau;
+pub mod tone;

@@ -10,6 +10,8 @@ use sft_eval::{wilson_interval, Answer, BoxError, EvalReport, Evaluator};
 use std::io::Write;
 use std::path::Path;
 
+pub mod judge;
+
 const BUNDLED: &str = include_str!("../assets/questions.jsonl");
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

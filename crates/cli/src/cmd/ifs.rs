@@ -1,9 +1,103 @@
-//! `sft ifs` (not yet implemented).
+//! `sft ifs --model M [--adapter A] [--template T]`: the Instruction Following Score of a model
+//! on the bundled instruction set (or `--items`), full and fragment prompts, greedy. Prints a
+//! short table on stderr and the scores as JSON on stdout's last line; the responses with their
+//! labels go to `--out` (default `ifs-<model name>/`).
+use anyhow::{Context, Result};
 use clap::Args;
+use sft_eval::Evaluator;
+use sft_trainer::model::{template_named, ModelAnswer};
+use std::path::PathBuf;
+
+use super::score::ModelArgs;
 
 #[derive(Args, Debug)]
-pub struct IfsArgs {}
+pub struct IfsArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A LoRA adapter folder (ours or PEFT's), applied unmerged.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Prompt template: alpaca_modified (the paper's), raw (base models), chatml, ...
+    #[arg(long, default_value = "alpaca_modified")]
+    pub template: String,
+    /// JSONL instructions (`{"instruction": ...}` lines) instead of the bundled set.
+    #[arg(long)]
+    pub items: Option<PathBuf>,
+    /// Use only the first N instructions (0 = all 274), each full and as a fragment.
+    #[arg(long, default_value_t = 0)]
+    pub limit: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// A tone-classifier head instead of the shipped one.
+    #[arg(long)]
+    pub classifier: Option<PathBuf>,
+    /// Where the labelled responses go.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
 
-pub fn run(_args: IfsArgs) -> anyhow::Result<()> {
-    anyhow::bail!("`sft ifs` is not implemented yet")
+pub fn run(args: IfsArgs) -> Result<()> {
+    let mut m = args.model.load()?;
+    if let Some(a) = &args.adapter {
+        sft_model::lora::load_adapter(&mut m.model, a)
+            .with_context(|| format!("applying the adapter {}", a.display()))?;
+    }
+    let set = match &args.items {
+        Some(p) => sft_ifs::instructions::load(p)?,
+        None => sft_ifs::instructions::bundled(),
+    };
+    let tone = sft_ifs::tone::Tone::load(args.classifier.as_deref(), &candle_core::Device::Cpu)
+        .map_err(|e| anyhow::anyhow!("the tone classifier: {e}"))?;
+    let mut ev = sft_ifs::evaluator::IfsEvaluator::new(&set, args.limit, tone, args.max_new_tokens);
+    let (encoder, template) = template_named(&args.template, &m.dir)?;
+    let mut answer = ModelAnswer {
+        llama: &m.model,
+        tokenizer: &m.tokenizer,
+        encoder,
+        template,
+        eos_token_ids: m.eos_token_ids.clone(),
+        batch_size: args.batch_size,
+    };
+    let out = args.out.unwrap_or_else(|| {
+        let name = m
+            .dir
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy().into_owned());
+        PathBuf::from(format!("ifs-{name}"))
+    });
+    let t = std::time::Instant::now();
+    let report = ev
+        .evaluate(&mut answer, &out)
+        .map_err(|e| anyhow::anyhow!("IFS: {e}"))?;
+    let s = sft_ifs::evaluator::IfsScores::from_labels(ev.last());
+    eprintln!("            score   95% interval     n");
+    for (name, v, ci, n) in [
+        ("IFS", s.ifs, s.ci, s.n),
+        ("IFS full", s.ifs_full, s.ci_full, s.n_full),
+        ("IFS partial", s.ifs_partial, s.ci_partial, s.n_partial),
+    ] {
+        eprintln!("{name:<11} {v:>6.3}  [{:.3}, {:.3}]  {n:>4}", ci.0, ci.1);
+    }
+    eprintln!(
+        "responses: {} ({:.1}s)",
+        report
+            .details
+            .get("responses")
+            .and_then(|v| v.as_str())
+            .unwrap_or("-"),
+        t.elapsed().as_secs_f64()
+    );
+    println!(
+        "{}",
+        serde_json::json!({
+            "ifs": s.ifs, "ifs_full": s.ifs_full, "ifs_partial": s.ifs_partial,
+            "ci": [s.ci.0, s.ci.1], "ci_full": [s.ci_full.0, s.ci_full.1],
+            "ci_partial": [s.ci_partial.0, s.ci_partial.1],
+            "n": s.n, "n_full": s.n_full, "n_partial": s.n_partial,
+            "template": args.template,
+        })
+    );
+    Ok(())
 }

@@ -1,0 +1,251 @@
+//! The evaluators inside `sft-train`: the shortened quickstart (LoRA on SmolLM2, IFS), the
+//! plateau rule stopping a run and choosing its format-infusion checkpoint, and the ObjecQA
+//! hook.
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn models() -> PathBuf {
+    let root = std::env::var_os("SFT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sft"));
+    let m = root.join("models");
+    assert!(
+        m.join("smollm2-135m-instruct/model.safetensors").is_file(),
+        "run scripts/fetch-test-models.sh first"
+    );
+    m
+}
+
+fn train(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sft-train"))
+        .current_dir(repo())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap()
+}
+
+fn records(run: &Path) -> Vec<Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn summary(run: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn shortened_quickstart_trains_lora_with_ifs() {
+    let _ = models();
+    let t = tempfile::tempdir().unwrap();
+    let ck = format!("checkpoint.dir={}", t.path().display());
+    let out = train(&[
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        &ck,
+        "--set",
+        "train.max_examples=48",
+        "--set",
+        "eval.ifs.every_examples=24",
+        "--set",
+        "eval.ifs.limit=6",
+        "--set",
+        "eval.ifs.max_new_tokens=16",
+        "--set",
+        "eval.loss.every_examples=0",
+        "--set",
+        "checkpoint.every_steps=3",
+        "--set",
+        "logging.progress=false",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let run = t.path().join("quickstart");
+    let recs = records(&run);
+    let losses: Vec<f64> = recs
+        .iter()
+        .filter_map(|r| r.get("loss")?.as_f64())
+        .collect();
+    assert!(losses.len() >= 5, "{losses:?}");
+    let head: f64 = losses[..2].iter().sum::<f64>() / 2.0;
+    let tail: f64 = losses[losses.len() - 2..].iter().sum::<f64>() / 2.0;
+    assert!(tail < head, "the loss falls: {losses:?}");
+    // IFS at the start, at 24 and 48 examples, each with its full and partial scores.
+    let ifs: Vec<&Value> = recs.iter().filter(|r| r["eval"] == "ifs").collect();
+    assert!(ifs.len() >= 3, "{ifs:?}");
+    for r in &ifs {
+        for k in ["ifs", "ifs_full", "ifs_partial", "examples"] {
+            assert!(r[k].is_number(), "{k} in {r}");
+        }
+    }
+    let s = summary(&run);
+    assert_eq!(s["ifs_curve"].as_array().unwrap().len(), ifs.len());
+    assert!(run.join("ifs.png").is_file() && run.join("loss.png").is_file());
+    let responses =
+        std::fs::read_to_string(run.join("evals/step-000000/ifs-responses.jsonl")).unwrap();
+    assert_eq!(responses.lines().count(), 12);
+    // The last checkpoint is a PEFT adapter.
+    let last = std::fs::read_link(run.join("latest")).unwrap();
+    let cp = run.join(last);
+    let cfg: Value =
+        serde_json::from_slice(&std::fs::read(cp.join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["peft_type"], "LORA");
+    assert_eq!(cfg["task_type"], "CAUSAL_LM");
+    assert_eq!(cfg["r"], 16);
+    let st = candle_core::safetensors::load(
+        cp.join("adapter_model.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(st.contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    assert!(st.contains_key("base_model.model.model.layers.29.mlp.down_proj.lora_B.weight"));
+    assert_eq!(st.len(), 30 * 7 * 2);
+    for f in [
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "tokenizer.json",
+    ] {
+        assert!(cp.join(f).is_file(), "{f}");
+    }
+}
+
+fn tiny_model(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny");
+    let st = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(["init-random", "--config-json"])
+        .arg(repo().join("tests/data/tiny-llama-config.json"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--tokenizer")
+        .arg(models().join("smollm2-135m-instruct"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+#[test]
+fn plateau_rule_stops_the_run_and_keeps_the_format_infusion_checkpoint() {
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let src = format!("model.source={}", model.display());
+    let ck = format!("checkpoint.dir={}", t.path().display());
+    // Threshold 0 and an unreachable min_delta: the evaluation at the start is the plateau's
+    // beginning, the next one exhausts a patience of 1.
+    let args = [
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        &src,
+        "--set",
+        &ck,
+        "--set",
+        "run.name=plateau",
+        "--set",
+        "data.max_length=96",
+        "--set",
+        "train.max_examples=200",
+        "--set",
+        "train.micro_batch_size=4",
+        "--set",
+        "eval.ifs.every_examples=8",
+        "--set",
+        "eval.ifs.limit=3",
+        "--set",
+        "eval.ifs.max_new_tokens=4",
+        "--set",
+        "eval.loss.every_examples=0",
+        "--set",
+        "early_stopping={threshold: 0.0, min_delta: 2.0, patience: 1}",
+        "--set",
+        "checkpoint.every_steps=1",
+        "--set",
+        "checkpoint.keep_last=1",
+        "--set",
+        "logging.progress=false",
+    ];
+    let out = train(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let run = t.path().join("plateau");
+    let s = summary(&run);
+    assert_eq!(s["status"], "stopped");
+    assert!(
+        s["stop_reason"].as_str().unwrap().contains("plateau"),
+        "{s}"
+    );
+    assert_eq!(s["format_infusion_checkpoint"], "step-000000");
+    assert_eq!(s["examples"], 8);
+    assert_eq!(
+        std::fs::read_link(run.join("format-infusion")).unwrap(),
+        Path::new("step-000000")
+    );
+    // Pinned: pruning to keep_last = 1 kept it.
+    assert!(run.join("step-000000/adapter_model.safetensors").is_file());
+    assert!(stderr.contains("format-infusion checkpoint"), "{stderr}");
+    // Resuming a stopped run does not train on.
+    let mut resume: Vec<&str> = args.to_vec();
+    resume.push("--resume");
+    let out = train(&resume);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already stopped"));
+    assert_eq!(summary(&run)["examples"], 8);
+}
+
+#[test]
+fn objecqa_runs_at_its_own_cadence() {
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let src = format!("model.source={}", model.display());
+    let ck = format!("checkpoint.dir={}", t.path().display());
+    let out = train(&[
+        "--config",
+        "configs/quickstart.yaml",
+        "--set",
+        &src,
+        "--set",
+        &ck,
+        "--set",
+        "run.name=oq",
+        "--set",
+        "data.max_length=96",
+        "--set",
+        "train.max_examples=16",
+        "--set",
+        "train.micro_batch_size=4",
+        "--set",
+        "eval.ifs.every_examples=0",
+        "--set",
+        "eval.loss.every_examples=0",
+        "--set",
+        "eval.objecqa={every_examples: 8, limit: 4, max_new_tokens: 4, batch_size: 4}",
+        "--set",
+        "logging.progress=false",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run = t.path().join("oq");
+    let oq: Vec<Value> = records(&run)
+        .into_iter()
+        .filter(|r| r["eval"] == "objecqa")
+        .collect();
+    // At the start, at 8 and at 16 examples.
+    assert_eq!(oq.len(), 3, "{oq:?}");
+    assert!(oq.iter().all(|r| r["objecqa"].is_number()));
+    assert_eq!(summary(&run)["objecqa_curve"].as_array().unwrap().len(), 3);
+    let answers =
+        std::fs::read_to_string(run.join("evals/step-000002/objecqa-answers.jsonl")).unwrap();
+    assert_eq!(answers.lines().count(), 4);
+}
