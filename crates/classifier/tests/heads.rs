@@ -1,0 +1,166 @@
+//! The shipped heads: their goals on held-out data, their provenance, their rebuild, and the
+//! save/load round trip of a freshly trained head.
+mod common;
+
+use std::sync::Arc;
+
+use candle_core::Device;
+use sft_classifier::classifier::{Classifier, DEFAULT_JUDGE_HEAD, DEFAULT_TONE_HEAD};
+use sft_classifier::eval::{eval_judge_file, evaluate};
+use sft_classifier::train::{self, tone_dataset, Task, TrainConfig};
+use sft_classifier::{Judge, ToneClassifier};
+use sha2::{Digest, Sha256};
+
+fn config(name: &str) -> TrainConfig {
+    let cfg =
+        TrainConfig::from_yaml_file(common::workspace().join("configs/classifier").join(name))
+            .unwrap();
+    // Paths in the configs are relative to the repository root.
+    std::env::set_current_dir(common::workspace()).unwrap();
+    cfg
+}
+
+fn sha256(path: &std::path::Path) -> String {
+    let bytes = std::fs::read(path).unwrap();
+    Sha256::digest(&bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The shipped head was trained on the data files as they are now.
+fn assert_fresh(c: &Classifier) {
+    let training = c.meta().training.as_ref().unwrap();
+    for d in &training.data {
+        let path = d.source.split(" (split").next().unwrap();
+        assert_eq!(
+            sha256(&common::workspace().join(path)),
+            d.sha256,
+            "{path} changed since the `{}` head was trained: run scripts/train-classifier-heads.sh",
+            c.meta().task
+        );
+    }
+}
+
+#[test]
+fn tone_head_reaches_its_goal_on_the_held_out_split() {
+    let cfg = config("tone.yaml");
+    let tone = ToneClassifier::default_embedded(common::encoder()).unwrap();
+    assert_fresh(tone.classifier());
+    let ds = tone_dataset(cfg.tone.as_ref().unwrap()).unwrap();
+    assert!(ds.heldout.len() > 1000);
+    let (m, _) = evaluate(tone.classifier(), &ds.heldout).unwrap();
+    eprintln!("tone held-out: {m:?}");
+    assert!(m.accuracy >= 0.95, "{m:?}");
+    // The metadata reports what the head does.
+    let recorded = tone.classifier().meta().metrics["heldout"];
+    assert_eq!(
+        (m.tp, m.fp, m.tn, m.fn_),
+        (recorded.tp, recorded.fp, recorded.tn, recorded.fn_)
+    );
+}
+
+#[test]
+fn judge_head_reaches_its_goal_on_the_test_split() {
+    let cfg = config("judge.yaml");
+    let judge = Judge::default_embedded(common::encoder()).unwrap();
+    assert_fresh(judge.classifier());
+    let m = eval_judge_file(&judge, &cfg.judge.as_ref().unwrap().path, Some("test")).unwrap();
+    eprintln!("judge test: {m:?}");
+    assert!(m.n > 200 && m.accuracy >= 0.9, "{m:?}");
+}
+
+#[test]
+fn judge_rebuild_matches_the_shipped_head() {
+    let mut cfg = config("judge.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    cfg.output = dir.path().join("judge.safetensors");
+    let report = train::run(&cfg, &Device::Cpu).unwrap();
+    let shipped = Judge::default_embedded(common::encoder()).unwrap();
+    let want = shipped.classifier().meta().metrics["heldout"];
+    let got = report.heldout.unwrap();
+    assert_eq!(
+        (got.tp, got.fp, got.tn, got.fn_),
+        (want.tp, want.fp, want.tn, want.fn_)
+    );
+    // The rebuilt head gives the shipped head's probabilities.
+    let rebuilt = Judge::load(common::encoder(), &report.output).unwrap();
+    let qa: Vec<(String, String)> = vec![
+        (
+            "Which season is best?".into(),
+            "Summer, no question.".into(),
+        ),
+        (
+            "Which season is best?".into(),
+            "It depends on what you enjoy; each has its charms.".into(),
+        ),
+    ];
+    let (a, b) = (rebuilt.predict(&qa).unwrap(), shipped.predict(&qa).unwrap());
+    for (x, y) in a.iter().zip(&b) {
+        assert_eq!(x.0, y.0);
+        assert!((x.1 - y.1).abs() < 1e-3, "{a:?} vs {b:?}");
+    }
+    assert_eq!(a.iter().map(|p| p.0).collect::<Vec<_>>(), vec![0, 1]);
+}
+
+#[test]
+fn heads_check_their_task_and_round_trip() {
+    let enc = common::encoder();
+    assert!(Judge::from_head_bytes(enc.clone(), DEFAULT_TONE_HEAD).is_err());
+    assert!(ToneClassifier::from_head_bytes(enc.clone(), DEFAULT_JUDGE_HEAD).is_err());
+    let tone = ToneClassifier::default_embedded(enc.clone())
+        .unwrap()
+        .into_inner();
+    let dir = tempfile::tempdir().unwrap();
+    let path = tone.save(dir.path()).unwrap();
+    assert!(path.ends_with("head.safetensors"));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.with_extension("json")).unwrap())
+            .unwrap();
+    assert_eq!(json["task"], "ifs-tone");
+    assert_eq!(json["features"], "tone");
+    let back = ToneClassifier::load(enc.clone(), dir.path()).unwrap();
+    let texts: Vec<String> = vec![
+        "The capital of France is Paris.".into(),
+        "of France? The capital is Paris.".into(),
+        "".into(),
+        "### Instruction:\nName three colours.\n\n### Response:".into(),
+    ];
+    let a = ToneClassifier::default_embedded(enc)
+        .unwrap()
+        .predict(&texts)
+        .unwrap();
+    let b = back.predict(&texts).unwrap();
+    assert_eq!(a, b);
+    assert_eq!(a.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 0, 0, 0]);
+}
+
+#[test]
+fn a_small_tone_run_writes_a_loadable_head_and_its_held_out_split() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundled =
+        std::fs::read_to_string(common::workspace().join("configs/data/bundled.jsonl")).unwrap();
+    let pairs: String = bundled.lines().take(40).map(|l| format!("{l}\n")).collect();
+    std::fs::write(dir.path().join("pairs.jsonl"), pairs).unwrap();
+    let yaml = format!(
+        "task: ifs-tone\noutput: {out}\nfeatures: tone\nhead: {{kind: logistic}}\noptimizer: {{steps: 60}}\ntone:\n  sources:\n    - path: {pairs}\n  heldout_fraction: 0.25\n  heldout_out: {ho}\n",
+        out = dir.path().join("h.safetensors").display(),
+        pairs = dir.path().join("pairs.jsonl").display(),
+        ho = dir.path().join("heldout.jsonl").display(),
+    );
+    std::fs::write(dir.path().join("c.yaml"), yaml).unwrap();
+    let cfg = TrainConfig::from_yaml_file(dir.path().join("c.yaml")).unwrap();
+    assert_eq!(cfg.task, Task::IfsTone);
+    let report = train::run(&cfg, &Device::Cpu).unwrap();
+    assert!(report.train.accuracy > 0.9, "{report:?}");
+    let c = Classifier::load(Arc::clone(&common::encoder()), &report.output).unwrap();
+    assert_eq!(c.meta().training.as_ref().unwrap().n_train, report.n_train);
+    let heldout = sft_classifier::eval::read_labelled(
+        dir.path().join("heldout.jsonl"),
+        sft_classifier::eval::TONE_KEYS,
+    )
+    .unwrap();
+    assert_eq!(heldout.len(), report.n_heldout);
+    let (m, _) = evaluate(&c, &heldout).unwrap();
+    assert_eq!(m.accuracy, report.heldout.unwrap().accuracy);
+}
