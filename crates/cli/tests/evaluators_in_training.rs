@@ -61,7 +61,7 @@ fn shortened_quickstart_trains_lora_with_ifs() {
         "--set",
         "eval.ifs.max_new_tokens=16",
         "--set",
-        "eval.loss.every_examples=0",
+        "eval.loss={every_examples: 48, max_examples: 16}",
         "--set",
         "checkpoint.every_steps=3",
         "--set",
@@ -75,10 +75,17 @@ fn shortened_quickstart_trains_lora_with_ifs() {
         .iter()
         .filter_map(|r| r.get("loss")?.as_f64())
         .collect();
-    assert!(losses.len() >= 5, "{losses:?}");
-    let head: f64 = losses[..2].iter().sum::<f64>() / 2.0;
-    let tail: f64 = losses[losses.len() - 2..].iter().sum::<f64>() / 2.0;
-    assert!(tail < head, "the loss falls: {losses:?}");
+    assert_eq!(losses.len(), 6, "{losses:?}");
+    // The held-out loss (the same 16 examples) before training and after 48 examples.
+    let held: Vec<f64> = recs
+        .iter()
+        .filter_map(|r| r.get("eval_loss")?.as_f64())
+        .collect();
+    assert_eq!(held.len(), 2, "{held:?}");
+    assert!(
+        held[1] < held[0] - 0.05,
+        "the held-out loss falls: {held:?}"
+    );
     // IFS at the start, at 24 and 48 examples, each with its full and partial scores.
     let ifs: Vec<&Value> = recs.iter().filter(|r| r["eval"] == "ifs").collect();
     assert!(ifs.len() >= 3, "{ifs:?}");

@@ -538,8 +538,10 @@ fn evaluate_due(
     let mut stop = None;
     // Held-out loss.
     let e = &cfg.eval.loss;
-    if e.every_examples > 0 && !at_start && st.examples >= st.due.loss {
-        advance(&mut st.due.loss, e.every_examples, st.examples);
+    if e.every_examples > 0 && (at_start || st.examples >= st.due.loss) {
+        if !at_start {
+            advance(&mut st.due.loss, e.every_examples, st.examples);
+        }
         let t = Instant::now();
         let loss = model.eval_loss(cfg, data)?;
         *st.seconds.entry("eval_loss".into()).or_default() += t.elapsed().as_secs_f64();
