@@ -2,7 +2,7 @@
 //! on the bundled instruction set (or `--items`), full and fragment prompts, greedy. Prints a
 //! short table on stderr and the scores as JSON on stdout's last line; the responses with their
 //! labels go to `--out` (default `ifs-<model name>/`).
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use sft_eval::Evaluator;
 use sft_trainer::model::{template_named, ModelAnswer};
@@ -14,9 +14,6 @@ use super::score::ModelArgs;
 pub struct IfsArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A LoRA adapter folder (ours or PEFT's), applied unmerged.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
     /// Prompt template: alpaca_modified (the paper's), raw (base models), chatml, ...
     #[arg(long, default_value = "alpaca_modified")]
     pub template: String,
@@ -39,11 +36,8 @@ pub struct IfsArgs {
 }
 
 pub fn run(args: IfsArgs) -> Result<()> {
-    let mut m = args.model.load()?;
-    if let Some(a) = &args.adapter {
-        sft_model::lora::load_adapter(&mut m.model, a)
-            .with_context(|| format!("applying the adapter {}", a.display()))?;
-    }
+    // `--adapter` (in ModelArgs) is applied unmerged by `load`.
+    let m = args.model.load()?;
     let set = match &args.items {
         Some(p) => sft_ifs::instructions::load(p)?,
         None => sft_ifs::instructions::bundled(),

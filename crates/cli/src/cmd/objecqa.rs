@@ -23,9 +23,6 @@ pub struct ObjecqaArgs {
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// A LoRA adapter folder (ours or PEFT's), applied unmerged.
-    #[arg(long)]
-    pub adapter: Option<PathBuf>,
     #[arg(long, default_value = "alpaca_modified")]
     pub template: String,
     /// JSONL questions (`{"question": ...}` lines) instead of the bundled 100.
@@ -92,11 +89,8 @@ pub fn run(args: ObjecqaArgs) -> Result<()> {
 }
 
 fn score(args: ScoreArgs) -> Result<()> {
-    let mut m = args.model.load()?;
-    if let Some(a) = &args.adapter {
-        sft_model::lora::load_adapter(&mut m.model, a)
-            .with_context(|| format!("applying the adapter {}", a.display()))?;
-    }
+    // `--adapter` (in ModelArgs) is applied unmerged by `load`.
+    let m = args.model.load()?;
     let qs = match &args.items {
         Some(p) => sft_objecqa::load(p)?,
         None => sft_objecqa::bundled(),
