@@ -117,7 +117,7 @@ impl Encoder {
         Self::load(&dir, device)
     }
 
-    /// Tokens kept per text, [CLS] and [SEP] included.
+    /// Tokens kept per text, `[CLS]` and `[SEP]` included.
     pub fn set_max_len(&mut self, max_len: usize) -> Result<()> {
         if !(3..=512).contains(&max_len) {
             return Err(Error::Invalid(format!(
@@ -151,7 +151,7 @@ impl Encoder {
         &self.dir
     }
 
-    /// Token ids of each text as the encoder sees them (truncated, with [CLS] and [SEP]).
+    /// Token ids of each text as the encoder sees them (truncated, with `[CLS]` and `[SEP]`).
     pub fn token_ids(&self, texts: &[String]) -> Result<Vec<Vec<u32>>> {
         let encodings = self
             .tokenizer
