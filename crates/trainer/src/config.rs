@@ -172,22 +172,13 @@ pub struct EvalConfig {
     pub objecqa: GenEvalConfig,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LossEvalConfig {
     /// Held-out loss every N examples; 0 turns it off.
     pub every_examples: u64,
     /// At most this many held-out examples per evaluation (0 = all).
     pub max_examples: usize,
-}
-
-impl Default for LossEvalConfig {
-    fn default() -> Self {
-        Self {
-            every_examples: 0,
-            max_examples: 0,
-        }
-    }
 }
 
 /// A generation-based evaluator's settings (IFS, ObjecQA).
@@ -354,7 +345,7 @@ impl Config {
             errs.push("train: set at least one of epochs, max_steps, max_examples".into());
         }
         if let Some(e) = t.epochs {
-            if !(e > 0.0) {
+            if e.is_nan() || e <= 0.0 {
                 errs.push(format!("train.epochs: expected a number > 0, found {e}"));
             }
         }
@@ -372,7 +363,7 @@ impl Config {
             if a.r == 0 {
                 errs.push("adapter.r: expected at least 1".into());
             }
-            if !(a.alpha > 0.0) {
+            if a.alpha.is_nan() || a.alpha <= 0.0 {
                 errs.push(format!(
                     "adapter.alpha: expected a number > 0, found {}",
                     a.alpha

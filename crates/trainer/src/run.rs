@@ -124,7 +124,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
         Some((path, st)) => {
             model.restore(&path)?;
             optim
-                .load(&path.join("optimizer.safetensors"))
+                .load(path.join("optimizer.safetensors"))
                 .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
             batcher = batcher.with_cursor(st.cursor);
             tracing::info!(
@@ -500,7 +500,7 @@ fn save(
         .save(st.step, &*st, |dir| {
             model.save(dir).map_err(|e| e.to_string())?;
             optim
-                .save(&dir.join("optimizer.safetensors"))
+                .save(dir.join("optimizer.safetensors"))
                 .map_err(|e| e.to_string())
         })
         .map_err(TrainError::checkpoint)?;
@@ -525,6 +525,7 @@ fn save(
 }
 
 /// Run the evaluators whose cadence has come; returns the stop reason if the plateau rule fired.
+#[allow(clippy::too_many_arguments)]
 fn evaluate_due(
     cfg: &Config,
     st: &mut TrainerState,
