@@ -18,6 +18,8 @@ targets = os.environ.get("TRAIN_STEP_TARGETS", "q_proj,k_proj,v_proj,o_proj").sp
 r = int(os.environ.get("TRAIN_STEP_RANK", "8"))
 alpha = float(os.environ.get("TRAIN_STEP_ALPHA", "16"))
 
+if os.environ.get("TORCH_THREADS"):
+    torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt)
 model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,

@@ -121,6 +121,7 @@ fn main() {
                     "trainable_params": adapter.num_params(),
                     "peak_rss_mib": peak_rss_mib(),
                     "candle_threads": std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
+                    "threads": candle_core::utils::get_num_threads(),
                 })
             );
         })
