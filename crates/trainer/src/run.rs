@@ -552,29 +552,17 @@ fn evaluate_due(
         }
     }
     // IFS, which drives early stopping.
-    let e = &cfg.eval.ifs;
-    let ifs_due = if at_start {
-        e.at_start
-    } else {
-        st.examples >= st.due.ifs
-    };
-    if let (Some(ev), true) = (evals.ifs.as_mut(), e.every_examples > 0 && ifs_due) {
-        if !at_start {
-            advance(&mut st.due.ifs, e.every_examples, st.examples);
-        }
-        let t = Instant::now();
-        let out = run_dir.join("evals").join(format!("step-{:06}", st.step));
-        let report = {
-            let mut answer = ModelAnswer::new(model, e)?;
-            ev.evaluate(&mut answer, &out).map_err(TrainError::eval)?
-        };
-        *st.seconds.entry("eval_ifs".into()).or_default() += t.elapsed().as_secs_f64();
-        record(
-            st,
-            log,
-            "ifs",
-            report.scores.iter().map(|(k, v)| (k.as_str(), *v)),
-        )?;
+    if let Some(report) = run_generation_eval(
+        "ifs",
+        &cfg.eval.ifs,
+        evals.ifs.as_deref_mut(),
+        |d| &mut d.ifs,
+        st,
+        model,
+        log,
+        run_dir,
+        at_start,
+    )? {
         let point = EvalPoint {
             step: st.step,
             examples: st.examples,
@@ -591,16 +579,13 @@ fn evaluate_due(
             st.pinned.push(st.step);
             evals.pending_save = true;
         }
+        let score = |k: &str| report.scores.get(k).copied().unwrap_or(f64::NAN);
         tracing::info!(
             "IFS at {} examples: {:.3} (full {:.3}, partial {:.3})",
             st.examples,
             report.primary,
-            report.scores.get("ifs_full").copied().unwrap_or(f64::NAN),
-            report
-                .scores
-                .get("ifs_partial")
-                .copied()
-                .unwrap_or(f64::NAN)
+            score("ifs_full"),
+            score("ifs_partial")
         );
         if let Decision::Stop { anchor, reason } = decision {
             st.format_infusion_step = Some(anchor.step);
@@ -608,35 +593,67 @@ fn evaluate_due(
         }
     }
     // ObjecQA, at its own cadence.
-    let e = &cfg.eval.objecqa;
-    let oq_due = if at_start {
-        e.at_start
-    } else {
-        st.examples >= st.due.objecqa
-    };
-    if let (Some(ev), true) = (evals.objecqa.as_mut(), e.every_examples > 0 && oq_due) {
-        if !at_start {
-            advance(&mut st.due.objecqa, e.every_examples, st.examples);
-        }
-        let t = Instant::now();
-        let out = run_dir.join("evals").join(format!("step-{:06}", st.step));
-        let report = {
-            let mut answer = ModelAnswer::new(model, e)?;
-            ev.evaluate(&mut answer, &out).map_err(TrainError::eval)?
-        };
-        *st.seconds.entry("eval_objecqa".into()).or_default() += t.elapsed().as_secs_f64();
-        record(
-            st,
-            log,
-            "objecqa",
-            report.scores.iter().map(|(k, v)| (k.as_str(), *v)),
-        )?;
+    if let Some(report) = run_generation_eval(
+        "objecqa",
+        &cfg.eval.objecqa,
+        evals.objecqa.as_deref_mut(),
+        |d| &mut d.objecqa,
+        st,
+        model,
+        log,
+        run_dir,
+        at_start,
+    )? {
         tracing::info!("ObjecQA at {} examples: {:.3}", st.examples, report.primary);
     }
     if (st.evals.last().is_some_and(|r| r.step == st.step)) && cfg.logging.plots {
         redraw_plots(cfg, run_dir, log);
     }
     Ok(stop)
+}
+
+/// Run one generation-based evaluator if its cadence has come (or at the start, if asked):
+/// answers go under `evals/step-NNNNNN/`, scores to metrics.jsonl and the state's history.
+#[allow(clippy::too_many_arguments)]
+fn run_generation_eval(
+    name: &str,
+    e: &crate::config::GenEvalConfig,
+    ev: Option<&mut (dyn sft_eval::Evaluator + 'static)>,
+    due: fn(&mut Due) -> &mut u64,
+    st: &mut TrainerState,
+    model: &mut TrainModel,
+    log: &mut MetricsLog,
+    run_dir: &Path,
+    at_start: bool,
+) -> Result<Option<sft_eval::EvalReport>, TrainError> {
+    let Some(ev) = ev else { return Ok(None) };
+    let examples = st.examples;
+    let due = due(&mut st.due);
+    let is_due = if at_start {
+        e.at_start
+    } else {
+        examples >= *due
+    };
+    if e.every_examples == 0 || !is_due {
+        return Ok(None);
+    }
+    if !at_start {
+        advance(due, e.every_examples, examples);
+    }
+    let t = Instant::now();
+    let out = run_dir.join("evals").join(format!("step-{:06}", st.step));
+    let report = {
+        let mut answer = ModelAnswer::new(model, e)?;
+        ev.evaluate(&mut answer, &out).map_err(TrainError::eval)?
+    };
+    *st.seconds.entry(format!("eval_{name}")).or_default() += t.elapsed().as_secs_f64();
+    record(
+        st,
+        log,
+        name,
+        report.scores.iter().map(|(k, v)| (k.as_str(), *v)),
+    )?;
+    Ok(Some(report))
 }
 
 /// At the end of a run that reached its length: evaluate the final model unless an evaluation
