@@ -422,7 +422,8 @@ fn merged_equals_unmerged_and_adapters_round_trip() {
     // In-memory merge of one layer agrees with applying its adapter.
     let m = &adapter.modules[0];
     assert_eq!(m.name, "model.layers.0.self_attn.q_proj");
-    let mut lin = sft_model::linear::Linear::new(weights[&format!("{}.weight", m.name)].clone(), None);
+    let mut lin =
+        sft_model::linear::Linear::new(weights[&format!("{}.weight", m.name)].clone(), None);
     lin.lora = Some(sft_model::linear::LoraLayer::new(
         m.a.clone(),
         m.b.clone(),
