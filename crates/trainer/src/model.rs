@@ -232,6 +232,23 @@ pub fn template_named(name: &str, dir: &Path) -> Result<(Arc<Encoder>, Template)
 }
 
 impl<'a> ModelAnswer<'a> {
+    /// A loaded model (no adapter training) prompted through the template named `template`.
+    pub fn for_loaded(
+        m: &'a sft_model::load::LoadedModel,
+        template: &str,
+        batch_size: usize,
+    ) -> Result<Self, TrainError> {
+        let (encoder, template) = template_named(template, &m.dir)?;
+        Ok(Self {
+            llama: &m.model,
+            tokenizer: &m.tokenizer,
+            encoder,
+            template,
+            eos_token_ids: m.eos_token_ids.clone(),
+            batch_size,
+        })
+    }
+
     /// The model under training, in evaluation mode (no dropout).
     pub fn new(model: &'a mut TrainModel, e: &GenEvalConfig) -> Result<Self, TrainError> {
         let (encoder, template) = match &e.template {

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use sft_eval::Evaluator;
-use sft_trainer::model::{template_named, ModelAnswer};
+use sft_trainer::model::ModelAnswer;
 use std::path::PathBuf;
 
 use super::score::ModelArgs;
@@ -99,15 +99,7 @@ fn score(args: ScoreArgs) -> Result<()> {
         sft_objecqa::judge::EncoderJudge::load(args.judge.as_deref(), &candle_core::Device::Cpu)
             .map_err(|e| anyhow::anyhow!("the judge: {e}"))?;
     let mut ev = sft_objecqa::ObjecqaEvaluator::new(qs, 0, judge, args.max_new_tokens);
-    let (encoder, template) = template_named(&args.template, &m.dir)?;
-    let mut answer = ModelAnswer {
-        llama: &m.model,
-        tokenizer: &m.tokenizer,
-        encoder,
-        template,
-        eos_token_ids: m.eos_token_ids.clone(),
-        batch_size: args.batch_size,
-    };
+    let mut answer = ModelAnswer::for_loaded(&m, &args.template, args.batch_size)?;
     let out = args.out.unwrap_or_else(|| {
         let name = m
             .dir
