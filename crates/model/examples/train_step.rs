@@ -28,12 +28,8 @@ fn peak_rss_mib() -> f64 {
 }
 
 fn main() {
-    // candle runs element-wise ops on its own spinning thread pool next to rayon's (gemm):
-    // on 2 cores the two pools spin against each other; one element-wise thread measured
-    // better (less CPU, same or lower wall time). Set CANDLE_NUM_THREADS to override.
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    // One element-wise thread and allocator thresholds for reuse (see sft_model::runtime).
+    sft_model::runtime::tune_cpu_runtime();
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(&args[1]);
     let dtype = match args.get(2).map(String::as_str).unwrap_or("f32") {

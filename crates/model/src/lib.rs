@@ -13,4 +13,5 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod ops;
+pub mod runtime;
 pub mod save;

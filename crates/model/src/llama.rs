@@ -670,7 +670,12 @@ impl Attention {
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
         let (k, v) = match cache {
-            None => (k, v.contiguous()?),
+            None => {
+                // Training and scoring: one fused node (ops::attention), whose backward
+                // recomputes the probabilities instead of keeping (t x t) tensors per layer.
+                let out = ops::attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
+                return self.o_proj.forward(&out);
+            }
             Some(((kc, vc), past)) => {
                 kc.slice_set(&k.contiguous()?, 2, past)?;
                 vc.slice_set(&v.contiguous()?, 2, past)?;

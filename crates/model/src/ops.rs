@@ -1306,6 +1306,569 @@ fn axpy_rows<T: Copy + Send + Sync, F: Fn(&mut T, T) + Send + Sync>(
 }
 
 // ---------------------------------------------------------------------------------------------
+// Fused attention
+// ---------------------------------------------------------------------------------------------
+
+/// Multi-head attention with grouped K/V heads as one graph node:
+/// `out = softmax(scale * Q K^T + mask) V`, returned as (b, t, heads * head_dim), the layout the
+/// output projection takes (no transpose or copy nodes around it).
+///
+/// `q`: (b, heads, t, head_dim); `k`, `v`: (b, kv_heads, s, head_dim), `heads` a multiple of
+/// `kv_heads` (query head h reads kv head h / (heads / kv_heads)); any layouts. `mask`:
+/// additive, (b or 1, 1, t, s), a constant (`-inf` masks; a fully masked row gives zeros).
+/// Half-precision inputs are computed in f32 (softmax included, as transformers does) and the
+/// output rounded once. The backward recomputes the probabilities instead of keeping them, so
+/// the graph holds no (t × s) tensor per layer.
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (bk, nkv, s, hdk) = k.dims4()?;
+    if bk != b || hdk != hd || v.dims() != k.dims() || nkv == 0 || nh % nkv != 0 {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} do not fit (heads a multiple of kv heads)",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        );
+    }
+    if q.dtype() != k.dtype() || q.dtype() != v.dtype() {
+        bail!(
+            "attention: q {:?}, k {:?}, v {:?} differ in dtype",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    let ct = if q.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let mask = match mask {
+        None => None,
+        Some(m) => {
+            let ok = m.rank() == 4
+                && (m.dim(0)? == b || m.dim(0)? == 1)
+                && m.dim(1)? == 1
+                && m.dim(2)? == t
+                && m.dim(3)? == s;
+            if !ok {
+                bail!(
+                    "attention: mask {:?}, expected ({b} or 1, 1, {t}, {s})",
+                    m.dims()
+                );
+            }
+            Some(m.to_dtype(ct)?.contiguous()?)
+        }
+    };
+    if !q.device().is_cpu() {
+        return attention_composed(q, k, v, mask.as_ref(), scale);
+    }
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        Attention { mask, scale },
+    )
+}
+
+/// The same computation from candle's ops (other devices).
+fn attention_composed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (_, nkv, s, _) = k.dims4()?;
+    let ct = mask
+        .map(|m| m.dtype())
+        .unwrap_or(if q.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        });
+    let n_rep = nh / nkv;
+    let q = (q.to_dtype(ct)?.contiguous()? * scale)?.reshape((b, nkv, n_rep * t, hd))?;
+    let k = k.to_dtype(ct)?;
+    let v = v.to_dtype(ct)?.contiguous()?;
+    let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+    let scores = match mask {
+        Some(m) => scores.broadcast_add(m)?,
+        None => scores,
+    };
+    let probs = softmax_last_dim(&scores)?.reshape((b, nkv, n_rep * t, s))?;
+    probs
+        .matmul(&v)?
+        .reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hd))
+}
+
+struct Attention {
+    /// Additive mask (b or 1, 1, t, s) in the compute dtype, contiguous.
+    mask: Option<Tensor>,
+    scale: f64,
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy)]
+struct AttnDims {
+    b: usize,
+    nh: usize,
+    nkv: usize,
+    t: usize,
+    s: usize,
+    hd: usize,
+}
+
+impl AttnDims {
+    fn n_rep(&self) -> usize {
+        self.nh / self.nkv
+    }
+}
+
+/// A float type gemm and the attention kernels run in.
+trait AttnFloat: Float + Send + Sync + 'static + std::iter::Sum + std::ops::AddAssign {}
+impl AttnFloat for f32 {}
+impl AttnFloat for f64 {}
+
+/// `C = [C +] A · B` on raw strided matrices, single-threaded (callers split the work).
+/// Strides are (row, column) in elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm<T: AttnFloat>(
+    c: *mut T,
+    c_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: *const T,
+    (a_rs, a_cs): (usize, usize),
+    b: *const T,
+    (b_rs, b_cs): (usize, usize),
+    accumulate: bool,
+    beta: T,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        c,
+        1,
+        c_rs as isize,
+        accumulate,
+        a,
+        a_cs as isize,
+        a_rs as isize,
+        b,
+        b_cs as isize,
+        b_rs as isize,
+        T::one(),
+        beta,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    );
+}
+
+/// A pointer that may cross threads: every task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The pointer (a method, so closures capture the whole `SendPtr`, not its field).
+    fn get(self) -> *mut T {
+        self.0
+    }
+}
+
+/// One kv group's task in the attention backward: its index and its dq, dk, dv slices.
+type GroupGrads<'a, T> = (((usize, &'a mut [T]), &'a mut [T]), &'a mut [T]);
+
+/// `P = softmax(scale * Q_g K_g^T + mask)` for kv group (bi, g): (n_rep * t, s) row-major.
+fn attn_probs<T: AttnFloat>(
+    d: AttnDims,
+    (bi, g): (usize, usize),
+    q: &[T],
+    k: &[T],
+    mask: Option<(&[T], usize)>,
+    scale: T,
+    p: &mut [T],
+) {
+    let (rows, s, hd, t) = (d.n_rep() * d.t, d.s, d.hd, d.t);
+    let qg = &q[(bi * d.nh + g * d.n_rep()) * t * hd..][..rows * hd];
+    let kg = &k[(bi * d.nkv + g) * s * hd..][..s * hd];
+    // SAFETY: the slices hold rows x hd, s x hd and rows x s elements.
+    unsafe {
+        mm(
+            p.as_mut_ptr(),
+            s,
+            (rows, s, hd),
+            qg.as_ptr(),
+            (hd, 1),
+            kg.as_ptr(),
+            (1, hd),
+            false,
+            scale,
+        );
+    }
+    for (i, row) in p.chunks_exact_mut(s).enumerate() {
+        if let Some((m, mb)) = mask {
+            let tq = i % t;
+            let mrow = &m[((if mb == 1 { 0 } else { bi }) * t + tq) * s..][..s];
+            row.iter_mut().zip(mrow).for_each(|(x, &mv)| *x += mv);
+        }
+        let max = row.iter().fold(T::neg_infinity(), |a, &x| a.max(x));
+        if max == T::neg_infinity() {
+            row.iter_mut().for_each(|x| *x = T::zero());
+            continue;
+        }
+        let mut sum = T::zero();
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        let inv = sum.recip();
+        row.iter_mut().for_each(|x| *x = *x * inv);
+    }
+}
+
+fn attn_fwd<T: AttnFloat>(
+    d: AttnDims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<(&[T], usize)>,
+    scale: T,
+) -> Vec<T> {
+    let (t, s, hd, nh, n_rep) = (d.t, d.s, d.hd, d.nh, d.n_rep());
+    let mut out = vec![T::zero(); d.b * t * nh * hd];
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let groups: Vec<(usize, usize)> = (0..d.b)
+        .flat_map(|bi| (0..d.nkv).map(move |g| (bi, g)))
+        .collect();
+    let run = |&(bi, g): &(usize, usize)| {
+        let mut p = vec![T::zero(); n_rep * t * s];
+        attn_probs(d, (bi, g), q, k, mask, scale, &mut p);
+        let vg = &v[(bi * d.nkv + g) * s * hd..][..s * hd];
+        for r in 0..n_rep {
+            let h = g * n_rep + r;
+            // Rows tq of head h land at out[bi, tq, h, :], nh * hd apart.
+            // SAFETY: each (bi, h) writes its own t x hd elements of `out`.
+            unsafe {
+                mm(
+                    out_ptr.get().add((bi * t * nh + h) * hd),
+                    nh * hd,
+                    (t, hd, s),
+                    p[r * t * s..].as_ptr(),
+                    (s, 1),
+                    vg.as_ptr(),
+                    (hd, 1),
+                    false,
+                    T::one(),
+                );
+            }
+        }
+    };
+    if d.b * nh * t * s * hd < 1 << 18 {
+        groups.iter().for_each(run);
+    } else {
+        groups.par_iter().for_each(run);
+    }
+    out
+}
+
+/// Gradients of q, k and v (in the compute type), laid out as q, k, v.
+#[allow(clippy::too_many_arguments)]
+fn attn_bwd<T: AttnFloat>(
+    d: AttnDims,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<(&[T], usize)>,
+    scale: T,
+    dout: &[T],
+) -> (Vec<T>, Vec<T>, Vec<T>) {
+    let (t, s, hd, nh, n_rep) = (d.t, d.s, d.hd, d.nh, d.n_rep());
+    let rows = n_rep * t;
+    let mut dq = vec![T::zero(); d.b * nh * t * hd];
+    let mut dk = vec![T::zero(); d.b * d.nkv * s * hd];
+    let mut dv = vec![T::zero(); d.b * d.nkv * s * hd];
+    let run = |(((gi, dq_g), dk_g), dv_g): GroupGrads<'_, T>| {
+        let (bi, g) = (gi / d.nkv, gi % d.nkv);
+        let mut p = vec![T::zero(); rows * s];
+        attn_probs(d, (bi, g), q, k, mask, scale, &mut p);
+        let qg = &q[(bi * nh + g * n_rep) * t * hd..][..rows * hd];
+        let kg = &k[(bi * d.nkv + g) * s * hd..][..s * hd];
+        let vg = &v[(bi * d.nkv + g) * s * hd..][..s * hd];
+        let mut dp = vec![T::zero(); rows * s];
+        for r in 0..n_rep {
+            let h = g * n_rep + r;
+            let dor = dout[(bi * t * nh + h) * hd..].as_ptr();
+            // SAFETY: dO rows of head h are nh * hd apart; buffers sized above.
+            unsafe {
+                // dP_r = dO_r V^T
+                mm(
+                    dp[r * t * s..].as_mut_ptr(),
+                    s,
+                    (t, s, hd),
+                    dor,
+                    (nh * hd, 1),
+                    vg.as_ptr(),
+                    (1, hd),
+                    false,
+                    T::one(),
+                );
+                // dV += P_r^T dO_r
+                mm(
+                    dv_g.as_mut_ptr(),
+                    hd,
+                    (s, hd, t),
+                    p[r * t * s..].as_ptr(),
+                    (1, s),
+                    dor,
+                    (nh * hd, 1),
+                    r > 0,
+                    T::one(),
+                );
+            }
+        }
+        // dS = P (dP - rowsum(dP P)), in place in dp.
+        for (dpr, pr) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
+            let dot: T = dpr.iter().zip(pr).map(|(&a, &b)| a * b).sum();
+            dpr.iter_mut()
+                .zip(pr)
+                .for_each(|(x, &pv)| *x = pv * (*x - dot));
+        }
+        // SAFETY: as above; dq_g is rows x hd, dk_g s x hd.
+        unsafe {
+            // dQ = scale dS K
+            mm(
+                dq_g.as_mut_ptr(),
+                hd,
+                (rows, hd, s),
+                dp.as_ptr(),
+                (s, 1),
+                kg.as_ptr(),
+                (hd, 1),
+                false,
+                scale,
+            );
+            // dK = scale dS^T Q
+            mm(
+                dk_g.as_mut_ptr(),
+                hd,
+                (s, hd, rows),
+                dp.as_ptr(),
+                (1, s),
+                qg.as_ptr(),
+                (hd, 1),
+                false,
+                scale,
+            );
+        }
+    };
+    if d.b * nh * t * s * hd < 1 << 18 {
+        dq.chunks_mut(rows * hd)
+            .enumerate()
+            .zip(dk.chunks_mut(s * hd))
+            .zip(dv.chunks_mut(s * hd))
+            .for_each(run);
+    } else {
+        dq.par_chunks_mut(rows * hd)
+            .enumerate()
+            .zip(dk.par_chunks_mut(s * hd))
+            .zip(dv.par_chunks_mut(s * hd))
+            .for_each(run);
+    }
+    (dq, dk, dv)
+}
+
+impl Attention {
+    fn dims(lq: &Layout, lk: &Layout) -> Result<AttnDims> {
+        let (b, nh, t, hd) = lq.shape().dims4()?;
+        let (_, nkv, s, _) = lk.shape().dims4()?;
+        Ok(AttnDims {
+            b,
+            nh,
+            nkv,
+            t,
+            s,
+            hd,
+        })
+    }
+
+    /// The mask as a slice of the compute type and its batch size.
+    fn with_mask<T: WithDType, R>(&self, f: impl FnOnce(Option<(&[T], usize)>) -> R) -> Result<R> {
+        match &self.mask {
+            None => Ok(f(None)),
+            Some(m) => {
+                let (ms, ml) = m.storage_and_layout();
+                let candle_core::Storage::Cpu(ms) = &*ms else {
+                    bail!("attention: the mask is not on the CPU");
+                };
+                let mv = cont::<T>(ms, ml, "attention mask")?;
+                Ok(f(Some((mv, ml.dims()[0]))))
+            }
+        }
+    }
+}
+
+/// Contiguous float data as a Vec of the compute type (f32, or f64 for f64).
+fn to_compute_f32(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> Result<std::borrow::Cow<'static, [f32]>> {
+    Ok(std::borrow::Cow::Owned(match s.dtype() {
+        DType::BF16 => cont::<bf16>(s, l, op)?.iter().map(|v| v.to_a()).collect(),
+        DType::F16 => cont::<f16>(s, l, op)?.iter().map(|v| v.to_f32()).collect(),
+        DType::F32 => cont::<f32>(s, l, op)?.to_vec(),
+        dt => bail!("{op}: unsupported dtype {dt:?}"),
+    }))
+}
+
+/// f32 results in the storage dtype `dt`.
+fn from_compute_f32(v: Vec<f32>, dt: DType) -> CpuStorage {
+    match dt {
+        DType::BF16 => CpuStorage::BF16(crate::gemm_bf16::to_bf16(&v)),
+        DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
+        _ => CpuStorage::F32(v),
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "sft-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Self::dims(lq, lk)?;
+        let shape = Shape::from((d.b, d.t, d.nh * d.hd));
+        if sq.dtype() == DType::F64 {
+            let (q, k, v) = (
+                cont::<f64>(sq, lq, "attention")?,
+                cont::<f64>(sk, lk, "attention")?,
+                cont::<f64>(sv, lv, "attention")?,
+            );
+            let out = self.with_mask::<f64, _>(|m| attn_fwd(d, q, k, v, m, self.scale))?;
+            return Ok((CpuStorage::F64(out), shape));
+        }
+        let q = to_compute_f32(sq, lq, "attention")?;
+        let k = to_compute_f32(sk, lk, "attention")?;
+        let v = to_compute_f32(sv, lv, "attention")?;
+        let out = self.with_mask::<f32, _>(|m| attn_fwd(d, &q, &k, &v, m, self.scale as f32))?;
+        Ok((from_compute_f32(out, sq.dtype()), shape))
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let grads = q.apply_op3_no_bwd(
+            k,
+            v,
+            &AttentionBwd {
+                mask: self.mask.clone(),
+                scale: self.scale,
+                grad,
+            },
+        )?;
+        // The backward op returns dq, dk, dv concatenated, flattened.
+        let (nq, nk) = (q.elem_count(), k.elem_count());
+        let dq = grads.narrow(0, 0, nq)?.reshape(q.dims())?;
+        let dk = grads.narrow(0, nq, nk)?.reshape(k.dims())?;
+        let dv = grads.narrow(0, nq + nk, nk)?.reshape(v.dims())?;
+        Ok((
+            q.track_op().then_some(dq),
+            k.track_op().then_some(dk),
+            v.track_op().then_some(dv),
+        ))
+    }
+}
+
+/// The backward of [`Attention`] as one op: dq, dk and dv concatenated into one flat tensor.
+struct AttentionBwd {
+    mask: Option<Tensor>,
+    scale: f64,
+    /// d out, (b, t, heads * head_dim), contiguous.
+    grad: Tensor,
+}
+
+impl CustomOp3 for AttentionBwd {
+    fn name(&self) -> &'static str {
+        "sft-attention-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = Attention::dims(lq, lk)?;
+        let (gs, gl) = self.grad.storage_and_layout();
+        let candle_core::Storage::Cpu(gs) = &*gs else {
+            bail!("attention bwd: the gradient is not on the CPU");
+        };
+        let attn = Attention {
+            mask: self.mask.clone(),
+            scale: self.scale,
+        };
+        let total = lq.shape().elem_count() + 2 * lk.shape().elem_count();
+        if sq.dtype() == DType::F64 {
+            let (q, k, v) = (
+                cont::<f64>(sq, lq, "attention bwd")?,
+                cont::<f64>(sk, lk, "attention bwd")?,
+                cont::<f64>(sv, lv, "attention bwd")?,
+            );
+            let g = cont::<f64>(gs, gl, "attention bwd")?;
+            let (dq, dk, dv) =
+                attn.with_mask::<f64, _>(|m| attn_bwd(d, q, k, v, m, self.scale, g))?;
+            let mut all = dq;
+            all.extend(dk);
+            all.extend(dv);
+            return Ok((CpuStorage::F64(all), Shape::from(total)));
+        }
+        let q = to_compute_f32(sq, lq, "attention bwd")?;
+        let k = to_compute_f32(sk, lk, "attention bwd")?;
+        let v = to_compute_f32(sv, lv, "attention bwd")?;
+        let g = to_compute_f32(gs, gl, "attention bwd")?;
+        let (dq, dk, dv) =
+            attn.with_mask::<f32, _>(|m| attn_bwd(d, &q, &k, &v, m, self.scale as f32, &g))?;
+        let mut all = dq;
+        all.extend(dk);
+        all.extend(dv);
+        Ok((from_compute_f32(all, sq.dtype()), Shape::from(total)))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Cross-entropy
 // ---------------------------------------------------------------------------------------------
 

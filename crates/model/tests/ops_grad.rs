@@ -488,3 +488,95 @@ fn ops_lora_linear_bf16_base_with_f32_adapters() {
     assert_eq!(g1[1].dtype(), DType::F32);
     assert_same_grads("lora_linear bf16", &g1, &g2, 2e-2);
 }
+
+/// A causal mask over `s` keys for the last `t` queries, with the first `pad` keys of batch
+/// row 1 masked as padding (batch row 0 unpadded).
+fn attn_mask(t: usize, s: usize, pad: usize) -> Tensor {
+    let mut m = vec![0f64; 2 * t * s];
+    for bi in 0..2 {
+        for i in 0..t {
+            let q = s - t + i;
+            for j in 0..s {
+                let padded = bi == 1 && j < pad && j != q;
+                if j > q || padded {
+                    m[(bi * t + i) * s + j] = f64::NEG_INFINITY;
+                }
+            }
+        }
+    }
+    Tensor::from_vec(m, (2, 1, t, s), &Device::Cpu).unwrap()
+}
+
+#[test]
+fn ops_attention_grad() {
+    // 4 query heads over 2 kv heads; queries the last 3 of 5 positions.
+    let q = rand_t(&[2, 4, 3, 6], 80, 1.0);
+    let k = rand_t(&[2, 2, 5, 6], 81, 1.0);
+    let v = rand_t(&[2, 2, 5, 6], 82, 1.0);
+    let mask = attn_mask(3, 5, 2);
+    let f = |t: &[Tensor]| ops::attention(&t[0], &t[1], &t[2], Some(&t[3]), 0.4);
+    let ins = [q.clone(), k.clone(), v.clone(), mask];
+    assert_grads("attention", &f, &ins, &[0, 1, 2], TOL);
+    assert_grads("attention k only", &f, &ins, &[1], TOL);
+    let f = |t: &[Tensor]| ops::attention(&t[0], &t[1], &t[2], None, 0.4);
+    assert_grads("attention unmasked", &f, &[q, k, v], &[0, 1, 2], TOL);
+}
+
+#[test]
+fn ops_attention_matches_the_composed_form() {
+    let f32_ = |t: Tensor| t.to_dtype(DType::F32).unwrap();
+    // The llama layout: q/k/v as transposes of (b, t, heads, hd) projections.
+    let q = f32_(rand_t(&[2, 48, 9, 64], 90, 1.0))
+        .transpose(1, 2)
+        .unwrap();
+    let k = f32_(rand_t(&[2, 48, 3, 64], 91, 1.0))
+        .transpose(1, 2)
+        .unwrap();
+    let v = f32_(rand_t(&[2, 48, 3, 64], 92, 1.0))
+        .transpose(1, 2)
+        .unwrap();
+    let mask = f32_(attn_mask(48, 48, 5));
+    let scale = 1.0 / 8.0;
+    let theirs = |t: &[Tensor]| {
+        let (b, nh, tq, hd) = t[0].dims4()?;
+        let nkv = t[1].dim(1)?;
+        let rep = nh / nkv;
+        let qs = (t[0].contiguous()? * scale)?.reshape((b, nkv, rep * tq, hd))?;
+        let sc = qs.matmul(&t[1].contiguous()?.t()?)?.reshape((b, nh, tq, tq))?;
+        let p = candle_nn::ops::softmax(&sc.broadcast_add(&mask)?, D::Minus1)?;
+        p.reshape((b, nkv, rep * tq, tq))?
+            .matmul(&t[2].contiguous()?)?
+            .reshape((b, nh, tq, hd))?
+            .transpose(1, 2)?
+            .reshape((b, tq, nh * hd))
+    };
+    let ours = |t: &[Tensor]| ops::attention(&t[0], &t[1], &t[2], Some(&mask), scale);
+    let ins = [q, k, v];
+    let (y1, y2) = (ours(&ins).unwrap(), theirs(&ins).unwrap());
+    assert_eq!(y1.dims(), &[2, 48, 576]);
+    let err = max_abs_diff(&y1, &y2) / max_abs(&y2).max(1.0);
+    assert!(err < 1e-5, "forward error {err:e}");
+    assert_same_grads(
+        "attention",
+        &grads_of(&ours, &ins, 12),
+        &grads_of(&theirs, &ins, 12),
+        1e-4,
+    );
+    // bf16 inputs: computed in f32, rounded once.
+    let bf: Vec<Tensor> = ins
+        .iter()
+        .map(|t| t.to_dtype(DType::BF16).unwrap())
+        .collect();
+    let y3 = ours(&bf).unwrap();
+    assert_eq!(y3.dtype(), DType::BF16);
+    let y4 = theirs(
+        &bf.iter()
+            .map(|t| t.to_dtype(DType::F32).unwrap())
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    let err = max_abs_diff(&y3, &y4) / max_abs(&y4).max(1.0);
+    assert!(err < 1e-2, "bf16 forward error {err:e}");
+    let gb = grads_of(&ours, &bf, 13);
+    assert!(gb.iter().all(|g| g.dtype() == DType::BF16));
+}

@@ -1,0 +1,28 @@
+//! Process settings that make CPU training faster; call [`tune_cpu_runtime`] at the start of
+//! `main`, before any tensor exists.
+//!
+//! - candle runs element-wise ops on a spinning thread pool of its own, beside rayon's (which
+//!   the matmuls use). On a 2-core machine the pools spin against each other; with one
+//!   element-wise thread the same step used about a quarter less CPU time. `CANDLE_NUM_THREADS`
+//!   is set to 1 unless the user set it.
+//! - glibc returns large freed blocks to the kernel and maps them again on the next step: page
+//!   faults, zeroing and TLB shootdowns for every activation. Raising the mmap and trim
+//!   thresholds keeps them in the heap for reuse (sys time of a SmolLM2 LoRA step fell from
+//!   6.6 s to 1.9 s, the step by 13%); the peak resident memory is unchanged.
+
+/// Applies the settings above (idempotent; a no-op where they do not apply).
+pub fn tune_cpu_runtime() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        // SAFETY (edition 2024 terms): called at start-up, before other threads read the
+        // environment.
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; any value is accepted or refused.
+    unsafe {
+        // 32 MiB, glibc's largest allowed mmap threshold; blocks below it come from the heap.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
