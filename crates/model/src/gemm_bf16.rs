@@ -47,45 +47,121 @@ pub fn matmul(
     b_rs: usize,
     b_cs: usize,
 ) -> Option<Vec<f32>> {
+    drive::<false, f32>(a, m, k, lda, b, n, b_rs, b_cs)
+}
+
+/// [`matmul`] rounded to bf16 as it is stored (no f32 result is materialised). Rounding is to
+/// nearest even; results below bf16's normal range become zero.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_to_bf16(
+    a: &[bf16],
+    m: usize,
+    k: usize,
+    lda: usize,
+    b: &[bf16],
+    n: usize,
+    b_rs: usize,
+    b_cs: usize,
+) -> Option<Vec<bf16>> {
+    drive::<true, bf16>(a, m, k, lda, b, n, b_rs, b_cs)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn drive<const BF: bool, O: Copy>(
+    a: &[bf16],
+    m: usize,
+    k: usize,
+    lda: usize,
+    b: &[bf16],
+    n: usize,
+    b_rs: usize,
+    b_cs: usize,
+) -> Option<Vec<O>> {
     if !available() || !k.is_multiple_of(2) || m == 0 || n == 0 || k == 0 {
         return None;
     }
+    assert_eq!(std::mem::size_of::<O>(), if BF { 2 } else { 4 });
     assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
     assert!(
         b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
         "B is too short for its strides"
     );
     let packed = pack_b(b, k, n, b_rs, b_cs);
-    let mut c = vec![0f32; m * n];
     let kp = k / 2;
-    let task = |(ci, c_chunk): (usize, &mut [f32])| {
+    // Every element is written exactly once (at the last k-block), so no zeroing.
+    let mut out: Vec<std::mem::MaybeUninit<O>> = Vec::with_capacity(m * n);
+    // SAFETY: MaybeUninit needs no initialisation.
+    unsafe { out.set_len(m * n) };
+    let out_ptr = SendPtr(out.as_mut_ptr() as *mut u8);
+    let task = |ci: usize| {
         let r0 = ci * MC;
-        let rows = c_chunk.len() / n;
-        for p0 in (0..kp).step_by(KP_BLOCK) {
-            let p1 = (p0 + KP_BLOCK).min(kp);
-            for (pi, panel) in packed.chunks(kp * NR).enumerate() {
-                let j0 = pi * NR;
-                let cols = NR.min(n - j0);
+        let rows = MC.min(m - r0);
+        let mut scratch = vec![0f32; MC * NR];
+        for (pi, panel) in packed.chunks(kp * NR).enumerate() {
+            let j0 = pi * NR;
+            let cols = NR.min(n - j0);
+            for p0 in (0..kp).step_by(KP_BLOCK) {
+                let p1 = (p0 + KP_BLOCK).min(kp);
                 for rb in (0..rows).step_by(MR) {
                     let mr = MR.min(rows - rb);
                     let a_ptr = a[(r0 + rb) * lda..].as_ptr() as *const u16;
-                    let c_ptr = c_chunk[rb * n + j0..].as_mut_ptr();
+                    let elem = (r0 + rb) * n + j0;
                     // SAFETY: `available()` checked the CPU features; the pointers cover `mr`
-                    // rows of A (row stride lda, k-pairs p0..p1) and of C (stride n, `cols`
-                    // columns), and the panel holds kp * NR packed pairs.
+                    // rows of A (row stride lda, k-pairs p0..p1), of the scratch tile (stride
+                    // NR) and of the output (stride n, `cols` columns), which no other task
+                    // writes; the panel holds kp * NR packed pairs.
                     unsafe {
-                        kernel_dispatch(mr, a_ptr, lda, panel.as_ptr(), p0, p1, c_ptr, n, cols);
+                        let o = out_ptr.get().add(elem * std::mem::size_of::<O>());
+                        let tile = Tile {
+                            scratch: scratch[rb * NR..].as_mut_ptr(),
+                            first: p0 == 0,
+                            last: p1 == kp,
+                            out: o,
+                            ldo: n,
+                            cols,
+                        };
+                        kernel_dispatch::<BF>(mr, a_ptr, lda, panel.as_ptr(), p0, p1, tile);
                     }
                 }
             }
         }
     };
+    let chunks = m.div_ceil(MC);
     if m * n * k < 1 << 20 {
-        c.chunks_mut(MC * n).enumerate().for_each(task);
+        (0..chunks).for_each(task);
     } else {
-        c.par_chunks_mut(MC * n).enumerate().for_each(task);
+        (0..chunks).into_par_iter().for_each(task);
     }
-    Some(c)
+    // SAFETY: every element was written; MaybeUninit<O> and O share their layout.
+    let mut out = std::mem::ManuallyDrop::new(out);
+    Some(unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut O, m * n, out.capacity()) })
+}
+
+/// A pointer that may cross threads: tasks write disjoint elements.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut u8);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut u8 {
+        self.0
+    }
+}
+
+/// Where a micro-kernel call reads partial sums from and writes its results to.
+#[derive(Clone, Copy)]
+struct Tile {
+    /// Partial sums of earlier k-blocks, rows NR apart (f32).
+    scratch: *mut f32,
+    /// No earlier k-block: start from zero.
+    first: bool,
+    /// The last k-block: write the output instead of the scratch.
+    last: bool,
+    /// Output (f32 or bf16), rows `ldo` elements apart.
+    out: *mut u8,
+    ldo: usize,
+    cols: usize,
 }
 
 /// f32 → bf16 with the `half` crate's rounding (to nearest even; NaN stays NaN, denormals
@@ -164,49 +240,44 @@ fn pack_b(b: &[bf16], k: usize, n: usize, b_rs: usize, b_cs: usize) -> Vec<u32> 
     out
 }
 
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel_dispatch(
+unsafe fn kernel_dispatch<const BF: bool>(
     mr: usize,
     a: *const u16,
     lda: usize,
     panel: *const u32,
     p0: usize,
     p1: usize,
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
+    tile: Tile,
 ) {
     #[cfg(target_arch = "x86_64")]
     match mr {
-        8 => kernel::<8>(a, lda, panel, p0, p1, c, ldc, cols),
-        7 => kernel::<7>(a, lda, panel, p0, p1, c, ldc, cols),
-        6 => kernel::<6>(a, lda, panel, p0, p1, c, ldc, cols),
-        5 => kernel::<5>(a, lda, panel, p0, p1, c, ldc, cols),
-        4 => kernel::<4>(a, lda, panel, p0, p1, c, ldc, cols),
-        3 => kernel::<3>(a, lda, panel, p0, p1, c, ldc, cols),
-        2 => kernel::<2>(a, lda, panel, p0, p1, c, ldc, cols),
-        _ => kernel::<1>(a, lda, panel, p0, p1, c, ldc, cols),
+        8 => kernel::<8, BF>(a, lda, panel, p0, p1, tile),
+        7 => kernel::<7, BF>(a, lda, panel, p0, p1, tile),
+        6 => kernel::<6, BF>(a, lda, panel, p0, p1, tile),
+        5 => kernel::<5, BF>(a, lda, panel, p0, p1, tile),
+        4 => kernel::<4, BF>(a, lda, panel, p0, p1, tile),
+        3 => kernel::<3, BF>(a, lda, panel, p0, p1, tile),
+        2 => kernel::<2, BF>(a, lda, panel, p0, p1, tile),
+        _ => kernel::<1, BF>(a, lda, panel, p0, p1, tile),
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (mr, a, lda, panel, p0, p1, c, ldc, cols);
+        let _ = (mr, a, lda, panel, p0, p1, tile);
         unreachable!("gemm_bf16 runs only on x86-64");
     }
 }
 
-/// `C[0..R, 0..cols] += A[0..R, pairs p0..p1] · panel[p0..p1]`, accumulators in registers.
+/// `tile[0..R, 0..cols] (+)= A[0..R, pairs p0..p1] · panel[p0..p1]`, accumulators in
+/// registers; partial sums go through the scratch tile, the last k-block writes the output.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn kernel<const R: usize>(
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+unsafe fn kernel<const R: usize, const BF: bool>(
     a: *const u16,
     lda: usize,
     panel: *const u32,
     p0: usize,
     p1: usize,
-    c: *mut f32,
-    ldc: usize,
-    cols: usize,
+    tile: Tile,
 ) {
     use std::arch::x86_64::*;
     let mut acc = [[_mm512_setzero_ps(); 2]; R];
@@ -221,6 +292,7 @@ unsafe fn kernel<const R: usize>(
             acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
         }
     }
+    let cols = tile.cols;
     let m0: __mmask16 = if cols >= 16 {
         0xffff
     } else {
@@ -233,13 +305,29 @@ unsafe fn kernel<const R: usize>(
     } else {
         0
     };
-    for (r, acc_r) in acc.iter().enumerate() {
-        let row = c.add(r * ldc);
-        let c0 = _mm512_maskz_loadu_ps(m0, row);
-        _mm512_mask_storeu_ps(row, m0, _mm512_add_ps(c0, acc_r[0]));
-        if m1 != 0 {
-            let c1 = _mm512_maskz_loadu_ps(m1, row.add(16));
-            _mm512_mask_storeu_ps(row.add(16), m1, _mm512_add_ps(c1, acc_r[1]));
+    for (r, acc_r) in acc.iter_mut().enumerate() {
+        let sc = tile.scratch.add(r * NR);
+        if !tile.first {
+            acc_r[0] = _mm512_add_ps(acc_r[0], _mm512_loadu_ps(sc));
+            acc_r[1] = _mm512_add_ps(acc_r[1], _mm512_loadu_ps(sc.add(16)));
+        }
+        if !tile.last {
+            _mm512_storeu_ps(sc, acc_r[0]);
+            _mm512_storeu_ps(sc.add(16), acc_r[1]);
+        } else if BF {
+            let row = (tile.out as *mut u16).add(r * tile.ldo);
+            let h0: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc_r[0]));
+            _mm256_mask_storeu_epi16(row as *mut _, m0, h0);
+            if m1 != 0 {
+                let h1: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc_r[1]));
+                _mm256_mask_storeu_epi16(row.add(16) as *mut _, m1, h1);
+            }
+        } else {
+            let row = (tile.out as *mut f32).add(r * tile.ldo);
+            _mm512_mask_storeu_ps(row, m0, acc_r[0]);
+            if m1 != 0 {
+                _mm512_mask_storeu_ps(row.add(16), m1, acc_r[1]);
+            }
         }
     }
 }
@@ -288,6 +376,14 @@ mod tests {
             for (bb, rs, cs) in [(&b, n, 1), (&bt, 1, k)] {
                 let got = matmul(&a, m, k, k, bb, n, rs, cs).unwrap();
                 let want = reference(&a, m, k, bb, n, rs, cs);
+                let got_bf = matmul_to_bf16(&a, m, k, k, bb, n, rs, cs).unwrap();
+                for (h, g) in got_bf.iter().zip(&got) {
+                    assert_eq!(
+                        h.to_bits(),
+                        bf16::from_f32(*g).to_bits(),
+                        "bf16 output of {g}"
+                    );
+                }
                 let scale = want.iter().fold(1f64, |x, v| x.max(v.abs()));
                 for (g, w) in got.iter().zip(&want) {
                     assert!(

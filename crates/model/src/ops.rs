@@ -889,10 +889,8 @@ fn cpu_matmul_t(
     let x = cont::<bf16>(sx, lx, "matmul")?;
     let w = cont::<bf16>(sw, lw, "matmul")?;
     // x · W^T: B[kk, j] = W[j, kk].
-    if let Some(y) = crate::gemm_bf16::matmul(x, m, k, k, w, n, 1, k) {
-        return Ok(CpuStorage::BF16(
-            y.into_iter().map(bf16::from_f32).collect(),
-        ));
+    if let Some(y) = crate::gemm_bf16::matmul_to_bf16(x, m, k, k, w, n, 1, k) {
+        return Ok(CpuStorage::BF16(y));
     }
     let xf = CpuStorage::F32(x.iter().map(|v| v.to_f32()).collect());
     let wf = CpuStorage::F32(w.iter().map(|v| v.to_f32()).collect());
