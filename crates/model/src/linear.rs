@@ -44,14 +44,17 @@ impl Linear {
     /// The base layer alone (no adapter).
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
         let y = if self.weight.is_variable() {
-            x.broadcast_matmul(&self.weight.t()?)?
+            // A differentiable cast when activations are f32 and weights bf16 (CPU).
+            let w = if self.weight.dtype() == x.dtype() {
+                self.weight.clone()
+            } else {
+                self.weight.to_dtype(x.dtype())?
+            };
+            x.broadcast_matmul(&w.t()?)?
         } else {
             ops::frozen_linear(x, &self.weight)?
         };
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        add_bias(y, self.bias.as_ref())
     }
 
     /// `W + scale * B A` in the base weight's dtype (computed in f32 or f64), or `W` itself
@@ -72,7 +75,8 @@ impl Module for Linear {
         // One fused graph node for a frozen base whose dtype matches the input: adapters in
         // the same f32/f64, or f32 adapters on a bf16/f16 base.
         let fused = !self.weight.is_variable()
-            && self.weight.dtype() == x.dtype()
+            && (self.weight.dtype() == x.dtype()
+                || (x.dtype(), self.weight.dtype()) == (DType::F32, DType::BF16))
             && matches!(
                 (x.dtype(), l.a.dtype()),
                 (DType::F32, DType::F32)
@@ -89,10 +93,7 @@ impl Module for Linear {
                 l.scale,
                 mask.as_ref(),
             )?;
-            return match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
-            };
+            return add_bias(y, self.bias.as_ref());
         }
         let y = self.forward_base(x)?;
         match &self.lora {
@@ -107,6 +108,15 @@ impl Module for Linear {
                 y + d
             }
         }
+    }
+}
+
+/// `y + bias` (bias cast to y's dtype: a bf16 bias with f32 activations).
+fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) if b.dtype() == y.dtype() => y.broadcast_add(b),
+        Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?),
+        None => Ok(y),
     }
 }
 

@@ -68,6 +68,11 @@ pub struct Llama {
     weights: Vec<(String, Tensor)>,
     inv_freq: Vec<f32>,
     dtype: DType,
+    /// The dtype of activations: the weights' dtype, except bf16 weights on the CPU, which run
+    /// with f32 activations (bf16 matmuls summed in f32, everything else in f32, as
+    /// `torch.autocast` does on the CPU): candle's CPU element-wise kernels for bf16 convert
+    /// every element through a function call, which made bf16 training slower than f32.
+    act_dtype: DType,
     device: Device,
 }
 
@@ -298,7 +303,13 @@ impl Llama {
         } else {
             Linear::new(get("lm_head.weight".into())?, None)
         };
+        let act_dtype = if dtype == DType::BF16 && device.is_cpu() {
+            DType::F32
+        } else {
+            dtype
+        };
         Ok(Self {
+            act_dtype,
             inv_freq: cfg.rope_inv_freq(),
             cfg: cfg.clone(),
             embed_tokens,
@@ -314,8 +325,13 @@ impl Llama {
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
     }
+    /// The weights' dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+    /// The activations' dtype (see the field): f32 for bf16 weights on the CPU, else `dtype`.
+    pub fn activation_dtype(&self) -> DType {
+        self.act_dtype
     }
     pub fn device(&self) -> &Device {
         &self.device
@@ -366,7 +382,13 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(&x, &rope, mask.as_ref(), None)?;
         }
-        ops::rms_norm(&x, &self.norm, self.cfg.rms_norm_eps as f32)
+        ops::rms_norm(&x, &self.cast(&self.norm)?, self.cfg.rms_norm_eps as f32)
+    }
+
+    /// A weight in the activations' dtype (a differentiable cast: norms of a bf16 model in
+    /// full fine-tuning still get their gradient).
+    fn cast(&self, w: &Tensor) -> Result<Tensor> {
+        cast_to(w, self.act_dtype)
     }
 
     /// `lm_head` applied to hidden states: (..., hidden) -> (..., vocab).
@@ -462,8 +484,8 @@ impl Llama {
         let layers = (0..self.layers.len())
             .map(|_| {
                 Ok((
-                    Tensor::zeros(shape, self.dtype, &self.device)?,
-                    Tensor::zeros(shape, self.dtype, &self.device)?,
+                    Tensor::zeros(shape, self.act_dtype, &self.device)?,
+                    Tensor::zeros(shape, self.act_dtype, &self.device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -509,7 +531,7 @@ impl Llama {
         }
         cache.len = past + t;
         let last = x.narrow(1, t - 1, 1)?.squeeze(1)?;
-        let last = ops::rms_norm(&last, &self.norm, self.cfg.rms_norm_eps as f32)?;
+        let last = ops::rms_norm(&last, &self.cast(&self.norm)?, self.cfg.rms_norm_eps as f32)?;
         self.lm_head(&last)?.to_dtype(DType::F32)
     }
 
@@ -517,12 +539,14 @@ impl Llama {
     fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let h = self.embed_tokens.dim(1)?;
-        self.embed_tokens
+        let x = self
+            .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?
-            .reshape((b, t, h))
+            .reshape((b, t, h))?;
+        self.cast(&x)
     }
 
-    /// cos/sin of each (example, position) in the model's dtype; computed in f32 as
+    /// cos/sin of each (example, position) in the activations' dtype; computed in f32 as
     /// transformers does (`inv_freq * position`, then cos and sin).
     fn rope(&self, positions: &[Vec<u32>], b: usize, t: usize) -> Result<Rope> {
         let shared = positions.iter().all(|p| p == &positions[0]);
@@ -540,10 +564,19 @@ impl Llama {
                 }
             }
         }
-        let cos = Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(self.dtype)?;
+        let cos = Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(self.act_dtype)?;
+        let sin = Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(self.act_dtype)?;
         let _ = b;
         Ok(Rope { cos, sin, shared })
+    }
+}
+
+/// `t` in `dt`, itself when it already is.
+fn cast_to(t: &Tensor, dt: DType) -> Result<Tensor> {
+    if t.dtype() == dt {
+        Ok(t.clone())
+    } else {
+        t.to_dtype(dt)
     }
 }
 
@@ -726,9 +759,10 @@ impl DecoderLayer {
         mask: Option<&Tensor>,
         cache: Option<(&mut (Tensor, Tensor), usize)>,
     ) -> Result<Tensor> {
-        let h = ops::rms_norm(x, &self.input_layernorm, self.eps)?;
+        let dt = x.dtype();
+        let h = ops::rms_norm(x, &cast_to(&self.input_layernorm, dt)?, self.eps)?;
         let x = (x + self.self_attn.forward(&h, rope, mask, cache)?)?;
-        let h = ops::rms_norm(&x, &self.post_attention_layernorm, self.eps)?;
+        let h = ops::rms_norm(&x, &cast_to(&self.post_attention_layernorm, dt)?, self.eps)?;
         x + self.mlp.forward(&h)?
     }
 }
@@ -1049,8 +1083,15 @@ mod tests {
     /// fine-tuning), and the tied embedding stays one tensor.
     #[test]
     fn every_weight_gets_a_gradient() {
+        for dt in [DType::F32, DType::BF16] {
+            every_weight_gets_a_gradient_in(dt);
+        }
+    }
+
+    /// bf16 covers the CPU's mixed mode: bf16 weights (Vars), f32 activations.
+    fn every_weight_gets_a_gradient_in(dt: DType) {
         let cfg = tiny_config(true, false);
-        let w = random_weights(&cfg, DType::F32, &Device::Cpu, 1).unwrap();
+        let w = random_weights(&cfg, dt, &Device::Cpu, 1).unwrap();
         let vars: HashMap<String, Var> = w
             .iter()
             .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
@@ -1063,6 +1104,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(model.named_weights().len(), vars.len());
+        assert_eq!(model.dtype(), dt);
+        assert_eq!(model.activation_dtype(), DType::F32);
         assert!(model
             .named_weights()
             .iter()
@@ -1075,7 +1118,10 @@ mod tests {
             let g = grads
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("no gradient for {name}"));
+            assert_eq!(g.dtype(), dt, "{name}");
             let n = g
+                .to_dtype(DType::F32)
+                .unwrap()
                 .sqr()
                 .unwrap()
                 .sum_all()

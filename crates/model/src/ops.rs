@@ -29,9 +29,59 @@ use rayon::prelude::*;
 // Element types and helpers
 // ---------------------------------------------------------------------------------------------
 
+/// `exp` for the kernels' inner loops: f64 uses the library's; f32 an inlined polynomial
+/// (Cephes' `expf`: range reduction by ln 2, degree-6 polynomial, within 2 ulp), since a call
+/// into libm per element was 6% of a training step (softmax, cross-entropy, SiLU).
+pub(crate) trait FastExp: Copy {
+    fn fexp(self) -> Self;
+}
+
+impl FastExp for f64 {
+    #[inline(always)]
+    fn fexp(self) -> f64 {
+        self.exp()
+    }
+}
+
+impl FastExp for f32 {
+    #[inline(always)]
+    fn fexp(self) -> f32 {
+        exp_f32(self)
+    }
+}
+
+#[inline(always)]
+fn exp_f32(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Round to nearest by adding and subtracting 1.5 * 2^23 (no libm call, vectorizable).
+    const ROUND: f32 = 12_582_912.0;
+    let xc = x.clamp(-87.0, 88.0);
+    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5e-1;
+    let y = p * r * r + r + 1.0;
+    // 2^n: n is in -126..=127 after the clamp, a normal exponent.
+    let y = y * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    if x < -87.0 {
+        0.0 // exp(-inf) = 0 exactly (masked attention scores)
+    } else if x > 88.0 {
+        f32::INFINITY
+    } else if x.is_nan() {
+        f32::NAN
+    } else {
+        y
+    }
+}
+
 /// A storage element and the float type its arithmetic runs in.
 trait Elem: WithDType + Copy + Send + Sync {
-    type A: Float + Send + Sync + std::iter::Sum + std::ops::AddAssign;
+    type A: Float + FastExp + Send + Sync + std::iter::Sum + std::ops::AddAssign;
     /// A 16-bit type: arithmetic runs in f32 and results are rounded once.
     const HALF: bool;
     fn to_a(self) -> Self::A;
@@ -456,15 +506,15 @@ fn softmax_fwd<T: Elem>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape
         if T::HALF {
             // Recompute exp when scaling so a half-precision result is rounded only once.
             for &v in xr {
-                sum += (v.to_a() - max).exp();
+                sum += (v.to_a() - max).fexp();
             }
             let inv = sum.recip();
             for (o, &v) in o.iter_mut().zip(xr) {
-                *o = T::from_a((v.to_a() - max).exp() * inv);
+                *o = T::from_a((v.to_a() - max).fexp() * inv);
             }
         } else {
             for (o, &v) in o.iter_mut().zip(xr) {
-                let e = (v.to_a() - max).exp();
+                let e = (v.to_a() - max).fexp();
                 sum += e;
                 *o = T::from_a(e);
             }
@@ -703,8 +753,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
 struct SiluMul;
 
 #[inline(always)]
-fn sigmoid<A: Float>(x: A) -> A {
-    (A::one() + (-x).exp()).recip()
+fn sigmoid<A: Float + FastExp>(x: A) -> A {
+    (A::one() + (-x).fexp()).recip()
 }
 
 fn silu_mul_fwd<T: Elem>(
@@ -883,6 +933,13 @@ fn cpu_matmul_t(
     (m, n, k): (usize, usize, usize),
 ) -> Result<CpuStorage> {
     let lwt = lw.transpose(0, 1)?;
+    if sx.dtype() == DType::F32 && sw.dtype() == DType::BF16 {
+        return Ok(CpuStorage::F32(mixed_matmul_t(
+            cont::<f32>(sx, lx, "matmul")?,
+            cont::<bf16>(sw, lw, "matmul")?,
+            (m, n, k),
+        )?));
+    }
     if sx.dtype() != DType::BF16 {
         return sx.matmul(sw, (1, m, n, k), lx, &lwt);
     }
@@ -900,6 +957,30 @@ fn cpu_matmul_t(
     Ok(CpuStorage::BF16(
         y.iter().map(|&v| bf16::from_f32(v)).collect(),
     ))
+}
+
+/// `x (m, k) · W^T` for an f32 `x` and a bf16 `W` (n, k), in f32: `x` is rounded to bf16 and
+/// the products are summed in f32, as `torch.autocast` does on the CPU. This is how a bf16
+/// model runs on the CPU (see `Llama`): bf16 weights, f32 activations.
+fn mixed_matmul_t(x: &[f32], w: &[bf16], (m, n, k): (usize, usize, usize)) -> Result<Vec<f32>> {
+    let xb = crate::gemm_bf16::to_bf16(&x[..m * k]);
+    if let Some(y) = crate::gemm_bf16::matmul(&xb, m, k, k, w, n, 1, k) {
+        return Ok(y);
+    }
+    // No AVX512-BF16 here: the same rounding of x, then candle's f32 gemm.
+    let xf = CpuStorage::F32(xb.iter().map(|v| v.to_f32()).collect());
+    let wf = CpuStorage::F32(w[..n * k].iter().map(|v| v.to_f32()).collect());
+    let lwt = Layout::contiguous((n, k)).transpose(0, 1)?;
+    match xf.matmul(&wf, (1, m, n, k), &Layout::contiguous((m, k)), &lwt)? {
+        CpuStorage::F32(y) => Ok(y),
+        _ => bail!("mixed matmul: candle returned another dtype"),
+    }
+}
+
+/// Whether `frozen_linear` / `lora_linear` take this (x, W) dtype pair: equal, or the CPU's
+/// mixed f32 activations with bf16 weights.
+fn linear_dtypes_ok(x: DType, w: DType) -> bool {
+    x == w || (x == DType::F32 && w == DType::BF16)
 }
 
 fn w_dims(lw: &Layout, k: usize, op: &str) -> Result<usize> {
@@ -921,7 +1002,13 @@ impl CustomOp2 for FrozenLinear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        same_dtype("frozen_linear", s1.dtype(), s2.dtype())?;
+        if !linear_dtypes_ok(s1.dtype(), s2.dtype()) {
+            bail!(
+                "frozen_linear: x {:?} and W {:?} (equal dtypes, or f32 x with bf16 W)",
+                s1.dtype(),
+                s2.dtype()
+            );
+        }
         let n = l2.dims().first().copied().unwrap_or(0);
         let (m, k, lx, shape) = rows_view(l1, n, "frozen_linear")?;
         w_dims(l2, k, "frozen_linear")?;
@@ -958,7 +1045,14 @@ fn grad_times_w(grad: &Tensor, w: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
     let n = w.dim(0)?;
     let g = grad.contiguous()?;
     let g = g.reshape((g.elem_count() / n.max(1), n))?;
-    let dx = if w.dtype() == DType::BF16 && w.device().is_cpu() {
+    let dx = if w.dtype() == DType::BF16 && g.dtype() == DType::F32 && w.device().is_cpu() {
+        // Mixed (f32 activations, bf16 weights): the gradient is rounded to bf16 for the
+        // product, as in the forward.
+        match bf16_times_w_f32(&cast_from_f32(&g, DType::BF16)?, w)? {
+            Some(dx) => dx,
+            None => g.matmul(&w.to_dtype(DType::F32)?)?,
+        }
+    } else if w.dtype() == DType::BF16 && w.device().is_cpu() {
         if let Some(dx) = bf16_times_w(&g, w)? {
             return dx.reshape(x_dims);
         }
@@ -1064,7 +1158,7 @@ pub fn lora_linear(
     }
     let ct = a.dtype();
     let dtypes_ok = b.dtype() == ct
-        && w.dtype() == x.dtype()
+        && linear_dtypes_ok(x.dtype(), w.dtype())
         && match ct {
             DType::F64 => x.dtype() == DType::F64,
             DType::F32 => matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16),
@@ -1153,6 +1247,11 @@ impl LoraLinear {
             if let Some(y) = crate::gemm_bf16::matmul(x, m, k, k, w, n, 1, k) {
                 return Ok(CpuStorage::F32(y));
             }
+        }
+        if sx.dtype() == DType::F32 && ws.dtype() == DType::BF16 {
+            let x = cont::<f32>(sx, lx, "lora_linear")?;
+            let w = cont::<bf16>(ws, lw, "lora_linear")?;
+            return Ok(CpuStorage::F32(mixed_matmul_t(x, w, (m, n, k))?));
         }
         let wc = storage_as(ws, lw, ct)?;
         let lwc = Layout::contiguous((n, k)).transpose(0, 1)?;
@@ -1262,8 +1361,8 @@ impl CustomOp3 for LoraLinear {
                 Some(mk) => (d_in * mk)?,
                 None => d_in,
             };
-            let base = if g.dtype() == DType::BF16 {
-                match bf16_times_w_f32(&g, &self.w)? {
+            let base = if g.dtype() == DType::BF16 || self.w.dtype() == DType::BF16 {
+                match bf16_times_w_f32(&cast_from_f32(&g, DType::BF16)?, &self.w)? {
                     Some(t) => t,
                     None => gc.matmul(&self.w.to_dtype(ct)?)?,
                 }
@@ -1432,7 +1531,10 @@ impl AttnDims {
 }
 
 /// A float type gemm and the attention kernels run in.
-trait AttnFloat: Float + Send + Sync + 'static + std::iter::Sum + std::ops::AddAssign {}
+trait AttnFloat:
+    Float + FastExp + Send + Sync + 'static + std::iter::Sum + std::ops::AddAssign
+{
+}
 impl AttnFloat for f32 {}
 impl AttnFloat for f64 {}
 
@@ -1532,7 +1634,7 @@ fn attn_probs<T: AttnFloat>(
         }
         let mut sum = T::zero();
         for x in row.iter_mut() {
-            *x = (*x - max).exp();
+            *x = (*x - max).fexp();
             sum += *x;
         }
         let inv = sum.recip();
@@ -1938,7 +2040,7 @@ fn logsumexp<T: Elem>(row: &[T]) -> T::A {
     let max = row
         .iter()
         .fold(T::A::neg_infinity(), |m, &v| m.max(v.to_a()));
-    let sum: T::A = row.iter().map(|&v| (v.to_a() - max).exp()).sum();
+    let sum: T::A = row.iter().map(|&v| (v.to_a() - max).fexp()).sum();
     max + sum.ln()
 }
 
@@ -2038,10 +2140,10 @@ fn ce_bwd<T: Elem>(
         let lse = logsumexp(r);
         let gi = g[i];
         for (o, &xv) in o.iter_mut().zip(r) {
-            *o = T::from_a(gi * (xv.to_a() - lse).exp());
+            *o = T::from_a(gi * (xv.to_a() - lse).fexp());
         }
         let y = y as usize;
-        o[y] = T::from_a(gi * ((r[y].to_a() - lse).exp() - T::A::one()));
+        o[y] = T::from_a(gi * ((r[y].to_a() - lse).fexp() - T::A::one()));
     });
     Ok((storage(out), lx.shape().clone()))
 }
@@ -2067,5 +2169,29 @@ impl CustomOp3 for CrossEntropyBwd {
             DType::F16 => ce_bwd::<f16>(self, s1, l1, s2, l2, s3, l3),
             dt => bail!("cross_entropy bwd: unsupported logits dtype {dt:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_of_exp() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            assert!(
+                ((got - want) / want).abs() < 2.5e-7,
+                "exp({x}) = {got}, want {want}"
+            );
+            x += 0.0137;
+        }
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-1000.0), 0.0);
+        assert_eq!(exp_f32(1000.0), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
     }
 }

@@ -542,7 +542,9 @@ fn ops_attention_matches_the_composed_form() {
         let nkv = t[1].dim(1)?;
         let rep = nh / nkv;
         let qs = (t[0].contiguous()? * scale)?.reshape((b, nkv, rep * tq, hd))?;
-        let sc = qs.matmul(&t[1].contiguous()?.t()?)?.reshape((b, nh, tq, tq))?;
+        let sc = qs
+            .matmul(&t[1].contiguous()?.t()?)?
+            .reshape((b, nh, tq, tq))?;
         let p = candle_nn::ops::softmax(&sc.broadcast_add(&mask)?, D::Minus1)?;
         p.reshape((b, nkv, rep * tq, tq))?
             .matmul(&t[2].contiguous()?)?
