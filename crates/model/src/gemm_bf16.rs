@@ -66,6 +66,52 @@ pub fn matmul_to_bf16(
     drive::<true, bf16>(a, m, k, lda, b, n, b_rs, b_cs)
 }
 
+/// B packed once for many products with different A (a frozen weight when decoding, where
+/// packing per call would cost as much as the product): see [`PackedB::new`].
+#[derive(Debug)]
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    data: Vec<u32>,
+}
+
+impl PackedB {
+    /// `B[kk, j] = b[kk * b_rs + j * b_cs]` (k × n) packed, or `None` when the kernel cannot run
+    /// here (no AVX512-BF16, odd or zero `k`, zero `n`).
+    pub fn new(b: &[bf16], k: usize, n: usize, b_rs: usize, b_cs: usize) -> Option<Self> {
+        if !available() || !k.is_multiple_of(2) || n == 0 || k == 0 {
+            return None;
+        }
+        assert!(
+            b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
+            "B is too short for its strides"
+        );
+        Some(Self {
+            k,
+            n,
+            data: pack_b(b, k, n, b_rs, b_cs),
+        })
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+}
+
+/// [`matmul`] with B already packed: `A (m × k) · B` as f32 (m × n).
+pub fn matmul_packed(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<f32>> {
+    run::<false, f32>(a, m, lda, b)
+}
+
+/// [`matmul_to_bf16`] with B already packed.
+pub fn matmul_packed_to_bf16(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<bf16>> {
+    run::<true, bf16>(a, m, lda, b)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn drive<const BF: bool, O: Copy>(
     a: &[bf16],
@@ -77,27 +123,47 @@ fn drive<const BF: bool, O: Copy>(
     b_rs: usize,
     b_cs: usize,
 ) -> Option<Vec<O>> {
-    if !available() || !k.is_multiple_of(2) || m == 0 || n == 0 || k == 0 {
+    if m == 0 {
+        return None;
+    }
+    assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
+    run::<BF, O>(a, m, lda, &PackedB::new(b, k, n, b_rs, b_cs)?)
+}
+
+fn run<const BF: bool, O: Copy>(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<O>> {
+    let (k, n, packed) = (b.k, b.n, &b.data);
+    if m == 0 {
         return None;
     }
     assert_eq!(std::mem::size_of::<O>(), if BF { 2 } else { 4 });
     assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
-    assert!(
-        b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
-        "B is too short for its strides"
-    );
-    let packed = pack_b(b, k, n, b_rs, b_cs);
     let kp = k / 2;
     // Every element is written exactly once (at the last k-block), so no zeroing.
     let mut out: Vec<std::mem::MaybeUninit<O>> = Vec::with_capacity(m * n);
     // SAFETY: MaybeUninit needs no initialisation.
     unsafe { out.set_len(m * n) };
     let out_ptr = SendPtr(out.as_mut_ptr() as *mut u8);
-    let task = |ci: usize| {
+    let chunks = m.div_ceil(MC);
+    let panels = n.div_ceil(NR);
+    // Tasks are (row chunk, group of panels): with few rows (decoding a batch), the columns
+    // give the parallelism.
+    let threads = rayon::current_num_threads().max(1);
+    let groups = if chunks >= 2 * threads {
+        1
+    } else {
+        (4 * threads).div_ceil(chunks).min(panels)
+    };
+    let per_group = panels.div_ceil(groups);
+    let groups = panels.div_ceil(per_group);
+    let task = |t: usize| {
+        let (ci, gi) = (t / groups, t % groups);
         let r0 = ci * MC;
         let rows = MC.min(m - r0);
         let mut scratch = vec![0f32; MC * NR];
-        for (pi, panel) in packed.chunks(kp * NR).enumerate() {
+        let pa = gi * per_group;
+        let pb = (pa + per_group).min(panels);
+        for pi in pa..pb {
+            let panel = &packed[pi * kp * NR..(pi + 1) * kp * NR];
             let j0 = pi * NR;
             let cols = NR.min(n - j0);
             for p0 in (0..kp).step_by(KP_BLOCK) {
@@ -126,11 +192,10 @@ fn drive<const BF: bool, O: Copy>(
             }
         }
     };
-    let chunks = m.div_ceil(MC);
     if m * n * k < 1 << 20 {
-        (0..chunks).for_each(task);
+        (0..chunks * groups).for_each(task);
     } else {
-        (0..chunks).into_par_iter().for_each(task);
+        (0..chunks * groups).into_par_iter().for_each(task);
     }
     // SAFETY: every element was written; MaybeUninit<O> and O share their layout.
     let mut out = std::mem::ManuallyDrop::new(out);

@@ -22,6 +22,32 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraLayer>,
+    pack: PackCache,
+}
+
+/// Inputs of at most this many rows (decoding a batch) use a packed copy of a frozen bf16
+/// weight, made on first use and kept; larger ones (prefill, training) pack per call, where
+/// it costs a few percent and keeps no second copy of the weights.
+const PACKED_MAX_ROWS: usize = 256;
+
+/// The packed copy of a frozen bf16 weight, tagged with the tensor it was made from (a
+/// replaced `weight` is never served a stale pack).
+#[derive(Default)]
+struct PackCache(Mutex<Option<(candle_core::TensorId, ops::WeightPack)>>);
+
+impl Clone for PackCache {
+    fn clone(&self) -> Self {
+        Self(Mutex::new(self.0.lock().ok().and_then(|g| g.clone())))
+    }
+}
+
+impl std::fmt::Debug for PackCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let packed = self.0.lock().map(|g| g.is_some()).unwrap_or(false);
+        f.debug_struct("PackCache")
+            .field("packed", &packed)
+            .finish()
+    }
 }
 
 impl Linear {
@@ -30,7 +56,32 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            pack: PackCache::default(),
         }
+    }
+
+    /// The packed weight for a decoding-sized input, when the weight is a frozen bf16 matrix
+    /// on a CPU that runs the bf16 kernel.
+    fn pack_for(&self, x: &Tensor) -> Result<Option<ops::WeightPack>> {
+        let rows = x.elem_count() / self.in_features().max(1);
+        if rows > PACKED_MAX_ROWS
+            || self.weight.is_variable()
+            || self.weight.dtype() != DType::BF16
+            || !self.weight.device().is_cpu()
+        {
+            return Ok(None);
+        }
+        let Ok(mut slot) = self.pack.0.lock() else {
+            return Ok(None);
+        };
+        if let Some((id, p)) = &*slot {
+            if *id == self.weight.id() {
+                return Ok(Some(p.clone()));
+            }
+        }
+        let p = ops::WeightPack::new(&self.weight)?;
+        *slot = p.clone().map(|p| (self.weight.id(), p));
+        Ok(p)
     }
 
     pub fn in_features(&self) -> usize {
@@ -52,7 +103,7 @@ impl Linear {
             };
             x.broadcast_matmul(&w.t()?)?
         } else {
-            ops::frozen_linear(x, &self.weight)?
+            ops::frozen_linear_packed(x, &self.weight, self.pack_for(x)?.as_ref())?
         };
         add_bias(y, self.bias.as_ref())
     }
@@ -85,13 +136,14 @@ impl Module for Linear {
             );
         if fused {
             let mask = l.dropout_mask(x)?;
-            let y = ops::lora_linear(
+            let y = ops::lora_linear_packed(
                 x,
                 &self.weight,
                 l.a.as_tensor(),
                 l.b.as_tensor(),
                 l.scale,
                 mask.as_ref(),
+                self.pack_for(x)?.as_ref(),
             )?;
             return add_bias(y, self.bias.as_ref());
         }

@@ -890,6 +890,39 @@ impl CustomOp3 for SiluMulBwd {
 /// Refuses a `Var` weight (it would silently get no gradient): trainable weights use a plain
 /// matmul.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    frozen_linear_packed(x, w, None)
+}
+
+/// A frozen bf16 weight `W` (n, k) packed once for the CPU's AVX512-BF16 kernel, for
+/// [`frozen_linear_packed`] and [`lora_linear_packed`]: when decoding, packing `W` on every
+/// call costs as much as the product itself.
+#[derive(Clone, Debug)]
+pub struct WeightPack(std::sync::Arc<crate::gemm_bf16::PackedB>);
+
+impl WeightPack {
+    /// `None` unless `w` is a bf16 matrix on a CPU that runs the kernel.
+    pub fn new(w: &Tensor) -> Result<Option<Self>> {
+        if w.dtype() != DType::BF16 || !w.device().is_cpu() || !crate::gemm_bf16::available() {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        let w = w.contiguous()?;
+        let (ws, lw) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            return Ok(None);
+        };
+        let wv = cont::<bf16>(ws, lw, "pack")?;
+        // x · W^T: B[kk, j] = W[j, kk].
+        Ok(crate::gemm_bf16::PackedB::new(wv, k, n, 1, k).map(|p| Self(std::sync::Arc::new(p))))
+    }
+
+    fn fits(&self, n: usize, k: usize) -> Option<&crate::gemm_bf16::PackedB> {
+        (self.0.n() == n && self.0.k() == k).then_some(&*self.0)
+    }
+}
+
+/// [`frozen_linear`] with `W` already packed (`pack` must come from this `w`).
+pub fn frozen_linear_packed(x: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -> Result<Tensor> {
     if w.is_variable() {
         bail!("frozen_linear: the weight is a Var; trainable weights need a plain matmul");
     }
@@ -898,10 +931,17 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if dims.last() != Some(&k) {
         bail!("frozen_linear: x {dims:?} does not end in in_features {k} of W ({n}, {k})");
     }
-    x.contiguous()?.apply_op2(&w.contiguous()?, FrozenLinear)
+    x.contiguous()?.apply_op2(
+        &w.contiguous()?,
+        FrozenLinear {
+            pack: pack.cloned(),
+        },
+    )
 }
 
-struct FrozenLinear;
+struct FrozenLinear {
+    pack: Option<WeightPack>,
+}
 
 /// The (m, k) view of a contiguous (..., k) input and the output shape (..., n).
 fn rows_view(lx: &Layout, n: usize, op: &str) -> Result<(usize, usize, Layout, Shape)> {
@@ -931,6 +971,7 @@ fn cpu_matmul_t(
     sw: &CpuStorage,
     lw: &Layout,
     (m, n, k): (usize, usize, usize),
+    pack: Option<&WeightPack>,
 ) -> Result<CpuStorage> {
     let lwt = lw.transpose(0, 1)?;
     if sx.dtype() == DType::F32 && sw.dtype() == DType::BF16 {
@@ -938,6 +979,7 @@ fn cpu_matmul_t(
             cont::<f32>(sx, lx, "matmul")?,
             cont::<bf16>(sw, lw, "matmul")?,
             (m, n, k),
+            pack,
         )?));
     }
     if sx.dtype() != DType::BF16 {
@@ -945,6 +987,11 @@ fn cpu_matmul_t(
     }
     let x = cont::<bf16>(sx, lx, "matmul")?;
     let w = cont::<bf16>(sw, lw, "matmul")?;
+    if let Some(p) = pack.and_then(|p| p.fits(n, k)) {
+        if let Some(y) = crate::gemm_bf16::matmul_packed_to_bf16(x, m, k, p) {
+            return Ok(CpuStorage::BF16(y));
+        }
+    }
     // x · W^T: B[kk, j] = W[j, kk].
     if let Some(y) = crate::gemm_bf16::matmul_to_bf16(x, m, k, k, w, n, 1, k) {
         return Ok(CpuStorage::BF16(y));
@@ -962,8 +1009,18 @@ fn cpu_matmul_t(
 /// `x (m, k) · W^T` for an f32 `x` and a bf16 `W` (n, k), in f32: `x` is rounded to bf16 and
 /// the products are summed in f32, as `torch.autocast` does on the CPU. This is how a bf16
 /// model runs on the CPU (see `Llama`): bf16 weights, f32 activations.
-fn mixed_matmul_t(x: &[f32], w: &[bf16], (m, n, k): (usize, usize, usize)) -> Result<Vec<f32>> {
+fn mixed_matmul_t(
+    x: &[f32],
+    w: &[bf16],
+    (m, n, k): (usize, usize, usize),
+    pack: Option<&WeightPack>,
+) -> Result<Vec<f32>> {
     let xb = crate::gemm_bf16::to_bf16(&x[..m * k]);
+    if let Some(p) = pack.and_then(|p| p.fits(n, k)) {
+        if let Some(y) = crate::gemm_bf16::matmul_packed(&xb, m, k, p) {
+            return Ok(y);
+        }
+    }
     if let Some(y) = crate::gemm_bf16::matmul(&xb, m, k, k, w, n, 1, k) {
         return Ok(y);
     }
@@ -1012,7 +1069,10 @@ impl CustomOp2 for FrozenLinear {
         let n = l2.dims().first().copied().unwrap_or(0);
         let (m, k, lx, shape) = rows_view(l1, n, "frozen_linear")?;
         w_dims(l2, k, "frozen_linear")?;
-        Ok((cpu_matmul_t(s1, &lx, s2, l2, (m, n, k))?, shape))
+        Ok((
+            cpu_matmul_t(s1, &lx, s2, l2, (m, n, k), self.pack.as_ref())?,
+            shape,
+        ))
     }
 
     fn cuda_fwd(
@@ -1141,6 +1201,19 @@ pub fn lora_linear(
     scale: f64,
     dropout_mask: Option<&Tensor>,
 ) -> Result<Tensor> {
+    lora_linear_packed(x, w, a, b, scale, dropout_mask, None)
+}
+
+/// [`lora_linear`] with the base weight already packed (`pack` must come from this `w`).
+pub fn lora_linear_packed(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_mask: Option<&Tensor>,
+    pack: Option<&WeightPack>,
+) -> Result<Tensor> {
     if w.is_variable() {
         bail!("lora_linear: the base weight is a Var; LoRA needs a frozen base");
     }
@@ -1202,6 +1275,7 @@ pub fn lora_linear(
             w: w.contiguous()?,
             scale,
             mask: dropout_mask.map(|m| m.contiguous()).transpose()?,
+            pack: pack.cloned(),
         },
     )
 }
@@ -1212,6 +1286,7 @@ struct LoraLinear {
     scale: f64,
     /// The adapter input's dropout mask (x's shape, adapter dtype, scaled), contiguous.
     mask: Option<Tensor>,
+    pack: Option<WeightPack>,
 }
 
 /// A contiguous storage converted to `dt` (borrowed when it already is).
@@ -1244,6 +1319,11 @@ impl LoraLinear {
         if sx.dtype() == DType::BF16 {
             let x = cont::<bf16>(sx, lx, "lora_linear")?;
             let w = cont::<bf16>(ws, lw, "lora_linear")?;
+            if let Some(p) = self.pack.as_ref().and_then(|p| p.fits(n, k)) {
+                if let Some(y) = crate::gemm_bf16::matmul_packed(x, m, k, p) {
+                    return Ok(CpuStorage::F32(y));
+                }
+            }
             if let Some(y) = crate::gemm_bf16::matmul(x, m, k, k, w, n, 1, k) {
                 return Ok(CpuStorage::F32(y));
             }
@@ -1251,7 +1331,12 @@ impl LoraLinear {
         if sx.dtype() == DType::F32 && ws.dtype() == DType::BF16 {
             let x = cont::<f32>(sx, lx, "lora_linear")?;
             let w = cont::<bf16>(ws, lw, "lora_linear")?;
-            return Ok(CpuStorage::F32(mixed_matmul_t(x, w, (m, n, k))?));
+            return Ok(CpuStorage::F32(mixed_matmul_t(
+                x,
+                w,
+                (m, n, k),
+                self.pack.as_ref(),
+            )?));
         }
         let wc = storage_as(ws, lw, ct)?;
         let lwc = Layout::contiguous((n, k)).transpose(0, 1)?;
@@ -1304,8 +1389,8 @@ impl CustomOp3 for LoraLinear {
                 std::borrow::Cow::Owned(xd)
             }
         };
-        let h = cpu_matmul_t(&xd, &Layout::contiguous((m, k)), sa, la, (m, r, k))?;
-        let delta = cpu_matmul_t(&h, &Layout::contiguous((m, r)), sb, lb, (m, n, r))?;
+        let h = cpu_matmul_t(&xd, &Layout::contiguous((m, k)), sa, la, (m, r, k), None)?;
+        let delta = cpu_matmul_t(&h, &Layout::contiguous((m, r)), sb, lb, (m, n, r), None)?;
         let out = match (base, delta) {
             (CpuStorage::F32(mut y), CpuStorage::F32(d)) => {
                 let s = self.scale as f32;
@@ -2193,5 +2278,41 @@ mod tests {
         assert_eq!(exp_f32(-1000.0), 0.0);
         assert_eq!(exp_f32(1000.0), f32::INFINITY);
         assert!(exp_f32(f32::NAN).is_nan());
+    }
+
+    /// A packed weight gives bit-identical results to packing per call, for bf16 and for f32
+    /// activations (the CPU's mixed mode), in the frozen and the LoRA linear.
+    #[test]
+    fn packed_weights_give_the_same_products() {
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::randn(0f32, 0.1, (40, 64), &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let a = Tensor::randn(0f32, 0.1, (4, 64), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, (40, 4), &dev).unwrap();
+        let pack = WeightPack::new(&w).unwrap();
+        assert_eq!(pack.is_some(), crate::gemm_bf16::available());
+        for dt in [DType::F32, DType::BF16] {
+            let x = Tensor::randn(0f32, 1.0, (2, 5, 64), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let bits = |t: Tensor| -> Vec<f32> {
+                t.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            let plain = bits(frozen_linear(&x, &w).unwrap());
+            let packed = bits(frozen_linear_packed(&x, &w, pack.as_ref()).unwrap());
+            assert_eq!(plain, packed, "frozen_linear {dt:?}");
+            let plain = bits(lora_linear(&x, &w, &a, &b, 2.0, None).unwrap());
+            let packed =
+                bits(lora_linear_packed(&x, &w, &a, &b, 2.0, None, pack.as_ref()).unwrap());
+            assert_eq!(plain, packed, "lora_linear {dt:?}");
+        }
     }
 }
