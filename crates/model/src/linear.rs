@@ -25,11 +25,6 @@ pub struct Linear {
     pack: PackCache,
 }
 
-/// Inputs of at most this many rows (decoding a batch) use a packed copy of a frozen bf16
-/// weight, made on first use and kept; larger ones (prefill, training) pack per call, where
-/// it costs a few percent and keeps no second copy of the weights.
-const PACKED_MAX_ROWS: usize = 256;
-
 /// The packed copy of a frozen bf16 weight, tagged with the tensor it was made from (a
 /// replaced `weight` is never served a stale pack).
 #[derive(Default)]
@@ -60,12 +55,11 @@ impl Linear {
         }
     }
 
-    /// The packed weight for a decoding-sized input, when the weight is a frozen bf16 matrix
-    /// on a CPU that runs the bf16 kernel.
-    fn pack_for(&self, x: &Tensor) -> Result<Option<ops::WeightPack>> {
-        let rows = x.elem_count() / self.in_features().max(1);
-        if rows > PACKED_MAX_ROWS
-            || self.weight.is_variable()
+    /// The packed copy of a frozen bf16 weight on a CPU that runs the bf16 kernel, made on
+    /// first use and kept (one more copy of the weights): packing per call cost as much as the
+    /// product when decoding, and 4% of a training step.
+    fn pack_for(&self) -> Result<Option<ops::WeightPack>> {
+        if self.weight.is_variable()
             || self.weight.dtype() != DType::BF16
             || !self.weight.device().is_cpu()
         {
@@ -103,7 +97,7 @@ impl Linear {
             };
             x.broadcast_matmul(&w.t()?)?
         } else {
-            ops::frozen_linear_packed(x, &self.weight, self.pack_for(x)?.as_ref())?
+            ops::frozen_linear_packed(x, &self.weight, self.pack_for()?.as_ref())?
         };
         add_bias(y, self.bias.as_ref())
     }
@@ -143,7 +137,7 @@ impl Module for Linear {
                 l.b.as_tensor(),
                 l.scale,
                 mask.as_ref(),
-                self.pack_for(x)?.as_ref(),
+                self.pack_for()?.as_ref(),
             )?;
             return add_bias(y, self.bias.as_ref());
         }

@@ -34,12 +34,21 @@ use rayon::prelude::*;
 /// into libm per element was 6% of a training step (softmax, cross-entropy, SiLU).
 pub(crate) trait FastExp: Copy {
     fn fexp(self) -> Self;
+    /// `x = exp(x - max)` over a row, returning the row's new sum (a softmax's inner loop).
+    fn exp_shift_sum(row: &mut [Self], max: Self) -> Self;
 }
 
 impl FastExp for f64 {
     #[inline(always)]
     fn fexp(self) -> f64 {
         self.exp()
+    }
+
+    fn exp_shift_sum(row: &mut [f64], max: f64) -> f64 {
+        row.iter_mut().fold(0.0, |sum, x| {
+            *x = (*x - max).exp();
+            sum + *x
+        })
     }
 }
 
@@ -48,6 +57,36 @@ impl FastExp for f32 {
     fn fexp(self) -> f32 {
         exp_f32(self)
     }
+
+    fn exp_shift_sum(row: &mut [f32], max: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { exp_shift_sum_avx2(row, max) };
+        }
+        exp_shift_sum_f32(row, max)
+    }
+}
+
+/// Two loops so the compiler vectorizes the exponentials (the sum keeps 8 lanes of partial
+/// sums, a fixed order).
+#[inline(always)]
+fn exp_shift_sum_f32(row: &mut [f32], max: f32) -> f32 {
+    row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, v) in lanes.iter_mut().zip(c) {
+            *l += v;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shift_sum_avx2(row: &mut [f32], max: f32) -> f32 {
+    exp_shift_sum_f32(row, max)
 }
 
 #[inline(always)]
@@ -92,6 +131,63 @@ trait Elem: WithDType + Copy + Send + Sync {
     fn store_a(v: Vec<Self::A>) -> CpuStorage;
     /// A contiguous slice of arithmetic-type storage.
     fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [Self::A]>;
+    /// `sum(exp(x - shift))` over a row (cross-entropy's logsumexp).
+    fn sum_exp_shift(row: &[Self], shift: Self::A) -> Self::A {
+        row.iter().map(|&v| (v.to_a() - shift).fexp()).sum()
+    }
+    /// `out = scale * exp(x - shift)` (cross-entropy's backward).
+    fn exp_shift_scale(out: &mut [Self], x: &[Self], shift: Self::A, scale: Self::A) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = Self::from_a(scale * (v.to_a() - shift).fexp());
+        }
+    }
+}
+
+/// The f32 loops of [`Elem::sum_exp_shift`] and [`Elem::exp_shift_scale`], vectorized with AVX2
+/// where the CPU has it (the crate is built for baseline x86-64).
+#[inline(always)]
+fn sum_exp_shift_f32(row: &[f32], shift: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l += exp_f32(v - shift);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| exp_f32(v - shift)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+#[inline(always)]
+fn exp_shift_scale_f32(out: &mut [f32], x: &[f32], shift: f32, scale: f32) {
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = scale * exp_f32(v - shift);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_exp_shift_avx2(row: &[f32], shift: f32) -> f32 {
+    sum_exp_shift_f32(row, shift)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_shift_scale_avx2(out: &mut [f32], x: &[f32], shift: f32, scale: f32) {
+    exp_shift_scale_f32(out, x, shift, scale)
+}
+
+/// Whether the AVX2 + FMA loops run here.
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }
 
 impl Elem for f32 {
@@ -104,6 +200,22 @@ impl Elem for f32 {
     }
     fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
         cont::<f32>(s, l, op)
+    }
+    fn sum_exp_shift(row: &[f32], shift: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { sum_exp_shift_avx2(row, shift) };
+        }
+        sum_exp_shift_f32(row, shift)
+    }
+    fn exp_shift_scale(out: &mut [f32], x: &[f32], shift: f32, scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { exp_shift_scale_avx2(out, x, shift, scale) };
+        }
+        exp_shift_scale_f32(out, x, shift, scale)
     }
     const HALF: bool = false;
     type A = f32;
@@ -1680,6 +1792,25 @@ impl<T> SendPtr<T> {
 /// One kv group's task in the attention backward: its index and its dq, dk, dv slices.
 type GroupGrads<'a, T> = (((usize, &'a mut [T]), &'a mut [T]), &'a mut [T]);
 
+/// `a · b` with 8 partial sums (a fixed order the compiler can vectorize).
+#[inline(always)]
+fn dot_lanes<T: AttnFloat>(a: &[T], b: &[T]) -> T {
+    let mut lanes = [T::zero(); 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: T = ca
+        .remainder()
+        .iter()
+        .zip(cb.remainder())
+        .map(|(&x, &y)| x * y)
+        .sum();
+    for (xa, xb) in ca.zip(cb) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(xa).zip(xb) {
+            *l += x * y;
+        }
+    }
+    lanes.iter().copied().sum::<T>() + tail
+}
+
 /// Query rows per block of [`key_blocks`].
 const ATTN_BLOCK: usize = 64;
 
@@ -1767,11 +1898,7 @@ fn attn_probs<T: AttnFloat>(
             row.iter_mut().for_each(|x| *x = T::zero());
             continue;
         }
-        let mut sum = T::zero();
-        for x in row.iter_mut() {
-            *x = (*x - max).fexp();
-            sum += *x;
-        }
+        let sum = T::exp_shift_sum(row, max);
         let inv = sum.recip();
         row.iter_mut().for_each(|x| *x = *x * inv);
     }
@@ -1886,9 +2013,15 @@ fn attn_bwd<T: AttnFloat>(
                 }
             }
         }
-        // dS = P (dP - rowsum(dP P)), in place in dp (zero where P is).
-        for (dpr, pr) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)) {
-            let dot: T = dpr.iter().zip(pr).map(|(&a, &b)| a * b).sum();
+        // dS = P (dP - rowsum(dP P)), in place in dp (zero where P is, past the key limit).
+        for (i, (dpr, pr)) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)).enumerate() {
+            let tq = i % t;
+            let c = blocks
+                .iter()
+                .find(|&&(t0, t1, _)| (t0..t1).contains(&tq))
+                .map_or(s, |b| b.2);
+            let (dpr, pr) = (&mut dpr[..c], &pr[..c]);
+            let dot = dot_lanes(dpr, pr);
             dpr.iter_mut()
                 .zip(pr)
                 .for_each(|(x, &pv)| *x = pv * (*x - dot));
@@ -2189,8 +2322,7 @@ fn logsumexp<T: Elem>(row: &[T]) -> T::A {
     let max = row
         .iter()
         .fold(T::A::neg_infinity(), |m, &v| m.max(v.to_a()));
-    let sum: T::A = row.iter().map(|&v| (v.to_a() - max).fexp()).sum();
-    max + sum.ln()
+    max + T::sum_exp_shift(row, max).ln()
 }
 
 fn ce_fwd<T: Elem>(
@@ -2296,9 +2428,7 @@ fn ce_bwd<T: Elem>(
         let r = &x[i * v..(i + 1) * v];
         let lse = losses[i] + r[y as usize].to_a();
         let gi = g[i];
-        for (o, &xv) in o.iter_mut().zip(r) {
-            *o = T::from_a(gi * (xv.to_a() - lse).fexp());
-        }
+        T::exp_shift_scale(o, r, lse, gi);
         let y = y as usize;
         o[y] = T::from_a(gi * ((r[y].to_a() - lse).fexp() - T::A::one()));
     });
