@@ -141,6 +141,49 @@ trait Elem: WithDType + Copy + Send + Sync {
             *o = Self::from_a(scale * (v.to_a() - shift).fexp());
         }
     }
+    /// One row of [`silu_mul`].
+    fn silu_mul_row(o: &mut [Self], g: &[Self], u: &[Self]) {
+        silu_mul_row_body(o, g, u)
+    }
+    /// One row of [`silu_mul`]'s backward.
+    fn silu_mul_bwd_row(dg: &mut [Self], du: &mut [Self], g: &[Self], u: &[Self], dy: &[Self]) {
+        silu_mul_bwd_row_body(dg, du, g, u, dy)
+    }
+}
+
+#[inline(always)]
+fn silu_mul_row_body<T: Elem>(o: &mut [T], g: &[T], u: &[T]) {
+    for ((o, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+        let gv = gv.to_a();
+        *o = T::from_a(gv * sigmoid(gv) * uv.to_a());
+    }
+}
+
+#[inline(always)]
+fn silu_mul_bwd_row_body<T: Elem>(dg: &mut [T], du: &mut [T], g: &[T], u: &[T], dy: &[T]) {
+    for (((dgv, duv), (&gv, &uv)), &yv) in dg
+        .iter_mut()
+        .zip(du.iter_mut())
+        .zip(g.iter().zip(u))
+        .zip(dy)
+    {
+        let (gv, uv, yv) = (gv.to_a(), uv.to_a(), yv.to_a());
+        let s = sigmoid(gv);
+        *dgv = T::from_a(yv * uv * s * (T::A::one() + gv * (T::A::one() - s)));
+        *duv = T::from_a(yv * gv * s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_row_avx2(o: &mut [f32], g: &[f32], u: &[f32]) {
+    silu_mul_row_body(o, g, u)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn silu_mul_bwd_row_avx2(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+    silu_mul_bwd_row_body(dg, du, g, u, dy)
 }
 
 /// The f32 loops of [`Elem::sum_exp_shift`] and [`Elem::exp_shift_scale`], vectorized with AVX2
@@ -216,6 +259,22 @@ impl Elem for f32 {
             return unsafe { exp_shift_scale_avx2(out, x, shift, scale) };
         }
         exp_shift_scale_f32(out, x, shift, scale)
+    }
+    fn silu_mul_row(o: &mut [f32], g: &[f32], u: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { silu_mul_row_avx2(o, g, u) };
+        }
+        silu_mul_row_body(o, g, u)
+    }
+    fn silu_mul_bwd_row(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { silu_mul_bwd_row_avx2(dg, du, g, u, dy) };
+        }
+        silu_mul_bwd_row_body(dg, du, g, u, dy)
     }
     const HALF: bool = false;
     type A = f32;
@@ -880,12 +939,7 @@ fn silu_mul_fwd<T: Elem>(
     let d = lg.dims().last().copied().unwrap_or(1);
     let mut out = vec![T::zero(); g.len()];
     for_rows(&mut out, d, |i, o| {
-        let gr = &g[i * d..(i + 1) * d];
-        let ur = &u[i * d..(i + 1) * d];
-        for ((o, &gv), &uv) in o.iter_mut().zip(gr).zip(ur) {
-            let gv = gv.to_a();
-            *o = T::from_a(gv * sigmoid(gv) * uv.to_a());
-        }
+        T::silu_mul_row(o, &g[i * d..(i + 1) * d], &u[i * d..(i + 1) * d]);
     });
     Ok((storage(out), lg.shape().clone()))
 }
@@ -941,17 +995,7 @@ fn silu_mul_bwd<T: Elem>(
     let (dg, du) = out.split_at_mut(n);
     let kernel = |i: usize, dg: &mut [T], du: &mut [T]| {
         let r = i * d..(i + 1) * d;
-        for (((dgv, duv), (&gv, &uv)), &yv) in dg
-            .iter_mut()
-            .zip(du.iter_mut())
-            .zip(g[r.clone()].iter().zip(&u[r.clone()]))
-            .zip(&dy[r])
-        {
-            let (gv, uv, yv) = (gv.to_a(), uv.to_a(), yv.to_a());
-            let s = sigmoid(gv);
-            *dgv = T::from_a(yv * uv * s * (T::A::one() + gv * (T::A::one() - s)));
-            *duv = T::from_a(yv * gv * s);
-        }
+        T::silu_mul_bwd_row(dg, du, &g[r.clone()], &u[r.clone()], &dy[r]);
     };
     if n < PAR_MIN_ELEMS || d == 0 {
         dg.chunks_mut(d.max(1))
