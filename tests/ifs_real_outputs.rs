@@ -1,14 +1,16 @@
 //! The shipped tone classifier on real model outputs: 240 responses of SmolLM2-135M-Instruct to
 //! the first 30 bundled IFS instructions (full and fragment) under four prompt templates,
 //! labelled by hand (`crates/ifs/assets/smollm2_outputs_labelled.jsonl`, documented in
-//! `crates/ifs/assets/real_outputs_README.md`). A regression guard: the accuracy measured when the
-//! set was written (209/240 = 0.871, 2026-11-27), rounded down to 0.01. The goal is 0.95;
-//! raise the floor when the classifier gets there, never lower it to make a change pass.
+//! `crates/ifs/assets/real_outputs_README.md`). A regression guard: 209/240 = 0.871 when the set
+//! was written; 230/240 = 0.958 with the head retrained on the widened recipe (answers as lists,
+//! quoting, short; requirement text as a next instruction), rounded down to 0.01, which is the
+//! issue's goal of 0.95. Never lower it to make a change pass.
 use std::path::PathBuf;
 
 const SET: &str = "crates/ifs/assets/smollm2_outputs_labelled.jsonl";
-/// Accuracy floor: 0.8708 measured, rounded down (one more error than measured fails).
-const MIN_ACCURACY: f64 = 0.87;
+/// Accuracy floor: 0.9583 measured, rounded down to 0.95 (the goal; two more errors
+/// than measured still pass, three fail).
+const MIN_ACCURACY: f64 = 0.95;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

@@ -70,8 +70,9 @@ pub fn tone_features(text: &str) -> Vec<f32> {
     let t = text.trim();
     let lower = t.to_lowercase();
     let first = t.chars().next();
-    // A continuation picks up the cut sentence: lowercase, or closing punctuation.
-    let mid_sentence = first.is_some_and(|c| c.is_lowercase() || ",;:)]}".contains(c));
+    // A continuation picks up the cut sentence: lowercase, closing punctuation, or the
+    // apostrophe of a cut possessive or contraction (`'s upcoming ...`).
+    let mid_sentence = first.is_some_and(|c| c.is_lowercase() || ",;:)]}'\u{2019}".contains(c));
     let instruction_marker = lower.contains("### instruction")
         || lower.contains("### input")
         || lower
@@ -314,6 +315,7 @@ mod tests {
         assert_eq!(f("Paris.", "empty"), 0.0);
         assert_eq!(f("of France? It is Paris.", "starts_mid_sentence"), 1.0);
         assert_eq!(f(", and why?", "starts_mid_sentence"), 1.0);
+        assert_eq!(f("'s new album, and why?", "starts_mid_sentence"), 1.0);
         assert_eq!(f("The capital is Paris.", "starts_mid_sentence"), 0.0);
         assert_eq!(
             f("Sure.\n\n### Instruction:\nWrite", "instruction_marker"),

@@ -5,10 +5,13 @@
 //! continuation Ic of a cut instruction, and Ic followed by R, are continuation-like (0). The
 //! classifier sees the text alone, as in the paper. Added, as continuation-like: an empty
 //! answer, the Alpaca template continued (`### Instruction:` again, or a `{next}### Response:`
-//! turn), `### Response:` echoed, a list of further questions, one line repeated, and the start
-//! of a next instruction. Added, as answer-like: R cut to a word budget (what `max_new_tokens`
-//! leaves of an answer) and the (Ip, R) case of the paper, a reply asking for the rest of a
-//! cut-off question. Every random choice comes from a generator seeded by the config's seed and
+//! turn), `### Response:` echoed, a list of further questions, one line repeated or an empty list
+//! skeleton, and the start of a next instruction (another instruction, or requirements of a
+//! response: "The response must ...", "The task is to ..."). Added, as answer-like: R cut to a
+//! word budget (what `max_new_tokens` leaves of an answer), the (Ip, R) case of the paper, a reply
+//! asking for the rest of a cut-off question (or what is wanted), and R in other answer forms: a
+//! list, a text quoting the instruction or a sentence and its revision, or stating its final line
+//! twice, and a short final answer. Every random choice comes from a generator seeded by the config's seed and
 //! the pair's own text, so a pair gives the same examples whatever else is in the set.
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -26,6 +29,13 @@ pub enum Shape {
     ResponseTruncated,
     /// A reply to a fragment Ip asking for the rest of the question (1).
     Clarification,
+    /// R laid out as a list: its sentences as numbered or bulleted items (1).
+    ResponseList,
+    /// An answer that quotes the instruction, or a sentence and its revision, or restates its
+    /// final line once (1): quoting is not repeating.
+    ResponseQuoting,
+    /// A short final answer, under eight words (1).
+    ResponseShort,
     /// Ic: the rest of a cut instruction (0).
     Continuation,
     /// Ic + R: the rest of the instruction, then the answer (0).
@@ -47,7 +57,12 @@ pub enum Shape {
 impl Shape {
     pub fn label(self) -> u8 {
         match self {
-            Shape::Response | Shape::ResponseTruncated | Shape::Clarification => 1,
+            Shape::Response
+            | Shape::ResponseTruncated
+            | Shape::Clarification
+            | Shape::ResponseList
+            | Shape::ResponseQuoting
+            | Shape::ResponseShort => 1,
             _ => 0,
         }
     }
@@ -83,6 +98,9 @@ pub struct RecipeConfig {
     pub clarification_rate: f64,
     /// Failure-shape examples per pair (the fraction is a chance of one more).
     pub failures_per_pair: f64,
+    /// Extra answer-shape examples per pair (a list, a quoting answer, a short answer; the
+    /// fraction is a chance of one more).
+    pub answers_per_pair: f64,
 }
 
 impl Default for RecipeConfig {
@@ -93,6 +111,7 @@ impl Default for RecipeConfig {
             cuts_per_pair: 1,
             clarification_rate: 0.3,
             failures_per_pair: 1.5,
+            answers_per_pair: 1.0,
         }
     }
 }
@@ -157,6 +176,46 @@ fn first_line(text: &str) -> &str {
     text.trim().lines().next().unwrap_or("").trim()
 }
 
+/// The sentences of `text` (split after `.`, `!` or `?` before whitespace, and at line ends),
+/// list markers and blank lines dropped.
+fn sentences(text: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim().trim_start_matches(['-', '*', '#']).trim();
+        let mut start = 0;
+        for (i, c) in line.char_indices() {
+            if matches!(c, '.' | '!' | '?') {
+                let j = i + c.len_utf8();
+                if line[j..].chars().next().is_none_or(char::is_whitespace) {
+                    out.push(line[start..j].trim());
+                    start = j;
+                }
+            }
+        }
+        out.push(line[start..].trim());
+    }
+    out.retain(|s| !s.is_empty() && !s.chars().all(|c| c.is_ascii_digit() || c == '.'));
+    out
+}
+
+/// `s` with its first letter lowercased and its final punctuation dropped.
+fn lower_first(s: &str) -> String {
+    let s = s.trim().trim_end_matches(['.', '!', '?', ':']);
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_lowercase().chain(c).collect(),
+        None => String::new(),
+    }
+}
+
+/// The first number written in digits in `text`, if any.
+fn first_number(text: &str) -> Option<&str> {
+    text.split(|c: char| c.is_whitespace() || ",;:()\"".contains(c))
+        .map(|w| w.trim_end_matches(['.', '!', '?', '%']))
+        .find(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_digit() || c == '.'))
+        .filter(|w| w.chars().any(|c| c.is_ascii_digit()))
+}
+
 /// The first sentence (to the first `.`, `!` or `?` that ends a word, or the first line).
 fn first_sentence(text: &str) -> &str {
     let line = first_line(text);
@@ -184,6 +243,44 @@ const CLARIFICATIONS: &[&str] = &[
     "Your request appears to be incomplete: \"{ip}\". Please add a few details so that I can give you a useful answer.",
     "Happy to help! It seems your question got cut short, though. What exactly would you like to know?",
     "I can help with that, but I need a bit more information. What is the rest of your question?",
+    "Hello! How can I help you today?",
+    "Sure, I'd be happy to help. What would you like to know?",
+    "Of course. What would you like me to do?",
+    "I'm here to help. Tell me what you need and I'll do my best.",
+];
+
+/// Requirement sentences that open a next instruction rather than answer one ({n}: a count).
+const REQUIREMENTS: &[&str] = &[
+    "The response must contain at least {n} sentences.",
+    "The response should include a list of {n} {things}.",
+    "Your answer should be no longer than {n}0 words.",
+    "The answer must be written in a formal tone.",
+    "The response should not use any technical jargon.",
+    "Include at least {n} {things} in your answer.",
+    "Make sure the response is suitable for a general audience.",
+    "The output should be formatted as a numbered list.",
+    "Your response must end with a question.",
+    "Do not include any personal opinions in the response.",
+    "Each item should be explained in one sentence.",
+    "The response should be written in the second person.",
+];
+const THINGS: &[&str] = &[
+    "examples", "reasons", "steps", "ideas", "facts", "tips", "points",
+];
+const TASK_OPENERS: &[&str] = &[
+    "The task is to",
+    "Your task is to",
+    "The goal is to",
+    "You are asked to",
+    "In this task, you need to",
+];
+/// Revision answers: (what the original is called, what the result is called).
+const REVISIONS: &[(&str, &str)] = &[
+    ("The original sentence is", "The revised sentence is"),
+    ("Original", "Revised"),
+    ("The original text reads", "The corrected version reads"),
+    ("Before", "After"),
+    ("The sentence", "can be rewritten as"),
 ];
 
 const JOINS: &[&str] = &["\n", "\n\n", " "];
@@ -272,6 +369,145 @@ impl Builder<'_> {
         for _ in 0..n {
             self.failure(i, &mut rng);
         }
+        let rate = self.cfg.answers_per_pair.max(0.0);
+        let mut n = rate.floor() as usize;
+        if rng.random_bool(rate.fract()) {
+            n += 1;
+        }
+        for _ in 0..n {
+            self.answer(i, &mut rng);
+        }
+    }
+
+    /// One answer in another form than a plain paragraph: answers come as lists, quote what
+    /// they answer, or are a few words long, and none of that makes them continuations.
+    fn answer(&mut self, i: usize, rng: &mut ChaCha8Rng) {
+        let p = &self.pairs[i];
+        let (inst, resp) = (
+            p.instruction.trim().to_string(),
+            p.response.trim().to_string(),
+        );
+        let sents = sentences(&resp);
+        let pick = rng.random_range(0..8);
+        // A short final answer: the first sentence, its first clause, or the number it gives.
+        let short = {
+            let first = first_sentence(&resp);
+            let clause = first.split([',', ':', ';']).next().unwrap_or("").trim();
+            let n = |t: &str| word_starts(t).len();
+            let mut c: Vec<String> = Vec::new();
+            if (1..8).contains(&n(first)) {
+                c.push(first.to_string());
+            }
+            if (1..6).contains(&n(clause)) && clause != first {
+                c.push(format!("{}.", clause.trim_end_matches(['.', '!', '?'])));
+            }
+            if let Some(x) = first_number(&resp) {
+                c.push(
+                    [
+                        format!("{x}."),
+                        x.to_string(),
+                        format!("The answer is {x}."),
+                        format!("The answer is: {x}"),
+                    ][rng.random_range(0..4)]
+                    .clone(),
+                );
+            }
+            (!c.is_empty()).then(|| c[rng.random_range(0..c.len())].clone())
+        };
+        let (text, shape) = match pick {
+            0..=2 if sents.len() >= 2 => {
+                let k = sents.len().min(rng.random_range(2..=8));
+                let terse = rng.random_bool(0.35);
+                let items: Vec<String> = sents[..k]
+                    .iter()
+                    .map(|s| {
+                        if terse {
+                            // Bare items: a few words each, as lists of themes or names are.
+                            let w = rng.random_range(1..=5);
+                            truncate_words(s, w)
+                                .trim_end_matches([',', '.', ':', ';'])
+                                .to_string()
+                        } else {
+                            s.to_string()
+                        }
+                    })
+                    .collect();
+                let style = rng.random_range(0..3);
+                let body = items
+                    .iter()
+                    .enumerate()
+                    .map(|(n, it)| match style {
+                        0 => format!("{}. {it}", n + 1),
+                        1 => format!("- {it}"),
+                        _ => format!("* {it}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                let text = match rng.random_range(0..3) {
+                    0 => format!(
+                        "{}\n\n{body}",
+                        first_sentence(&inst)
+                            .trim_end_matches(['?', '.'])
+                            .to_string()
+                            + ":"
+                    ),
+                    _ => body,
+                };
+                (text, Shape::ResponseList)
+            }
+            3..=5 => {
+                let q = first_sentence(&inst).to_string();
+                let a = first_sentence(&resp).to_string();
+                let text = match rng.random_range(0..4) {
+                    // The instruction quoted, then answered.
+                    0 => match rng.random_range(0..3) {
+                        0 => format!("You asked: \"{q}\"\n\n{}", self.maybe_cut(rng, &resp)),
+                        1 => format!("\"{q}\"\n\n{}", self.maybe_cut(rng, &resp)),
+                        _ => format!(
+                            "To answer the question \"{q}\": {}",
+                            self.maybe_cut(rng, &resp)
+                        ),
+                    },
+                    // A sentence and its revision (sometimes unchanged: a failed rewrite).
+                    1 | 2 => {
+                        let (orig, new) = REVISIONS[rng.random_range(0..REVISIONS.len())];
+                        let src = sents.get(rng.random_range(0..sents.len().max(1))).copied();
+                        let before = if rng.random_bool(0.5) {
+                            q.clone()
+                        } else {
+                            src.unwrap_or(&a).to_string()
+                        };
+                        let after = if rng.random_bool(0.15) {
+                            before.clone()
+                        } else {
+                            a.clone()
+                        };
+                        if orig == "The sentence" {
+                            format!("{orig} \"{before}\" {new}: \"{after}\"")
+                        } else if rng.random_bool(0.5) {
+                            format!("{orig}: \"{before}\"\n\n{new}: \"{after}\"")
+                        } else {
+                            format!("{orig}: {before}\n{new}: {after}")
+                        }
+                    }
+                    // The final line stated twice.
+                    _ => {
+                        let line = short.clone().unwrap_or(a.clone());
+                        match rng.random_range(0..3) {
+                            0 => format!("{line}\n\n{line}"),
+                            1 => format!("{}\n\n{line}", truncate_words(&resp, self.budget(rng))),
+                            _ => format!("{line} {line}"),
+                        }
+                    }
+                };
+                (text, Shape::ResponseQuoting)
+            }
+            _ => match short {
+                Some(t) => (t, Shape::ResponseShort),
+                None => return,
+            },
+        };
+        self.push(&inst, text, shape);
     }
 
     fn failure(&mut self, i: usize, rng: &mut ChaCha8Rng) {
@@ -303,7 +539,11 @@ impl Builder<'_> {
         let short_or = truncate_words(or, b);
         let text = match shape {
             Shape::Empty => ["", " ", "\n", "\n\n"][rng.random_range(0..4)].to_string(),
-            Shape::TemplateContinued => match rng.random_range(0..6) {
+            Shape::TemplateContinued => match rng.random_range(0..7) {
+                6 => format!(
+                    "{short_resp}\n\n### Response:\n{}",
+                    truncate_words(or, rng.random_range(0..=3))
+                ),
                 0 => format!("### Instruction:\n{oi}\n\n### Response:\n{short_or}"),
                 1 => format!("{short_resp}\n\n### Instruction:\n{oi}"),
                 2 => format!("\n\n### Instruction:\n{oi}\n\n### Response:"),
@@ -322,10 +562,24 @@ impl Builder<'_> {
             },
             Shape::QuestionList => {
                 let k = rng.random_range(3..=6);
+                // Real questions: a list is not a failure, a list of questions nobody asked is.
                 let qs: Vec<String> = (0..k)
                     .map(|_| {
-                        truncate_words(first_line(self.other(rng, i).instruction.as_str()), 20)
-                            .to_string()
+                        let mut q = first_line(self.other(rng, i).instruction.as_str());
+                        for _ in 0..8 {
+                            if q.ends_with('?') {
+                                break;
+                            }
+                            q = first_line(self.other(rng, i).instruction.as_str());
+                        }
+                        let t = truncate_words(q, 20);
+                        if t.ends_with('?') {
+                            t.to_string()
+                        } else if q.ends_with('?') {
+                            format!("{}?", t.trim_end_matches(['.', ',', ':', ';']))
+                        } else {
+                            format!("Can you {}?", lower_first(t))
+                        }
                     })
                     .collect();
                 let style = rng.random_range(0..3);
@@ -339,7 +593,13 @@ impl Builder<'_> {
                     .collect::<Vec<_>>()
                     .join("\n")
             }
-            Shape::RepeatedLine => match rng.random_range(0..4) {
+            Shape::RepeatedLine => match rng.random_range(0..5) {
+                // A contentless list skeleton.
+                4 => {
+                    let marker = ["1.", "- 1.", "-", "*", "1. 1.", "- "][rng.random_range(0..6)];
+                    let sep = if rng.random_bool(0.7) { "\n" } else { " " };
+                    vec![marker; rng.random_range(4..=10)].join(sep)
+                }
                 // A short phrase or a token looping, as a degenerate sampler produces.
                 0 => {
                     let words = truncate_words(resp, rng.random_range(1..=4));
@@ -358,7 +618,37 @@ impl Builder<'_> {
                     vec![line; r].join(sep)
                 }
             },
-            _ => match rng.random_range(0..4) {
+            _ => match rng.random_range(0..6) {
+                // Requirements of a response, or a statement of the task: a next instruction.
+                4 | 5 => {
+                    let k = rng.random_range(1..=3);
+                    let mut reqs: Vec<String> = (0..k)
+                        .map(|_| {
+                            REQUIREMENTS[rng.random_range(0..REQUIREMENTS.len())]
+                                .replace("{n}", &rng.random_range(2..=9).to_string())
+                                .replace("{things}", THINGS[rng.random_range(0..THINGS.len())])
+                        })
+                        .collect();
+                    if rng.random_bool(0.5) {
+                        let opener = TASK_OPENERS[rng.random_range(0..TASK_OPENERS.len())];
+                        let what = lower_first(first_sentence(if rng.random_bool(0.5) {
+                            inst
+                        } else {
+                            oi
+                        }));
+                        reqs.insert(0, format!("{opener} {what}."));
+                    }
+                    reqs.dedup();
+                    let body = reqs.join(if rng.random_bool(0.5) { " " } else { "\n" });
+                    match word_starts(inst).len() {
+                        w if w >= 2 && rng.random_bool(0.3) => {
+                            let k = rng.random_range(1..w);
+                            let ic = cut_at_word(inst, k).map(|c| c.1).unwrap_or(inst);
+                            format!("{ic}\n\n{body}")
+                        }
+                        _ => body,
+                    }
+                }
                 0 => oi.to_string(),
                 1 => format!("\n{oi}"),
                 2 => match word_starts(inst).len() {
@@ -470,7 +760,7 @@ mod tests {
         let mut shapes: Vec<Shape> = ex.iter().map(|e| e.shape).collect();
         shapes.sort();
         shapes.dedup();
-        assert_eq!(shapes.len(), 11, "{shapes:?}");
+        assert_eq!(shapes.len(), 14, "{shapes:?}");
         let pos = ex.iter().filter(|e| e.label == 1).count() as f64;
         let share = pos / ex.len() as f64;
         assert!((0.3..0.6).contains(&share), "{share}");
@@ -479,6 +769,21 @@ mod tests {
         }
         for e in ex.iter().filter(|e| e.shape == Shape::Empty) {
             assert!(e.text.trim().is_empty());
+        }
+        for e in ex.iter().filter(|e| e.shape == Shape::ResponseShort) {
+            assert!(word_starts(&e.text).len() < 8, "{:?}", e.text);
+        }
+        for e in ex.iter().filter(|e| e.shape == Shape::ResponseList) {
+            assert!(
+                e.text
+                    .lines()
+                    .filter(|l| l.starts_with(|c: char| c.is_ascii_digit() || c == '-' || c == '*'))
+                    .count()
+                    >= 2
+            );
+        }
+        for e in ex.iter().filter(|e| e.shape == Shape::QuestionList) {
+            assert!(e.text.lines().all(|l| l.ends_with('?')), "{:?}", e.text);
         }
         for e in ex.iter().filter(|e| e.shape == Shape::RepeatedLine) {
             let f = crate::features::tone_features(&e.text);
@@ -526,5 +831,11 @@ mod tests {
         assert_eq!(cut_at_word("one", 1), None);
         assert_eq!(first_sentence("Hi there. More"), "Hi there.");
         assert_eq!(first_sentence("v1.2 is out! Yes"), "v1.2 is out!");
+        assert_eq!(
+            sentences("One. Two!\n\n- Three?\n1."),
+            ["One.", "Two!", "Three?"]
+        );
+        assert_eq!(lower_first("Write a poem."), "write a poem");
+        assert_eq!(first_number("It costs $5, or 12.5 euros."), Some("12.5"));
     }
 }
