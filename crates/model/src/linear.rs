@@ -25,10 +25,18 @@ pub struct Linear {
     pack: PackCache,
 }
 
-/// The packed copy of a frozen bf16 weight, tagged with the tensor it was made from (a
-/// replaced `weight` is never served a stale pack).
+/// The packed copies of a frozen bf16 weight (the forward's, and the backward's once a
+/// gradient flows through it), tagged with the tensor they were made from (a replaced `weight`
+/// is never served a stale pack).
 #[derive(Default)]
-struct PackCache(Mutex<Option<(candle_core::TensorId, ops::WeightPack)>>);
+struct PackCache(Mutex<Option<PackEntry>>);
+
+#[derive(Clone)]
+struct PackEntry {
+    id: candle_core::TensorId,
+    fwd: ops::WeightPack,
+    grad: Option<ops::WeightPack>,
+}
 
 impl Clone for PackCache {
     fn clone(&self) -> Self {
@@ -55,27 +63,38 @@ impl Linear {
         }
     }
 
-    /// The packed copy of a frozen bf16 weight on a CPU that runs the bf16 kernel, made on
-    /// first use and kept (one more copy of the weights): packing per call cost as much as the
-    /// product when decoding, and 4% of a training step.
-    fn pack_for(&self) -> Result<Option<ops::WeightPack>> {
+    /// The packed copies of a frozen bf16 weight on a CPU that runs the bf16 kernel, made on
+    /// first use and kept (one more copy of the weights; a second one for the backward when
+    /// `x` carries a gradient): packing per call cost as much as the product when decoding,
+    /// and about 5% of a training step.
+    fn packs_for(&self, x: &Tensor) -> Result<(Option<ops::WeightPack>, Option<ops::WeightPack>)> {
         if self.weight.is_variable()
             || self.weight.dtype() != DType::BF16
             || !self.weight.device().is_cpu()
         {
-            return Ok(None);
+            return Ok((None, None));
         }
         let Ok(mut slot) = self.pack.0.lock() else {
-            return Ok(None);
+            return Ok((None, None));
         };
-        if let Some((id, p)) = &*slot {
-            if *id == self.weight.id() {
-                return Ok(Some(p.clone()));
-            }
+        let need_grad = x.track_op();
+        let entry = match slot.take() {
+            Some(e) if e.id == self.weight.id() => Some(e),
+            _ => ops::WeightPack::new(&self.weight)?.map(|fwd| PackEntry {
+                id: self.weight.id(),
+                fwd,
+                grad: None,
+            }),
+        };
+        let Some(mut entry) = entry else {
+            return Ok((None, None));
+        };
+        if need_grad && entry.grad.is_none() {
+            entry.grad = ops::WeightPack::new_for_grad(&self.weight)?;
         }
-        let p = ops::WeightPack::new(&self.weight)?;
-        *slot = p.clone().map(|p| (self.weight.id(), p));
-        Ok(p)
+        let out = (Some(entry.fwd.clone()), entry.grad.clone());
+        *slot = Some(entry);
+        Ok(out)
     }
 
     pub fn in_features(&self) -> usize {
@@ -97,7 +116,8 @@ impl Linear {
             };
             x.broadcast_matmul(&w.t()?)?
         } else {
-            ops::frozen_linear_packed(x, &self.weight, self.pack_for()?.as_ref())?
+            let (fwd, grad) = self.packs_for(x)?;
+            ops::frozen_linear_packed(x, &self.weight, (fwd.as_ref(), grad.as_ref()))?
         };
         add_bias(y, self.bias.as_ref())
     }
@@ -130,6 +150,7 @@ impl Module for Linear {
             );
         if fused {
             let mask = l.dropout_mask(x)?;
+            let (fwd, grad) = self.packs_for(x)?;
             let y = ops::lora_linear_packed(
                 x,
                 &self.weight,
@@ -137,7 +158,7 @@ impl Module for Linear {
                 l.b.as_tensor(),
                 l.scale,
                 mask.as_ref(),
-                self.pack_for()?.as_ref(),
+                (fwd.as_ref(), grad.as_ref()),
             )?;
             return add_bias(y, self.bias.as_ref());
         }

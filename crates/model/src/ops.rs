@@ -1046,8 +1046,11 @@ impl CustomOp3 for SiluMulBwd {
 /// Refuses a `Var` weight (it would silently get no gradient): trainable weights use a plain
 /// matmul.
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    frozen_linear_packed(x, w, None)
+    frozen_linear_packed(x, w, (None, None))
 }
+
+/// The forward and backward packs of a frozen bf16 weight, when there are.
+pub type Packs<'a> = (Option<&'a WeightPack>, Option<&'a WeightPack>);
 
 /// A frozen bf16 weight `W` (n, k) packed once for the CPU's AVX512-BF16 kernel, for
 /// [`frozen_linear_packed`] and [`lora_linear_packed`]: when decoding, packing `W` on every
@@ -1072,13 +1075,29 @@ impl WeightPack {
         Ok(crate::gemm_bf16::PackedB::new(wv, k, n, 1, k).map(|p| Self(std::sync::Arc::new(p))))
     }
 
+    /// The pack of the backward's product `grad · W` (B = W itself), `None` as in [`Self::new`].
+    pub fn new_for_grad(w: &Tensor) -> Result<Option<Self>> {
+        if w.dtype() != DType::BF16 || !w.device().is_cpu() || !crate::gemm_bf16::available() {
+            return Ok(None);
+        }
+        let (n, k) = w.dims2()?;
+        let w = w.contiguous()?;
+        let (ws, lw) = w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            return Ok(None);
+        };
+        let wv = cont::<bf16>(ws, lw, "pack")?;
+        Ok(crate::gemm_bf16::PackedB::new(wv, n, k, k, 1).map(|p| Self(std::sync::Arc::new(p))))
+    }
+
     fn fits(&self, n: usize, k: usize) -> Option<&crate::gemm_bf16::PackedB> {
         (self.0.n() == n && self.0.k() == k).then_some(&*self.0)
     }
 }
 
-/// [`frozen_linear`] with `W` already packed (`pack` must come from this `w`).
-pub fn frozen_linear_packed(x: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -> Result<Tensor> {
+/// [`frozen_linear`] with `W` already packed (`packs` must come from this `w`: the forward's
+/// [`WeightPack::new`] and the backward's [`WeightPack::new_for_grad`]).
+pub fn frozen_linear_packed(x: &Tensor, w: &Tensor, packs: Packs<'_>) -> Result<Tensor> {
     if w.is_variable() {
         bail!("frozen_linear: the weight is a Var; trainable weights need a plain matmul");
     }
@@ -1090,13 +1109,15 @@ pub fn frozen_linear_packed(x: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -
     x.contiguous()?.apply_op2(
         &w.contiguous()?,
         FrozenLinear {
-            pack: pack.cloned(),
+            pack: packs.0.cloned(),
+            grad_pack: packs.1.cloned(),
         },
     )
 }
 
 struct FrozenLinear {
     pack: Option<WeightPack>,
+    grad_pack: Option<WeightPack>,
 }
 
 /// The (m, k) view of a contiguous (..., k) input and the output shape (..., n).
@@ -1252,24 +1273,32 @@ impl CustomOp2 for FrozenLinear {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad_times_w(grad, w, x.dims())?), None))
+        Ok((
+            Some(grad_times_w(grad, w, x.dims(), self.grad_pack.as_ref())?),
+            None,
+        ))
     }
 }
 
 /// `grad (..., n) · W (n, k)` reshaped to `x_dims` (..., k).
-fn grad_times_w(grad: &Tensor, w: &Tensor, x_dims: &[usize]) -> Result<Tensor> {
+fn grad_times_w(
+    grad: &Tensor,
+    w: &Tensor,
+    x_dims: &[usize],
+    pack: Option<&WeightPack>,
+) -> Result<Tensor> {
     let n = w.dim(0)?;
     let g = grad.contiguous()?;
     let g = g.reshape((g.elem_count() / n.max(1), n))?;
     let dx = if w.dtype() == DType::BF16 && g.dtype() == DType::F32 && w.device().is_cpu() {
         // Mixed (f32 activations, bf16 weights): the gradient is rounded to bf16 for the
         // product, as in the forward.
-        match bf16_times_w_f32(&cast_from_f32(&g, DType::BF16)?, w)? {
+        match bf16_times_w_f32(&cast_from_f32(&g, DType::BF16)?, w, pack)? {
             Some(dx) => dx,
             None => g.matmul(&w.to_dtype(DType::F32)?)?,
         }
     } else if w.dtype() == DType::BF16 && w.device().is_cpu() {
-        if let Some(dx) = bf16_times_w(&g, w)? {
+        if let Some(dx) = bf16_times_w(&g, w, pack)? {
             return dx.reshape(x_dims);
         }
         g.to_dtype(DType::F32)?
@@ -1310,15 +1339,15 @@ impl CustomOp1 for CastBf16 {
 }
 
 /// `g (m, n) · W (n, k)` for bf16 on the CPU through the AVX512-BF16 kernel, when it runs here.
-fn bf16_times_w(g: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let Some(t) = bf16_times_w_f32(g, w)? else {
+fn bf16_times_w(g: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -> Result<Option<Tensor>> {
+    let Some(t) = bf16_times_w_f32(g, w, pack)? else {
         return Ok(None);
     };
     Ok(Some(cast_from_f32(&t, DType::BF16)?))
 }
 
 /// `g (m, n) · W (n, k)` for bf16 through the AVX512-BF16 kernel, as f32 (not rounded).
-fn bf16_times_w_f32(g: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+fn bf16_times_w_f32(g: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -> Result<Option<Tensor>> {
     let (m, n) = g.dims2()?;
     let (n2, k) = w.dims2()?;
     if n != n2 {
@@ -1333,7 +1362,10 @@ fn bf16_times_w_f32(g: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let gv = cont::<bf16>(gs, gl, "frozen_linear bwd")?;
     let wv = cont::<bf16>(ws, wl, "frozen_linear bwd")?;
     // B[kk, j] = W[kk, j]: row stride k.
-    let Some(dx) = crate::gemm_bf16::matmul(gv, m, n, n, wv, k, k, 1) else {
+    let packed = pack
+        .and_then(|p| p.fits(k, n))
+        .and_then(|p| crate::gemm_bf16::matmul_packed(gv, m, n, p));
+    let Some(dx) = packed.or_else(|| crate::gemm_bf16::matmul(gv, m, n, n, wv, k, k, 1)) else {
         return Ok(None);
     };
     Ok(Some(Tensor::from_vec(dx, (m, k), g.device())?))
@@ -1357,7 +1389,7 @@ pub fn lora_linear(
     scale: f64,
     dropout_mask: Option<&Tensor>,
 ) -> Result<Tensor> {
-    lora_linear_packed(x, w, a, b, scale, dropout_mask, None)
+    lora_linear_packed(x, w, a, b, scale, dropout_mask, (None, None))
 }
 
 /// [`lora_linear`] with the base weight already packed (`pack` must come from this `w`).
@@ -1368,7 +1400,7 @@ pub fn lora_linear_packed(
     b: &Tensor,
     scale: f64,
     dropout_mask: Option<&Tensor>,
-    pack: Option<&WeightPack>,
+    packs: Packs<'_>,
 ) -> Result<Tensor> {
     if w.is_variable() {
         bail!("lora_linear: the base weight is a Var; LoRA needs a frozen base");
@@ -1431,7 +1463,8 @@ pub fn lora_linear_packed(
             w: w.contiguous()?,
             scale,
             mask: dropout_mask.map(|m| m.contiguous()).transpose()?,
-            pack: pack.cloned(),
+            pack: packs.0.cloned(),
+            grad_pack: packs.1.cloned(),
         },
     )
 }
@@ -1443,6 +1476,7 @@ struct LoraLinear {
     /// The adapter input's dropout mask (x's shape, adapter dtype, scaled), contiguous.
     mask: Option<Tensor>,
     pack: Option<WeightPack>,
+    grad_pack: Option<WeightPack>,
 }
 
 /// A contiguous storage converted to `dt` (borrowed when it already is).
@@ -1603,7 +1637,11 @@ impl CustomOp3 for LoraLinear {
                 None => d_in,
             };
             let base = if g.dtype() == DType::BF16 || self.w.dtype() == DType::BF16 {
-                match bf16_times_w_f32(&cast_from_f32(&g, DType::BF16)?, &self.w)? {
+                match bf16_times_w_f32(
+                    &cast_from_f32(&g, DType::BF16)?,
+                    &self.w,
+                    self.grad_pack.as_ref(),
+                )? {
                     Some(t) => t,
                     None => gc.matmul(&self.w.to_dtype(ct)?)?,
                 }
@@ -2602,11 +2640,28 @@ mod tests {
                     .unwrap()
             };
             let plain = bits(frozen_linear(&x, &w).unwrap());
-            let packed = bits(frozen_linear_packed(&x, &w, pack.as_ref()).unwrap());
+            let packed = bits(frozen_linear_packed(&x, &w, (pack.as_ref(), None)).unwrap());
             assert_eq!(plain, packed, "frozen_linear {dt:?}");
+            // The backward's pack: dx through a Var input.
+            let grad_pack = WeightPack::new_for_grad(&w).unwrap();
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (2, 5, 40), &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
+            let dx = |packs: Packs<'_>| {
+                let y = frozen_linear_packed(xv.as_tensor(), &w, packs).unwrap();
+                let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                bits(g.get(xv.as_tensor()).unwrap().clone())
+            };
+            assert_eq!(
+                dx((None, None)),
+                dx((pack.as_ref(), grad_pack.as_ref())),
+                "frozen_linear backward {dt:?}"
+            );
             let plain = bits(lora_linear(&x, &w, &a, &b, 2.0, None).unwrap());
             let packed =
-                bits(lora_linear_packed(&x, &w, &a, &b, 2.0, None, pack.as_ref()).unwrap());
+                bits(lora_linear_packed(&x, &w, &a, &b, 2.0, None, (pack.as_ref(), None)).unwrap());
             assert_eq!(plain, packed, "lora_linear {dt:?}");
         }
     }
