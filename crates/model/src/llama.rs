@@ -31,7 +31,7 @@ use crate::ops;
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Rows of logits computed at once by the loss (bounds its memory when no gradient is kept).
-const LOSS_CHUNK_ELEMENTS: usize = 1 << 24;
+const LOSS_CHUNK_ELEMENTS: usize = 1 << 22;
 
 struct Attention {
     q_proj: Linear,

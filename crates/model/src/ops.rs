@@ -1626,14 +1626,15 @@ impl CustomOp3 for LoraLinear {
             .map(|mk| mk.reshape((m, k)))
             .transpose()?;
         let xd = match &mask {
-            Some(mk) => (&xc * mk)?,
+            Some(mk) => zip_par(&xc, mk, Zip::Mul)?,
             None => xc,
         };
-        let gb = gc.matmul(&b)?; // (m, r)
+        // The scale goes on the thin (m, r) products, not on (m, k) ones.
+        let gb = gc.matmul(&b)?.affine(self.scale, 0.0)?; // (m, r)
         let dx = if need_x {
-            let d_in = gb.matmul(&a)?.affine(self.scale, 0.0)?;
+            let d_in = gb.matmul(&a)?;
             let d_in = match &mask {
-                Some(mk) => (d_in * mk)?,
+                Some(mk) => zip_par(&d_in, mk, Zip::Mul)?,
                 None => d_in,
             };
             let base = if g.dtype() == DType::BF16 || self.w.dtype() == DType::BF16 {
@@ -1648,12 +1649,12 @@ impl CustomOp3 for LoraLinear {
             } else {
                 gc.matmul(&self.w.to_dtype(ct)?)?
             };
-            Some(cast_from_f32(&(base + d_in)?, x.dtype())?.reshape(x.dims())?)
+            Some(cast_from_f32(&zip_par(&base, &d_in, Zip::Add)?, x.dtype())?.reshape(x.dims())?)
         } else {
             None
         };
         let da = if need_a {
-            Some(gb.t()?.matmul(&xd)?.affine(self.scale, 0.0)?)
+            Some(gb.t()?.matmul(&xd)?)
         } else {
             None
         };
@@ -1668,6 +1669,41 @@ impl CustomOp3 for LoraLinear {
 }
 
 /// `f(y, d)` over two equally long buffers, in parallel over `n`-wide rows when large.
+#[derive(Clone, Copy)]
+enum Zip {
+    Add,
+    Mul,
+}
+
+/// `a + b` or `a * b` for two tensors of one shape; for f32 on the CPU in parallel over rows
+/// (candle's binary ops run on the calling thread here, see `runtime`), otherwise through
+/// candle. No gradient is recorded (for use inside backward passes).
+fn zip_par(a: &Tensor, b: &Tensor, op: Zip) -> Result<Tensor> {
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 || !a.device().is_cpu() {
+        let (a, b) = (a.detach(), b.detach());
+        return match op {
+            Zip::Add => a + b,
+            Zip::Mul => a * b,
+        };
+    }
+    if a.shape() != b.shape() {
+        bail!("zip_par: shapes {:?} and {:?}", a.dims(), b.dims());
+    }
+    let mut y = a.flatten_all()?.to_vec1::<f32>()?;
+    let bc = b.contiguous()?;
+    let (bs, bl) = bc.storage_and_layout();
+    let candle_core::Storage::Cpu(bs) = &*bs else {
+        bail!("zip_par: not on the CPU");
+    };
+    let bv = cont::<f32>(bs, bl, "zip_par")?;
+    let n = a.dims().last().copied().unwrap_or(1).max(1);
+    match op {
+        Zip::Add => axpy_rows(&mut y, bv, n, |y, d| *y += d),
+        Zip::Mul => axpy_rows(&mut y, bv, n, |y, d| *y *= d),
+    }
+    Tensor::from_vec(y, a.shape(), a.device())
+}
+
 fn axpy_rows<T: Copy + Send + Sync, F: Fn(&mut T, T) + Send + Sync>(
     y: &mut [T],
     d: &[T],
@@ -2610,6 +2646,60 @@ mod tests {
                 .to_scalar::<f64>()
                 .unwrap();
             assert!(d < 1e-9, "output/grad {i}: max difference {d}");
+        }
+    }
+
+    /// The f32 backward of the LoRA linear (its element-wise steps run in parallel, off
+    /// candle) agrees with the f64 one (candle's ops), dropout mask included.
+    #[test]
+    fn lora_backward_in_f32_matches_f64() {
+        let dev = candle_core::Device::Cpu;
+        let (m, k, n, r) = (6, 48, 40, 4);
+        let x = Tensor::randn(0f64, 1.0, (2, m / 2, k), &dev).unwrap();
+        let w = Tensor::randn(0f64, 0.1, (n, k), &dev).unwrap();
+        let a = Tensor::randn(0f64, 0.1, (r, k), &dev).unwrap();
+        let b = Tensor::randn(0f64, 0.1, (n, r), &dev).unwrap();
+        let keep: Vec<f64> = (0..m * k)
+            .map(|i| [0.0, 1.25][(i * 7 % 5 != 0) as usize])
+            .collect();
+        let mask = Tensor::from_vec(keep, (2, m / 2, k), &dev).unwrap();
+        let probe = Tensor::randn(0f64, 1.0, (2, m / 2, n), &dev).unwrap();
+        let grads = |dt: DType| -> Vec<Vec<f64>> {
+            let v = |t: &Tensor| candle_core::Var::from_tensor(&t.to_dtype(dt).unwrap()).unwrap();
+            let (xv, av, bv) = (v(&x), v(&a), v(&b));
+            let y = lora_linear(
+                xv.as_tensor(),
+                &w.to_dtype(dt).unwrap(),
+                av.as_tensor(),
+                bv.as_tensor(),
+                2.0,
+                Some(&mask.to_dtype(dt).unwrap()),
+            )
+            .unwrap();
+            let g = (y * probe.to_dtype(dt).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            [xv, av, bv]
+                .iter()
+                .map(|v| {
+                    g.get(v.as_tensor())
+                        .unwrap()
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap()
+                })
+                .collect()
+        };
+        for (g32, g64) in grads(DType::F32).iter().zip(grads(DType::F64)) {
+            for (p, q) in g32.iter().zip(&g64) {
+                assert!((p - q).abs() < 1e-4 * (1.0 + q.abs()), "{p} vs {q}");
+            }
         }
     }
 
