@@ -1,19 +1,6 @@
 //! `sft classifier eval`: the shipped tone head on a small labelled file; the last line is JSON.
-use std::path::PathBuf;
-
-fn sft_binary() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "-q", "-p", "sft-cli", "--bin", "sft"])
-        .current_dir(&root)
-        .status()
-        .expect("running cargo build for the sft binary");
-    assert!(status.success(), "cargo build -p sft-cli failed");
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("sft");
-    assert!(bin.is_file(), "{} not found after building", bin.display());
-    bin
-}
+mod common;
+use common::*;
 
 #[test]
 fn classifier_eval_prints_metrics_as_json_last() {
@@ -29,19 +16,9 @@ fn classifier_eval_prints_metrics_as_json_last() {
     ];
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&input, text).unwrap();
-    let out = std::process::Command::new(sft_binary())
-        .args(["classifier", "eval", "--input"])
-        .arg(&input)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let last: serde_json::Value =
-        serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    let (out, last) = classifier_eval(&input);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let last = last.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(last["n"], 5);
     assert_eq!(
         (last["tp"].as_u64(), last["fn"].as_u64()),
@@ -61,11 +38,7 @@ fn classifier_eval_prints_metrics_as_json_last() {
 
     // A bad line is reported with its file and line.
     std::fs::write(&input, "{\"response\": \"x\", \"label\": 7}\n").unwrap();
-    let out = std::process::Command::new(sft_binary())
-        .args(["classifier", "eval", "--input"])
-        .arg(&input)
-        .output()
-        .unwrap();
+    let (out, _) = classifier_eval(&input);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

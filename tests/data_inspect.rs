@@ -1,5 +1,7 @@
 //! `sft data inspect`: counts, the trained tokens marked, and the JSON last line, on a run
 //! config over a small file with bad rows, with SmolLM2's tokenizer.
+mod common;
+use common::*;
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -9,21 +11,6 @@ fn cache_root() -> PathBuf {
         Some(p) => PathBuf::from(p),
         None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sft"),
     }
-}
-
-/// The `sft` binary of this workspace, built (incrementally) if needed.
-fn sft_binary() -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "-q", "-p", "sft-cli", "--bin", "sft"])
-        .current_dir(&root)
-        .status()
-        .expect("running cargo build for the sft binary");
-    assert!(status.success(), "cargo build -p sft-cli failed");
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("sft");
-    assert!(bin.is_file(), "{} not found after building", bin.display());
-    bin
 }
 
 fn write_config(dir: &std::path::Path, data: &std::path::Path, extra: &str) -> PathBuf {

@@ -5,29 +5,13 @@
 //! was written; 230/240 = 0.958 with the head retrained on the widened recipe (answers as lists,
 //! quoting, short; requirement text as a next instruction), rounded down to 0.01, which is the
 //! issue's goal of 0.95. Never lower it to make a change pass.
-use std::path::PathBuf;
+mod common;
+use common::*;
 
 const SET: &str = "crates/ifs/assets/smollm2_outputs_labelled.jsonl";
 /// Accuracy floor: 0.9583 measured, rounded down to 0.95 (the goal; two more errors
 /// than measured still pass, three fail).
 const MIN_ACCURACY: f64 = 0.95;
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn sft_binary() -> PathBuf {
-    let status = std::process::Command::new(env!("CARGO"))
-        .args(["build", "--release", "-q", "-p", "sft-cli", "--bin", "sft"])
-        .current_dir(root())
-        .status()
-        .expect("running cargo build for the sft binary");
-    assert!(status.success(), "cargo build -p sft-cli failed");
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe.parent().unwrap().parent().unwrap().join("sft");
-    assert!(bin.is_file(), "{} not found after building", bin.display());
-    bin
-}
 
 fn lines(path: &str) -> Vec<serde_json::Value> {
     let text = std::fs::read_to_string(root().join(path)).unwrap();
@@ -96,19 +80,9 @@ fn smollm2_set_is_complete_and_held_out() {
 
 #[test]
 fn shipped_tone_classifier_on_real_smollm2_outputs() {
-    let out = std::process::Command::new(sft_binary())
-        .args(["classifier", "eval", "--input"])
-        .arg(root().join(SET))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
-    let last: serde_json::Value =
-        serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    let (out, last) = classifier_eval(&root().join(SET));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let last = last.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!(last["n"], 240, "{stdout}");
     let acc = last["accuracy"].as_f64().unwrap();
     assert!(

@@ -2,6 +2,8 @@
 //! (`../shared/fixtures/smollm2_reference.json`, float32): token ids, logits, loss and greedy
 //! generation, alone and as one batch, through the library and through `sft score` /
 //! `sft generate`.
+mod common;
+use common::*;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -174,26 +176,6 @@ fn greedy_generation_matches_transformers_alone_and_batched() {
             assert!(!g.text.contains("<|im_end|>"));
         }
     }
-}
-
-/// The `sft` binary of this workspace, built (incrementally) once per test process.
-fn sft_binary() -> PathBuf {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--release", "-q", "-p", "sft-cli", "--bin", "sft"])
-            .current_dir(&root)
-            .status()
-            .expect("running cargo build for the sft binary");
-        assert!(status.success(), "cargo build -p sft-cli failed");
-        // target/release/deps/reference-<hash> -> target/release/sft
-        let exe = std::env::current_exe().unwrap();
-        let bin = exe.parent().unwrap().parent().unwrap().join("sft");
-        assert!(bin.is_file(), "{} not found after building", bin.display());
-        bin
-    })
-    .clone()
 }
 
 fn run_sft(args: &[&str]) -> Vec<Value> {

@@ -1061,22 +1061,19 @@ pub struct WeightPack(std::sync::Arc<crate::gemm_bf16::PackedB>);
 impl WeightPack {
     /// `None` unless `w` is a bf16 matrix on a CPU that runs the kernel.
     pub fn new(w: &Tensor) -> Result<Option<Self>> {
-        if w.dtype() != DType::BF16 || !w.device().is_cpu() || !crate::gemm_bf16::available() {
-            return Ok(None);
-        }
-        let (n, k) = w.dims2()?;
-        let w = w.contiguous()?;
-        let (ws, lw) = w.storage_and_layout();
-        let candle_core::Storage::Cpu(ws) = &*ws else {
-            return Ok(None);
-        };
-        let wv = cont::<bf16>(ws, lw, "pack")?;
         // x · W^T: B[kk, j] = W[j, kk].
-        Ok(crate::gemm_bf16::PackedB::new(wv, k, n, 1, k).map(|p| Self(std::sync::Arc::new(p))))
+        Self::pack(w, |wv, n, k| crate::gemm_bf16::PackedB::new(wv, k, n, 1, k))
     }
 
     /// The pack of the backward's product `grad · W` (B = W itself), `None` as in [`Self::new`].
     pub fn new_for_grad(w: &Tensor) -> Result<Option<Self>> {
+        Self::pack(w, |wv, n, k| crate::gemm_bf16::PackedB::new(wv, n, k, k, 1))
+    }
+
+    fn pack(
+        w: &Tensor,
+        f: impl FnOnce(&[bf16], usize, usize) -> Option<crate::gemm_bf16::PackedB>,
+    ) -> Result<Option<Self>> {
         if w.dtype() != DType::BF16 || !w.device().is_cpu() || !crate::gemm_bf16::available() {
             return Ok(None);
         }
@@ -1087,7 +1084,7 @@ impl WeightPack {
             return Ok(None);
         };
         let wv = cont::<bf16>(ws, lw, "pack")?;
-        Ok(crate::gemm_bf16::PackedB::new(wv, n, k, k, 1).map(|p| Self(std::sync::Arc::new(p))))
+        Ok(f(wv, n, k).map(|p| Self(std::sync::Arc::new(p))))
     }
 
     fn fits(&self, n: usize, k: usize) -> Option<&crate::gemm_bf16::PackedB> {
