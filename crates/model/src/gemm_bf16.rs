@@ -3,10 +3,10 @@
 //! candle widens bf16 to f32 and runs an f32 GEMM.
 //!
 //! `C (m × n) = A (m × k) · B (k × n)`: A is row-major with contiguous rows (an activation), B
-//! is any strided matrix (a weight or its transpose), packed per call into 32-column panels of
-//! k-pairs, the layout `vdpbf16ps` consumes. Products of bf16 values are exact in f32; sums are
-//! accumulated in f32, as PyTorch does. Without AVX512-BF16 (or for odd `k`) [`matmul`] returns
-//! `None` and the caller falls back to f32.
+//! is any strided matrix (a weight or its transpose), packed by [`PackedB::new`] into 32-column
+//! panels of k-pairs, the layout `vdpbf16ps` consumes. Products of bf16 values are exact in f32;
+//! sums are accumulated in f32, as PyTorch does. Without AVX512-BF16 (or for odd `k`)
+//! [`PackedB::new`] returns `None` and the caller falls back to f32.
 use half::bf16;
 use rayon::prelude::*;
 
@@ -34,41 +34,9 @@ pub fn available() -> bool {
     }
 }
 
-/// `A (m × k, row stride lda) · B` with `B[kk, j] = b[kk * b_rs + j * b_cs]`, as f32 (m × n),
-/// or `None` when the kernel cannot run here.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul(
-    a: &[bf16],
-    m: usize,
-    k: usize,
-    lda: usize,
-    b: &[bf16],
-    n: usize,
-    b_rs: usize,
-    b_cs: usize,
-) -> Option<Vec<f32>> {
-    drive::<false, f32>(a, m, k, lda, b, n, b_rs, b_cs)
-}
-
-/// [`matmul`] rounded to bf16 as it is stored (no f32 result is materialised). Rounding is to
-/// nearest even; results below bf16's normal range become zero.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_to_bf16(
-    a: &[bf16],
-    m: usize,
-    k: usize,
-    lda: usize,
-    b: &[bf16],
-    n: usize,
-    b_rs: usize,
-    b_cs: usize,
-) -> Option<Vec<bf16>> {
-    drive::<true, bf16>(a, m, k, lda, b, n, b_rs, b_cs)
-}
-
-/// B packed once for many products with different A (a frozen weight when decoding, where
-/// packing per call would cost as much as the product): see [`PackedB::new`].
-#[derive(Debug)]
+/// B packed into 32-column panels of k-pairs, the layout `vdpbf16ps` consumes; a frozen weight
+/// is packed once and kept (see `ops::WeightPack`), other operands per product.
+#[derive(Clone, Debug)]
 pub struct PackedB {
     k: usize,
     n: usize,
@@ -102,32 +70,15 @@ impl PackedB {
     }
 }
 
-/// [`matmul`] with B already packed: `A (m × k) · B` as f32 (m × n).
-pub fn matmul_packed(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<f32>> {
+/// `A (m × k, row stride lda) · B` as f32 (m × n), or `None` for an empty A.
+pub fn matmul(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<f32>> {
     run::<false, f32>(a, m, lda, b)
 }
 
-/// [`matmul_to_bf16`] with B already packed.
-pub fn matmul_packed_to_bf16(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<bf16>> {
+/// [`matmul`] rounded to bf16 as it is stored (no f32 result is materialised). Rounding is to
+/// nearest even; results below bf16's normal range become zero.
+pub fn matmul_to_bf16(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<bf16>> {
     run::<true, bf16>(a, m, lda, b)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn drive<const BF: bool, O: Copy>(
-    a: &[bf16],
-    m: usize,
-    k: usize,
-    lda: usize,
-    b: &[bf16],
-    n: usize,
-    b_rs: usize,
-    b_cs: usize,
-) -> Option<Vec<O>> {
-    if m == 0 {
-        return None;
-    }
-    assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
-    run::<BF, O>(a, m, lda, &PackedB::new(b, k, n, b_rs, b_cs)?)
 }
 
 fn run<const BF: bool, O: Copy>(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<O>> {
@@ -439,9 +390,10 @@ mod tests {
             // B row-major (k × n), then the same values seen as the transpose of (n × k).
             let bt: Vec<bf16> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
             for (bb, rs, cs) in [(&b, n, 1), (&bt, 1, k)] {
-                let got = matmul(&a, m, k, k, bb, n, rs, cs).unwrap();
+                let packed = PackedB::new(bb, k, n, rs, cs).unwrap();
+                let got = matmul(&a, m, k, &packed).unwrap();
                 let want = reference(&a, m, k, bb, n, rs, cs);
-                let got_bf = matmul_to_bf16(&a, m, k, k, bb, n, rs, cs).unwrap();
+                let got_bf = matmul_to_bf16(&a, m, k, &packed).unwrap();
                 for (h, g) in got_bf.iter().zip(&got) {
                     assert_eq!(
                         h.to_bits(),
@@ -458,7 +410,7 @@ mod tests {
                 }
             }
         }
-        assert!(matmul(&[bf16::ONE; 3], 1, 3, 3, &[bf16::ONE; 3], 1, 1, 1).is_none());
+        assert!(PackedB::new(&[bf16::ONE; 3], 3, 1, 1, 1).is_none());
     }
 
     #[test]

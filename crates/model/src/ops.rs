@@ -1086,9 +1086,19 @@ impl WeightPack {
         let wv = cont::<bf16>(ws, lw, "pack")?;
         Ok(f(wv, n, k).map(|p| Self(std::sync::Arc::new(p))))
     }
+}
 
-    fn fits(&self, n: usize, k: usize) -> Option<&crate::gemm_bf16::PackedB> {
-        (self.0.n() == n && self.0.k() == k).then_some(&*self.0)
+/// B (k × n, `B[kk, j] = w[kk * rs + j * cs]`) for the bf16 kernel: `pack` when it was made
+/// for this product, else `w` packed for this call; `None` where the kernel does not run.
+fn packed_b<'a>(
+    pack: Option<&'a WeightPack>,
+    w: &[bf16],
+    (k, n): (usize, usize),
+    (rs, cs): (usize, usize),
+) -> Option<std::borrow::Cow<'a, crate::gemm_bf16::PackedB>> {
+    match pack {
+        Some(p) if p.0.k() == k && p.0.n() == n => Some(std::borrow::Cow::Borrowed(&*p.0)),
+        _ => crate::gemm_bf16::PackedB::new(w, k, n, rs, cs).map(std::borrow::Cow::Owned),
     }
 }
 
@@ -1161,13 +1171,10 @@ fn cpu_matmul_t(
     }
     let x = cont::<bf16>(sx, lx, "matmul")?;
     let w = cont::<bf16>(sw, lw, "matmul")?;
-    if let Some(p) = pack.and_then(|p| p.fits(n, k)) {
-        if let Some(y) = crate::gemm_bf16::matmul_packed_to_bf16(x, m, k, p) {
-            return Ok(CpuStorage::BF16(y));
-        }
-    }
     // x · W^T: B[kk, j] = W[j, kk].
-    if let Some(y) = crate::gemm_bf16::matmul_to_bf16(x, m, k, k, w, n, 1, k) {
+    if let Some(y) = packed_b(pack, w, (k, n), (1, k))
+        .and_then(|b| crate::gemm_bf16::matmul_to_bf16(x, m, k, &b))
+    {
         return Ok(CpuStorage::BF16(y));
     }
     let xf = CpuStorage::F32(x.iter().map(|v| v.to_f32()).collect());
@@ -1190,12 +1197,9 @@ fn mixed_matmul_t(
     pack: Option<&WeightPack>,
 ) -> Result<Vec<f32>> {
     let xb = crate::gemm_bf16::to_bf16(&x[..m * k]);
-    if let Some(p) = pack.and_then(|p| p.fits(n, k)) {
-        if let Some(y) = crate::gemm_bf16::matmul_packed(&xb, m, k, p) {
-            return Ok(y);
-        }
-    }
-    if let Some(y) = crate::gemm_bf16::matmul(&xb, m, k, k, w, n, 1, k) {
+    if let Some(y) =
+        packed_b(pack, w, (k, n), (1, k)).and_then(|b| crate::gemm_bf16::matmul(&xb, m, k, &b))
+    {
         return Ok(y);
     }
     // No AVX512-BF16 here: the same rounding of x, then candle's f32 gemm.
@@ -1359,10 +1363,9 @@ fn bf16_times_w_f32(g: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -> Result
     let gv = cont::<bf16>(gs, gl, "frozen_linear bwd")?;
     let wv = cont::<bf16>(ws, wl, "frozen_linear bwd")?;
     // B[kk, j] = W[kk, j]: row stride k.
-    let packed = pack
-        .and_then(|p| p.fits(k, n))
-        .and_then(|p| crate::gemm_bf16::matmul_packed(gv, m, n, p));
-    let Some(dx) = packed.or_else(|| crate::gemm_bf16::matmul(gv, m, n, n, wv, k, k, 1)) else {
+    let Some(dx) =
+        packed_b(pack, wv, (n, k), (k, 1)).and_then(|b| crate::gemm_bf16::matmul(gv, m, n, &b))
+    else {
         return Ok(None);
     };
     Ok(Some(Tensor::from_vec(dx, (m, k), g.device())?))
@@ -1506,12 +1509,9 @@ impl LoraLinear {
         if sx.dtype() == DType::BF16 {
             let x = cont::<bf16>(sx, lx, "lora_linear")?;
             let w = cont::<bf16>(ws, lw, "lora_linear")?;
-            if let Some(p) = self.pack.as_ref().and_then(|p| p.fits(n, k)) {
-                if let Some(y) = crate::gemm_bf16::matmul_packed(x, m, k, p) {
-                    return Ok(CpuStorage::F32(y));
-                }
-            }
-            if let Some(y) = crate::gemm_bf16::matmul(x, m, k, k, w, n, 1, k) {
+            if let Some(y) = packed_b(self.pack.as_ref(), w, (k, n), (1, k))
+                .and_then(|b| crate::gemm_bf16::matmul(x, m, k, &b))
+            {
                 return Ok(CpuStorage::F32(y));
             }
         }
@@ -1929,8 +1929,8 @@ fn dot_lanes<T: AttnFloat>(a: &[T], b: &[T]) -> T {
 /// Query rows per block of [`key_blocks`].
 const ATTN_BLOCK: usize = 64;
 
-/// Blocks `(t0, t1, c)` of query positions `t0..t1` whose mask rows allow no key at or after
-/// `c`: a causal mask needs only the lower-left part of Q K^T, about half of it, so every
+/// Blocks `(t0, t1, c)` of query positions `t0..t1` (block `i` starts at `i * ATTN_BLOCK`)
+/// whose mask rows allow no key at or after `c`: a causal mask needs only the lower-left part of Q K^T, about half of it, so every
 /// product below runs on `c` keys instead of `s`. Without a mask, `c = s`.
 fn key_blocks<T: AttnFloat>(
     d: AttnDims,
@@ -1995,15 +1995,9 @@ fn attn_probs<T: AttnFloat>(
             }
         }
     }
-    let limit = |tq: usize| {
-        blocks
-            .iter()
-            .find(|&&(t0, t1, _)| (t0..t1).contains(&tq))
-            .map_or(s, |b| b.2)
-    };
     for (i, row) in p.chunks_exact_mut(s).enumerate() {
         let tq = i % t;
-        let row = &mut row[..limit(tq)];
+        let row = &mut row[..blocks[tq / ATTN_BLOCK].2];
         if let Some((m, mb)) = mask {
             let mrow = &m[((if mb == 1 { 0 } else { bi }) * t + tq) * s..][..row.len()];
             row.iter_mut().zip(mrow).for_each(|(x, &mv)| *x += mv);
@@ -2130,11 +2124,7 @@ fn attn_bwd<T: AttnFloat>(
         }
         // dS = P (dP - rowsum(dP P)), in place in dp (zero where P is, past the key limit).
         for (i, (dpr, pr)) in dp.chunks_exact_mut(s).zip(p.chunks_exact(s)).enumerate() {
-            let tq = i % t;
-            let c = blocks
-                .iter()
-                .find(|&&(t0, t1, _)| (t0..t1).contains(&tq))
-                .map_or(s, |b| b.2);
+            let c = blocks[(i % t) / ATTN_BLOCK].2;
             let (dpr, pr) = (&mut dpr[..c], &pr[..c]);
             let dot = dot_lanes(dpr, pr);
             dpr.iter_mut()
