@@ -318,6 +318,39 @@ fn check_task(c: Classifier, task: &str) -> Result<Classifier> {
     Ok(c)
 }
 
+/// What the task-checked head wrappers ([`ToneClassifier`], [`Judge`]) share: the task name,
+/// the compiled-in default head, loading with a task check, access to the classifier.
+macro_rules! task_head {
+    ($name:ident, $task:literal, $default:expr) => {
+        impl $name {
+            pub const TASK: &'static str = $task;
+
+            /// The head shipped with the project, compiled in, on the given encoder.
+            pub fn default_embedded(encoder: Arc<Encoder>) -> Result<Self> {
+                Self::from_head_bytes(encoder, $default)
+            }
+            pub fn from_head_bytes(encoder: Arc<Encoder>, bytes: &[u8]) -> Result<Self> {
+                Ok(Self(check_task(
+                    Classifier::from_head_bytes(encoder, bytes)?,
+                    Self::TASK,
+                )?))
+            }
+            pub fn load(encoder: Arc<Encoder>, path: impl AsRef<Path>) -> Result<Self> {
+                Ok(Self(check_task(
+                    Classifier::load(encoder, path)?,
+                    Self::TASK,
+                )?))
+            }
+            pub fn into_inner(self) -> Classifier {
+                self.0
+            }
+            pub fn classifier(&self) -> &Classifier {
+                &self.0
+            }
+        }
+    };
+}
+
 /// The IFS response-tone classifier: label 1 = answer-like, 0 = continuation-like. The shipped
 /// head reads the response alone, as the paper's classifier does.
 #[derive(Debug)]
@@ -328,44 +361,13 @@ pub const DEFAULT_TONE_HEAD: &[u8] = include_bytes!("../../ifs/assets/tone_head.
 /// The shipped ObjecQA judge head (rebuilt by `scripts/train-classifier-heads.sh`).
 pub const DEFAULT_JUDGE_HEAD: &[u8] = include_bytes!("../../objecqa/assets/judge_head.safetensors");
 
+task_head!(ToneClassifier, "ifs-tone", DEFAULT_TONE_HEAD);
+
 impl ToneClassifier {
-    pub const TASK: &'static str = "ifs-tone";
-
-    /// The head shipped with the project, compiled in, on the given (all-MiniLM-L6-v2) encoder.
-    pub fn default_embedded(encoder: Arc<Encoder>) -> Result<Self> {
-        Self::from_head_bytes(encoder, DEFAULT_TONE_HEAD)
-    }
-    pub fn into_inner(self) -> Classifier {
-        self.0
-    }
-
-    pub fn from_head_bytes(encoder: Arc<Encoder>, bytes: &[u8]) -> Result<Self> {
-        Ok(Self(check_task(
-            Classifier::from_head_bytes(encoder, bytes)?,
-            Self::TASK,
-        )?))
-    }
-    pub fn load(encoder: Arc<Encoder>, path: impl AsRef<Path>) -> Result<Self> {
-        Ok(Self(check_task(
-            Classifier::load(encoder, path)?,
-            Self::TASK,
-        )?))
-    }
     /// (label, probability of answer-like) per response.
     pub fn predict(&self, responses: &[String]) -> Result<Vec<(u8, f32)>> {
         let items: Vec<(&str, &str)> = responses.iter().map(|r| ("", r.as_str())).collect();
         self.0.predict_items(&items)
-    }
-    /// The same with each response's instruction (read only by heads with a context view).
-    pub fn predict_with_instructions(&self, pairs: &[(String, String)]) -> Result<Vec<(u8, f32)>> {
-        let items: Vec<(&str, &str)> = pairs
-            .iter()
-            .map(|(i, r)| (i.as_str(), r.as_str()))
-            .collect();
-        self.0.predict_items(&items)
-    }
-    pub fn classifier(&self) -> &Classifier {
-        &self.0
     }
 }
 
@@ -374,36 +376,13 @@ impl ToneClassifier {
 #[derive(Debug)]
 pub struct Judge(Classifier);
 
+task_head!(Judge, "objecqa-judge", DEFAULT_JUDGE_HEAD);
+
 impl Judge {
-    pub const TASK: &'static str = "objecqa-judge";
-
-    /// The judge head shipped with the project, compiled in, on the given encoder.
-    pub fn default_embedded(encoder: Arc<Encoder>) -> Result<Self> {
-        Self::from_head_bytes(encoder, DEFAULT_JUDGE_HEAD)
-    }
-    pub fn into_inner(self) -> Classifier {
-        self.0
-    }
-
-    pub fn from_head_bytes(encoder: Arc<Encoder>, bytes: &[u8]) -> Result<Self> {
-        Ok(Self(check_task(
-            Classifier::from_head_bytes(encoder, bytes)?,
-            Self::TASK,
-        )?))
-    }
-    pub fn load(encoder: Arc<Encoder>, path: impl AsRef<Path>) -> Result<Self> {
-        Ok(Self(check_task(
-            Classifier::load(encoder, path)?,
-            Self::TASK,
-        )?))
-    }
     /// (label, probability of objective) per (question, answer).
     pub fn predict(&self, qa: &[(String, String)]) -> Result<Vec<(u8, f32)>> {
         let items: Vec<(&str, &str)> = qa.iter().map(|(q, a)| (q.as_str(), a.as_str())).collect();
         self.0.predict_items(&items)
-    }
-    pub fn classifier(&self) -> &Classifier {
-        &self.0
     }
 }
 

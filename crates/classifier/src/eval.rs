@@ -25,23 +25,8 @@ pub const JUDGE_KEYS: (&str, &str) = ("question", "answer");
 /// (or false/true); the context may be missing (empty). Blank lines are skipped; anything
 /// else wrong is an error naming the file, the line and the field.
 pub fn read_labelled(path: impl AsRef<Path>, keys: (&str, &str)) -> Result<Vec<Labelled>> {
-    let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let err = |msg: String| Error::Line {
-            path: path.to_path_buf(),
-            line: i + 1,
-            msg,
-        };
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| err(format!("not JSON: {e}")))?;
-        let obj = v
-            .as_object()
-            .ok_or_else(|| err("expected a JSON object".into()))?;
+    crate::sources::for_each_object(path.as_ref(), |obj, err| {
         let string = |k: &str, required: bool| -> Result<String> {
             match obj.get(k) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
@@ -68,7 +53,8 @@ pub fn read_labelled(path: impl AsRef<Path>, keys: (&str, &str)) -> Result<Vec<L
             label,
             split,
         });
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 

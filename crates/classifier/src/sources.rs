@@ -29,9 +29,53 @@ pub fn read_pairs_jsonl(path: impl AsRef<Path>) -> Result<Vec<Pair>> {
 
 /// [`read_pairs_jsonl`], keeping only the lines whose `"split"` field is `split` (when given).
 pub fn read_pairs_jsonl_split(path: impl AsRef<Path>, split: Option<&str>) -> Result<Vec<Pair>> {
-    let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let mut pairs = Vec::new();
+    for_each_object(path.as_ref(), |obj, err| {
+        let field = |keys: &[&str]| -> Result<String> {
+            for k in keys {
+                if let Some(v) = obj.get(*k) {
+                    return v
+                        .as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| err(format!("field `{k}` must be a string")));
+                }
+            }
+            Err(err(format!("expected one of the fields {keys:?}")))
+        };
+        if let Some(want) = split {
+            if obj.get("split").and_then(|v| v.as_str()) != Some(want) {
+                return Ok(());
+            }
+        }
+        let mut instruction = field(INSTRUCTION_KEYS)?;
+        let response = field(RESPONSE_KEYS)?;
+        if let Some(input) = obj.get("input").and_then(|v| v.as_str()) {
+            if !input.trim().is_empty() {
+                instruction = format!("{instruction}\n\n{input}");
+            }
+        }
+        if instruction.trim().is_empty() || response.trim().is_empty() {
+            return Ok(());
+        }
+        pairs.push(Pair {
+            instruction,
+            response,
+        });
+        Ok(())
+    })?;
+    Ok(pairs)
+}
+
+/// Calls `f` with each JSON object of a JSONL file and a function that makes an error naming
+/// the file and line; blank lines are skipped, a line that is not a JSON object is an error.
+pub(crate) fn for_each_object(
+    path: &Path,
+    mut f: impl FnMut(
+        &serde_json::Map<String, serde_json::Value>,
+        &dyn Fn(String) -> Error,
+    ) -> Result<()>,
+) -> Result<()> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
@@ -46,38 +90,9 @@ pub fn read_pairs_jsonl_split(path: impl AsRef<Path>, split: Option<&str>) -> Re
         let obj = value
             .as_object()
             .ok_or_else(|| err("expected a JSON object".into()))?;
-        let field = |keys: &[&str]| -> Result<String> {
-            for k in keys {
-                if let Some(v) = obj.get(*k) {
-                    return v
-                        .as_str()
-                        .map(str::to_string)
-                        .ok_or_else(|| err(format!("field `{k}` must be a string")));
-                }
-            }
-            Err(err(format!("expected one of the fields {keys:?}")))
-        };
-        if let Some(want) = split {
-            if obj.get("split").and_then(|v| v.as_str()) != Some(want) {
-                continue;
-            }
-        }
-        let mut instruction = field(INSTRUCTION_KEYS)?;
-        let response = field(RESPONSE_KEYS)?;
-        if let Some(input) = obj.get("input").and_then(|v| v.as_str()) {
-            if !input.trim().is_empty() {
-                instruction = format!("{instruction}\n\n{input}");
-            }
-        }
-        if instruction.trim().is_empty() || response.trim().is_empty() {
-            continue;
-        }
-        pairs.push(Pair {
-            instruction,
-            response,
-        });
+        f(obj, &err)?;
     }
-    Ok(pairs)
+    Ok(())
 }
 
 /// The hub id of OpenAssistant's first release.
