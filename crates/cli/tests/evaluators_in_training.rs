@@ -1,25 +1,11 @@
 //! The evaluators inside `sft-train`: the shortened quickstart (LoRA on SmolLM2, IFS), the
 //! plateau rule stopping a run and choosing its format-infusion checkpoint, and the ObjecQA
 //! hook.
+mod common;
+use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn models() -> PathBuf {
-    let root = std::env::var_os("SFT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sft"));
-    let m = root.join("models");
-    assert!(
-        m.join("smollm2-135m-instruct/model.safetensors").is_file(),
-        "run scripts/fetch-test-models.sh first"
-    );
-    m
-}
 
 fn train(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_sft-train"))
@@ -44,7 +30,7 @@ fn summary(run: &Path) -> Value {
 
 #[test]
 fn shortened_quickstart_trains_lora_with_ifs() {
-    let _ = models();
+    let _ = smollm2();
     let t = tempfile::tempdir().unwrap();
     let ck = format!("checkpoint.dir={}", t.path().display());
     let out = train(&[
@@ -123,21 +109,6 @@ fn shortened_quickstart_trains_lora_with_ifs() {
     ] {
         assert!(cp.join(f).is_file(), "{f}");
     }
-}
-
-fn tiny_model(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny");
-    let st = Command::new(env!("CARGO_BIN_EXE_sft"))
-        .args(["init-random", "--config-json"])
-        .arg(repo().join("tests/data/tiny-llama-config.json"))
-        .arg("--out")
-        .arg(&out)
-        .arg("--tokenizer")
-        .arg(models().join("smollm2-135m-instruct"))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    out
 }
 
 #[test]
@@ -268,13 +239,7 @@ fn sft_ifs_and_the_judge_eval_print_json_last() {
         .arg(t.path().join("ifs"))
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let last = json_last(&out);
     for k in ["ifs", "ifs_full", "ifs_partial", "ci", "n"] {
         assert!(!last[k].is_null(), "{k}: {last}");
     }
@@ -300,13 +265,7 @@ fn sft_ifs_and_the_judge_eval_print_json_last() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let m: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let m = json_last(&out);
     assert!(m["accuracy"].as_f64().unwrap() >= 0.9, "{m}");
     assert!(m["f1"].as_f64().unwrap() > 0.85, "{m}");
 }

@@ -2,42 +2,11 @@
 //! runs (by signal, by a test hook, by a crash inside a checkpoint write, with a corrupted
 //! latest checkpoint) reproduce the uninterrupted run bit for bit; config errors and the dry
 //! run speak clearly.
+mod common;
+use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-
-fn cache_models() -> PathBuf {
-    let root = std::env::var_os("SFT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sft"));
-    let m = root.join("models/smollm2-135m-instruct");
-    assert!(
-        m.join("tokenizer.json").is_file(),
-        "{} is missing: run scripts/fetch-test-models.sh",
-        m.display()
-    );
-    m
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// A tiny random model with SmolLM2's tokenizer, made once per test.
-fn tiny_model(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny-model");
-    let st = Command::new(env!("CARGO_BIN_EXE_sft"))
-        .args(["init-random", "--config-json"])
-        .arg(repo().join("tests/data/tiny-llama-config.json"))
-        .arg("--out")
-        .arg(&out)
-        .arg("--tokenizer")
-        .arg(cache_models())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    out
-}
 
 fn config(dir: &Path, model: &Path, kind: &str) -> PathBuf {
     let yaml = format!(

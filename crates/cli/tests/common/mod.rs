@@ -1,0 +1,53 @@
+//! Helpers shared by the CLI's integration tests.
+#![allow(dead_code)] // each test file uses its own subset
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+/// The workspace root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The fetched SmolLM2-135M-Instruct folder (`scripts/fetch-test-models.sh`).
+pub fn smollm2() -> PathBuf {
+    let root = std::env::var_os("SFT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sft"));
+    let m = root.join("models/smollm2-135m-instruct");
+    assert!(
+        m.join("model.safetensors").is_file() && m.join("tokenizer.json").is_file(),
+        "{} is missing: run scripts/fetch-test-models.sh",
+        m.display()
+    );
+    m
+}
+
+/// A tiny random LLaMA with SmolLM2's tokenizer, written under `dir`.
+pub fn tiny_model(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny-model");
+    let st = Command::new(env!("CARGO_BIN_EXE_sft"))
+        .args(["init-random", "--config-json"])
+        .arg(repo().join("tests/data/tiny-llama-config.json"))
+        .arg("--out")
+        .arg(&out)
+        .arg("--tokenizer")
+        .arg(smollm2())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+/// The JSON on the last line of a command that must have succeeded.
+pub fn json_last(out: &Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.lines().last().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"))
+}
