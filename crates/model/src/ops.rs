@@ -2027,14 +2027,16 @@ fn attn_fwd<T: AttnFloat>(
     let groups: Vec<(usize, usize)> = (0..d.b)
         .flat_map(|bi| (0..d.nkv).map(move |g| (bi, g)))
         .collect();
+    // The key limits depend on the batch row only, not on the kv group.
+    let row_blocks: Vec<_> = (0..d.b).map(|bi| key_blocks(d, bi, mask)).collect();
     let run = |&(bi, g): &(usize, usize)| {
-        let blocks = key_blocks(d, bi, mask);
+        let blocks = &row_blocks[bi];
         let mut p = vec![T::zero(); n_rep * t * s];
-        attn_probs(d, (bi, g), q, k, mask, &blocks, scale, &mut p);
+        attn_probs(d, (bi, g), q, k, mask, blocks, scale, &mut p);
         let vg = &v[(bi * d.nkv + g) * s * hd..][..s * hd];
         for r in 0..n_rep {
             let h = g * n_rep + r;
-            for &(t0, t1, c) in &blocks {
+            for &(t0, t1, c) in blocks {
                 // Rows tq of head h land at out[bi, tq, h, :], nh * hd apart.
                 // SAFETY: each (bi, h) writes its own t x hd elements of `out`.
                 unsafe {
@@ -2074,14 +2076,15 @@ fn attn_bwd<T: AttnFloat>(
 ) -> (Vec<T>, Vec<T>, Vec<T>) {
     let (t, s, hd, nh, n_rep) = (d.t, d.s, d.hd, d.nh, d.n_rep());
     let rows = n_rep * t;
+    let row_blocks: Vec<_> = (0..d.b).map(|bi| key_blocks(d, bi, mask)).collect();
     let mut dq = vec![T::zero(); d.b * nh * t * hd];
     let mut dk = vec![T::zero(); d.b * d.nkv * s * hd];
     let mut dv = vec![T::zero(); d.b * d.nkv * s * hd];
     let run = |(((gi, dq_g), dk_g), dv_g): GroupGrads<'_, T>| {
         let (bi, g) = (gi / d.nkv, gi % d.nkv);
-        let blocks = key_blocks(d, bi, mask);
+        let blocks = &row_blocks[bi];
         let mut p = vec![T::zero(); rows * s];
-        attn_probs(d, (bi, g), q, k, mask, &blocks, scale, &mut p);
+        attn_probs(d, (bi, g), q, k, mask, blocks, scale, &mut p);
         let qg = &q[(bi * nh + g * n_rep) * t * hd..][..rows * hd];
         let kg = &k[(bi * d.nkv + g) * s * hd..][..s * hd];
         let vg = &v[(bi * d.nkv + g) * s * hd..][..s * hd];
@@ -2089,7 +2092,7 @@ fn attn_bwd<T: AttnFloat>(
         // dV, dK and dQ accumulate over blocks into these zeroed buffers.
         for r in 0..n_rep {
             let h = g * n_rep + r;
-            for &(t0, t1, c) in &blocks {
+            for &(t0, t1, c) in blocks {
                 let i0 = r * t + t0;
                 let dor = dout[((bi * t + t0) * nh + h) * hd..].as_ptr();
                 // SAFETY: dO rows of head h are nh * hd apart; rows i0.. of p and dp hold
@@ -2132,7 +2135,7 @@ fn attn_bwd<T: AttnFloat>(
                 .for_each(|(x, &pv)| *x = pv * (*x - dot));
         }
         for r in 0..n_rep {
-            for &(t0, t1, c) in &blocks {
+            for &(t0, t1, c) in blocks {
                 let i0 = r * t + t0;
                 // SAFETY: as above; dq_g is rows x hd, dk_g s x hd.
                 unsafe {
