@@ -68,11 +68,6 @@ pub struct Llama {
     weights: Vec<(String, Tensor)>,
     inv_freq: Vec<f32>,
     dtype: DType,
-    /// The dtype of activations: the weights' dtype, except bf16 weights on the CPU, which run
-    /// with f32 activations (bf16 matmuls summed in f32, everything else in f32, as
-    /// `torch.autocast` does on the CPU): candle's CPU element-wise kernels for bf16 convert
-    /// every element through a function call, which made bf16 training slower than f32.
-    act_dtype: DType,
     device: Device,
 }
 
@@ -303,13 +298,7 @@ impl Llama {
         } else {
             Linear::new(get("lm_head.weight".into())?, None)
         };
-        let act_dtype = if dtype == DType::BF16 && device.is_cpu() {
-            DType::F32
-        } else {
-            dtype
-        };
         Ok(Self {
-            act_dtype,
             inv_freq: cfg.rope_inv_freq(),
             cfg: cfg.clone(),
             embed_tokens,
@@ -329,9 +318,16 @@ impl Llama {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
-    /// The activations' dtype (see the field): f32 for bf16 weights on the CPU, else `dtype`.
+    /// The dtype of activations: the weights' dtype, except bf16 weights on the CPU, which run
+    /// with f32 activations (bf16 matmuls summed in f32, everything else in f32, as
+    /// `torch.autocast` does on the CPU): candle's CPU element-wise kernels for bf16 convert
+    /// every element through a function call, which made bf16 training slower than f32.
     pub fn activation_dtype(&self) -> DType {
-        self.act_dtype
+        if self.dtype == DType::BF16 && self.device.is_cpu() {
+            DType::F32
+        } else {
+            self.dtype
+        }
     }
     pub fn device(&self) -> &Device {
         &self.device
@@ -388,7 +384,7 @@ impl Llama {
     /// A weight in the activations' dtype (a differentiable cast: norms of a bf16 model in
     /// full fine-tuning still get their gradient).
     fn cast(&self, w: &Tensor) -> Result<Tensor> {
-        cast_to(w, self.act_dtype)
+        cast_to(w, self.activation_dtype())
     }
 
     /// `lm_head` applied to hidden states: (..., hidden) -> (..., vocab).
@@ -484,8 +480,8 @@ impl Llama {
         let layers = (0..self.layers.len())
             .map(|_| {
                 Ok((
-                    Tensor::zeros(shape, self.act_dtype, &self.device)?,
-                    Tensor::zeros(shape, self.act_dtype, &self.device)?,
+                    Tensor::zeros(shape, self.activation_dtype(), &self.device)?,
+                    Tensor::zeros(shape, self.activation_dtype(), &self.device)?,
                 ))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -564,8 +560,10 @@ impl Llama {
                 }
             }
         }
-        let cos = Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(self.act_dtype)?;
-        let sin = Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(self.act_dtype)?;
+        let cos =
+            Tensor::from_vec(cos, (n, half), &self.device)?.to_dtype(self.activation_dtype())?;
+        let sin =
+            Tensor::from_vec(sin, (n, half), &self.device)?.to_dtype(self.activation_dtype())?;
         let _ = b;
         Ok(Rope { cos, sin, shared })
     }
