@@ -700,43 +700,18 @@ impl Attention {
             .transpose(1, 2)?;
         let q = apply_rope(&q, rope)?;
         let k = apply_rope(&k, rope)?;
-        let (k, v) = match cache {
+        let out = match cache {
             None => {
                 // Training and scoring: one fused node (ops::attention), whose backward
                 // recomputes the probabilities instead of keeping (t x t) tensors per layer.
-                let out = ops::attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
-                return self.o_proj.forward(&out);
+                ops::attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?
             }
             Some(((kc, vc), past)) => {
                 kc.slice_set(&k.contiguous()?, 2, past)?;
                 vc.slice_set(&v.contiguous()?, 2, past)?;
-                (kc.narrow(2, 0, past + t)?, vc.narrow(2, 0, past + t)?)
+                ops::attention_cached(&q, kc, vc, past + t, mask, 1.0 / (hd as f64).sqrt())?
             }
         };
-        let total = k.dim(2)?;
-        // Grouped-query attention without copying k/v: the n_rep query heads that share a kv
-        // head are stacked along the time axis, (b, nkv, n_rep * t, hd).
-        let n_rep = nh / nkv;
-        let q = (q.contiguous()? * (1.0 / (hd as f64).sqrt()))?.reshape((b, nkv, n_rep * t, hd))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, total))?;
-        // Softmax in f32 as transformers does for half-precision weights; an f64 model stays
-        // in f64 (the finite-difference gradient checks need it).
-        let sdt = if x.dtype() == DType::F64 {
-            DType::F64
-        } else {
-            DType::F32
-        };
-        let scores = scores.to_dtype(sdt)?;
-        let scores = match mask {
-            Some(m) => scores.broadcast_add(&m.to_dtype(sdt)?)?,
-            None => scores,
-        };
-        let probs = ops::softmax_last_dim(&scores)?.to_dtype(x.dtype())?;
-        let out = probs.reshape((b, nkv, n_rep * t, total))?.matmul(&v)?;
-        let out = out
-            .reshape((b, nh, t, hd))?
-            .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out)
     }
 }

@@ -2063,6 +2063,238 @@ fn attn_fwd<T: AttnFloat>(
     out
 }
 
+/// Query positions up to which [`attention_cached`] runs its direct loops; longer blocks (a
+/// prefill) go through [`attention`]'s matrix products.
+const DECODE_MAX_T: usize = 4;
+
+/// Attention of `t` new positions over a KV cache, forward only (generation):
+/// `out = softmax(scale * Q K^T + mask) V` as (b, t, heads * head_dim), like [`attention`].
+///
+/// `q`: (b, heads, t, head_dim). `k_cache`, `v_cache`: (b, kv_heads, capacity, head_dim)
+/// contiguous buffers whose first `s` positions hold keys and values. `mask`: additive,
+/// (b or 1, 1, t, s). Decoding steps (`t` of a few positions, f32 or f64 on the CPU) read the
+/// cache in place with one task per kv group (its keys stay in cache for the group's query
+/// heads): a matrix-product call per head costs more than the work at these sizes, and copying
+/// the cache's first `s` positions out would move the whole cache every step. Longer blocks and
+/// other devices take [`attention`] on the narrowed cache.
+pub fn attention_cached(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    s: usize,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    let (b, nh, t, hd) = q.dims4()?;
+    let (bk, nkv, cap, hdk) = k_cache.dims4()?;
+    let direct = q.device().is_cpu()
+        && t <= DECODE_MAX_T
+        && matches!(q.dtype(), DType::F32 | DType::F64)
+        && k_cache.dtype() == q.dtype()
+        && v_cache.dtype() == q.dtype()
+        && k_cache.is_contiguous()
+        && v_cache.is_contiguous()
+        && v_cache.dims() == k_cache.dims()
+        && bk == b
+        && hdk == hd
+        && s <= cap
+        && nkv > 0
+        && nh % nkv == 0;
+    if !direct {
+        let (k, v) = (k_cache.narrow(2, 0, s)?, v_cache.narrow(2, 0, s)?);
+        return attention(q, &k, &v, mask, scale);
+    }
+    if let Some(m) = mask {
+        let ok = m.rank() == 4
+            && (m.dim(0)? == b || m.dim(0)? == 1)
+            && m.dim(1)? == 1
+            && m.dim(2)? == t
+            && m.dim(3)? == s;
+        if !ok {
+            bail!(
+                "attention_cached: mask {:?}, expected ({b} or 1, 1, {t}, {s})",
+                m.dims()
+            );
+        }
+    }
+    let d = AttnDims {
+        b,
+        nh,
+        nkv,
+        t,
+        s,
+        hd,
+    };
+    let q = q.contiguous()?;
+    let mask = mask
+        .map(|m| m.to_dtype(q.dtype())?.contiguous())
+        .transpose()?;
+    let out = match q.dtype() {
+        DType::F32 => {
+            let out = decode_attention::<f32>(d, cap, &q, k_cache, v_cache, mask.as_ref(), scale)?;
+            Tensor::from_vec(out, (b, t, nh * hd), q.device())?
+        }
+        _ => {
+            let out = decode_attention::<f64>(d, cap, &q, k_cache, v_cache, mask.as_ref(), scale)?;
+            Tensor::from_vec(out, (b, t, nh * hd), q.device())?
+        }
+    };
+    Ok(out)
+}
+
+fn decode_attention<T: AttnFloat + WithDType>(
+    d: AttnDims,
+    cap: usize,
+    q: &Tensor,
+    kc: &Tensor,
+    vc: &Tensor,
+    mask: Option<&Tensor>,
+    scale: f64,
+) -> Result<Vec<T>> {
+    fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
+        match s {
+            candle_core::Storage::Cpu(c) => Ok(c),
+            _ => bail!("attention_cached: not on the CPU"),
+        }
+    }
+    let op = "attention_cached";
+    let ((qs, ql), (ks, kl), (vs, vl)) = (
+        q.storage_and_layout(),
+        kc.storage_and_layout(),
+        vc.storage_and_layout(),
+    );
+    let ms = mask.map(|m| m.storage_and_layout());
+    let mv = match &ms {
+        Some((s, l)) => Some((cont::<T>(cpu(s)?, l, op)?, l.dims()[0])),
+        None => None,
+    };
+    Ok(decode_attention_slices(
+        d,
+        cap,
+        cont::<T>(cpu(&qs)?, ql, op)?,
+        cont::<T>(cpu(&ks)?, kl, op)?,
+        cont::<T>(cpu(&vs)?, vl, op)?,
+        mv,
+        T::from(scale).unwrap_or_else(T::one),
+    ))
+}
+
+/// [`attention_cached`]'s direct loops on slices: one task per (batch row, kv group).
+fn decode_attention_slices<T: AttnFloat>(
+    d: AttnDims,
+    cap: usize,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: Option<(&[T], usize)>,
+    scale: T,
+) -> Vec<T> {
+    let (t, s, hd, nh, n_rep) = (d.t, d.s, d.hd, d.nh, d.n_rep());
+    let mut out = vec![T::zero(); d.b * t * nh * hd];
+    // Task (bi, g) writes heads g * n_rep.. of every position of row bi: (t, n_rep * hd)
+    // strided pieces, so the tasks get raw pointers.
+    let out_ptr = SendPtr(out.as_mut_ptr());
+    let run = |task: usize| {
+        let (bi, g) = (task / d.nkv, task % d.nkv);
+        let kg = &k[(bi * d.nkv + g) * cap * hd..][..s * hd];
+        let vg = &v[(bi * d.nkv + g) * cap * hd..][..s * hd];
+        let mut p = vec![T::zero(); s];
+        let mut o = vec![T::zero(); hd];
+        for r in 0..n_rep {
+            let h = g * n_rep + r;
+            for tq in 0..t {
+                let qrow = &q[((bi * nh + h) * t + tq) * hd..][..hd];
+                let mrow =
+                    mask.map(|(m, mb)| &m[((if mb == 1 { 0 } else { bi }) * t + tq) * s..][..s]);
+                decode_row(qrow, kg, vg, mrow, scale, &mut p, &mut o);
+                // SAFETY: (bi, tq, h) is written by this task only.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out_ptr.get().add(((bi * t + tq) * nh + h) * hd),
+                        hd,
+                    )
+                };
+                dst.copy_from_slice(&o);
+            }
+        }
+    };
+    let tasks = d.b * d.nkv;
+    if tasks * n_rep * t * s * hd < 1 << 15 {
+        (0..tasks).for_each(run);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+    out
+}
+
+/// One query row against `s` keys: `o = softmax(scale * k q + m) v` (`p`: scratch of `s`).
+#[inline(always)]
+fn decode_row<T: AttnFloat>(
+    qrow: &[T],
+    kg: &[T],
+    vg: &[T],
+    mrow: Option<&[T]>,
+    scale: T,
+    p: &mut [T],
+    o: &mut [T],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { decode_row_avx2(qrow, kg, vg, mrow, scale, p, o) };
+    }
+    decode_row_body(qrow, kg, vg, mrow, scale, p, o)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn decode_row_avx2<T: AttnFloat>(
+    qrow: &[T],
+    kg: &[T],
+    vg: &[T],
+    mrow: Option<&[T]>,
+    scale: T,
+    p: &mut [T],
+    o: &mut [T],
+) {
+    decode_row_body(qrow, kg, vg, mrow, scale, p, o)
+}
+
+#[inline(always)]
+fn decode_row_body<T: AttnFloat>(
+    qrow: &[T],
+    kg: &[T],
+    vg: &[T],
+    mrow: Option<&[T]>,
+    scale: T,
+    p: &mut [T],
+    o: &mut [T],
+) {
+    let hd = qrow.len();
+    let mut max = T::neg_infinity();
+    for (j, (pj, kj)) in p.iter_mut().zip(kg.chunks_exact(hd)).enumerate() {
+        let m = mrow.map_or(T::zero(), |m| m[j]);
+        *pj = if m == T::neg_infinity() {
+            m
+        } else {
+            scale * dot_lanes(qrow, kj) + m
+        };
+        max = max.max(*pj);
+    }
+    o.iter_mut().for_each(|x| *x = T::zero());
+    if max == T::neg_infinity() {
+        // A fully masked row gives zeros, as in [`attention`].
+        return;
+    }
+    let inv = T::exp_shift_sum(p, max).recip();
+    for (&pj, vj) in p.iter().zip(vg.chunks_exact(hd)) {
+        if pj != T::zero() {
+            let w = pj * inv;
+            o.iter_mut().zip(vj).for_each(|(x, &vv)| *x += w * vv);
+        }
+    }
+}
+
 /// Gradients of q, k and v (in the compute type), laid out as q, k, v.
 #[allow(clippy::too_many_arguments)]
 fn attn_bwd<T: AttnFloat>(

@@ -582,3 +582,50 @@ fn ops_attention_matches_the_composed_form() {
     let gb = grads_of(&ours, &bf, 13);
     assert!(gb.iter().all(|g| g.dtype() == DType::BF16));
 }
+
+/// The decoding path reads a KV cache in place (a buffer with room for more positions than
+/// are filled); it must give what the fused attention gives on the filled part, for one and
+/// for a few new positions, with padding, grouped heads, a fully masked row, in f32 and f64.
+#[test]
+fn ops_attention_cached_matches_attention_on_the_filled_cache() {
+    let (b, nh, nkv, hd, cap) = (2, 6, 2, 64, 40);
+    for dt in [DType::F64, DType::F32] {
+        for (t, s) in [(1, 1), (1, 17), (3, 29), (4, 40)] {
+            let kc = rand_t(&[b, nkv, cap, hd], 100 + s as u64, 1.0)
+                .to_dtype(dt)
+                .unwrap();
+            let vc = rand_t(&[b, nkv, cap, hd], 200 + s as u64, 1.0)
+                .to_dtype(dt)
+                .unwrap();
+            // q in the llama layout, a transpose of (b, t, heads, hd).
+            let q = rand_t(&[b, t, nh, hd], 300 + s as u64, 1.0)
+                .to_dtype(dt)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap();
+            let mut mask = attn_mask(t, s, s.min(5)).to_dtype(dt).unwrap();
+            if s == 17 {
+                // Batch row 1 masks every key: zeros, as in `attention`.
+                let m = Tensor::full(f64::NEG_INFINITY, (1, 1, t, s), &Device::Cpu).unwrap();
+                let row0 = mask.narrow(0, 0, 1).unwrap();
+                mask = Tensor::cat(&[&row0, &m.to_dtype(dt).unwrap()], 0).unwrap();
+            }
+            let scale = 0.125;
+            let ours = ops::attention_cached(&q, &kc, &vc, s, Some(&mask), scale).unwrap();
+            let (kf, vf) = (kc.narrow(2, 0, s).unwrap(), vc.narrow(2, 0, s).unwrap());
+            let theirs = ops::attention(&q, &kf, &vf, Some(&mask), scale).unwrap();
+            assert_eq!(ours.dims(), &[b, t, nh * hd]);
+            assert_eq!(ours.dtype(), dt);
+            let err = max_abs_diff(&ours, &theirs) / max_abs(&theirs).max(1.0);
+            let tol = if dt == DType::F64 { 1e-12 } else { 1e-5 };
+            assert!(err < tol, "{dt:?} t={t} s={s}: error {err:e}");
+            if s == 17 {
+                assert_eq!(max_abs(&ours.narrow(0, 1, 1).unwrap()), 0.0);
+            }
+            let unmasked = ops::attention_cached(&q, &kc, &vc, s, None, scale).unwrap();
+            let theirs = ops::attention(&q, &kf, &vf, None, scale).unwrap();
+            let err = max_abs_diff(&unmasked, &theirs) / max_abs(&theirs).max(1.0);
+            assert!(err < tol, "{dt:?} t={t} s={s} unmasked: error {err:e}");
+        }
+    }
+}
