@@ -148,7 +148,10 @@ pub fn generate_ids(
     order.sort_by_key(|&i| std::cmp::Reverse(prompts[i].len()));
     let mut out: Vec<Option<Generation>> = vec![None; prompts.len()];
     for chunk in order.chunks(batch_size) {
-        let gens = run_batch(model, tokenizer, prompts, chunk, cfg)?;
+        // On a worker of rayon's pool: the kernels' parallel loops then start by work
+        // stealing, not by waking a worker and putting this thread to sleep (two futex
+        // handoffs per parallel op, a few hundred ops per decoding step).
+        let gens = rayon::scope(|_| run_batch(model, tokenizer, prompts, chunk, cfg))?;
         for (&i, g) in chunk.iter().zip(gens) {
             out[i] = Some(g);
         }
