@@ -5,7 +5,6 @@
 //! response-only loss, LoRA adapters in PEFT's format, fused ops that carry a backward, and
 //! batched generation with a KV cache. It knows nothing of datasets, optimizers or evaluators.
 pub mod config;
-mod gemm_bf16;
 pub mod generate;
 pub mod gguf;
 pub mod linear;
@@ -13,5 +12,6 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod ops;
+mod packed_gemm;
 pub mod runtime;
 pub mod save;

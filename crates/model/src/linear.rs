@@ -63,13 +63,18 @@ impl Linear {
         }
     }
 
-    /// The packed copies of a frozen bf16 weight on a CPU that runs the bf16 kernel, made on
-    /// first use and kept (one more copy of the weights; a second one for the backward when
-    /// `x` carries a gradient): packing per call cost as much as the product when decoding,
-    /// and about 5% of a training step.
+    /// The packed copies of a frozen weight on a CPU that runs the kernels, made on first use
+    /// and kept (one more copy of the weights; for bf16 a second one for the backward when `x`
+    /// carries a gradient): packing per call cost as much as the product when decoding, and
+    /// about 5% of a bf16 training step. An f32 weight is packed on its first product of at
+    /// most [`ops::PACKED_F32_MAX_ROWS`] rows (the only ones its pack serves): training alone
+    /// never makes one.
     fn packs_for(&self, x: &Tensor) -> Result<(Option<ops::WeightPack>, Option<ops::WeightPack>)> {
+        let f32_rows = self.weight.dtype() == DType::F32
+            && x.dtype() == DType::F32
+            && x.elem_count() / self.in_features().max(1) <= ops::PACKED_F32_MAX_ROWS;
         if self.weight.is_variable()
-            || self.weight.dtype() != DType::BF16
+            || !(self.weight.dtype() == DType::BF16 || self.weight.dtype() == DType::F32)
             || !self.weight.device().is_cpu()
         {
             return Ok((None, None));
@@ -80,6 +85,7 @@ impl Linear {
         let need_grad = x.track_op();
         let entry = match slot.take() {
             Some(e) if e.id == self.weight.id() => Some(e),
+            _ if self.weight.dtype() == DType::F32 && !f32_rows => None,
             _ => ops::WeightPack::new(&self.weight)?.map(|fwd| PackEntry {
                 id: self.weight.id(),
                 fwd,
@@ -308,5 +314,48 @@ impl LoraLayer {
         Ok(Some(
             Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(self.a.dtype())?,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn is_packed(l: &Linear) -> bool {
+        l.pack.0.lock().map(|g| g.is_some()).unwrap_or(false)
+    }
+
+    /// A frozen f32 weight is packed by its first short product (never by a long one), the
+    /// pack's results follow the weight, and a replaced weight is not served the old pack.
+    #[test]
+    fn f32_weights_are_packed_for_short_products_and_never_stale() {
+        let dev = Device::Cpu;
+        let w = Tensor::randn(0f32, 0.1, (24, 32), &dev).unwrap();
+        let mut lin = Linear::new(w.clone(), None);
+        let long = Tensor::randn(0f32, 1.0, (ops::PACKED_F32_MAX_ROWS + 1, 32), &dev).unwrap();
+        lin.forward(&long).unwrap();
+        assert!(!is_packed(&lin), "a long product made a pack");
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 32), &dev).unwrap();
+        let diff = |y: &Tensor, w: &Tensor| -> f32 {
+            let want = x.broadcast_matmul(&w.t().unwrap()).unwrap();
+            (y - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        let y = lin.forward(&x).unwrap();
+        assert_eq!(is_packed(&lin), crate::packed_gemm::available_f32());
+        assert!(diff(&y, &w) < 1e-5);
+        let w2 = (&w * 2.0).unwrap();
+        lin.weight = w2.clone();
+        let y2 = lin.forward(&x).unwrap();
+        assert!(diff(&y2, &w2) < 1e-5, "served a stale pack");
     }
 }

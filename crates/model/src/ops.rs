@@ -329,7 +329,7 @@ impl Elem for bf16 {
     }
     #[inline(always)]
     fn from_a(a: f32) -> Self {
-        bf16::from_bits(crate::gemm_bf16::round_bf16(a.to_bits()))
+        bf16::from_bits(crate::packed_gemm::round_bf16(a.to_bits()))
     }
 }
 impl Elem for f16 {
@@ -1052,29 +1052,47 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// The forward and backward packs of a frozen bf16 weight, when there are.
 pub type Packs<'a> = (Option<&'a WeightPack>, Option<&'a WeightPack>);
 
-/// A frozen bf16 weight `W` (n, k) packed once for the CPU's AVX512-BF16 kernel, for
+/// A frozen weight `W` (n, k) packed once for the CPU's AVX-512 kernels, for
 /// [`frozen_linear_packed`] and [`lora_linear_packed`]: when decoding, packing `W` on every
-/// call costs as much as the product itself.
+/// call costs as much as the product itself. bf16 weights serve every product; f32 weights
+/// serve products of at most [`PACKED_F32_MAX_ROWS`] rows (decoding and prefill), where
+/// candle's GEMM spends much of its time packing (examples/linear_gemm_bench: 2-6x faster at
+/// 32 rows, level to 10% faster at 1024-4096).
 #[derive(Clone, Debug)]
-pub struct WeightPack(std::sync::Arc<crate::gemm_bf16::PackedB>);
+pub struct WeightPack(std::sync::Arc<crate::packed_gemm::PackedB>);
+
+/// Rows of `x` up to which an f32 `x · W^T` uses (and a frozen f32 weight makes) a kept f32
+/// pack: generation's products are below it, so f32 training with large batches keeps its
+/// memory (the pack is a second copy of the weight) unless it also generates.
+pub const PACKED_F32_MAX_ROWS: usize = 4096;
 
 impl WeightPack {
-    /// `None` unless `w` is a bf16 matrix on a CPU that runs the kernel.
+    /// `None` unless `w` is a bf16 (or f32) matrix on a CPU that runs the bf16 (or f32) kernel.
     pub fn new(w: &Tensor) -> Result<Option<Self>> {
         // x · W^T: B[kk, j] = W[j, kk].
-        Self::pack(w, |wv, n, k| crate::gemm_bf16::PackedB::new(wv, k, n, 1, k))
+        if w.dtype() == DType::F32 {
+            return Self::pack::<f32>(w, |wv, n, k| {
+                crate::packed_gemm::PackedB::new_f32(wv, k, n, 1, k)
+            });
+        }
+        Self::pack::<bf16>(w, |wv, n, k| {
+            crate::packed_gemm::PackedB::new(wv, k, n, 1, k)
+        })
     }
 
-    /// The pack of the backward's product `grad · W` (B = W itself), `None` as in [`Self::new`].
+    /// The pack of the backward's product `grad · W` (B = W itself) for a bf16 `W`, `None` as
+    /// in [`Self::new`] (and for f32: a backward has as many rows as the forward's batch).
     pub fn new_for_grad(w: &Tensor) -> Result<Option<Self>> {
-        Self::pack(w, |wv, n, k| crate::gemm_bf16::PackedB::new(wv, n, k, k, 1))
+        Self::pack::<bf16>(w, |wv, n, k| {
+            crate::packed_gemm::PackedB::new(wv, n, k, k, 1)
+        })
     }
 
-    fn pack(
+    fn pack<T: WithDType>(
         w: &Tensor,
-        f: impl FnOnce(&[bf16], usize, usize) -> Option<crate::gemm_bf16::PackedB>,
+        f: impl FnOnce(&[T], usize, usize) -> Option<crate::packed_gemm::PackedB>,
     ) -> Result<Option<Self>> {
-        if w.dtype() != DType::BF16 || !w.device().is_cpu() || !crate::gemm_bf16::available() {
+        if w.dtype() != T::DTYPE || !w.device().is_cpu() {
             return Ok(None);
         }
         let (n, k) = w.dims2()?;
@@ -1083,9 +1101,23 @@ impl WeightPack {
         let candle_core::Storage::Cpu(ws) = &*ws else {
             return Ok(None);
         };
-        let wv = cont::<bf16>(ws, lw, "pack")?;
+        let wv = cont::<T>(ws, lw, "pack")?;
         Ok(f(wv, n, k).map(|p| Self(std::sync::Arc::new(p))))
     }
+}
+
+/// `x (m, k) · W^T` through a kept f32 pack of `W` (n, k), when there is one for this product
+/// and `m` is small enough (see [`WeightPack`]).
+fn packed_f32_matmul_t(
+    x: &[f32],
+    (m, n, k): (usize, usize, usize),
+    pack: Option<&WeightPack>,
+) -> Option<Vec<f32>> {
+    let p = pack?;
+    if !p.0.is_f32() || p.0.k() != k || p.0.n() != n || m > PACKED_F32_MAX_ROWS {
+        return None;
+    }
+    crate::packed_gemm::matmul_f32(x, m, k, &p.0)
 }
 
 /// B (k × n, `B[kk, j] = w[kk * rs + j * cs]`) for the bf16 kernel: `pack` when it was made
@@ -1095,10 +1127,12 @@ fn packed_b<'a>(
     w: &[bf16],
     (k, n): (usize, usize),
     (rs, cs): (usize, usize),
-) -> Option<std::borrow::Cow<'a, crate::gemm_bf16::PackedB>> {
+) -> Option<std::borrow::Cow<'a, crate::packed_gemm::PackedB>> {
     match pack {
-        Some(p) if p.0.k() == k && p.0.n() == n => Some(std::borrow::Cow::Borrowed(&*p.0)),
-        _ => crate::gemm_bf16::PackedB::new(w, k, n, rs, cs).map(std::borrow::Cow::Owned),
+        Some(p) if !p.0.is_f32() && p.0.k() == k && p.0.n() == n => {
+            Some(std::borrow::Cow::Borrowed(&*p.0))
+        }
+        _ => crate::packed_gemm::PackedB::new(w, k, n, rs, cs).map(std::borrow::Cow::Owned),
     }
 }
 
@@ -1166,6 +1200,11 @@ fn cpu_matmul_t(
             pack,
         )?));
     }
+    if sx.dtype() == DType::F32 && sw.dtype() == DType::F32 {
+        if let Some(y) = packed_f32_matmul_t(cont::<f32>(sx, lx, "matmul")?, (m, n, k), pack) {
+            return Ok(CpuStorage::F32(y));
+        }
+    }
     if sx.dtype() != DType::BF16 {
         return sx.matmul(sw, (1, m, n, k), lx, &lwt);
     }
@@ -1173,7 +1212,7 @@ fn cpu_matmul_t(
     let w = cont::<bf16>(sw, lw, "matmul")?;
     // x · W^T: B[kk, j] = W[j, kk].
     if let Some(y) = packed_b(pack, w, (k, n), (1, k))
-        .and_then(|b| crate::gemm_bf16::matmul_to_bf16(x, m, k, &b))
+        .and_then(|b| crate::packed_gemm::matmul_to_bf16(x, m, k, &b))
     {
         return Ok(CpuStorage::BF16(y));
     }
@@ -1196,9 +1235,9 @@ fn mixed_matmul_t(
     (m, n, k): (usize, usize, usize),
     pack: Option<&WeightPack>,
 ) -> Result<Vec<f32>> {
-    let xb = crate::gemm_bf16::to_bf16(&x[..m * k]);
+    let xb = crate::packed_gemm::to_bf16(&x[..m * k]);
     if let Some(y) =
-        packed_b(pack, w, (k, n), (1, k)).and_then(|b| crate::gemm_bf16::matmul(&xb, m, k, &b))
+        packed_b(pack, w, (k, n), (1, k)).and_then(|b| crate::packed_gemm::matmul(&xb, m, k, &b))
     {
         return Ok(y);
     }
@@ -1333,7 +1372,7 @@ impl CustomOp1 for CastBf16 {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let v = cont::<f32>(s, l, "cast to bf16")?;
         Ok((
-            CpuStorage::BF16(crate::gemm_bf16::to_bf16(v)),
+            CpuStorage::BF16(crate::packed_gemm::to_bf16(v)),
             l.shape().clone(),
         ))
     }
@@ -1364,7 +1403,7 @@ fn bf16_times_w_f32(g: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -> Result
     let wv = cont::<bf16>(ws, wl, "frozen_linear bwd")?;
     // B[kk, j] = W[kk, j]: row stride k.
     let Some(dx) =
-        packed_b(pack, wv, (n, k), (k, 1)).and_then(|b| crate::gemm_bf16::matmul(gv, m, n, &b))
+        packed_b(pack, wv, (n, k), (k, 1)).and_then(|b| crate::packed_gemm::matmul(gv, m, n, &b))
     else {
         return Ok(None);
     };
@@ -1510,7 +1549,7 @@ impl LoraLinear {
             let x = cont::<bf16>(sx, lx, "lora_linear")?;
             let w = cont::<bf16>(ws, lw, "lora_linear")?;
             if let Some(y) = packed_b(self.pack.as_ref(), w, (k, n), (1, k))
-                .and_then(|b| crate::gemm_bf16::matmul(x, m, k, &b))
+                .and_then(|b| crate::packed_gemm::matmul(x, m, k, &b))
             {
                 return Ok(CpuStorage::F32(y));
             }
@@ -1524,6 +1563,13 @@ impl LoraLinear {
                 (m, n, k),
                 self.pack.as_ref(),
             )?));
+        }
+        if let CpuStorage::F32(x) = xc {
+            if ws.dtype() == DType::F32 {
+                if let Some(y) = packed_f32_matmul_t(x, (m, n, k), self.pack.as_ref()) {
+                    return Ok(CpuStorage::F32(y));
+                }
+            }
         }
         let wc = storage_as(ws, lw, ct)?;
         let lwc = Layout::contiguous((n, k)).transpose(0, 1)?;
@@ -1593,7 +1639,7 @@ impl CustomOp3 for LoraLinear {
         };
         let out = match (&out, sx.dtype()) {
             (_, dt) if dt == ct => out,
-            (CpuStorage::F32(y), DType::BF16) => CpuStorage::BF16(crate::gemm_bf16::to_bf16(y)),
+            (CpuStorage::F32(y), DType::BF16) => CpuStorage::BF16(crate::packed_gemm::to_bf16(y)),
             (_, dt) => out.to_dtype(&Layout::contiguous((m, n)), dt)?,
         };
         Ok((out, shape))
@@ -1872,7 +1918,7 @@ impl AttnFloat for f32 {
         o: &mut [f32],
     ) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx2() && q.len() % 8 == 0 {
+        if has_avx2() && q.len().is_multiple_of(8) {
             // SAFETY: the CPU has AVX2 and FMA; rows are a multiple of 8 wide.
             return unsafe { decode_row_f32_avx2(q, kg, vg, m, scale, p, o) };
         }
@@ -2274,7 +2320,7 @@ unsafe fn decode_row_f32_avx2(
     use std::arch::x86_64::*;
     let hd = q.len();
     let s = p.len();
-    assert!(kg.len() >= s * hd && vg.len() >= s * hd && o.len() == hd && hd % 8 == 0);
+    assert!(kg.len() >= s * hd && vg.len() >= s * hd && o.len() == hd && hd.is_multiple_of(8));
     let (qp, kp, vp, op) = (q.as_ptr(), kg.as_ptr(), vg.as_ptr(), o.as_mut_ptr());
     let mut max = f32::NEG_INFINITY;
     for j in 0..s {
@@ -2289,12 +2335,20 @@ unsafe fn decode_row_f32_avx2(
         while i + 32 <= hd {
             for (a, lane) in acc.iter_mut().enumerate() {
                 let off = i + 8 * a;
-                *lane = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(off)), _mm256_loadu_ps(kj.add(off)), *lane);
+                *lane = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(qp.add(off)),
+                    _mm256_loadu_ps(kj.add(off)),
+                    *lane,
+                );
             }
             i += 32;
         }
         while i < hd {
-            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(i)), _mm256_loadu_ps(kj.add(i)), acc[0]);
+            acc[0] = _mm256_fmadd_ps(
+                _mm256_loadu_ps(qp.add(i)),
+                _mm256_loadu_ps(kj.add(i)),
+                acc[0],
+            );
             i += 8;
         }
         let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
@@ -2317,7 +2371,10 @@ unsafe fn decode_row_f32_avx2(
         let vj = vp.add(j * hd);
         for i in (0..hd).step_by(8) {
             let acc = _mm256_loadu_ps(op.add(i));
-            _mm256_storeu_ps(op.add(i), _mm256_fmadd_ps(w, _mm256_loadu_ps(vj.add(i)), acc));
+            _mm256_storeu_ps(
+                op.add(i),
+                _mm256_fmadd_ps(w, _mm256_loadu_ps(vj.add(i)), acc),
+            );
         }
     }
 }
@@ -2524,7 +2581,7 @@ fn to_compute_f32(
 /// f32 results in the storage dtype `dt`.
 fn from_compute_f32(v: Vec<f32>, dt: DType) -> CpuStorage {
     match dt {
-        DType::BF16 => CpuStorage::BF16(crate::gemm_bf16::to_bf16(&v)),
+        DType::BF16 => CpuStorage::BF16(crate::packed_gemm::to_bf16(&v)),
         DType::F16 => CpuStorage::F16(v.into_iter().map(f16::from_f32).collect()),
         _ => CpuStorage::F32(v),
     }
@@ -2987,6 +3044,54 @@ mod tests {
         }
     }
 
+    /// A kept f32 pack serves f32 products of up to PACKED_F32_MAX_ROWS rows (frozen and LoRA
+    /// linears, forward and input gradient) with candle's results to rounding; longer products
+    /// go to candle unchanged (bit-identical).
+    #[test]
+    fn f32_packs_serve_short_products() {
+        let dev = candle_core::Device::Cpu;
+        let w = Tensor::randn(0f32, 0.1, (40, 64), &dev).unwrap();
+        let a = Tensor::randn(0f32, 0.1, (4, 64), &dev).unwrap();
+        let b = Tensor::randn(0f32, 0.1, (40, 4), &dev).unwrap();
+        let pack = WeightPack::new(&w).unwrap();
+        assert_eq!(pack.is_some(), crate::packed_gemm::available_f32());
+        assert!(WeightPack::new_for_grad(&w).unwrap().is_none());
+        let vals = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        let close = |x: &[f32], y: &[f32], what: &str| {
+            assert_eq!(x.len(), y.len());
+            for (p, q) in x.iter().zip(y) {
+                assert!((p - q).abs() < 1e-5 * (1.0 + q.abs()), "{what}: {p} vs {q}");
+            }
+        };
+        for rows in [3, PACKED_F32_MAX_ROWS + 1] {
+            let x = Tensor::randn(0f32, 1.0, (rows, 64), &dev).unwrap();
+            let plain = vals(frozen_linear(&x, &w).unwrap());
+            let packed = vals(frozen_linear_packed(&x, &w, (pack.as_ref(), None)).unwrap());
+            let lora = vals(lora_linear(&x, &w, &a, &b, 2.0, None).unwrap());
+            let lora_packed =
+                vals(lora_linear_packed(&x, &w, &a, &b, 2.0, None, (pack.as_ref(), None)).unwrap());
+            if rows > PACKED_F32_MAX_ROWS {
+                assert_eq!(plain, packed, "long products stay with candle");
+                assert_eq!(lora, lora_packed);
+            } else {
+                close(&packed, &plain, "frozen_linear");
+                close(&lora_packed, &lora, "lora_linear");
+            }
+            let xv = candle_core::Var::from_tensor(&x).unwrap();
+            let r = Tensor::randn(0f32, 1.0, (rows, 40), &dev).unwrap();
+            let dx = |packs: Packs<'_>| {
+                let y = frozen_linear_packed(xv.as_tensor(), &w, packs).unwrap();
+                let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+                vals(g.get(xv.as_tensor()).unwrap().clone())
+            };
+            close(
+                &dx((pack.as_ref(), None)),
+                &dx((None, None)),
+                "input gradient",
+            );
+        }
+    }
+
     /// A packed weight gives bit-identical results to packing per call, for bf16 and for f32
     /// activations (the CPU's mixed mode), in the frozen and the LoRA linear.
     #[test]
@@ -2999,7 +3104,7 @@ mod tests {
         let a = Tensor::randn(0f32, 0.1, (4, 64), &dev).unwrap();
         let b = Tensor::randn(0f32, 0.1, (40, 4), &dev).unwrap();
         let pack = WeightPack::new(&w).unwrap();
-        assert_eq!(pack.is_some(), crate::gemm_bf16::available());
+        assert_eq!(pack.is_some(), crate::packed_gemm::available());
         for dt in [DType::F32, DType::BF16] {
             let x = Tensor::randn(0f32, 1.0, (2, 5, 64), &dev)
                 .unwrap()

@@ -1,12 +1,16 @@
-//! A bf16 × bf16 → f32 matrix product on x86-64 CPUs with AVX512-BF16 (`vdpbf16ps`), for the
-//! linear layers of a bf16 model: twice the multiply throughput of f32 FMA on such CPUs, where
-//! candle widens bf16 to f32 and runs an f32 GEMM.
+//! Matrix products against a packed B on x86-64 CPUs with AVX-512, for the linear layers:
+//! - bf16 × bf16 → f32 with AVX512-BF16 (`vdpbf16ps`): twice the multiply throughput of f32 FMA
+//!   on such CPUs, where candle widens bf16 to f32 and runs an f32 GEMM;
+//! - f32 × f32 → f32 with AVX-512 FMA, for frozen f32 weights packed once: the general GEMM
+//!   candle calls packs both operands on every call, which at the few rows of a decoding step
+//!   took as long as the multiply-adds.
 //!
 //! `C (m × n) = A (m × k) · B (k × n)`: A is row-major with contiguous rows (an activation), B
-//! is any strided matrix (a weight or its transpose), packed by [`PackedB::new`] into 32-column
-//! panels of k-pairs, the layout `vdpbf16ps` consumes. Products of bf16 values are exact in f32;
-//! sums are accumulated in f32, as PyTorch does. Without AVX512-BF16 (or for odd `k`)
-//! [`PackedB::new`] returns `None` and the caller falls back to f32.
+//! is any strided matrix (a weight or its transpose), packed by [`PackedB::new`] (bf16: 32-column
+//! panels of k-pairs, the layout `vdpbf16ps` consumes) or [`PackedB::new_f32`] (32-column panels
+//! of single k). Products of bf16 values are exact in f32; sums are accumulated in f32, as
+//! PyTorch does. Where the CPU lacks the instructions (or for odd `k` in bf16) the constructors
+//! return `None` and the caller falls back to candle.
 use half::bf16;
 use rayon::prelude::*;
 
@@ -19,14 +23,12 @@ const KP_BLOCK: usize = 256;
 /// Rows per parallel task.
 const MC: usize = 64;
 
-/// Whether this CPU runs the kernel.
+/// Whether this CPU runs the bf16 kernel.
 pub fn available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| {
-            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
-        })
+        *OK.get_or_init(|| available_f32() && is_x86_feature_detected!("avx512bf16"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -34,18 +36,41 @@ pub fn available() -> bool {
     }
 }
 
-/// B packed into 32-column panels of k-pairs, the layout `vdpbf16ps` consumes; a frozen weight
-/// is packed once and kept (see `ops::WeightPack`), other operands per product.
+/// Whether this CPU runs the f32 kernel.
+pub fn available_f32() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| is_x86_feature_detected!("avx512f"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// What a packed panel holds per k-step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    /// 32 lanes of (B[2p, j], B[2p + 1, j]) bf16 pairs per k-pair p.
+    Bf16Pairs,
+    /// 32 lanes of B[kk, j] as f32 bits per kk.
+    F32,
+}
+
+/// B packed into 32-column panels; a frozen weight is packed once and kept (see
+/// `ops::WeightPack`), other operands per product.
 #[derive(Clone, Debug)]
 pub struct PackedB {
     k: usize,
     n: usize,
+    kind: Kind,
     data: Vec<u32>,
 }
 
 impl PackedB {
-    /// `B[kk, j] = b[kk * b_rs + j * b_cs]` (k × n) packed, or `None` when the kernel cannot run
-    /// here (no AVX512-BF16, odd or zero `k`, zero `n`).
+    /// `B[kk, j] = b[kk * b_rs + j * b_cs]` (k × n) packed for the bf16 kernel, or `None` when
+    /// it cannot run here (no AVX512-BF16, odd or zero `k`, zero `n`).
     pub fn new(b: &[bf16], k: usize, n: usize, b_rs: usize, b_cs: usize) -> Option<Self> {
         if !available() || !k.is_multiple_of(2) || n == 0 || k == 0 {
             return None;
@@ -57,8 +82,44 @@ impl PackedB {
         Some(Self {
             k,
             n,
+            kind: Kind::Bf16Pairs,
             data: pack_b(b, k, n, b_rs, b_cs),
         })
+    }
+
+    /// The f32 kernel's packing of `B[kk, j] = b[kk * b_rs + j * b_cs]`, or `None` when it
+    /// cannot run here (no AVX-512, zero `k` or `n`).
+    pub fn new_f32(b: &[f32], k: usize, n: usize, b_rs: usize, b_cs: usize) -> Option<Self> {
+        if !available_f32() || n == 0 || k == 0 {
+            return None;
+        }
+        assert!(
+            b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
+            "B is too short for its strides"
+        );
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0u32; panels * k * NR];
+        let pack_panel = |(pi, dst): (usize, &mut [u32])| {
+            let j0 = pi * NR;
+            for jj in 0..NR.min(n - j0) {
+                let col = (j0 + jj) * b_cs;
+                for kk in 0..k {
+                    dst[kk * NR + jj] = b[col + kk * b_rs].to_bits();
+                }
+            }
+        };
+        data.par_chunks_mut(k * NR).enumerate().for_each(pack_panel);
+        Some(Self {
+            k,
+            n,
+            kind: Kind::F32,
+            data,
+        })
+    }
+
+    /// Whether this is an f32 pack ([`Self::new_f32`]).
+    pub fn is_f32(&self) -> bool {
+        self.kind == Kind::F32
     }
 
     pub fn k(&self) -> usize {
@@ -70,25 +131,41 @@ impl PackedB {
     }
 }
 
-/// `A (m × k, row stride lda) · B` as f32 (m × n), or `None` for an empty A.
+/// `A (m × k, row stride lda) · B` as f32 (m × n) for a bf16 pack, or `None` for an empty A or
+/// an f32 pack.
 pub fn matmul(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<f32>> {
-    run::<false, f32>(a, m, lda, b)
+    (b.kind == Kind::Bf16Pairs).then(|| run::<false, f32, bf16>(a, m, lda, b))?
 }
 
 /// [`matmul`] rounded to bf16 as it is stored (no f32 result is materialised). Rounding is to
 /// nearest even; results below bf16's normal range become zero.
 pub fn matmul_to_bf16(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<bf16>> {
-    run::<true, bf16>(a, m, lda, b)
+    (b.kind == Kind::Bf16Pairs).then(|| run::<true, bf16, bf16>(a, m, lda, b))?
 }
 
-fn run<const BF: bool, O: Copy>(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<O>> {
+/// `A (m × k, row stride lda) · B` in f32 for an f32 pack, or `None` for an empty A or a bf16
+/// pack.
+pub fn matmul_f32(a: &[f32], m: usize, lda: usize, b: &PackedB) -> Option<Vec<f32>> {
+    (b.kind == Kind::F32).then(|| run::<false, f32, f32>(a, m, lda, b))?
+}
+
+fn run<const BF: bool, O: Copy, A: Copy + Sync>(
+    a: &[A],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+) -> Option<Vec<O>> {
     let (k, n, packed) = (b.k, b.n, &b.data);
     if m == 0 {
         return None;
     }
     assert_eq!(std::mem::size_of::<O>(), if BF { 2 } else { 4 });
     assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
-    let kp = k / 2;
+    // k-steps: pairs for bf16, single k for f32 (a panel's step is 32 u32 either way).
+    let kp = match b.kind {
+        Kind::Bf16Pairs => k / 2,
+        Kind::F32 => k,
+    };
     // Every element is written exactly once (at the last k-block), so no zeroing.
     let mut out: Vec<std::mem::MaybeUninit<O>> = Vec::with_capacity(m * n);
     // SAFETY: MaybeUninit needs no initialisation.
@@ -121,10 +198,10 @@ fn run<const BF: bool, O: Copy>(a: &[bf16], m: usize, lda: usize, b: &PackedB) -
                 let p1 = (p0 + KP_BLOCK).min(kp);
                 for rb in (0..rows).step_by(MR) {
                     let mr = MR.min(rows - rb);
-                    let a_ptr = a[(r0 + rb) * lda..].as_ptr() as *const u16;
+                    let a_ptr = a[(r0 + rb) * lda..].as_ptr();
                     let elem = (r0 + rb) * n + j0;
                     // SAFETY: `available()` checked the CPU features; the pointers cover `mr`
-                    // rows of A (row stride lda, k-pairs p0..p1), of the scratch tile (stride
+                    // rows of A (row stride lda, k-steps p0..p1), of the scratch tile (stride
                     // NR) and of the output (stride n, `cols` columns), which no other task
                     // writes; the panel holds kp * NR packed pairs.
                     unsafe {
@@ -137,7 +214,26 @@ fn run<const BF: bool, O: Copy>(a: &[bf16], m: usize, lda: usize, b: &PackedB) -
                             ldo: n,
                             cols,
                         };
-                        kernel_dispatch::<BF>(mr, a_ptr, lda, panel.as_ptr(), p0, p1, tile);
+                        match b.kind {
+                            Kind::Bf16Pairs => kernel_dispatch::<BF>(
+                                mr,
+                                a_ptr as *const u16,
+                                lda,
+                                panel.as_ptr(),
+                                p0,
+                                p1,
+                                tile,
+                            ),
+                            Kind::F32 => kernel_f32_dispatch(
+                                mr,
+                                a_ptr as *const f32,
+                                lda,
+                                panel.as_ptr() as *const f32,
+                                p0,
+                                p1,
+                                tile,
+                            ),
+                        }
                     }
                 }
             }
@@ -308,6 +404,19 @@ unsafe fn kernel<const R: usize, const BF: bool>(
             acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
         }
     }
+    store_tile::<R, BF>(&mut acc, tile);
+}
+
+/// Adds earlier k-blocks' partial sums from the scratch tile, then keeps the sums there (not
+/// the last k-block) or writes them to the output as f32 or rounded to bf16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+#[inline]
+unsafe fn store_tile<const R: usize, const BF: bool>(
+    acc: &mut [[std::arch::x86_64::__m512; 2]; R],
+    tile: Tile,
+) {
+    use std::arch::x86_64::*;
     let cols = tile.cols;
     let m0: __mmask16 = if cols >= 16 {
         0xffff
@@ -346,6 +455,59 @@ unsafe fn kernel<const R: usize, const BF: bool>(
             }
         }
     }
+}
+
+unsafe fn kernel_f32_dispatch(
+    mr: usize,
+    a: *const f32,
+    lda: usize,
+    panel: *const f32,
+    p0: usize,
+    p1: usize,
+    tile: Tile,
+) {
+    #[cfg(target_arch = "x86_64")]
+    match mr {
+        8 => kernel_f32::<8>(a, lda, panel, p0, p1, tile),
+        7 => kernel_f32::<7>(a, lda, panel, p0, p1, tile),
+        6 => kernel_f32::<6>(a, lda, panel, p0, p1, tile),
+        5 => kernel_f32::<5>(a, lda, panel, p0, p1, tile),
+        4 => kernel_f32::<4>(a, lda, panel, p0, p1, tile),
+        3 => kernel_f32::<3>(a, lda, panel, p0, p1, tile),
+        2 => kernel_f32::<2>(a, lda, panel, p0, p1, tile),
+        _ => kernel_f32::<1>(a, lda, panel, p0, p1, tile),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (mr, a, lda, panel, p0, p1, tile);
+        unreachable!("packed_gemm runs only on x86-64");
+    }
+}
+
+/// The f32 twin of [`kernel`]: `tile (+)= A[0..R, p0..p1] · panel[p0..p1]` with one FMA per
+/// (row, 16 columns, k).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_f32<const R: usize>(
+    a: *const f32,
+    lda: usize,
+    panel: *const f32,
+    p0: usize,
+    p1: usize,
+    tile: Tile,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    for p in p0..p1 {
+        let b0 = _mm512_loadu_ps(panel.add(p * NR));
+        let b1 = _mm512_loadu_ps(panel.add(p * NR + 16));
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let av = _mm512_set1_ps(*a.add(r * lda + p));
+            acc_r[0] = _mm512_fmadd_ps(av, b0, acc_r[0]);
+            acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
+        }
+    }
+    store_tile::<R, false>(&mut acc, tile);
 }
 
 #[cfg(test)]
@@ -411,6 +573,51 @@ mod tests {
             }
         }
         assert!(PackedB::new(&[bf16::ONE; 3], 3, 1, 1, 1).is_none());
+    }
+
+    #[test]
+    fn gemm_f32_matches_f64_reference_on_odd_shapes() {
+        if !available_f32() {
+            eprintln!("skipping: this CPU has no AVX-512");
+            return;
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        // k over 256 crosses k-blocks (partial sums through the scratch tile); n not a
+        // multiple of 16 or 32 exercises the masked stores; m over 64 splits row chunks.
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (9, 7, 33),
+            (70, 700, 45),
+            (131, 64, 96),
+            (3, 576, 17),
+        ] {
+            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+            for (bb, rs, cs) in [(&b, n, 1), (&bt, 1, k)] {
+                let packed = PackedB::new_f32(bb, k, n, rs, cs).unwrap();
+                assert!(packed.is_f32());
+                // An f32 pack never serves the bf16 entry points, nor the reverse.
+                assert!(matmul(&[bf16::ONE; 4096], 1, k, &packed).is_none());
+                let got = matmul_f32(&a, m, k, &packed).unwrap();
+                for i in 0..m {
+                    for j in 0..n {
+                        let want: f64 = (0..k)
+                            .map(|kk| a[i * k + kk] as f64 * bb[kk * rs + j * cs] as f64)
+                            .sum();
+                        let g = got[i * n + j] as f64;
+                        assert!(
+                            (g - want).abs() < 1e-5 * (k as f64).sqrt(),
+                            "({m}, {k}, {n}) at ({i}, {j}): {g} vs {want}"
+                        );
+                    }
+                }
+            }
+        }
+        if available() {
+            let bfp = PackedB::new(&[bf16::ONE; 4], 2, 2, 2, 1).unwrap();
+            assert!(matmul_f32(&[1.0; 2], 1, 2, &bfp).is_none());
+        }
     }
 
     #[test]
