@@ -1,9 +1,9 @@
 //! Process settings that make CPU training faster; call [`tune_cpu_runtime`] at the start of
 //! `main`, before any tensor exists.
 //!
-//! - candle runs element-wise ops on a spinning thread pool of its own, beside rayon's (which
-//!   the matmuls use). On a 2-core machine the pools spin against each other; with one
-//!   element-wise thread the same step used about a quarter less CPU time. `CANDLE_NUM_THREADS`
+//! - candle 0.11 runs element-wise ops on a spin-waiting pool of its own, beside rayon's (which
+//!   the matmuls use). On a 2-core machine the pools fight for the cores (38% of a LoRA step's
+//!   profile, 2-3x slower steps); element-wise ops are memory-bound, so `CANDLE_NUM_THREADS`
 //!   is set to 1 unless the user set it.
 //! - glibc returns large freed blocks to the kernel and maps them again on the next step: page
 //!   faults, zeroing and TLB shootdowns for every activation. Raising the mmap and trim

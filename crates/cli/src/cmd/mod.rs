@@ -12,17 +12,12 @@ pub mod runs;
 pub mod score;
 pub mod train;
 
-/// Process-wide setup, before any tensor is made: logging, and candle's CPU thread pool.
-///
-/// candle 0.11 runs element-wise ops on a spin-waiting "barrier pool" beside the rayon pool
-/// that its matmuls use; on small machines the two fight for the cores and the main thread
-/// spins while the pool's worker is descheduled (38% of a LoRA step's profile on 2 cores,
-/// 2-3x slower steps). Element-wise ops are memory-bound, so they run on the calling thread
-/// unless the user sets `CANDLE_NUM_THREADS` (matmuls keep every core through rayon).
+/// Process-wide setup, before any tensor is made: logging, and the CPU runtime settings of
+/// `sft_model::runtime::tune_cpu_runtime` (element-wise ops on the calling thread unless the
+/// user sets `CANDLE_NUM_THREADS`; large blocks kept in the heap instead of mapped and
+/// unmapped per step), the same ones the benchmarks measured.
 pub fn init_logging() {
-    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
-        std::env::set_var("CANDLE_NUM_THREADS", "1");
-    }
+    sft_model::runtime::tune_cpu_runtime();
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
