@@ -1807,17 +1807,7 @@ pub fn attention(
     let mask = match mask {
         None => None,
         Some(m) => {
-            let ok = m.rank() == 4
-                && (m.dim(0)? == b || m.dim(0)? == 1)
-                && m.dim(1)? == 1
-                && m.dim(2)? == t
-                && m.dim(3)? == s;
-            if !ok {
-                bail!(
-                    "attention: mask {:?}, expected ({b} or 1, 1, {t}, {s})",
-                    m.dims()
-                );
-            }
+            check_mask(m, (b, t, s), "attention")?;
             Some(m.to_dtype(ct)?.contiguous()?)
         }
     };
@@ -1829,6 +1819,15 @@ pub fn attention(
         &v.contiguous()?,
         Attention { mask, scale },
     )
+}
+
+/// An additive attention mask must be (b or 1, 1, t, s).
+fn check_mask(m: &Tensor, (b, t, s): (usize, usize, usize), op: &str) -> Result<()> {
+    let d = m.dims();
+    if !(d.len() == 4 && (d[0] == b || d[0] == 1) && d[1] == 1 && d[2] == t && d[3] == s) {
+        bail!("{op}: mask {d:?}, expected ({b} or 1, 1, {t}, {s})");
+    }
+    Ok(())
 }
 
 /// The same computation from candle's ops (other devices).
@@ -2182,17 +2181,7 @@ pub fn attention_cached(
         return attention(q, &k, &v, mask, scale);
     }
     if let Some(m) = mask {
-        let ok = m.rank() == 4
-            && (m.dim(0)? == b || m.dim(0)? == 1)
-            && m.dim(1)? == 1
-            && m.dim(2)? == t
-            && m.dim(3)? == s;
-        if !ok {
-            bail!(
-                "attention_cached: mask {:?}, expected ({b} or 1, 1, {t}, {s})",
-                m.dims()
-            );
-        }
+        check_mask(m, (b, t, s), "attention_cached")?;
     }
     let d = AttnDims {
         b,

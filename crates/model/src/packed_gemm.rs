@@ -352,6 +352,22 @@ fn pack_b(b: &[bf16], k: usize, n: usize, b_rs: usize, b_cs: usize) -> Vec<u32> 
     out
 }
 
+/// Calls `$kernel::<R, ..>(args)` with the row count `R` = `$mr` (1 to 8) as a constant.
+macro_rules! by_rows {
+    ($mr:expr, $kernel:ident::<R $(, $c:ident)*>($($arg:expr),*)) => {
+        match $mr {
+            8 => $kernel::<8 $(, $c)*>($($arg),*),
+            7 => $kernel::<7 $(, $c)*>($($arg),*),
+            6 => $kernel::<6 $(, $c)*>($($arg),*),
+            5 => $kernel::<5 $(, $c)*>($($arg),*),
+            4 => $kernel::<4 $(, $c)*>($($arg),*),
+            3 => $kernel::<3 $(, $c)*>($($arg),*),
+            2 => $kernel::<2 $(, $c)*>($($arg),*),
+            _ => $kernel::<1 $(, $c)*>($($arg),*),
+        }
+    };
+}
+
 unsafe fn kernel_dispatch<const BF: bool>(
     mr: usize,
     a: *const u16,
@@ -362,20 +378,11 @@ unsafe fn kernel_dispatch<const BF: bool>(
     tile: Tile,
 ) {
     #[cfg(target_arch = "x86_64")]
-    match mr {
-        8 => kernel::<8, BF>(a, lda, panel, p0, p1, tile),
-        7 => kernel::<7, BF>(a, lda, panel, p0, p1, tile),
-        6 => kernel::<6, BF>(a, lda, panel, p0, p1, tile),
-        5 => kernel::<5, BF>(a, lda, panel, p0, p1, tile),
-        4 => kernel::<4, BF>(a, lda, panel, p0, p1, tile),
-        3 => kernel::<3, BF>(a, lda, panel, p0, p1, tile),
-        2 => kernel::<2, BF>(a, lda, panel, p0, p1, tile),
-        _ => kernel::<1, BF>(a, lda, panel, p0, p1, tile),
-    }
+    by_rows!(mr, kernel::<R, BF>(a, lda, panel, p0, p1, tile));
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (mr, a, lda, panel, p0, p1, tile);
-        unreachable!("gemm_bf16 runs only on x86-64");
+        unreachable!("packed_gemm runs only on x86-64");
     }
 }
 
@@ -467,16 +474,7 @@ unsafe fn kernel_f32_dispatch(
     tile: Tile,
 ) {
     #[cfg(target_arch = "x86_64")]
-    match mr {
-        8 => kernel_f32::<8>(a, lda, panel, p0, p1, tile),
-        7 => kernel_f32::<7>(a, lda, panel, p0, p1, tile),
-        6 => kernel_f32::<6>(a, lda, panel, p0, p1, tile),
-        5 => kernel_f32::<5>(a, lda, panel, p0, p1, tile),
-        4 => kernel_f32::<4>(a, lda, panel, p0, p1, tile),
-        3 => kernel_f32::<3>(a, lda, panel, p0, p1, tile),
-        2 => kernel_f32::<2>(a, lda, panel, p0, p1, tile),
-        _ => kernel_f32::<1>(a, lda, panel, p0, p1, tile),
-    }
+    by_rows!(mr, kernel_f32::<R>(a, lda, panel, p0, p1, tile));
     #[cfg(not(target_arch = "x86_64"))]
     {
         let _ = (mr, a, lda, panel, p0, p1, tile);
