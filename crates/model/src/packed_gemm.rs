@@ -187,7 +187,7 @@ fn run<const BF: bool, O: Copy, A: Copy + Sync>(
         let (ci, gi) = (t / groups, t % groups);
         let r0 = ci * MC;
         let rows = MC.min(m - r0);
-        let mut scratch = vec![0f32; MC * NR];
+        let mut scratch = [0f32; MC * NR];
         let pa = gi * per_group;
         let pb = (pa + per_group).min(panels);
         for pi in pa..pb {

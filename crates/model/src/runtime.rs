@@ -9,6 +9,10 @@
 //!   faults, zeroing and TLB shootdowns for every activation. Raising the mmap and trim
 //!   thresholds keeps them in the heap for reuse (sys time of a SmolLM2 LoRA step fell from
 //!   6.6 s to 1.9 s, the step by 13%); the peak resident memory is unchanged.
+//! - With those thresholds, every thread's malloc arena keeps its high-water mark, and
+//!   generation runs on a rayon worker (its own arena) between training steps on the main
+//!   thread: the quickstart peaked at 7.6 GB. One arena for the process: 4.9 GB, and the run
+//!   was 5% faster (generation alone measured 0-5% slower, within this VM's noise).
 
 /// Applies the settings above (idempotent; a no-op where they do not apply).
 pub fn tune_cpu_runtime() {
@@ -24,5 +28,6 @@ pub fn tune_cpu_runtime() {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
