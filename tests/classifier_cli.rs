@@ -1,6 +1,16 @@
 //! `sft classifier eval`: the shipped tone head on a small labelled file; the last line is JSON.
 mod common;
 use common::*;
+use std::path::Path;
+
+/// `sft classifier eval --input FILE`.
+fn classifier_eval(input: &Path) -> std::process::Output {
+    std::process::Command::new(sft_binary())
+        .args(["classifier", "eval", "--input"])
+        .arg(input)
+        .output()
+        .unwrap()
+}
 
 #[test]
 fn classifier_eval_prints_metrics_as_json_last() {
@@ -16,9 +26,9 @@ fn classifier_eval_prints_metrics_as_json_last() {
     ];
     let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
     std::fs::write(&input, text).unwrap();
-    let (out, last) = classifier_eval(&input);
+    let out = classifier_eval(&input);
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    let last = last.unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    let last = json_last(&out);
     assert_eq!(last["n"], 5);
     assert_eq!(
         (last["tp"].as_u64(), last["fn"].as_u64()),
@@ -38,7 +48,7 @@ fn classifier_eval_prints_metrics_as_json_last() {
 
     // A bad line is reported with its file and line.
     std::fs::write(&input, "{\"response\": \"x\", \"label\": 7}\n").unwrap();
-    let (out, _) = classifier_eval(&input);
+    let out = classifier_eval(&input);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

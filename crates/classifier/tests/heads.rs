@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use candle_core::Device;
 use sft_classifier::classifier::{Classifier, DEFAULT_JUDGE_HEAD, DEFAULT_TONE_HEAD};
-use sft_classifier::eval::{eval_judge_file, evaluate};
-use sft_classifier::train::{self, tone_dataset, Task, TrainConfig};
+use sft_classifier::eval::{eval_judge_file, eval_tone_file, evaluate};
+use sft_classifier::train::{self, tone_dataset, PairSource, Task, TrainConfig};
 use sft_classifier::{Judge, ToneClassifier};
 use sha2::{Digest, Sha256};
 
@@ -57,6 +57,102 @@ fn tone_head_reaches_its_goal_on_the_held_out_split() {
     assert_eq!(
         (m.tp, m.fp, m.tn, m.fn_),
         (recorded.tp, recorded.fp, recorded.tn, recorded.fn_)
+    );
+}
+
+/// Real model outputs: 240 responses of SmolLM2-135M-Instruct to the first 30 bundled IFS
+/// instructions (full and fragment) under four prompt templates, labelled by hand
+/// (`crates/ifs/assets/real_outputs_README.md`).
+const REAL_OUTPUTS: &str = "crates/ifs/assets/smollm2_outputs_labelled.jsonl";
+
+fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The real-output set is what its README says it is, and stays out of the tone classifier's
+/// training data: it is no source of the config, and no source file (every line, whatever its
+/// split) holds its full instructions or its responses.
+#[test]
+fn real_output_set_is_complete_and_held_out() {
+    let items = json_lines(&common::workspace().join(REAL_OUTPUTS));
+    assert_eq!(items.len(), 240);
+    let mut per_template = std::collections::BTreeMap::<String, [usize; 2]>::new();
+    for it in &items {
+        for k in ["id", "template", "kind", "instruction", "response"] {
+            assert!(it[k].is_string(), "{k} in {it}");
+        }
+        assert!(matches!(it["label"].as_u64(), Some(0 | 1)), "{it}");
+        let kind = it["kind"].as_str().unwrap();
+        assert!(kind == "full" || kind == "partial", "{it}");
+        per_template
+            .entry(it["template"].as_str().unwrap().to_string())
+            .or_default()[(kind == "partial") as usize] += 1;
+    }
+    let templates: Vec<&str> = per_template.keys().map(String::as_str).collect();
+    assert_eq!(templates, ["alpaca", "alpaca_modified", "chatml", "raw"]);
+    assert!(
+        per_template.values().all(|c| *c == [30, 30]),
+        "{per_template:?}"
+    );
+
+    let cfg = config("tone.yaml");
+    let mut sources = String::new();
+    for src in &cfg.tone.as_ref().unwrap().sources {
+        let PairSource::Path { path, .. } = src else {
+            panic!("the tone config reads the hub: {src:?}");
+        };
+        assert!(
+            !path.ends_with(REAL_OUTPUTS),
+            "the labelled set is a training source"
+        );
+        for v in json_lines(&common::workspace().join(path)) {
+            for field in [
+                "prompt",
+                "instruction",
+                "question",
+                "input",
+                "response",
+                "answer",
+            ] {
+                if let Some(s) = v[field].as_str() {
+                    sources.push_str(s);
+                    sources.push('\n');
+                }
+            }
+        }
+    }
+    assert!(sources.len() > 100_000, "the sources were not read");
+    for it in items.iter().filter(|it| it["kind"] == "full") {
+        let inst = it["instruction"].as_str().unwrap();
+        assert!(!sources.contains(inst), "{inst:?} is in the training data");
+    }
+    for it in &items {
+        let resp = it["response"].as_str().unwrap().trim();
+        if resp.len() > 40 {
+            assert!(!sources.contains(resp), "{resp:?} is in the training data");
+        }
+    }
+}
+
+/// A regression guard on the shipped tone head: 209/240 = 0.871 when the set was written;
+/// 230/240 = 0.958 with the head retrained on the widened recipe (answers as lists, quoting,
+/// short; requirement text as a next instruction). The floor is 0.95, the goal (two
+/// more errors than measured still pass, three fail). Never lower it to make a change pass.
+#[test]
+fn tone_head_on_real_smollm2_outputs() {
+    let tone = ToneClassifier::default_embedded(common::encoder()).unwrap();
+    let m = eval_tone_file(&tone, common::workspace().join(REAL_OUTPUTS)).unwrap();
+    eprintln!("tone on real SmolLM2 outputs: {m:?}");
+    assert_eq!(m.n, 240);
+    assert!(
+        m.accuracy >= 0.95,
+        "tone classifier accuracy on real SmolLM2 outputs fell to {:.4} (floor 0.95): {m:?}",
+        m.accuracy
     );
 }
 

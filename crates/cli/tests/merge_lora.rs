@@ -5,25 +5,12 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 use sft_model::load::load_dir;
 
-fn smollm2_dir() -> PathBuf {
-    let root = match std::env::var_os("SFT_CACHE") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/sft"),
-    };
-    let d = root.join("models/smollm2-135m-instruct");
-    assert!(
-        d.join("model.safetensors").is_file(),
-        "{} is missing: run scripts/fetch-test-models.sh first",
-        d.display()
-    );
-    d
-}
+mod common;
 
 #[test]
 fn merge_lora_matches_the_unmerged_adapter() {
-    let base = smollm2_dir();
-    let adapter = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/fixtures/peft_lora_smollm2");
+    let base = common::smollm2();
+    let adapter = common::repo().join("../shared/fixtures/peft_lora_smollm2");
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("merge-lora-smollm2");
     let _ = std::fs::remove_dir_all(&out);
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_sft"))

@@ -1,7 +1,7 @@
 //! GFLOP/s of the linear layers' products `x W^T` on the CPU, SmolLM2's shapes, one JSON line
 //! per (rows, shape, path): bf16 through the packed AVX512-BF16 kernel, f32 through candle's
 //! gemm (what an unpacked f32 weight gets) and through the packed f32 kernel (what a kept f32
-//! pack serves). `scripts/bench/gemm` runs it beside PyTorch's `F.linear`.
+//! pack serves). `scripts/bench/generate` runs it for the machine's GEMM rate beside PyTorch's `F.linear`.
 //!
 //!   cargo run --release -p sft-model --example linear_gemm_bench [ROWS ...]   (default 32 1024)
 use candle_core::{DType, Device, Tensor};

@@ -73,9 +73,10 @@ impl Linear {
         let f32_rows = self.weight.dtype() == DType::F32
             && x.dtype() == DType::F32
             && x.elem_count() / self.in_features().max(1) <= ops::PACKED_F32_MAX_ROWS;
+        // Nothing to pack where no kernel runs (checked first: this runs on every forward).
         if self.weight.is_variable()
-            || !(self.weight.dtype() == DType::BF16 || self.weight.dtype() == DType::F32)
             || !self.weight.device().is_cpu()
+            || !ops::WeightPack::supported(self.weight.dtype())
         {
             return Ok((None, None));
         }
@@ -95,7 +96,8 @@ impl Linear {
         let Some(mut entry) = entry else {
             return Ok((None, None));
         };
-        if need_grad && entry.grad.is_none() {
+        // Only bf16 weights have a backward pack (see `WeightPack::new_for_grad`).
+        if need_grad && entry.grad.is_none() && self.weight.dtype() == DType::BF16 {
             entry.grad = ops::WeightPack::new_for_grad(&self.weight)?;
         }
         let out = (Some(entry.fwd.clone()), entry.grad.clone());

@@ -1067,6 +1067,15 @@ pub struct WeightPack(std::sync::Arc<crate::packed_gemm::PackedB>);
 pub const PACKED_F32_MAX_ROWS: usize = 4096;
 
 impl WeightPack {
+    /// Whether a weight of this dtype can be packed on this CPU (its kernel runs here).
+    pub fn supported(dtype: DType) -> bool {
+        match dtype {
+            DType::BF16 => crate::packed_gemm::available(),
+            DType::F32 => crate::packed_gemm::available_f32(),
+            _ => false,
+        }
+    }
+
     /// `None` unless `w` is a bf16 (or f32) matrix on a CPU that runs the bf16 (or f32) kernel.
     pub fn new(w: &Tensor) -> Result<Option<Self>> {
         // x · W^T: B[kk, j] = W[j, kk].
@@ -1711,7 +1720,7 @@ impl CustomOp3 for LoraLinear {
     }
 }
 
-/// `f(y, d)` over two equally long buffers, in parallel over `n`-wide rows when large.
+/// The element-wise operation of [`zip_par`].
 #[derive(Clone, Copy)]
 enum Zip {
     Add,
@@ -1747,6 +1756,7 @@ fn zip_par(a: &Tensor, b: &Tensor, op: Zip) -> Result<Tensor> {
     Tensor::from_vec(y, a.shape(), a.device())
 }
 
+/// `f(y, d)` over two equally long buffers, in parallel over `n`-wide rows when large.
 fn axpy_rows<T: Copy + Send + Sync, F: Fn(&mut T, T) + Send + Sync>(
     y: &mut [T],
     d: &[T],
@@ -2265,14 +2275,12 @@ fn decode_attention_slices<T: AttnFloat>(
         let kg = &k[(bi * d.nkv + g) * cap * hd..][..s * hd];
         let vg = &v[(bi * d.nkv + g) * cap * hd..][..s * hd];
         let mut p = vec![T::zero(); s];
-        let mut o = vec![T::zero(); hd];
         for r in 0..n_rep {
             let h = g * n_rep + r;
             for tq in 0..t {
                 let qrow = &q[((bi * nh + h) * t + tq) * hd..][..hd];
                 let mrow =
                     mask.map(|(m, mb)| &m[((if mb == 1 { 0 } else { bi }) * t + tq) * s..][..s]);
-                T::decode_row(qrow, kg, vg, mrow, scale, &mut p, &mut o);
                 // SAFETY: (bi, tq, h) is written by this task only.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(
@@ -2280,7 +2288,7 @@ fn decode_attention_slices<T: AttnFloat>(
                         hd,
                     )
                 };
-                dst.copy_from_slice(&o);
+                T::decode_row(qrow, kg, vg, mrow, scale, &mut p, dst);
             }
         }
     };
@@ -2351,7 +2359,8 @@ unsafe fn decode_row_f32_avx2(
     if max == f32::NEG_INFINITY {
         return;
     }
-    let inv = f32::exp_shift_sum(p, max).recip();
+    // The portable loop, inlined here under AVX2 (`f32::exp_shift_sum` would dispatch again).
+    let inv = exp_shift_sum_f32(p, max).recip();
     for (j, &pj) in p.iter().enumerate() {
         if pj == 0.0 {
             continue;

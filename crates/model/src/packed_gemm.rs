@@ -200,10 +200,11 @@ fn run<const BF: bool, O: Copy, A: Copy + Sync>(
                     let mr = MR.min(rows - rb);
                     let a_ptr = a[(r0 + rb) * lda..].as_ptr();
                     let elem = (r0 + rb) * n + j0;
-                    // SAFETY: `available()` checked the CPU features; the pointers cover `mr`
-                    // rows of A (row stride lda, k-steps p0..p1), of the scratch tile (stride
-                    // NR) and of the output (stride n, `cols` columns), which no other task
-                    // writes; the panel holds kp * NR packed pairs.
+                    // SAFETY: the pack exists only where its kernel runs (`available()` for
+                    // bf16 pairs, `available_f32()` for f32, checked when packing); the pointers
+                    // cover `mr` rows of A (row stride lda, k-steps p0..p1), of the scratch tile
+                    // (stride NR) and of the output (stride n, `cols` columns), which no other
+                    // task writes; the panel holds kp * NR packed steps.
                     unsafe {
                         let o = out_ptr.get().add(elem * std::mem::size_of::<O>());
                         let tile = Tile {
@@ -415,9 +416,10 @@ unsafe fn kernel<const R: usize, const BF: bool>(
 }
 
 /// Adds earlier k-blocks' partial sums from the scratch tile, then keeps the sums there (not
-/// the last k-block) or writes them to the output as f32 or rounded to bf16.
+/// the last k-block) or writes them to the output as f32 or (`BF`, only from the bf16 kernel)
+/// rounded to bf16. AVX-512F alone, so it inlines into the f32 kernel too.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+#[target_feature(enable = "avx512f")]
 #[inline]
 unsafe fn store_tile<const R: usize, const BF: bool>(
     acc: &mut [[std::arch::x86_64::__m512; 2]; R],
@@ -447,13 +449,7 @@ unsafe fn store_tile<const R: usize, const BF: bool>(
             _mm512_storeu_ps(sc, acc_r[0]);
             _mm512_storeu_ps(sc.add(16), acc_r[1]);
         } else if BF {
-            let row = (tile.out as *mut u16).add(r * tile.ldo);
-            let h0: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc_r[0]));
-            _mm256_mask_storeu_epi16(row as *mut _, m0, h0);
-            if m1 != 0 {
-                let h1: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc_r[1]));
-                _mm256_mask_storeu_epi16(row.add(16) as *mut _, m1, h1);
-            }
+            store_bf16_row((tile.out as *mut u16).add(r * tile.ldo), acc_r, (m0, m1));
         } else {
             let row = (tile.out as *mut f32).add(r * tile.ldo);
             _mm512_mask_storeu_ps(row, m0, acc_r[0]);
@@ -461,6 +457,24 @@ unsafe fn store_tile<const R: usize, const BF: bool>(
                 _mm512_mask_storeu_ps(row.add(16), m1, acc_r[1]);
             }
         }
+    }
+}
+
+/// One output row of the bf16 kernel: 32 sums rounded to bf16, masked to the tile's columns.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+#[inline]
+unsafe fn store_bf16_row(
+    row: *mut u16,
+    acc: &[std::arch::x86_64::__m512; 2],
+    (m0, m1): (u16, u16),
+) {
+    use std::arch::x86_64::*;
+    let h0: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc[0]));
+    _mm256_mask_storeu_epi16(row as *mut _, m0, h0);
+    if m1 != 0 {
+        let h1: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(acc[1]));
+        _mm256_mask_storeu_epi16(row.add(16) as *mut _, m1, h1);
     }
 }
 

@@ -12,10 +12,7 @@ pub fn repo() -> PathBuf {
 
 /// The fetched SmolLM2-135M-Instruct folder (`scripts/fetch-test-models.sh`).
 pub fn smollm2() -> PathBuf {
-    let root = std::env::var_os("SFT_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/sft"));
-    let m = root.join("models/smollm2-135m-instruct");
+    let m = sft_classifier::encoder::cache_root().join("models/smollm2-135m-instruct");
     assert!(
         m.join("model.safetensors").is_file() && m.join("tokenizer.json").is_file(),
         "{} is missing: run scripts/fetch-test-models.sh",
