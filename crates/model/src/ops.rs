@@ -2193,66 +2193,66 @@ pub fn attention_cached(
     if let Some(m) = mask {
         check_mask(m, (b, t, s), "attention_cached")?;
     }
-    let d = AttnDims {
-        b,
-        nh,
-        nkv,
-        t,
-        s,
-        hd,
-    };
-    let q = q.contiguous()?;
     let mask = mask
         .map(|m| m.to_dtype(q.dtype())?.contiguous())
         .transpose()?;
-    let out = match q.dtype() {
-        DType::F32 => {
-            let out = decode_attention::<f32>(d, cap, &q, k_cache, v_cache, mask.as_ref(), scale)?;
-            Tensor::from_vec(out, (b, t, nh * hd), q.device())?
-        }
-        _ => {
-            let out = decode_attention::<f64>(d, cap, &q, k_cache, v_cache, mask.as_ref(), scale)?;
-            Tensor::from_vec(out, (b, t, nh * hd), q.device())?
-        }
-    };
-    Ok(out)
+    q.contiguous()?
+        .apply_op3_no_bwd(k_cache, v_cache, &CachedAttention { mask, scale, s })
 }
 
-fn decode_attention<T: AttnFloat + WithDType>(
-    d: AttnDims,
-    cap: usize,
-    q: &Tensor,
-    kc: &Tensor,
-    vc: &Tensor,
-    mask: Option<&Tensor>,
+/// [`attention_cached`]'s direct path as an op (forward only): q, then the whole K and V
+/// caches, of which the first `s` positions are read.
+struct CachedAttention {
+    /// Additive mask (b or 1, 1, t, s) in q's dtype, contiguous.
+    mask: Option<Tensor>,
     scale: f64,
-) -> Result<Vec<T>> {
-    fn cpu(s: &candle_core::Storage) -> Result<&CpuStorage> {
-        match s {
-            candle_core::Storage::Cpu(c) => Ok(c),
-            _ => bail!("attention_cached: not on the CPU"),
-        }
+    s: usize,
+}
+
+impl CustomOp3 for CachedAttention {
+    fn name(&self) -> &'static str {
+        "sft-cached-attention"
     }
-    let op = "attention_cached";
-    let ((qs, ql), (ks, kl), (vs, vl)) = (
-        q.storage_and_layout(),
-        kc.storage_and_layout(),
-        vc.storage_and_layout(),
-    );
-    let ms = mask.map(|m| m.storage_and_layout());
-    let mv = match &ms {
-        Some((s, l)) => Some((cont::<T>(cpu(s)?, l, op)?, l.dims()[0])),
-        None => None,
-    };
-    Ok(decode_attention_slices(
-        d,
-        cap,
-        cont::<T>(cpu(&qs)?, ql, op)?,
-        cont::<T>(cpu(&ks)?, kl, op)?,
-        cont::<T>(cpu(&vs)?, vl, op)?,
-        mv,
-        T::from(scale).unwrap_or_else(T::one),
-    ))
+
+    fn cpu_fwd(
+        &self,
+        sq: &CpuStorage,
+        lq: &Layout,
+        sk: &CpuStorage,
+        lk: &Layout,
+        sv: &CpuStorage,
+        lv: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, nh, t, hd) = lq.shape().dims4()?;
+        let (_, nkv, cap, _) = lk.shape().dims4()?;
+        let d = AttnDims {
+            b,
+            nh,
+            nkv,
+            t,
+            s: self.s,
+            hd,
+        };
+        let shape = Shape::from((b, t, nh * hd));
+        let op = "attention_cached";
+        Ok(match sq.dtype() {
+            DType::F32 => {
+                let (q, k, v) = (cont(sq, lq, op)?, cont(sk, lk, op)?, cont(sv, lv, op)?);
+                let out = with_mask(self.mask.as_ref(), |m| {
+                    decode_attention_slices(d, cap, q, k, v, m, self.scale as f32)
+                })?;
+                (CpuStorage::F32(out), shape)
+            }
+            DType::F64 => {
+                let (q, k, v) = (cont(sq, lq, op)?, cont(sk, lk, op)?, cont(sv, lv, op)?);
+                let out = with_mask(self.mask.as_ref(), |m| {
+                    decode_attention_slices(d, cap, q, k, v, m, self.scale)
+                })?;
+                (CpuStorage::F64(out), shape)
+            }
+            dt => bail!("{op}: unsupported dtype {dt:?}"),
+        })
+    }
 }
 
 /// [`attention_cached`]'s direct loops on slices: one task per (batch row, kv group).
@@ -2546,18 +2546,25 @@ impl Attention {
         })
     }
 
-    /// The mask as a slice of the compute type and its batch size.
     fn with_mask<T: WithDType, R>(&self, f: impl FnOnce(Option<(&[T], usize)>) -> R) -> Result<R> {
-        match &self.mask {
-            None => Ok(f(None)),
-            Some(m) => {
-                let (ms, ml) = m.storage_and_layout();
-                let candle_core::Storage::Cpu(ms) = &*ms else {
-                    bail!("attention: the mask is not on the CPU");
-                };
-                let mv = cont::<T>(ms, ml, "attention mask")?;
-                Ok(f(Some((mv, ml.dims()[0]))))
-            }
+        with_mask(self.mask.as_ref(), f)
+    }
+}
+
+/// An attention mask as a slice of the compute type and its batch size, passed to `f`.
+fn with_mask<T: WithDType, R>(
+    mask: Option<&Tensor>,
+    f: impl FnOnce(Option<(&[T], usize)>) -> R,
+) -> Result<R> {
+    match mask {
+        None => Ok(f(None)),
+        Some(m) => {
+            let (ms, ml) = m.storage_and_layout();
+            let candle_core::Storage::Cpu(ms) = &*ms else {
+                bail!("attention: the mask is not on the CPU");
+            };
+            let mv = cont::<T>(ms, ml, "attention mask")?;
+            Ok(f(Some((mv, ml.dims()[0]))))
         }
     }
 }
