@@ -12,6 +12,6 @@ pub mod llama;
 pub mod load;
 pub mod lora;
 pub mod ops;
-mod packed_gemm;
+
 pub mod runtime;
 pub mod save;

@@ -1,0 +1,215 @@
+//! Fused cross-entropy over the vocabulary, forward and backward.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
+use num_traits::{Float, One, Zero};
+use rayon::prelude::*;
+
+use crate::ops::cpu::cont;
+use crate::ops::cpu::par::*;
+use crate::ops::dispatch::{Acc, Elem};
+
+/// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, labels[i]]`, fused (no softmax
+/// tensor is kept). `logits`: (n, vocab) float; `labels`: (n) u32 or i64. Rows whose label
+/// equals `ignore_index` give 0 and no gradient. The result is (n) in f32 (f64 for f64
+/// logits): sum it and divide by the number of counted tokens. Labels out of range are an
+/// error.
+pub fn cross_entropy(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Result<Tensor> {
+    let (n, v) = logits.dims2()?;
+    if labels.dims() != [n] {
+        bail!(
+            "cross_entropy: labels {:?}, expected [{n}] for logits ({n}, {v})",
+            labels.dims()
+        );
+    }
+    if !logits.device().is_cpu() {
+        return cross_entropy_composed(logits, labels, ignore_index);
+    }
+    logits
+        .contiguous()?
+        .apply_op2(&labels.contiguous()?, CrossEntropy { ignore_index })
+}
+
+fn cross_entropy_composed(logits: &Tensor, labels: &Tensor, ignore: i64) -> Result<Tensor> {
+    let out_dt = if logits.dtype() == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    };
+    let logits = logits.to_dtype(out_dt)?;
+    let labels = labels.to_dtype(DType::I64)?;
+    let keep = labels.ne(ignore)?;
+    let safe = keep.where_cond(&labels, &labels.zeros_like()?)?;
+    let lse = logits.exp()?.sum_keepdim(1)?.log()?; // composed fallback: not max-shifted
+    let picked = logits.gather(&safe.unsqueeze(1)?, 1)?;
+    let loss = (lse - picked)?.squeeze(1)?;
+    keep.where_cond(&loss, &loss.zeros_like()?)
+}
+
+struct CrossEntropy {
+    ignore_index: i64,
+}
+
+fn labels_i64(s: &CpuStorage, l: &Layout) -> Result<Vec<i64>> {
+    Ok(match s.dtype() {
+        DType::U32 => cont::<u32>(s, l, "cross_entropy")?
+            .iter()
+            .map(|&v| v as i64)
+            .collect(),
+        DType::I64 => cont::<i64>(s, l, "cross_entropy")?.to_vec(),
+        dt => bail!("cross_entropy: labels must be u32 or i64, got {dt:?}"),
+    })
+}
+
+fn check_labels(labels: &[i64], v: usize, ignore: i64) -> Result<()> {
+    if let Some((i, &bad)) = labels
+        .iter()
+        .enumerate()
+        .find(|(_, &y)| y != ignore && (y < 0 || y as usize >= v))
+    {
+        bail!("cross_entropy: label {bad} at row {i} is outside the vocabulary 0..{v}");
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn logsumexp<T: Elem>(row: &[T]) -> T::A {
+    let max = row
+        .iter()
+        .fold(T::A::neg_infinity(), |m, &v| m.max(v.to_a()));
+    max + T::sum_exp_shift(row, max).ln()
+}
+
+fn ce_fwd<T: Elem>(
+    op: &CrossEntropy,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sy: &CpuStorage,
+    ly: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (n, v) = lx.shape().dims2()?;
+    let x = cont::<T>(sx, lx, "cross_entropy")?;
+    let labels = labels_i64(sy, ly)?;
+    check_labels(&labels, v, op.ignore_index)?;
+    let row_loss = |i: usize| -> T::A {
+        let y = labels[i];
+        if y == op.ignore_index {
+            return T::A::zero();
+        }
+        let r = &x[i * v..(i + 1) * v];
+        logsumexp(r) - r[y as usize].to_a()
+    };
+    let losses: Vec<T::A> = if n * v < PAR_MIN_ELEMS {
+        (0..n).map(row_loss).collect()
+    } else {
+        (0..n).into_par_iter().map(row_loss).collect()
+    };
+    let out = T::store_a(losses);
+    Ok((out, Shape::from(n)))
+}
+
+impl CustomOp2 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "sft-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => ce_fwd::<f32>(self, s1, l1, s2, l2),
+            DType::F64 => ce_fwd::<f64>(self, s1, l1, s2, l2),
+            DType::BF16 => ce_fwd::<bf16>(self, s1, l1, s2, l2),
+            DType::F16 => ce_fwd::<f16>(self, s1, l1, s2, l2),
+            dt => bail!("cross_entropy: unsupported logits dtype {dt:?}"),
+        }
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        labels: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let dx = logits.apply_op3_no_bwd(
+            labels,
+            &grad,
+            &CrossEntropyBwd {
+                ignore_index: self.ignore_index,
+                losses: res.detach().contiguous()?,
+            },
+        )?;
+        Ok((Some(dx), None))
+    }
+}
+
+/// d logits[i] = grad[i] * (softmax(logits[i]) - onehot(labels[i])), zero for ignored rows.
+struct CrossEntropyBwd {
+    ignore_index: i64,
+    /// The forward's per-row losses: `lse = loss + logits[label]` without another exp pass.
+    losses: Tensor,
+}
+
+fn ce_bwd<T: Elem>(
+    op: &CrossEntropyBwd,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sy: &CpuStorage,
+    ly: &Layout,
+    sg: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (_, v) = lx.shape().dims2()?;
+    let x = cont::<T>(sx, lx, "cross_entropy bwd")?;
+    let labels = labels_i64(sy, ly)?;
+    let g = T::a_slice(sg, lg, "cross_entropy bwd")?;
+    let (ls, ll) = op.losses.storage_and_layout();
+    let candle_core::Storage::Cpu(ls) = &*ls else {
+        bail!("cross_entropy bwd: the losses are not on the CPU");
+    };
+    let losses = T::a_slice(ls, ll, "cross_entropy bwd")?;
+    let mut out = vec![T::zero(); x.len()];
+    for_rows(&mut out, v, |i, o| {
+        let y = labels[i];
+        if y == op.ignore_index {
+            return;
+        }
+        let r = &x[i * v..(i + 1) * v];
+        let lse = losses[i] + r[y as usize].to_a();
+        let gi = g[i];
+        T::exp_shift_scale(o, r, lse, gi);
+        let y = y as usize;
+        o[y] = T::from_a(gi * ((r[y].to_a() - lse).fexp() - T::A::one()));
+    });
+    Ok((storage(out), lx.shape().clone()))
+}
+
+impl CustomOp3 for CrossEntropyBwd {
+    fn name(&self) -> &'static str {
+        "sft-cross-entropy-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        match s1.dtype() {
+            DType::F32 => ce_bwd::<f32>(self, s1, l1, s2, l2, s3, l3),
+            DType::F64 => ce_bwd::<f64>(self, s1, l1, s2, l2, s3, l3),
+            DType::BF16 => ce_bwd::<bf16>(self, s1, l1, s2, l2, s3, l3),
+            DType::F16 => ce_bwd::<f16>(self, s1, l1, s2, l2, s3, l3),
+            dt => bail!("cross_entropy bwd: unsupported logits dtype {dt:?}"),
+        }
+    }
+}

@@ -1,0 +1,295 @@
+//! The one dtype dispatch of the ops: [`Elem`] ties each storage type (f32, f64, bf16, f16) to
+//! the float type its arithmetic runs in (f32 for the half types, rounded once at the end), and
+//! `by_dtype!` calls a kernel generic over [`Elem`] with the Rust type of a tensor's dtype.
+//! Per-type fast paths (AVX2 loops for f32) hang off the trait's provided methods.
+use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
+use half::{bf16, f16};
+use num_traits::Float;
+
+use super::attention::decode::{decode_row_body, decode_row_f32_avx2};
+use super::cpu::cont;
+use super::cpu::simd::*;
+use super::swiglu::{
+    silu_mul_bwd_row_avx2, silu_mul_bwd_row_body, silu_mul_row_avx2, silu_mul_row_body,
+};
+
+/// The float type a kernel's arithmetic runs in: f32, or f64 (the finite-difference tests).
+pub(crate) trait Acc:
+    Float + Send + Sync + 'static + std::iter::Sum + std::ops::AddAssign
+{
+    /// `exp` for the inner loops: f64 uses the library's; f32 an inlined polynomial (Cephes'
+    /// `expf`: range reduction by ln 2, degree-6 polynomial, within 2 ulp), since a call into
+    /// libm per element was 6% of a training step (softmax, cross-entropy, SiLU).
+    fn fexp(self) -> Self;
+    /// `x = exp(x - max)` over a row, returning the row's new sum (a softmax's inner loop).
+    fn exp_shift_sum(row: &mut [Self], max: Self) -> Self;
+    /// One query row of decoding attention against `s` keys of a kv group (`kg`, `vg`: `s`
+    /// rows of the row's width): `o = softmax(scale * kg q + m) vg`, with `p` as scratch of `s`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_row(
+        q: &[Self],
+        kg: &[Self],
+        vg: &[Self],
+        m: Option<&[Self]>,
+        scale: Self,
+        p: &mut [Self],
+        o: &mut [Self],
+    ) {
+        decode_row_body(q, kg, vg, m, scale, p, o)
+    }
+}
+
+impl Acc for f64 {
+    #[inline(always)]
+    fn fexp(self) -> f64 {
+        self.exp()
+    }
+
+    fn exp_shift_sum(row: &mut [f64], max: f64) -> f64 {
+        row.iter_mut().fold(0.0, |sum, x| {
+            *x = (*x - max).exp();
+            sum + *x
+        })
+    }
+}
+
+impl Acc for f32 {
+    #[inline(always)]
+    fn fexp(self) -> f32 {
+        exp_f32(self)
+    }
+
+    fn exp_shift_sum(row: &mut [f32], max: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { exp_shift_sum_avx2(row, max) };
+        }
+        exp_shift_sum_f32(row, max)
+    }
+
+    fn decode_row(
+        q: &[f32],
+        kg: &[f32],
+        vg: &[f32],
+        m: Option<&[f32]>,
+        scale: f32,
+        p: &mut [f32],
+        o: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && q.len().is_multiple_of(8) {
+            // SAFETY: the CPU has AVX2 and FMA; rows are a multiple of 8 wide.
+            return unsafe { decode_row_f32_avx2(q, kg, vg, m, scale, p, o) };
+        }
+        decode_row_body(q, kg, vg, m, scale, p, o)
+    }
+}
+
+/// A storage element and the float type its arithmetic runs in.
+pub(crate) trait Elem: WithDType + Copy + Send + Sync {
+    type A: Acc;
+    /// A 16-bit type: arithmetic runs in f32 and results are rounded once.
+    const HALF: bool;
+    fn to_a(self) -> Self::A;
+    fn from_a(a: Self::A) -> Self;
+    /// An `f64` constant in the arithmetic type.
+    fn a(v: f64) -> Self::A;
+    /// Storage for a vector of the arithmetic type (f32 or f64).
+    fn store_a(v: Vec<Self::A>) -> CpuStorage;
+    /// A contiguous slice of arithmetic-type storage.
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [Self::A]>;
+    /// A contiguous slice as the arithmetic type: borrowed for f32 and f64, converted for the
+    /// half types.
+    fn acc_slice(v: &[Self]) -> std::borrow::Cow<'_, [Self::A]>;
+    /// Arithmetic-type results as this type's storage (rounded once for the half types).
+    fn store_from_a(v: Vec<Self::A>) -> CpuStorage;
+    /// `sum(exp(x - shift))` over a row (cross-entropy's logsumexp).
+    fn sum_exp_shift(row: &[Self], shift: Self::A) -> Self::A {
+        row.iter().map(|&v| (v.to_a() - shift).fexp()).sum()
+    }
+    /// `out = scale * exp(x - shift)` (cross-entropy's backward).
+    fn exp_shift_scale(out: &mut [Self], x: &[Self], shift: Self::A, scale: Self::A) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = Self::from_a(scale * (v.to_a() - shift).fexp());
+        }
+    }
+    /// One row of [`silu_mul`].
+    fn silu_mul_row(o: &mut [Self], g: &[Self], u: &[Self]) {
+        silu_mul_row_body(o, g, u)
+    }
+    /// One row of [`silu_mul`]'s backward.
+    fn silu_mul_bwd_row(dg: &mut [Self], du: &mut [Self], g: &[Self], u: &[Self], dy: &[Self]) {
+        silu_mul_bwd_row_body(dg, du, g, u, dy)
+    }
+}
+
+impl Elem for f32 {
+    fn acc_slice(v: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(v)
+    }
+    fn store_from_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    #[inline(always)]
+    fn a(v: f64) -> f32 {
+        v as f32
+    }
+    fn store_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        cont::<f32>(s, l, op)
+    }
+    fn sum_exp_shift(row: &[f32], shift: f32) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { sum_exp_shift_avx2(row, shift) };
+        }
+        sum_exp_shift_f32(row, shift)
+    }
+    fn exp_shift_scale(out: &mut [f32], x: &[f32], shift: f32, scale: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { exp_shift_scale_avx2(out, x, shift, scale) };
+        }
+        exp_shift_scale_f32(out, x, shift, scale)
+    }
+    fn silu_mul_row(o: &mut [f32], g: &[f32], u: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { silu_mul_row_avx2(o, g, u) };
+        }
+        silu_mul_row_body(o, g, u)
+    }
+    fn silu_mul_bwd_row(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { silu_mul_bwd_row_avx2(dg, du, g, u, dy) };
+        }
+        silu_mul_bwd_row_body(dg, du, g, u, dy)
+    }
+    const HALF: bool = false;
+    type A = f32;
+    #[inline(always)]
+    fn to_a(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_a(a: f32) -> Self {
+        a
+    }
+}
+impl Elem for f64 {
+    fn acc_slice(v: &[f64]) -> std::borrow::Cow<'_, [f64]> {
+        std::borrow::Cow::Borrowed(v)
+    }
+    fn store_from_a(v: Vec<f64>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+    #[inline(always)]
+    fn a(v: f64) -> f64 {
+        v
+    }
+    fn store_a(v: Vec<f64>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f64]> {
+        cont::<f64>(s, l, op)
+    }
+    const HALF: bool = false;
+    type A = f64;
+    #[inline(always)]
+    fn to_a(self) -> f64 {
+        self
+    }
+    #[inline(always)]
+    fn from_a(a: f64) -> Self {
+        a
+    }
+}
+impl Elem for bf16 {
+    fn acc_slice(v: &[bf16]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Owned(v.iter().map(|x| x.to_a()).collect())
+    }
+    fn store_from_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::BF16(super::packed_gemm::to_bf16(&v))
+    }
+    #[inline(always)]
+    fn a(v: f64) -> f32 {
+        v as f32
+    }
+    fn store_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        cont::<f32>(s, l, op)
+    }
+    const HALF: bool = true;
+    type A = f32;
+    #[inline(always)]
+    fn to_a(self) -> f32 {
+        // Exact, and inlined (half's conversion goes through a per-call feature check).
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_a(a: f32) -> Self {
+        bf16::from_bits(super::packed_gemm::round_bf16(a.to_bits()))
+    }
+}
+impl Elem for f16 {
+    fn acc_slice(v: &[f16]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Owned(v.iter().map(|x| x.to_f32()).collect())
+    }
+    fn store_from_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F16(v.into_iter().map(f16::from_f32).collect())
+    }
+    #[inline(always)]
+    fn a(v: f64) -> f32 {
+        v as f32
+    }
+    fn store_a(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        cont::<f32>(s, l, op)
+    }
+    const HALF: bool = true;
+    type A = f32;
+    #[inline(always)]
+    fn to_a(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn from_a(a: f32) -> Self {
+        f16::from_f32(a)
+    }
+}
+
+/// Calls `$f::<T>(args)` with `T` the Rust type of a float dtype.
+macro_rules! by_dtype {
+    ($dt:expr, $name:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $dt {
+            candle_core::DType::F32 => $f::<f32>($($arg),*),
+            candle_core::DType::F64 => $f::<f64>($($arg),*),
+            candle_core::DType::BF16 => $f::<half::bf16>($($arg),*),
+            candle_core::DType::F16 => $f::<half::f16>($($arg),*),
+            dt => candle_core::bail!(
+                "{}: unsupported dtype {dt:?} (expected f32, f64, bf16 or f16)",
+                $name
+            ),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
+pub(crate) fn same_dtype(op: &str, a: DType, b: DType) -> Result<()> {
+    if a != b {
+        bail!("{op}: dtype mismatch, {a:?} and {b:?}");
+    }
+    Ok(())
+}

@@ -1,0 +1,362 @@
+//! LoRA on a frozen linear layer as one graph node.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use half::bf16;
+
+use crate::ops::cpu::cont;
+use crate::ops::cpu::par::*;
+
+use super::*;
+
+/// LoRA on a frozen linear layer as one graph node:
+/// `y = x W^T + scale * (x A^T) B^T`, with `W` (out, in) frozen, `A` (r, in) and `B` (out, r)
+/// usually `Var`s. The backward gives `dx`, `dA`, `dB` (each only when its input tracks a
+/// gradient) and never a dW.
+///
+/// `A` and `B` are f32 or f64; `x` and `W` share their dtype, or are bf16/f16 with f32
+/// adapters (PEFT keeps adapters of half-precision models in f32): the base product and the
+/// update are then summed in f32 and rounded once. `dropout_mask` (x's shape, in the adapters'
+/// dtype, already scaled by 1 / keep) multiplies the adapter's input only, as PEFT's
+/// `lora_dropout` does; it is a constant.
+pub fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_mask: Option<&Tensor>,
+) -> Result<Tensor> {
+    lora_linear_packed(x, w, a, b, scale, dropout_mask, (None, None))
+}
+
+/// [`lora_linear`] with the base weight already packed (`pack` must come from this `w`).
+pub fn lora_linear_packed(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout_mask: Option<&Tensor>,
+    packs: Packs<'_>,
+) -> Result<Tensor> {
+    if w.is_variable() {
+        bail!("lora_linear: the base weight is a Var; LoRA needs a frozen base");
+    }
+    let (n, k) = w.dims2()?;
+    let (r, ka) = a.dims2()?;
+    if ka != k || b.dims() != [n, r] {
+        bail!(
+            "lora_linear: A {:?} and B {:?} do not fit W ({n}, {k})",
+            a.dims(),
+            b.dims()
+        );
+    }
+    if x.dims().last() != Some(&k) {
+        bail!("lora_linear: x {:?} does not end in {k}", x.dims());
+    }
+    let ct = a.dtype();
+    let dtypes_ok = b.dtype() == ct
+        && linear_dtypes_ok(x.dtype(), w.dtype())
+        && match ct {
+            DType::F64 => x.dtype() == DType::F64,
+            DType::F32 => matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16),
+            _ => false,
+        };
+    if !dtypes_ok {
+        bail!(
+            "lora_linear: x {:?}, W {:?}, A {:?}, B {:?}: adapters must be f32 or f64, x and W \
+             their dtype or (with f32 adapters) bf16/f16",
+            x.dtype(),
+            w.dtype(),
+            a.dtype(),
+            b.dtype()
+        );
+    }
+    if let Some(mask) = dropout_mask {
+        if mask.shape() != x.shape() || mask.dtype() != ct {
+            bail!(
+                "lora_linear: dropout mask {:?} {:?}, expected {ct:?} {:?}",
+                mask.dtype(),
+                mask.dims(),
+                x.dims()
+            );
+        }
+    }
+    if !x.device().is_cpu() {
+        let base = frozen_linear(x, w)?;
+        let xc = x.to_dtype(ct)?;
+        let xd = match dropout_mask {
+            Some(mask) => (xc * mask)?,
+            None => xc,
+        };
+        let h = xd.broadcast_matmul(&a.t()?)?;
+        let delta = h.broadcast_matmul(&b.t()?)?.affine(scale, 0.0)?;
+        return base + delta.to_dtype(x.dtype())?;
+    }
+    x.contiguous()?.apply_op3(
+        &a.contiguous()?,
+        &b.contiguous()?,
+        LoraLinear {
+            w: w.contiguous()?,
+            scale,
+            mask: dropout_mask.map(|m| m.contiguous()).transpose()?,
+            pack: packs.0.cloned(),
+            grad_pack: packs.1.cloned(),
+        },
+    )
+}
+
+struct LoraLinear {
+    /// The frozen base weight (out, in), contiguous.
+    w: Tensor,
+    scale: f64,
+    /// The adapter input's dropout mask (x's shape, adapter dtype, scaled), contiguous.
+    mask: Option<Tensor>,
+    pack: Option<WeightPack>,
+    grad_pack: Option<WeightPack>,
+}
+
+/// A contiguous storage converted to `dt` (borrowed when it already is).
+fn storage_as<'a>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    dt: DType,
+) -> Result<std::borrow::Cow<'a, CpuStorage>> {
+    if s.dtype() == dt && l.start_offset() == 0 && l.is_contiguous() {
+        Ok(std::borrow::Cow::Borrowed(s))
+    } else {
+        Ok(std::borrow::Cow::Owned(s.to_dtype(l, dt)?))
+    }
+}
+
+impl LoraLinear {
+    /// `x W^T` in the compute dtype `ct` (f32 or f64), `x` as (m, k).
+    fn base_product(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        xc: &CpuStorage,
+        ct: DType,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<CpuStorage> {
+        let (ws, lw) = self.w.storage_and_layout();
+        let candle_core::Storage::Cpu(ws) = &*ws else {
+            bail!("lora_linear: the base weight is not on the CPU");
+        };
+        if sx.dtype() == DType::BF16 {
+            let x = cont::<bf16>(sx, lx, "lora_linear")?;
+            let w = cont::<bf16>(ws, lw, "lora_linear")?;
+            if let Some(y) = packed_b(self.pack.as_ref(), w, (k, n), (1, k))
+                .and_then(|b| crate::ops::packed_gemm::matmul(x, m, k, &b))
+            {
+                return Ok(CpuStorage::F32(y));
+            }
+        }
+        if sx.dtype() == DType::F32 && ws.dtype() == DType::BF16 {
+            let x = cont::<f32>(sx, lx, "lora_linear")?;
+            let w = cont::<bf16>(ws, lw, "lora_linear")?;
+            return Ok(CpuStorage::F32(mixed_matmul_t(
+                x,
+                w,
+                (m, n, k),
+                self.pack.as_ref(),
+            )?));
+        }
+        if let CpuStorage::F32(x) = xc {
+            if ws.dtype() == DType::F32 {
+                if let Some(y) = packed_f32_matmul_t(x, (m, n, k), self.pack.as_ref()) {
+                    return Ok(CpuStorage::F32(y));
+                }
+            }
+        }
+        let wc = storage_as(ws, lw, ct)?;
+        let lwc = Layout::contiguous((n, k)).transpose(0, 1)?;
+        xc.matmul(&wc, (1, m, n, k), &Layout::contiguous((m, k)), &lwc)
+    }
+}
+
+impl CustomOp3 for LoraLinear {
+    fn name(&self) -> &'static str {
+        "sft-lora-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        sx: &CpuStorage,
+        lx: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (n, kw) = self.w.dims2()?;
+        let (m, k, lx, shape) = rows_view(lx, n, "lora_linear")?;
+        if kw != k {
+            bail!("lora_linear: W (.., {kw}) and x (.., {k}) differ");
+        }
+        let ct = sa.dtype();
+        let r = la.dims()[0];
+        let xc = storage_as(sx, &lx, ct)?;
+        let base = self.base_product(sx, &lx, &xc, ct, (m, n, k))?;
+        // The adapter's input: x, or x times the dropout mask.
+        let xd = match &self.mask {
+            None => xc,
+            Some(mask) => {
+                let (ms, ml) = mask.storage_and_layout();
+                let candle_core::Storage::Cpu(ms) = &*ms else {
+                    bail!("lora_linear: the dropout mask is not on the CPU");
+                };
+                let xd = match (&*xc, ms) {
+                    (CpuStorage::F32(x), CpuStorage::F32(_)) => {
+                        let mv = cont::<f32>(ms, ml, "lora_linear")?;
+                        CpuStorage::F32(x.iter().zip(mv).map(|(a, b)| a * b).collect())
+                    }
+                    (CpuStorage::F64(x), CpuStorage::F64(_)) => {
+                        let mv = cont::<f64>(ms, ml, "lora_linear")?;
+                        CpuStorage::F64(x.iter().zip(mv).map(|(a, b)| a * b).collect())
+                    }
+                    _ => bail!("lora_linear: dropout mask dtype {:?}", ms.dtype()),
+                };
+                std::borrow::Cow::Owned(xd)
+            }
+        };
+        let h = cpu_matmul_t(&xd, &Layout::contiguous((m, k)), sa, la, (m, r, k), None)?;
+        let delta = cpu_matmul_t(&h, &Layout::contiguous((m, r)), sb, lb, (m, n, r), None)?;
+        let out = match (base, delta) {
+            (CpuStorage::F32(mut y), CpuStorage::F32(d)) => {
+                let s = self.scale as f32;
+                axpy_rows(&mut y, &d, n, |y, d| *y += s * d);
+                CpuStorage::F32(y)
+            }
+            (CpuStorage::F64(mut y), CpuStorage::F64(d)) => {
+                let s = self.scale;
+                axpy_rows(&mut y, &d, n, |y, d| *y += s * d);
+                CpuStorage::F64(y)
+            }
+            (y, _) => bail!("lora_linear: unsupported dtype {:?}", y.dtype()),
+        };
+        let out = match (&out, sx.dtype()) {
+            (_, dt) if dt == ct => out,
+            (CpuStorage::F32(y), DType::BF16) => {
+                CpuStorage::BF16(crate::ops::packed_gemm::to_bf16(y))
+            }
+            (_, dt) => out.to_dtype(&Layout::contiguous((m, n)), dt)?,
+        };
+        Ok((out, shape))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = self.w.dims2()?;
+        let (need_x, need_a, need_b) = (x.track_op(), a.track_op(), b.track_op());
+        let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        let ct = a.dtype();
+        let g = grad.contiguous()?;
+        let m = g.elem_count() / n.max(1);
+        let g = g.reshape((m, n))?;
+        let gc = g.to_dtype(ct)?;
+        // The adapter's input, with dropout applied, in the adapters' dtype.
+        let xc = x.reshape((m, k))?.to_dtype(ct)?;
+        let mask = self
+            .mask
+            .as_ref()
+            .map(|mk| mk.reshape((m, k)))
+            .transpose()?;
+        let xd = match &mask {
+            Some(mk) => zip_par(&xc, mk, Zip::Mul)?,
+            None => xc,
+        };
+        // The scale goes on the thin (m, r) products, not on (m, k) ones.
+        let gb = gc.matmul(&b)?.affine(self.scale, 0.0)?; // (m, r)
+        let dx = if need_x {
+            let d_in = gb.matmul(&a)?;
+            let d_in = match &mask {
+                Some(mk) => zip_par(&d_in, mk, Zip::Mul)?,
+                None => d_in,
+            };
+            let base = if g.dtype() == DType::BF16 || self.w.dtype() == DType::BF16 {
+                match bf16_times_w_f32(
+                    &cast_from_f32(&g, DType::BF16)?,
+                    &self.w,
+                    self.grad_pack.as_ref(),
+                )? {
+                    Some(t) => t,
+                    None => gc.matmul(&self.w.to_dtype(ct)?)?,
+                }
+            } else {
+                gc.matmul(&self.w.to_dtype(ct)?)?
+            };
+            Some(cast_from_f32(&zip_par(&base, &d_in, Zip::Add)?, x.dtype())?.reshape(x.dims())?)
+        } else {
+            None
+        };
+        let da = if need_a {
+            Some(gb.t()?.matmul(&xd)?)
+        } else {
+            None
+        };
+        let db = if need_b {
+            let h = xd.matmul(&a.t()?)?; // (m, r)
+            Some(gc.t()?.matmul(&h)?.affine(self.scale, 0.0)?)
+        } else {
+            None
+        };
+        Ok((dx, da, db))
+    }
+}
+
+/// The element-wise operation of [`zip_par`].
+#[derive(Clone, Copy)]
+enum Zip {
+    Add,
+    Mul,
+}
+
+/// `a + b` or `a * b` for two tensors of one shape; for f32 on the CPU in parallel over rows
+/// (candle's binary ops run on the calling thread here, see `runtime`), otherwise through
+/// candle. No gradient is recorded (for use inside backward passes).
+fn zip_par(a: &Tensor, b: &Tensor, op: Zip) -> Result<Tensor> {
+    if a.dtype() != DType::F32 || b.dtype() != DType::F32 || !a.device().is_cpu() {
+        let (a, b) = (a.detach(), b.detach());
+        return match op {
+            Zip::Add => a + b,
+            Zip::Mul => a * b,
+        };
+    }
+    if a.shape() != b.shape() {
+        bail!("zip_par: shapes {:?} and {:?}", a.dims(), b.dims());
+    }
+    let mut y = a.flatten_all()?.to_vec1::<f32>()?;
+    let bc = b.contiguous()?;
+    let (bs, bl) = bc.storage_and_layout();
+    let candle_core::Storage::Cpu(bs) = &*bs else {
+        bail!("zip_par: not on the CPU");
+    };
+    let bv = cont::<f32>(bs, bl, "zip_par")?;
+    let n = a.dims().last().copied().unwrap_or(1).max(1);
+    match op {
+        Zip::Add => axpy_rows(&mut y, bv, n, |y, d| *y += d),
+        Zip::Mul => axpy_rows(&mut y, bv, n, |y, d| *y *= d),
+    }
+    Tensor::from_vec(y, a.shape(), a.device())
+}
+
+/// `f(y, d)` over two equally long buffers, in parallel over `n`-wide rows when large.
+fn axpy_rows<T: Copy + Send + Sync, F: Fn(&mut T, T) + Send + Sync>(
+    y: &mut [T],
+    d: &[T],
+    n: usize,
+    f: F,
+) {
+    for_rows(y, n, |i, row| {
+        for (yv, &dv) in row.iter_mut().zip(&d[i * n..(i + 1) * n]) {
+            f(yv, dv);
+        }
+    });
+}

@@ -1,0 +1,155 @@
+//! The rotary position embedding (non-interleaved, Hugging Face LLaMA layout); its backward is
+//! the inverse rotation.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use num_traits::One;
+
+use crate::ops::cpu::cont;
+use crate::ops::cpu::par::*;
+use crate::ops::dispatch::{by_dtype, same_dtype, Elem};
+
+/// Rotary embedding, non-interleaved (GPT-NeoX / Hugging Face LLaMA layout):
+/// `out[i] = x[i] cos[i] - x[i + d/2] sin[i]`, `out[i + d/2] = x[i + d/2] cos[i] + x[i] sin[i]`.
+///
+/// `x`: (b, heads, t, head_dim), any strides with a unit last stride; `cos`, `sin`:
+/// (t, head_dim / 2) shared by the batch, or (b, t, head_dim / 2) per sequence (left-padded
+/// batches, where positions differ per row). The output is contiguous. `cos` and `sin` are
+/// treated as constants (no gradient).
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return if cos.rank() == 3 {
+            rope_composed(x, cos, sin)
+        } else {
+            candle_nn::rotary_emb::rope_slow(x, cos, sin)
+        };
+    }
+    let x = if x.stride().last() == Some(&1) {
+        x.clone()
+    } else {
+        x.contiguous()?
+    };
+    x.apply_op3(
+        &cos.contiguous()?,
+        &sin.contiguous()?,
+        Rope { inverse: false },
+    )
+}
+
+/// The composed form of [`rope`] for per-sequence (b, t, d/2) tables on non-CPU devices.
+fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+}
+
+/// `inverse` rotates by the opposite angle (sin negated): the transpose, used by backward.
+struct Rope {
+    inverse: bool,
+}
+
+fn rope_fwd<T: Elem>(
+    op: &Rope,
+    sx: &CpuStorage,
+    lx: &Layout,
+    sc: &CpuStorage,
+    lc: &Layout,
+    ss: &CpuStorage,
+    ls: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let (b, h, t, d) = match lx.dims() {
+        &[b, h, t, d] => (b, h, t, d),
+        dims => bail!("rope: x must be (b, heads, t, head_dim), got {dims:?}"),
+    };
+    if d % 2 != 0 {
+        bail!("rope: head_dim {d} must be even");
+    }
+    let d2 = d / 2;
+    let per_batch = match lc.dims() {
+        &[ct, cd] if ct == t && cd == d2 => false,
+        &[cb, ct, cd] if cb == b && ct == t && cd == d2 => true,
+        dims => bail!("rope: cos must be ({t}, {d2}) or ({b}, {t}, {d2}), got {dims:?}"),
+    };
+    if ls.dims() != lc.dims() {
+        bail!("rope: sin {:?} and cos {:?} differ", ls.dims(), lc.dims());
+    }
+    let xs = sx.as_slice::<T>()?;
+    let cos = cont::<T>(sc, lc, "rope")?;
+    let sin = cont::<T>(ss, ls, "rope")?;
+    let st = lx.stride();
+    if st[3] != 1 {
+        bail!("rope: x needs a unit last stride, got {st:?}");
+    }
+    let (sb, sh, stt, off) = (st[0], st[1], st[2], lx.start_offset());
+    let sign = if op.inverse {
+        -T::A::one()
+    } else {
+        T::A::one()
+    };
+    let mut out = vec![T::zero(); b * h * t * d];
+    for_rows(&mut out, d, |row, o| {
+        let ti = row % t;
+        let hi = (row / t) % h;
+        let bi = row / (t * h);
+        let src = off + bi * sb + hi * sh + ti * stt;
+        let xr = &xs[src..src + d];
+        let crow = if per_batch { bi * t + ti } else { ti };
+        let c = &cos[crow * d2..(crow + 1) * d2];
+        let s = &sin[crow * d2..(crow + 1) * d2];
+        let (o1, o2) = o.split_at_mut(d2);
+        for i in 0..d2 {
+            let (x1, x2) = (xr[i].to_a(), xr[i + d2].to_a());
+            let (cv, sv) = (c[i].to_a(), s[i].to_a() * sign);
+            o1[i] = T::from_a(x1 * cv - x2 * sv);
+            o2[i] = T::from_a(x2 * cv + x1 * sv);
+        }
+    });
+    Ok((storage(out), Shape::from((b, h, t, d))))
+}
+
+impl CustomOp3 for Rope {
+    fn name(&self) -> &'static str {
+        "sft-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype("rope", s1.dtype(), s2.dtype())?;
+        same_dtype("rope", s1.dtype(), s3.dtype())?;
+        by_dtype!(s1.dtype(), "rope", rope_fwd(self, s1, l1, s2, l2, s3, l3))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // A rotation's transpose is the rotation by the opposite angle.
+        let grad = if grad.stride().last() == Some(&1) {
+            grad.clone()
+        } else {
+            grad.contiguous()?
+        };
+        let dx = grad.apply_op3_no_bwd(
+            cos,
+            sin,
+            &Rope {
+                inverse: !self.inverse,
+            },
+        )?;
+        Ok((Some(dx), None, None))
+    }
+}

@@ -1,0 +1,110 @@
+//! Softmax over the last dimension (a fully masked row gives zeros), forward and backward.
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+use num_traits::{Float, Zero};
+
+use crate::ops::cpu::cont;
+use crate::ops::cpu::par::*;
+use crate::ops::dispatch::{by_dtype, Acc, Elem};
+
+/// Softmax over the last dimension. A row that is entirely `-inf` (a fully masked query)
+/// gives zeros instead of NaN.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.device().is_cpu() {
+        return candle_nn::ops::softmax(x, D::Minus1);
+    }
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+struct Softmax;
+
+fn softmax_fwd<T: Elem>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+    let d = l.dims().last().copied().unwrap_or(1);
+    let x = cont::<T>(s, l, "softmax")?;
+    let mut out = vec![T::zero(); x.len()];
+    for_rows(&mut out, d, |i, o| {
+        let xr = &x[i * d..(i + 1) * d];
+        let max = xr
+            .iter()
+            .fold(T::A::neg_infinity(), |m, &v| m.max(v.to_a()));
+        if max == T::A::neg_infinity() {
+            return; // stays zero
+        }
+        let mut sum = T::A::zero();
+        if T::HALF {
+            // Recompute exp when scaling so a half-precision result is rounded only once.
+            for &v in xr {
+                sum += (v.to_a() - max).fexp();
+            }
+            let inv = sum.recip();
+            for (o, &v) in o.iter_mut().zip(xr) {
+                *o = T::from_a((v.to_a() - max).fexp() * inv);
+            }
+        } else {
+            for (o, &v) in o.iter_mut().zip(xr) {
+                let e = (v.to_a() - max).fexp();
+                sum += e;
+                *o = T::from_a(e);
+            }
+            let inv = sum.recip();
+            for o in o.iter_mut() {
+                *o = T::from_a(o.to_a() * inv);
+            }
+        }
+    });
+    Ok((storage(out), l.shape().clone()))
+}
+
+impl CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "sft-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s.dtype(), "softmax", softmax_fwd(s, l))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
+    }
+}
+
+/// dx = y * (g - sum(g * y)).
+struct SoftmaxBwd;
+
+fn softmax_bwd<T: Elem>(
+    sy: &CpuStorage,
+    ly: &Layout,
+    sg: &CpuStorage,
+    lg: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let d = ly.dims().last().copied().unwrap_or(1);
+    let y = cont::<T>(sy, ly, "softmax bwd")?;
+    let g = cont::<T>(sg, lg, "softmax bwd")?;
+    let mut out = vec![T::zero(); y.len()];
+    for_rows(&mut out, d, |i, o| {
+        let yr = &y[i * d..(i + 1) * d];
+        let gr = &g[i * d..(i + 1) * d];
+        let dot: T::A = yr.iter().zip(gr).map(|(&a, &b)| a.to_a() * b.to_a()).sum();
+        for ((o, &yv), &gv) in o.iter_mut().zip(yr).zip(gr) {
+            *o = T::from_a(yv.to_a() * (gv.to_a() - dot));
+        }
+    });
+    Ok((storage(out), ly.shape().clone()))
+}
+
+impl CustomOp2 for SoftmaxBwd {
+    fn name(&self) -> &'static str {
+        "sft-softmax-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(s1.dtype(), "softmax bwd", softmax_bwd(s1, l1, s2, l2))
+    }
+}

@@ -1,0 +1,186 @@
+//! SwiGLU's `silu(gate) * up`, forward and backward in one pass each.
+use candle_core::backend::BackendStorage;
+use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use num_traits::One;
+use rayon::prelude::*;
+
+use crate::ops::cpu::cont;
+use crate::ops::cpu::par::*;
+use crate::ops::dispatch::{by_dtype, same_dtype, Acc, Elem};
+
+/// `silu(gate) * up`, the SwiGLU activation; `gate` and `up` have the same shape.
+pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    if !gate.device().is_cpu() {
+        return candle_nn::ops::silu(gate)? * up;
+    }
+    if gate.shape() != up.shape() {
+        bail!(
+            "silu_mul: gate {:?} and up {:?} differ",
+            gate.dims(),
+            up.dims()
+        );
+    }
+    gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+struct SiluMul;
+
+#[inline(always)]
+fn sigmoid<A: Acc>(x: A) -> A {
+    (A::one() + (-x).fexp()).recip()
+}
+
+fn silu_mul_fwd<T: Elem>(
+    sg: &CpuStorage,
+    lg: &Layout,
+    su: &CpuStorage,
+    lu: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let g = cont::<T>(sg, lg, "silu_mul")?;
+    let u = cont::<T>(su, lu, "silu_mul")?;
+    let d = lg.dims().last().copied().unwrap_or(1);
+    let mut out = vec![T::zero(); g.len()];
+    for_rows(&mut out, d, |i, o| {
+        T::silu_mul_row(o, &g[i * d..(i + 1) * d], &u[i * d..(i + 1) * d]);
+    });
+    Ok((storage(out), lg.shape().clone()))
+}
+
+impl CustomOp2 for SiluMul {
+    fn name(&self) -> &'static str {
+        "sft-silu-mul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        same_dtype("silu_mul", s1.dtype(), s2.dtype())?;
+        by_dtype!(s1.dtype(), "silu_mul", silu_mul_fwd(s1, l1, s2, l2))
+    }
+
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // One pass writes both gradients into a (2, ...) tensor; each is a contiguous view.
+        let both = gate.apply_op3_no_bwd(up, &grad.contiguous()?, &SiluMulBwd)?;
+        let dgate = gate.track_op().then(|| both.get(0)).transpose()?;
+        let dup = up.track_op().then(|| both.get(1)).transpose()?;
+        Ok((dgate, dup))
+    }
+}
+
+/// d gate = grad * up * s * (1 + g (1 - s)), d up = grad * g * s, stacked as (2, ...).
+struct SiluMulBwd;
+
+fn silu_mul_bwd<T: Elem>(
+    sg: &CpuStorage,
+    lg: &Layout,
+    su: &CpuStorage,
+    lu: &Layout,
+    sd: &CpuStorage,
+    ld: &Layout,
+) -> Result<(CpuStorage, Shape)> {
+    let g = cont::<T>(sg, lg, "silu_mul bwd")?;
+    let u = cont::<T>(su, lu, "silu_mul bwd")?;
+    let dy = cont::<T>(sd, ld, "silu_mul bwd")?;
+    let n = g.len();
+    let d = lg.dims().last().copied().unwrap_or(1);
+    let mut out = vec![T::zero(); 2 * n];
+    let (dg, du) = out.split_at_mut(n);
+    let kernel = |i: usize, dg: &mut [T], du: &mut [T]| {
+        let r = i * d..(i + 1) * d;
+        T::silu_mul_bwd_row(dg, du, &g[r.clone()], &u[r.clone()], &dy[r]);
+    };
+    if n < PAR_MIN_ELEMS || d == 0 {
+        dg.chunks_mut(d.max(1))
+            .zip(du.chunks_mut(d.max(1)))
+            .enumerate()
+            .for_each(|(i, (a, b))| kernel(i, a, b));
+    } else {
+        dg.par_chunks_mut(d)
+            .zip(du.par_chunks_mut(d))
+            .enumerate()
+            .with_min_len((PAR_MIN_ELEMS / 4 / d).max(1))
+            .for_each(|(i, (a, b))| kernel(i, a, b));
+    }
+    let mut dims = vec![2];
+    dims.extend_from_slice(lg.dims());
+    Ok((storage(out), Shape::from(dims)))
+}
+
+impl CustomOp3 for SiluMulBwd {
+    fn name(&self) -> &'static str {
+        "sft-silu-mul-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        by_dtype!(
+            s1.dtype(),
+            "silu_mul bwd",
+            silu_mul_bwd(s1, l1, s2, l2, s3, l3)
+        )
+    }
+}
+
+#[inline(always)]
+pub(crate) fn silu_mul_row_body<T: Elem>(o: &mut [T], g: &[T], u: &[T]) {
+    for ((o, &gv), &uv) in o.iter_mut().zip(g).zip(u) {
+        let gv = gv.to_a();
+        *o = T::from_a(gv * sigmoid(gv) * uv.to_a());
+    }
+}
+
+#[inline(always)]
+pub(crate) fn silu_mul_bwd_row_body<T: Elem>(
+    dg: &mut [T],
+    du: &mut [T],
+    g: &[T],
+    u: &[T],
+    dy: &[T],
+) {
+    for (((dgv, duv), (&gv, &uv)), &yv) in dg
+        .iter_mut()
+        .zip(du.iter_mut())
+        .zip(g.iter().zip(u))
+        .zip(dy)
+    {
+        let (gv, uv, yv) = (gv.to_a(), uv.to_a(), yv.to_a());
+        let s = sigmoid(gv);
+        *dgv = T::from_a(yv * uv * s * (T::A::one() + gv * (T::A::one() - s)));
+        *duv = T::from_a(yv * gv * s);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn silu_mul_row_avx2(o: &mut [f32], g: &[f32], u: &[f32]) {
+    silu_mul_row_body(o, g, u)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn silu_mul_bwd_row_avx2(
+    dg: &mut [f32],
+    du: &mut [f32],
+    g: &[f32],
+    u: &[f32],
+    dy: &[f32],
+) {
+    silu_mul_bwd_row_body(dg, du, g, u, dy)
+}
