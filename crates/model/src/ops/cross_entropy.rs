@@ -1,13 +1,13 @@
 //! Fused cross-entropy over the vocabulary, forward and backward.
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use half::{bf16, f16};
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
-use crate::ops::dispatch::{Acc, Elem};
+use crate::ops::dispatch::{by_dtype, Acc, Elem};
+use crate::ops::{composed, route, Op, Route};
 
 /// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, labels[i]]`, fused (no softmax
 /// tensor is kept). `logits`: (n, vocab) float; `labels`: (n) u32 or i64. Rows whose label
@@ -22,28 +22,12 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Res
             labels.dims()
         );
     }
-    if !logits.device().is_cpu() {
-        return cross_entropy_composed(logits, labels, ignore_index);
+    if route(Op::CrossEntropy, logits.device()) == Route::Composed {
+        return composed::cross_entropy(logits, labels, ignore_index);
     }
     logits
         .contiguous()?
         .apply_op2(&labels.contiguous()?, CrossEntropy { ignore_index })
-}
-
-fn cross_entropy_composed(logits: &Tensor, labels: &Tensor, ignore: i64) -> Result<Tensor> {
-    let out_dt = if logits.dtype() == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    };
-    let logits = logits.to_dtype(out_dt)?;
-    let labels = labels.to_dtype(DType::I64)?;
-    let keep = labels.ne(ignore)?;
-    let safe = keep.where_cond(&labels, &labels.zeros_like()?)?;
-    let lse = logits.exp()?.sum_keepdim(1)?.log()?; // composed fallback: not max-shifted
-    let picked = logits.gather(&safe.unsqueeze(1)?, 1)?;
-    let loss = (lse - picked)?.squeeze(1)?;
-    keep.where_cond(&loss, &loss.zeros_like()?)
 }
 
 struct CrossEntropy {
@@ -120,13 +104,7 @@ impl CustomOp2 for CrossEntropy {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => ce_fwd::<f32>(self, s1, l1, s2, l2),
-            DType::F64 => ce_fwd::<f64>(self, s1, l1, s2, l2),
-            DType::BF16 => ce_fwd::<bf16>(self, s1, l1, s2, l2),
-            DType::F16 => ce_fwd::<f16>(self, s1, l1, s2, l2),
-            dt => bail!("cross_entropy: unsupported logits dtype {dt:?}"),
-        }
+        by_dtype!(s1.dtype(), "cross_entropy", ce_fwd(self, s1, l1, s2, l2))
     }
 
     fn bwd(
@@ -204,12 +182,10 @@ impl CustomOp3 for CrossEntropyBwd {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        match s1.dtype() {
-            DType::F32 => ce_bwd::<f32>(self, s1, l1, s2, l2, s3, l3),
-            DType::F64 => ce_bwd::<f64>(self, s1, l1, s2, l2, s3, l3),
-            DType::BF16 => ce_bwd::<bf16>(self, s1, l1, s2, l2, s3, l3),
-            DType::F16 => ce_bwd::<f16>(self, s1, l1, s2, l2, s3, l3),
-            dt => bail!("cross_entropy bwd: unsupported logits dtype {dt:?}"),
-        }
+        by_dtype!(
+            s1.dtype(),
+            "cross_entropy bwd",
+            ce_bwd(self, s1, l1, s2, l2, s3, l3)
+        )
     }
 }

@@ -43,6 +43,7 @@
 use candle_core::Device;
 
 mod attention;
+pub mod composed;
 mod cpu;
 mod cross_entropy;
 mod dispatch;
@@ -52,7 +53,9 @@ mod rope;
 mod softmax;
 mod swiglu;
 
-pub use attention::{attention, attention_cached};
+pub use attention::{
+    attention, attention_cached, attention_cached_with, attention_with, AttnMask, KeyRanges,
+};
 pub use cross_entropy::cross_entropy;
 pub(crate) use linear::packed_gemm;
 pub use linear::{

@@ -6,12 +6,13 @@ use num_traits::Float;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 use crate::ops::dispatch::{by_dtype, same_dtype, Elem};
+use crate::ops::{composed, route, Op, Route};
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 /// `x`: (..., d); `weight`: (d). Half types normalise in f32 and round once.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return candle_nn::ops::rms_norm_slow(x, weight, eps);
+    if route(Op::RmsNorm, x.device()) == Route::Composed {
+        return composed::rms_norm(x, weight, eps);
     }
     x.contiguous()?
         .apply_op2(&weight.contiguous()?, RmsNorm { eps: eps as f64 })

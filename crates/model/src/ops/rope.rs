@@ -1,12 +1,13 @@
 //! The rotary position embedding (non-interleaved, Hugging Face LLaMA layout); its backward is
 //! the inverse rotation.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::One;
 
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 use crate::ops::dispatch::{by_dtype, same_dtype, Elem};
+use crate::ops::{composed, route, Op, Route};
 
 /// Rotary embedding, non-interleaved (GPT-NeoX / Hugging Face LLaMA layout):
 /// `out[i] = x[i] cos[i] - x[i + d/2] sin[i]`, `out[i + d/2] = x[i + d/2] cos[i] + x[i] sin[i]`.
@@ -16,12 +17,8 @@ use crate::ops::dispatch::{by_dtype, same_dtype, Elem};
 /// batches, where positions differ per row). The output is contiguous. `cos` and `sin` are
 /// treated as constants (no gradient).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return if cos.rank() == 3 {
-            rope_composed(x, cos, sin)
-        } else {
-            candle_nn::rotary_emb::rope_slow(x, cos, sin)
-        };
+    if route(Op::Rope, x.device()) == Route::Composed {
+        return composed::rope(x, cos, sin);
     }
     let x = if x.stride().last() == Some(&1) {
         x.clone()
@@ -33,17 +30,6 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         &sin.contiguous()?,
         Rope { inverse: false },
     )
-}
-
-/// The composed form of [`rope`] for per-sequence (b, t, d/2) tables on non-CPU devices.
-fn rope_composed(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
-    let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
-    let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
 }
 
 /// `inverse` rotates by the opposite angle (sin negated): the transpose, used by backward.

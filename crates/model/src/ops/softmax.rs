@@ -1,17 +1,18 @@
 //! Softmax over the last dimension (a fully masked row gives zeros), forward and backward.
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 use crate::ops::dispatch::{by_dtype, Acc, Elem};
+use crate::ops::{composed, route, Op, Route};
 
 /// Softmax over the last dimension. A row that is entirely `-inf` (a fully masked query)
 /// gives zeros instead of NaN.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if !x.device().is_cpu() {
-        return candle_nn::ops::softmax(x, D::Minus1);
+    if route(Op::Softmax, x.device()) == Route::Composed {
+        return composed::softmax_last_dim(x);
     }
     x.contiguous()?.apply_op1(Softmax)
 }

@@ -7,11 +7,12 @@ use rayon::prelude::*;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 use crate::ops::dispatch::{by_dtype, same_dtype, Acc, Elem};
+use crate::ops::{composed, route, Op, Route};
 
 /// `silu(gate) * up`, the SwiGLU activation; `gate` and `up` have the same shape.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if !gate.device().is_cpu() {
-        return candle_nn::ops::silu(gate)? * up;
+    if route(Op::SiluMul, gate.device()) == Route::Composed {
+        return composed::silu_mul(gate, up);
     }
     if gate.shape() != up.shape() {
         bail!(

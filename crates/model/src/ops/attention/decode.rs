@@ -1,18 +1,21 @@
 //! Decoding attention: a few new positions over a KV cache, read in place.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::{dot_lanes, AttnDims, RowMask, SendPtr};
+use super::{attention_with, check_mask, check_qkv, check_ranges, with_row_mask, AttnMask};
 use crate::ops::cpu::cont;
-use crate::ops::cpu::simd::*;
-use crate::ops::dispatch::Acc;
+use crate::ops::cpu::simd::exp_shift_sum_f32;
+use crate::ops::dispatch::{by_dtype, Acc, Elem};
 
-use super::*;
-
+/// Query positions up to which [`attention_cached`] runs its direct loops; longer blocks (a
+/// prefill) go through [`super::attention`]'s matrix products.
 const DECODE_MAX_T: usize = 4;
 
 /// Attention of `t` new positions over a KV cache, forward only (generation):
-/// `out = softmax(scale * Q K^T + mask) V` as (b, t, heads * head_dim), like [`attention`].
+/// `out = softmax(scale * Q K^T + mask) V` as (b, t, heads * head_dim), like
+/// [`super::attention`].
 ///
 /// `q`: (b, heads, t, head_dim). `k_cache`, `v_cache`: (b, kv_heads, capacity, head_dim)
 /// contiguous buffers whose first `s` positions hold keys and values. `mask`: additive,
@@ -20,7 +23,7 @@ const DECODE_MAX_T: usize = 4;
 /// cache in place with one task per kv group (its keys stay in cache for the group's query
 /// heads): a matrix-product call per head costs more than the work at these sizes, and copying
 /// the cache's first `s` positions out would move the whole cache every step. Longer blocks and
-/// other devices take [`attention`] on the narrowed cache.
+/// other devices take [`super::attention`] on the narrowed cache.
 pub fn attention_cached(
     q: &Tensor,
     k_cache: &Tensor,
@@ -29,11 +32,24 @@ pub fn attention_cached(
     mask: Option<&Tensor>,
     scale: f64,
 ) -> Result<Tensor> {
+    let mask = mask.cloned().map(AttnMask::Additive);
+    attention_cached_with(q, k_cache, v_cache, s, mask.as_ref(), scale)
+}
+
+/// [`attention_cached`] with any [`AttnMask`].
+pub fn attention_cached_with(
+    q: &Tensor,
+    k_cache: &Tensor,
+    v_cache: &Tensor,
+    s: usize,
+    mask: Option<&AttnMask>,
+    scale: f64,
+) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (bk, nkv, cap, hdk) = k_cache.dims4()?;
     let direct = q.device().is_cpu()
         && t <= DECODE_MAX_T
-        && matches!(q.dtype(), DType::F32 | DType::F64)
+        && matches!(q.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
         && k_cache.dtype() == q.dtype()
         && v_cache.dtype() == q.dtype()
         && k_cache.is_contiguous()
@@ -44,16 +60,22 @@ pub fn attention_cached(
         && s <= cap
         && nkv > 0
         && nh % nkv == 0;
+    let (k, v) = (k_cache.narrow(2, 0, s)?, v_cache.narrow(2, 0, s)?);
     if !direct {
-        let (k, v) = (k_cache.narrow(2, 0, s)?, v_cache.narrow(2, 0, s)?);
-        return attention(q, &k, &v, mask, scale);
+        return attention_with(q, &k, &v, mask, scale);
     }
-    if let Some(m) = mask {
-        check_mask(m, (b, t, s), "attention_cached")?;
-    }
-    let mask = mask
-        .map(|m| m.to_dtype(q.dtype())?.contiguous())
-        .transpose()?;
+    let d = check_qkv(q, &k, &v, "attention_cached")?;
+    let mask = match mask {
+        None => None,
+        Some(AttnMask::Additive(m)) => {
+            check_mask(m, (b, t, s), "attention_cached")?;
+            Some(AttnMask::Additive(m.to_dtype(q.dtype())?.contiguous()?))
+        }
+        Some(AttnMask::Ranges(r)) => {
+            check_ranges(r, d, "attention_cached")?;
+            Some(AttnMask::Ranges(r.clone()))
+        }
+    };
     q.contiguous()?
         .apply_op3_no_bwd(k_cache, v_cache, &CachedAttention { mask, scale, s })
 }
@@ -61,10 +83,41 @@ pub fn attention_cached(
 /// [`attention_cached`]'s direct path as an op (forward only): q, then the whole K and V
 /// caches, of which the first `s` positions are read.
 struct CachedAttention {
-    /// Additive mask (b or 1, 1, t, s) in q's dtype, contiguous.
-    mask: Option<Tensor>,
+    /// Additive masks in q's dtype, contiguous.
+    mask: Option<AttnMask>,
     scale: f64,
     s: usize,
+}
+
+fn cached_cpu<T: Elem>(
+    op: &CachedAttention,
+    (sq, lq): (&CpuStorage, &Layout),
+    (sk, lk): (&CpuStorage, &Layout),
+    (sv, lv): (&CpuStorage, &Layout),
+) -> Result<CpuStorage>
+where
+    T::A: candle_core::WithDType,
+{
+    let (b, nh, t, hd) = lq.shape().dims4()?;
+    let (_, nkv, cap, _) = lk.shape().dims4()?;
+    let d = AttnDims {
+        b,
+        nh,
+        nkv,
+        t,
+        s: op.s,
+        hd,
+    };
+    let name = "attention_cached";
+    // Direct calls are f32 or f64 (checked above), where these borrow.
+    let q = T::acc_slice(cont::<T>(sq, lq, name)?);
+    let k = T::acc_slice(cont::<T>(sk, lk, name)?);
+    let v = T::acc_slice(cont::<T>(sv, lv, name)?);
+    let scale = T::a(op.scale);
+    let out = with_row_mask(op.mask.as_ref(), |m| {
+        decode_attention_slices(d, cap, &q, &k, &v, m, scale)
+    })?;
+    Ok(T::store_from_a(out))
 }
 
 impl CustomOp3 for CachedAttention {
@@ -82,34 +135,12 @@ impl CustomOp3 for CachedAttention {
         lv: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (b, nh, t, hd) = lq.shape().dims4()?;
-        let (_, nkv, cap, _) = lk.shape().dims4()?;
-        let d = AttnDims {
-            b,
-            nh,
-            nkv,
-            t,
-            s: self.s,
-            hd,
-        };
-        let shape = Shape::from((b, t, nh * hd));
-        let op = "attention_cached";
-        Ok(match sq.dtype() {
-            DType::F32 => {
-                let (q, k, v) = (cont(sq, lq, op)?, cont(sk, lk, op)?, cont(sv, lv, op)?);
-                let out = with_mask(self.mask.as_ref(), |m| {
-                    decode_attention_slices(d, cap, q, k, v, m, self.scale as f32)
-                })?;
-                (CpuStorage::F32(out), shape)
-            }
-            DType::F64 => {
-                let (q, k, v) = (cont(sq, lq, op)?, cont(sk, lk, op)?, cont(sv, lv, op)?);
-                let out = with_mask(self.mask.as_ref(), |m| {
-                    decode_attention_slices(d, cap, q, k, v, m, self.scale)
-                })?;
-                (CpuStorage::F64(out), shape)
-            }
-            dt => bail!("{op}: unsupported dtype {dt:?}"),
-        })
+        let out = by_dtype!(
+            sq.dtype(),
+            "attention_cached",
+            cached_cpu(self, (sq, lq), (sk, lk), (sv, lv))
+        )?;
+        Ok((out, Shape::from((b, t, nh * hd))))
     }
 }
 
@@ -120,7 +151,7 @@ fn decode_attention_slices<T: Acc>(
     q: &[T],
     k: &[T],
     v: &[T],
-    mask: Option<(&[T], usize)>,
+    mask: RowMask<'_, T>,
     scale: T,
 ) -> Vec<T> {
     let (t, s, hd, nh, n_rep) = (d.t, d.s, d.hd, d.nh, d.n_rep());
@@ -137,8 +168,7 @@ fn decode_attention_slices<T: Acc>(
             let h = g * n_rep + r;
             for tq in 0..t {
                 let qrow = &q[((bi * nh + h) * t + tq) * hd..][..hd];
-                let mrow =
-                    mask.map(|(m, mb)| &m[((if mb == 1 { 0 } else { bi }) * t + tq) * s..][..s]);
+                let (lo, hi, add) = mask.row(d, bi, tq);
                 // SAFETY: (bi, tq, h) is written by this task only.
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(
@@ -146,7 +176,19 @@ fn decode_attention_slices<T: Acc>(
                         hd,
                     )
                 };
-                T::decode_row(qrow, kg, vg, mrow, scale, &mut p, dst);
+                if lo >= hi {
+                    dst.iter_mut().for_each(|x| *x = T::zero());
+                    continue;
+                }
+                T::decode_row(
+                    qrow,
+                    &kg[lo * hd..hi * hd],
+                    &vg[lo * hd..hi * hd],
+                    add.map(|m| &m[lo..hi]),
+                    scale,
+                    &mut p[..hi - lo],
+                    dst,
+                );
             }
         }
     };

@@ -7,6 +7,7 @@ use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 
 use super::*;
+use crate::ops::{composed, route, Op, Route};
 
 /// LoRA on a frozen linear layer as one graph node:
 /// `y = x W^T + scale * (x A^T) B^T`, with `W` (out, in) frozen, `A` (r, in) and `B` (out, r)
@@ -82,16 +83,8 @@ pub fn lora_linear_packed(
             );
         }
     }
-    if !x.device().is_cpu() {
-        let base = frozen_linear(x, w)?;
-        let xc = x.to_dtype(ct)?;
-        let xd = match dropout_mask {
-            Some(mask) => (xc * mask)?,
-            None => xc,
-        };
-        let h = xd.broadcast_matmul(&a.t()?)?;
-        let delta = h.broadcast_matmul(&b.t()?)?.affine(scale, 0.0)?;
-        return base + delta.to_dtype(x.dtype())?;
+    if route(Op::LoraLinear, x.device()) == Route::Composed {
+        return composed::lora_linear(x, w, a, b, scale, dropout_mask);
     }
     x.contiguous()?.apply_op3(
         &a.contiguous()?,
