@@ -11,10 +11,8 @@
 use std::sync::Mutex;
 
 use candle_core::{DType, Module, Result, Tensor, Var};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
-use crate::ops;
+use crate::ops::{self, DropoutKey, LoraDropout};
 
 #[derive(Clone, Debug)]
 pub struct Linear {
@@ -130,6 +128,22 @@ impl Linear {
         add_bias(y, self.bias.as_ref())
     }
 
+    /// The tensors of this layer that carry a gradient: the weight and bias when they are
+    /// `Var`s (full fine-tuning), the adapter's A and B.
+    pub fn trainable(&self) -> Vec<Tensor> {
+        let mut out: Vec<Tensor> = [Some(&self.weight), self.bias.as_ref()]
+            .into_iter()
+            .flatten()
+            .filter(|t| t.is_variable())
+            .cloned()
+            .collect();
+        if let Some(l) = &self.lora {
+            out.push(l.a.as_tensor().clone());
+            out.push(l.b.as_tensor().clone());
+        }
+        out
+    }
+
     /// `W + scale * B A` in the base weight's dtype (computed in f32 or f64), or `W` itself
     /// without an adapter.
     pub fn merged_weight(&self) -> Result<Tensor> {
@@ -146,10 +160,12 @@ impl Module for Linear {
             return self.forward_base(x);
         };
         // One fused graph node for a frozen base whose dtype matches the input: adapters in
-        // the same f32/f64, or f32 adapters on a bf16/f16 base.
+        // the same f32/f64, or f32 adapters on a bf16/f16 base (on the CPU also with f32
+        // activations on a bf16 base).
+        let mixed =
+            x.device().is_cpu() && (x.dtype(), self.weight.dtype()) == (DType::F32, DType::BF16);
         let fused = !self.weight.is_variable()
-            && (self.weight.dtype() == x.dtype()
-                || (x.dtype(), self.weight.dtype()) == (DType::F32, DType::BF16))
+            && (self.weight.dtype() == x.dtype() || mixed)
             && matches!(
                 (x.dtype(), l.a.dtype()),
                 (DType::F32, DType::F32)
@@ -157,15 +173,14 @@ impl Module for Linear {
                     | (DType::BF16 | DType::F16, DType::F32)
             );
         if fused {
-            let mask = l.dropout_mask(x)?;
             let (fwd, grad) = self.packs_for(x)?;
-            let y = ops::lora_linear_packed(
+            let y = ops::lora_linear_with(
                 x,
                 &self.weight,
                 l.a.as_tensor(),
                 l.b.as_tensor(),
                 l.scale,
-                mask.as_ref(),
+                l.dropout(),
                 (fwd.as_ref(), grad.as_ref()),
             )?;
             return add_bias(y, self.bias.as_ref());
@@ -226,8 +241,8 @@ pub struct LoraLayer {
     pub scale: f64,
     /// Probability of zeroing an input element of the adapter path in training mode.
     pub dropout: f64,
-    /// `Some` in training mode: the generator of the dropout masks.
-    rng: Mutex<Option<ChaCha8Rng>>,
+    /// `Some` in training mode: the seed of this forward's dropout masks.
+    key: Mutex<Option<DropoutKey>>,
 }
 
 impl Clone for LoraLayer {
@@ -237,7 +252,7 @@ impl Clone for LoraLayer {
             b: self.b.clone(),
             scale: self.scale,
             dropout: self.dropout,
-            rng: Mutex::new(self.rng.lock().map(|r| r.clone()).unwrap_or(None)),
+            key: Mutex::new(self.key()),
         }
     }
 }
@@ -260,7 +275,7 @@ impl LoraLayer {
             b,
             scale,
             dropout,
-            rng: Mutex::new(None),
+            key: Mutex::new(None),
         }
     }
 
@@ -268,17 +283,31 @@ impl LoraLayer {
         self.a.dims().first().copied().unwrap_or(0)
     }
 
-    /// Training mode with dropout masks drawn from `seed`, or evaluation mode (`None`).
+    fn key(&self) -> Option<DropoutKey> {
+        *self.key.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Training mode with dropout masks drawn from `seed` (a counter-based generator: the mask
+    /// is a function of the seed and the element's index, the same on every device), or
+    /// evaluation mode (`None`).
     pub fn set_training(&self, seed: Option<u64>) {
-        let mut g = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        *g = seed.map(ChaCha8Rng::seed_from_u64);
+        *self.key.lock().unwrap_or_else(|e| e.into_inner()) =
+            seed.map(|seed| DropoutKey { seed, stream: 0 });
     }
 
     pub fn is_training(&self) -> bool {
-        self.rng
-            .lock()
-            .map(|g| g.is_some())
-            .unwrap_or_else(|e| e.into_inner().is_some())
+        self.key().is_some()
+    }
+
+    /// The dropout of this forward: off without dropout or in evaluation mode.
+    pub fn dropout(&self) -> LoraDropout<'static> {
+        match self.key() {
+            Some(key) if self.dropout > 0.0 => LoraDropout::Key {
+                key,
+                p: self.dropout,
+            },
+            _ => LoraDropout::Off,
+        }
     }
 
     /// `scale * B A dropout(x)`, in the adapter's dtype.
@@ -301,21 +330,12 @@ impl LoraLayer {
     /// The dropout mask for an input like `x` (keep with probability 1 - p, scaled by
     /// 1 / (1 - p)), in the adapter's dtype; `None` without dropout or in evaluation mode.
     pub fn dropout_mask(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        if self.dropout <= 0.0 {
-            return Ok(None);
+        match self.dropout() {
+            LoraDropout::Key { key, p } => {
+                ops::dropout_mask(key, x.dims(), p, self.a.dtype(), x.device()).map(Some)
+            }
+            _ => Ok(None),
         }
-        let mut g = self.rng.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(rng) = g.as_mut() else {
-            return Ok(None);
-        };
-        let keep = 1.0 - self.dropout;
-        let inv = if keep > 0.0 { (1.0 / keep) as f32 } else { 0.0 };
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.random::<f64>() < keep { inv } else { 0.0 })
-            .collect();
-        Ok(Some(
-            Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(self.a.dtype())?,
-        ))
     }
 }
 

@@ -25,14 +25,18 @@ use rand::{Rng, SeedableRng};
 
 use crate::config::LlamaConfig;
 use crate::linear::Linear;
-use crate::ops;
+use crate::ops::{self, AttnMask, KeyRanges};
 
 /// Labels equal to this are ignored by the loss (PyTorch's `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Rows of logits computed at once by the loss (bounds its memory when no gradient is kept).
 const LOSS_CHUNK_ELEMENTS: usize = 1 << 22;
+/// The same on a GPU, where a few large products beat many small ones (the chunk's logits
+/// are kept for the backward: 128M elements are 256 MiB in bf16).
+const LOSS_CHUNK_ELEMENTS_GPU: usize = 1 << 27;
 
+#[derive(Clone)]
 struct Attention {
     q_proj: Linear,
     k_proj: Linear,
@@ -43,12 +47,14 @@ struct Attention {
     head_dim: usize,
 }
 
+#[derive(Clone)]
 struct Mlp {
     gate_proj: Linear,
     up_proj: Linear,
     down_proj: Linear,
 }
 
+#[derive(Clone)]
 struct DecoderLayer {
     input_layernorm: Tensor,
     self_attn: Attention,
@@ -69,6 +75,84 @@ pub struct Llama {
     inv_freq: Vec<f32>,
     dtype: DType,
     device: Device,
+    activations: Activations,
+    /// Recompute each decoder layer in the backward instead of keeping its activations.
+    checkpointing: bool,
+    /// Parameter gradients that checkpointed layers' backward passes computed.
+    ckpt_grads: CheckpointGrads,
+}
+
+/// The dtype of the activations (what flows between layers) for a model's weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activations {
+    /// The device's plan: `f32` for bf16 weights on the CPU, `weights` on CUDA.
+    #[default]
+    Auto,
+    /// Activations in the weights' dtype, CUDA's plan (what `torch.autocast` gives): bf16
+    /// matmuls accumulated in f32; norms, softmax, SiLU, attention and the loss computed in f32
+    /// inside the kernels and rounded once; LoRA A/B and the optimizer's state in f32. On the
+    /// CPU it runs too (slowly): the tests check CUDA's dtype plan there.
+    Weights,
+    /// f32 activations with bf16 weights multiplied in bf16 and summed in f32 (the CPU's plan:
+    /// candle's CPU kernels for bf16 element-wise ops are slow). CPU only for half weights.
+    F32,
+}
+
+impl Activations {
+    /// `SFT_ACTIVATIONS` (`auto`, `weights` or `f32`), or `Auto` when it is not set.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("SFT_ACTIVATIONS") {
+            Err(_) => Ok(Self::Auto),
+            Ok(v) => match v.trim() {
+                "" | "auto" => Ok(Self::Auto),
+                "weights" => Ok(Self::Weights),
+                "f32" => Ok(Self::F32),
+                other => {
+                    candle_core::bail!("SFT_ACTIVATIONS={other}: expected auto, weights or f32")
+                }
+            },
+        }
+    }
+
+    /// The activations' dtype for weights of `dtype` on `device`.
+    pub fn dtype(self, dtype: DType, device: &Device) -> DType {
+        match self {
+            Self::Auto if dtype == DType::BF16 && device.is_cpu() => DType::F32,
+            Self::Auto | Self::Weights => dtype,
+            Self::F32 if dtype == DType::F64 => DType::F64,
+            Self::F32 => DType::F32,
+        }
+    }
+}
+
+/// Where checkpointed layers leave their parameters' gradients until [`Llama::backward`]
+/// merges them into the gradient store.
+#[derive(Clone, Default)]
+struct CheckpointGrads(std::sync::Arc<std::sync::Mutex<Vec<(Tensor, Tensor)>>>);
+
+impl CheckpointGrads {
+    fn push(&self, param: &Tensor, grad: Tensor) {
+        let mut g = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        g.push((param.clone(), grad));
+    }
+
+    fn take(&self) -> Vec<(Tensor, Tensor)> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A batch as the model reads it, on the host: row-major (rows, seq_len) arrays.
+#[derive(Clone, Copy, Debug)]
+pub struct Inputs<'a> {
+    pub ids: &'a [u32],
+    pub rows: usize,
+    pub seq_len: usize,
+    /// 1 for tokens, 0 for padding; `None`: no padding.
+    pub attention_mask: Option<&'a [u8]>,
+    /// Packed rows: the example each position belongs to (1, 2, ... in contiguous runs, 0 in
+    /// padding). Tokens attend only within their example, and positions restart at each.
+    pub segment_ids: Option<&'a [u32]>,
 }
 
 /// The result of [`Llama::loss`]: the summed token cross-entropy and how many tokens it covers,
@@ -92,6 +176,7 @@ impl LossOutput {
 }
 
 /// Rotary tables for one forward call: one row per (example, position).
+#[derive(Clone)]
 struct Rope {
     /// (b * t, head_dim / 2)
     cos: Tensor,
@@ -298,7 +383,7 @@ impl Llama {
         } else {
             Linear::new(get("lm_head.weight".into())?, None)
         };
-        Ok(Self {
+        Self {
             inv_freq: cfg.rope_inv_freq(),
             cfg: cfg.clone(),
             embed_tokens,
@@ -308,7 +393,11 @@ impl Llama {
             weights: ordered,
             dtype,
             device,
-        })
+            activations: Activations::Auto,
+            checkpointing: false,
+            ckpt_grads: CheckpointGrads::default(),
+        }
+        .with_activations(Activations::from_env()?)
     }
 
     pub fn config(&self) -> &LlamaConfig {
@@ -323,11 +412,57 @@ impl Llama {
     /// `torch.autocast` does on the CPU): candle's CPU element-wise kernels for bf16 convert
     /// every element through a function call, which made bf16 training slower than f32.
     pub fn activation_dtype(&self) -> DType {
-        if self.dtype == DType::BF16 && self.device.is_cpu() {
-            DType::F32
-        } else {
-            self.dtype
+        self.activations.dtype(self.dtype, &self.device)
+    }
+
+    /// The model with this activation plan (see [`Activations`]). Half-precision weights with
+    /// f32 activations run on the CPU only.
+    pub fn with_activations(mut self, plan: Activations) -> Result<Self> {
+        self.set_activations(plan)?;
+        Ok(self)
+    }
+
+    /// Sets the activation plan (see [`Activations`]).
+    pub fn set_activations(&mut self, plan: Activations) -> Result<()> {
+        let half = matches!(self.dtype, DType::BF16 | DType::F16);
+        if half && !self.device.is_cpu() && plan.dtype(self.dtype, &self.device) == DType::F32 {
+            candle_core::bail!(
+                "f32 activations with {:?} weights run on the CPU only (use activations: \
+                 weights, or f32 weights)",
+                self.dtype
+            );
         }
+        self.activations = plan;
+        Ok(())
+    }
+
+    pub fn activations(&self) -> Activations {
+        self.activations
+    }
+
+    /// Gradient checkpointing: each decoder layer keeps only its input through the forward
+    /// and is recomputed in the backward (one layer's activations alive at a time). Train with
+    /// [`Llama::backward`], which collects the recomputed layers' parameter gradients.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        self.checkpointing = on;
+    }
+
+    pub fn gradient_checkpointing(&self) -> bool {
+        self.checkpointing
+    }
+
+    /// `loss.backward()`, with the parameter gradients of checkpointed layers added in.
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore> {
+        self.ckpt_grads.take();
+        let mut store = loss.backward()?;
+        for (param, g) in self.ckpt_grads.take() {
+            let sum = match store.remove(&param) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            store.insert(&param, sum);
+        }
+        Ok(store)
     }
     pub fn device(&self) -> &Device {
         &self.device
@@ -371,12 +506,81 @@ impl Llama {
     ) -> Result<Tensor> {
         let (b, t) = input_ids.dims2()?;
         let valid = mask_rows(attention_mask, b, t)?;
-        let positions = positions_from_mask(&valid, 0, t);
-        let rope = self.rope(&positions, b, t)?;
-        let mask = causal_mask(&valid, 0, t, &self.device)?;
+        let (rope, mask) = self.padded_layout(&valid, 0, t)?;
+        self.hidden(input_ids, &rope, mask.as_ref())
+    }
+
+    /// [`Llama::forward_hidden`] of a batch given on the host (padded or packed rows).
+    pub fn forward_hidden_inputs(&self, inputs: &Inputs<'_>) -> Result<Tensor> {
+        let (ids, rope, mask) = self.layout(inputs)?;
+        self.hidden(&ids, &rope, mask.as_ref())
+    }
+
+    /// The ids on the device, the rotary tables and the attention mask of a host batch.
+    fn layout(&self, inp: &Inputs<'_>) -> Result<(Tensor, Rope, Option<AttnMask>)> {
+        let (b, t) = (inp.rows, inp.seq_len);
+        let n = b * t;
+        let check = |what: &str, len: usize| -> Result<()> {
+            if len != n {
+                candle_core::bail!("{what} has {len} entries for a ({b}, {t}) batch");
+            }
+            Ok(())
+        };
+        check("input_ids", inp.ids.len())?;
+        let ids = Tensor::from_slice(inp.ids, (b, t), &self.device)?;
+        if let Some(seg) = inp.segment_ids {
+            check("segment_ids", seg.len())?;
+            let rows: Vec<Vec<u32>> = seg.chunks(t.max(1)).map(|r| r.to_vec()).collect();
+            let ranges = KeyRanges::packed(&rows, &self.device)?;
+            // Positions restart at each example: the distance to its first token.
+            let positions: Vec<Vec<u32>> = ranges
+                .starts()
+                .chunks(t.max(1))
+                .zip(&rows)
+                .map(|(st, r)| {
+                    (0..t)
+                        .map(|i| if r[i] == 0 { 0 } else { i as u32 - st[i] })
+                        .collect()
+                })
+                .collect();
+            let rope = self.rope(&positions, b, t)?;
+            return Ok((ids, rope, Some(AttnMask::Ranges(ranges))));
+        }
+        let valid: Vec<Vec<bool>> = match inp.attention_mask {
+            None => vec![vec![true; t]; b],
+            Some(m) => {
+                check("attention_mask", m.len())?;
+                m.chunks(t.max(1))
+                    .map(|r| r.iter().map(|&v| v != 0).collect())
+                    .collect()
+            }
+        };
+        let (rope, mask) = self.padded_layout(&valid, 0, t)?;
+        Ok((ids, rope, mask))
+    }
+
+    /// Rotary tables and mask of the `t` newest positions of padded rows (`valid` over
+    /// `past + t` positions).
+    fn padded_layout(
+        &self,
+        valid: &[Vec<bool>],
+        past: usize,
+        t: usize,
+    ) -> Result<(Rope, Option<AttnMask>)> {
+        let positions = positions_from_mask(valid, past, t);
+        let rope = self.rope(&positions, valid.len(), t)?;
+        Ok((rope, attn_mask(valid, past, t, &self.device)?))
+    }
+
+    /// The decoder layers and the final norm.
+    fn hidden(&self, input_ids: &Tensor, rope: &Rope, mask: Option<&AttnMask>) -> Result<Tensor> {
         let mut x = self.embed(input_ids)?;
         for layer in &self.layers {
-            x = layer.forward(&x, &rope, mask.as_ref(), None)?;
+            x = if self.checkpointing && x.track_op() {
+                checkpointed(layer, &x, rope, mask, &self.ckpt_grads)?
+            } else {
+                layer.forward(&x, rope, mask, None)?
+            };
         }
         ops::rms_norm(&x, &self.cast(&self.norm)?, self.cfg.rms_norm_eps as f32)
     }
@@ -421,10 +625,32 @@ impl Llama {
             );
         }
         let hidden = self.forward_hidden(input_ids, attention_mask)?;
-        let labels: Vec<Vec<i64>> = labels.to_dtype(DType::I64)?.to_vec2()?;
+        let labels: Vec<i64> = labels.to_dtype(DType::I64)?.flatten_all()?.to_vec1()?;
+        self.loss_of_hidden(&hidden, &labels)
+    }
+
+    /// [`Llama::loss`] of a batch given on the host (padded or packed rows): nothing is read
+    /// back from the device.
+    pub fn loss_inputs(&self, inputs: &Inputs<'_>, labels: &[i64]) -> Result<LossOutput> {
+        if labels.len() != inputs.rows * inputs.seq_len {
+            candle_core::bail!(
+                "labels has {} entries for a ({}, {}) batch",
+                labels.len(),
+                inputs.rows,
+                inputs.seq_len
+            );
+        }
+        let hidden = self.forward_hidden_inputs(inputs)?;
+        self.loss_of_hidden(&hidden, labels)
+    }
+
+    /// The summed shifted cross-entropy of final hidden states (b, t, hidden) against row-major
+    /// labels.
+    fn loss_of_hidden(&self, hidden: &Tensor, labels: &[i64]) -> Result<LossOutput> {
+        let (b, t, h) = hidden.dims3()?;
         let mut rows = Vec::new();
         let mut targets = Vec::new();
-        for (bi, row) in labels.iter().enumerate() {
+        for (bi, row) in labels.chunks(t.max(1)).enumerate() {
             for i in 0..t.saturating_sub(1) {
                 let l = row[i + 1];
                 if l == IGNORE_INDEX {
@@ -448,9 +674,13 @@ impl Llama {
                 n_tokens,
             });
         }
-        let h = hidden.dim(2)?;
         let flat = hidden.reshape((b * t, h))?;
-        let chunk = (LOSS_CHUNK_ELEMENTS / self.cfg.vocab_size).max(1);
+        let per_chunk = if self.device.is_cpu() {
+            LOSS_CHUNK_ELEMENTS
+        } else {
+            LOSS_CHUNK_ELEMENTS_GPU
+        };
+        let chunk = (per_chunk / self.cfg.vocab_size).max(1);
         let mut sums = Vec::new();
         for start in (0..n_tokens).step_by(chunk) {
             let end = (start + chunk).min(n_tokens);
@@ -464,7 +694,6 @@ impl Llama {
         } else {
             Tensor::stack(&sums, 0)?.sum_all()?
         };
-
         Ok(LossOutput { sum, n_tokens })
     }
 
@@ -518,9 +747,7 @@ impl Llama {
         for (row, new) in cache.valid.iter_mut().zip(new_valid) {
             row.extend(new);
         }
-        let positions = positions_from_mask(&cache.valid, past, t);
-        let rope = self.rope(&positions, b, t)?;
-        let mask = causal_mask(&cache.valid, past, t, &self.device)?;
+        let (rope, mask) = self.padded_layout(&cache.valid, past, t)?;
         let mut x = self.embed(input_ids)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             x = layer.forward(&x, &rope, mask.as_ref(), Some((kv, past)))?;
@@ -635,16 +862,26 @@ fn positions_from_mask(valid: &[Vec<bool>], past: usize, t: usize) -> Vec<Vec<u3
         .collect()
 }
 
-/// Additive mask (b, 1, t, past + t) in f32: 0 where query i may attend key j (j not after i,
-/// and j a real token), -inf elsewhere. A padding query attends to itself so that no row is
-/// all -inf (its output is never used). `None` when nothing is masked.
-fn causal_mask(valid: &[Vec<bool>], past: usize, t: usize, dev: &Device) -> Result<Option<Tensor>> {
-    let b = valid.len();
-    let total = past + t;
+/// The attention mask of the `t` newest positions: causal, padding never attended (a padding
+/// query attends to itself so that no row is empty; its output is never used). Key ranges when
+/// each row's tokens are one run (what padding and decoding produce; every kernel takes them),
+/// an additive mask otherwise; `None` when nothing is masked.
+fn attn_mask(valid: &[Vec<bool>], past: usize, t: usize, dev: &Device) -> Result<Option<AttnMask>> {
     let all_valid = valid.iter().all(|r| r.iter().all(|&v| v));
     if t == 1 && all_valid {
         return Ok(None);
     }
+    Ok(Some(match KeyRanges::causal(valid, past, t, dev)? {
+        Some(r) => AttnMask::Ranges(r),
+        None => AttnMask::Additive(causal_mask(valid, past, t, dev)?),
+    }))
+}
+
+/// Additive mask (b, 1, t, past + t) in f32: 0 where query i may attend key j (j not after i,
+/// and j a real token), -inf elsewhere.
+fn causal_mask(valid: &[Vec<bool>], past: usize, t: usize, dev: &Device) -> Result<Tensor> {
+    let b = valid.len();
+    let total = past + t;
     let mut m = vec![0f32; b * t * total];
     for (bi, row) in valid.iter().enumerate() {
         for i in 0..t {
@@ -658,7 +895,7 @@ fn causal_mask(valid: &[Vec<bool>], past: usize, t: usize, dev: &Device) -> Resu
             }
         }
     }
-    Ok(Some(Tensor::from_vec(m, (b, 1, t, total), dev)?))
+    Tensor::from_vec(m, (b, 1, t, total), dev)
 }
 
 /// Applies the rotary embedding to (b, heads, t, head_dim) (any strides, unit last stride).
@@ -678,7 +915,7 @@ impl Attention {
         &self,
         x: &Tensor,
         rope: &Rope,
-        mask: Option<&Tensor>,
+        mask: Option<&AttnMask>,
         cache: Option<(&mut (Tensor, Tensor), usize)>,
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -704,12 +941,12 @@ impl Attention {
             None => {
                 // Training and scoring: one fused node (ops::attention), whose backward
                 // recomputes the probabilities instead of keeping (t x t) tensors per layer.
-                ops::attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?
+                ops::attention_with(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?
             }
             Some(((kc, vc), past)) => {
                 kc.slice_set(&k.contiguous()?, 2, past)?;
                 vc.slice_set(&v.contiguous()?, 2, past)?;
-                ops::attention_cached(&q, kc, vc, past + t, mask, 1.0 / (hd as f64).sqrt())?
+                ops::attention_cached_with(&q, kc, vc, past + t, mask, 1.0 / (hd as f64).sqrt())?
             }
         };
         self.o_proj.forward(&out)
@@ -725,11 +962,35 @@ impl Mlp {
 }
 
 impl DecoderLayer {
+    /// The layer's tensors that can carry a gradient: LoRA adapters, and under full
+    /// fine-tuning its weights.
+    fn trainable(&self) -> Vec<Tensor> {
+        let a = &self.self_attn;
+        let m = &self.mlp;
+        let mut out: Vec<Tensor> = [&self.input_layernorm, &self.post_attention_layernorm]
+            .into_iter()
+            .filter(|t| t.is_variable())
+            .cloned()
+            .collect();
+        for lin in [
+            &a.q_proj,
+            &a.k_proj,
+            &a.v_proj,
+            &a.o_proj,
+            &m.gate_proj,
+            &m.up_proj,
+            &m.down_proj,
+        ] {
+            out.extend(lin.trainable());
+        }
+        out
+    }
+
     fn forward(
         &self,
         x: &Tensor,
         rope: &Rope,
-        mask: Option<&Tensor>,
+        mask: Option<&AttnMask>,
         cache: Option<(&mut (Tensor, Tensor), usize)>,
     ) -> Result<Tensor> {
         let dt = x.dtype();
@@ -737,6 +998,105 @@ impl DecoderLayer {
         let x = (x + self.self_attn.forward(&h, rope, mask, cache)?)?;
         let h = ops::rms_norm(&x, &cast_to(&self.post_attention_layernorm, dt)?, self.eps)?;
         x + self.mlp.forward(&h)?
+    }
+}
+
+/// One decoder layer under gradient checkpointing: the forward runs without a graph (its
+/// activations are freed at once) and the layer becomes one node whose backward recomputes it
+/// from its input, backpropagates through the recomputed graph, and leaves the parameters'
+/// gradients in `sink`. The dropout masks are counter-based, so the recomputed forward draws
+/// the same masks as the first one.
+fn checkpointed(
+    layer: &DecoderLayer,
+    x: &Tensor,
+    rope: &Rope,
+    mask: Option<&AttnMask>,
+    sink: &CheckpointGrads,
+) -> Result<Tensor> {
+    let y = layer.forward(&x.detach(), rope, mask, None)?.detach();
+    x.apply_op1(CheckpointedLayer {
+        layer: layer.clone(),
+        rope: rope.clone(),
+        mask: mask.cloned(),
+        sink: sink.clone(),
+        out: std::sync::Mutex::new(Some(y)),
+    })
+}
+
+struct CheckpointedLayer {
+    layer: DecoderLayer,
+    rope: Rope,
+    mask: Option<AttnMask>,
+    sink: CheckpointGrads,
+    /// The forward's output, handed over once as the node's value.
+    out: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl CheckpointedLayer {
+    fn take_out(&self) -> Result<Tensor> {
+        self.out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("checkpointed layer: no output".into()))
+    }
+}
+
+impl candle_core::CustomOp1 for CheckpointedLayer {
+    fn name(&self) -> &'static str {
+        "sft-checkpointed-layer"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let y = self.take_out()?.contiguous()?;
+        let (s, l) = y.storage_and_layout();
+        let candle_core::Storage::Cpu(s) = &*s else {
+            candle_core::bail!("checkpointed layer: the output is not on the CPU");
+        };
+        let (a, b) = l.contiguous_offsets().expect("contiguous");
+        let v = match s {
+            candle_core::CpuStorage::F32(v) => candle_core::CpuStorage::F32(v[a..b].to_vec()),
+            candle_core::CpuStorage::F64(v) => candle_core::CpuStorage::F64(v[a..b].to_vec()),
+            candle_core::CpuStorage::BF16(v) => candle_core::CpuStorage::BF16(v[a..b].to_vec()),
+            candle_core::CpuStorage::F16(v) => candle_core::CpuStorage::F16(v[a..b].to_vec()),
+            _ => candle_core::bail!("checkpointed layer: unsupported dtype {:?}", y.dtype()),
+        };
+        Ok((v, y.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use candle_core::backend::BackendStorage;
+        let y = self.take_out()?;
+        let (s, l) = y.storage_and_layout();
+        let candle_core::Storage::Cuda(s) = &*s else {
+            candle_core::bail!("checkpointed layer: the output is not on the GPU");
+        };
+        Ok((s.try_clone(l)?, y.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let xv = candle_core::Var::from_tensor(&x.detach())?;
+        let y = self
+            .layer
+            .forward(xv.as_tensor(), &self.rope, self.mask.as_ref(), None)?;
+        // d(sum(y * grad))/dy = grad: the recomputed graph's backward from the incoming grad.
+        let root = (y * grad.detach())?.sum_all()?;
+        let grads = root.backward()?;
+        for p in self.layer.trainable() {
+            if let Some(g) = grads.get(&p) {
+                self.sink.push(&p, g.clone());
+            }
+        }
+        Ok(grads.get(xv.as_tensor()).cloned())
     }
 }
 

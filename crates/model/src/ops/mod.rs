@@ -47,6 +47,7 @@ pub mod composed;
 mod cpu;
 mod cross_entropy;
 mod dispatch;
+mod dropout;
 mod linear;
 mod rms_norm;
 mod rope;
@@ -57,10 +58,11 @@ pub use attention::{
     attention, attention_cached, attention_cached_with, attention_with, AttnMask, KeyRanges,
 };
 pub use cross_entropy::cross_entropy;
+pub use dropout::{dropout_mask, DropoutKey};
 pub(crate) use linear::packed_gemm;
 pub use linear::{
-    frozen_linear, frozen_linear_packed, lora_linear, lora_linear_packed, Packs, WeightPack,
-    PACKED_F32_MAX_ROWS,
+    frozen_linear, frozen_linear_packed, lora_linear, lora_linear_packed, lora_linear_with,
+    LoraDropout, Packs, WeightPack, PACKED_F32_MAX_ROWS,
 };
 pub use rms_norm::rms_norm;
 pub use rope::rope;

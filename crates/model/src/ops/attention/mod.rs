@@ -114,8 +114,8 @@ impl KeyRanges {
     }
 
     /// Ranges of packed rows: `segments[b][i]` numbers the example position `i` belongs to
-    /// (examples are contiguous; any numbering), so each token sees only its own example's
-    /// earlier tokens.
+    /// (examples are contiguous runs of one number; 0 marks padding, which sees only itself),
+    /// so each token sees only its own example's earlier tokens.
     pub fn packed(segments: &[Vec<u32>], dev: &Device) -> Result<Self> {
         let t = segments.first().map_or(0, |r| r.len());
         let mut starts = Vec::with_capacity(segments.len() * t);
@@ -128,7 +128,7 @@ impl KeyRanges {
                 if i > 0 && seg != row[i - 1] {
                     start = i;
                 }
-                starts.push(start as u32);
+                starts.push(if seg == 0 { i } else { start } as u32);
             }
         }
         Self::new(starts, (segments.len(), t), 0, dev)

@@ -7,6 +7,8 @@ use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 
 use super::*;
+use crate::ops::dropout::dropout_mask;
+use crate::ops::DropoutKey;
 use crate::ops::{composed, route, Op, Route};
 
 /// LoRA on a frozen linear layer as one graph node:
@@ -18,7 +20,9 @@ use crate::ops::{composed, route, Op, Route};
 /// adapters (PEFT keeps adapters of half-precision models in f32): the base product and the
 /// update are then summed in f32 and rounded once. `dropout_mask` (x's shape, in the adapters'
 /// dtype, already scaled by 1 / keep) multiplies the adapter's input only, as PEFT's
-/// `lora_dropout` does; it is a constant.
+/// `lora_dropout` does; it is a constant. [`lora_linear_with`] takes the mask as a
+/// [`DropoutKey`] instead: it is drawn where it is used and redrawn in the backward, never
+/// kept.
 pub fn lora_linear(
     x: &Tensor,
     w: &Tensor,
@@ -40,6 +44,36 @@ pub fn lora_linear_packed(
     dropout_mask: Option<&Tensor>,
     packs: Packs<'_>,
 ) -> Result<Tensor> {
+    let dropout = match dropout_mask {
+        Some(m) => LoraDropout::Mask(m),
+        None => LoraDropout::Off,
+    };
+    lora_linear_with(x, w, a, b, scale, dropout, packs)
+}
+
+/// The dropout on a LoRA adapter's input.
+#[derive(Clone, Copy, Debug)]
+pub enum LoraDropout<'a> {
+    Off,
+    /// A mask of x's shape in the adapters' dtype, scaled by 1 / keep.
+    Mask(&'a Tensor),
+    /// The counter-based mask of this key with drop probability `p` (see [`dropout_mask`]).
+    Key {
+        key: DropoutKey,
+        p: f64,
+    },
+}
+
+/// [`lora_linear_packed`] with any [`LoraDropout`].
+pub fn lora_linear_with(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: LoraDropout<'_>,
+    packs: Packs<'_>,
+) -> Result<Tensor> {
     if w.is_variable() {
         bail!("lora_linear: the base weight is a Var; LoRA needs a frozen base");
     }
@@ -57,7 +91,7 @@ pub fn lora_linear_packed(
     }
     let ct = a.dtype();
     let dtypes_ok = b.dtype() == ct
-        && linear_dtypes_ok(x.dtype(), w.dtype())
+        && linear_dtypes_ok(x.dtype(), w.dtype(), x.device())
         && match ct {
             DType::F64 => x.dtype() == DType::F64,
             DType::F32 => matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16),
@@ -73,18 +107,28 @@ pub fn lora_linear_packed(
             b.dtype()
         );
     }
-    if let Some(mask) = dropout_mask {
-        if mask.shape() != x.shape() || mask.dtype() != ct {
-            bail!(
-                "lora_linear: dropout mask {:?} {:?}, expected {ct:?} {:?}",
-                mask.dtype(),
-                mask.dims(),
-                x.dims()
-            );
+    let dropout = match dropout {
+        LoraDropout::Off => Dropout::Off,
+        LoraDropout::Mask(mask) => {
+            if mask.shape() != x.shape() || mask.dtype() != ct {
+                bail!(
+                    "lora_linear: dropout mask {:?} {:?}, expected {ct:?} {:?}",
+                    mask.dtype(),
+                    mask.dims(),
+                    x.dims()
+                );
+            }
+            Dropout::Mask(mask.contiguous()?)
         }
-    }
+        LoraDropout::Key { p, .. } if p <= 0.0 => Dropout::Off,
+        LoraDropout::Key { key, p } => {
+            crate::ops::dropout::threshold(p)?;
+            Dropout::Key { key, p }
+        }
+    };
     if route(Op::LoraLinear, x.device()) == Route::Composed {
-        return composed::lora_linear(x, w, a, b, scale, dropout_mask);
+        let mask = dropout.mask(x.dims(), ct, x.device())?;
+        return composed::lora_linear(x, w, a, b, scale, mask.as_ref());
     }
     x.contiguous()?.apply_op3(
         &a.contiguous()?,
@@ -92,19 +136,42 @@ pub fn lora_linear_packed(
         LoraLinear {
             w: w.contiguous()?,
             scale,
-            mask: dropout_mask.map(|m| m.contiguous()).transpose()?,
+            dropout,
             pack: packs.0.cloned(),
             grad_pack: packs.1.cloned(),
         },
     )
 }
 
+/// The op's dropout: a given mask, or a key to draw it from where it is used.
+pub(crate) enum Dropout {
+    Off,
+    Mask(Tensor),
+    Key { key: DropoutKey, p: f64 },
+}
+
+impl Dropout {
+    /// The mask as a tensor of `dims` in `dtype` on `dev` (`None` without dropout).
+    pub(crate) fn mask(
+        &self,
+        dims: &[usize],
+        dtype: DType,
+        dev: &candle_core::Device,
+    ) -> Result<Option<Tensor>> {
+        match self {
+            Dropout::Off => Ok(None),
+            Dropout::Mask(m) => Ok(Some(m.reshape(dims)?)),
+            Dropout::Key { key, p } => dropout_mask(*key, dims, *p, dtype, dev).map(Some),
+        }
+    }
+}
+
 struct LoraLinear {
     /// The frozen base weight (out, in), contiguous.
     w: Tensor,
     scale: f64,
-    /// The adapter input's dropout mask (x's shape, adapter dtype, scaled), contiguous.
-    mask: Option<Tensor>,
+    /// The adapter input's dropout.
+    pub(crate) dropout: Dropout,
     pack: Option<WeightPack>,
     grad_pack: Option<WeightPack>,
 }
@@ -191,8 +258,22 @@ impl CustomOp3 for LoraLinear {
         let r = la.dims()[0];
         let xc = storage_as(sx, &lx, ct)?;
         let base = self.base_product(sx, &lx, &xc, ct, (m, n, k))?;
-        // The adapter's input: x, or x times the dropout mask.
-        let xd = match &self.mask {
+        // The adapter's input: x, or x times the dropout mask (drawn here from its key).
+        let drawn = match &self.dropout {
+            Dropout::Key { key, p } => Some(dropout_mask(
+                *key,
+                &[m, k],
+                *p,
+                ct,
+                &self.w.device().clone(),
+            )?),
+            _ => None,
+        };
+        let mask = match &self.dropout {
+            Dropout::Mask(t) => Some(t),
+            _ => drawn.as_ref(),
+        };
+        let xd = match mask {
             None => xc,
             Some(mask) => {
                 let (ms, ml) = mask.storage_and_layout();
@@ -256,11 +337,7 @@ impl CustomOp3 for LoraLinear {
         let gc = g.to_dtype(ct)?;
         // The adapter's input, with dropout applied, in the adapters' dtype.
         let xc = x.reshape((m, k))?.to_dtype(ct)?;
-        let mask = self
-            .mask
-            .as_ref()
-            .map(|mk| mk.reshape((m, k)))
-            .transpose()?;
+        let mask = self.dropout.mask(&[m, k], ct, x.device())?;
         let xd = match &mask {
             Some(mk) => zip_par(&xc, mk, Zip::Mul)?,
             None => xc,
@@ -273,7 +350,10 @@ impl CustomOp3 for LoraLinear {
                 Some(mk) => zip_par(&d_in, mk, Zip::Mul)?,
                 None => d_in,
             };
-            let base = if g.dtype() == DType::BF16 || self.w.dtype() == DType::BF16 {
+            let base = if !g.device().is_cpu() {
+                // The device's matmul in the base's dtype (cuBLAS: f32 accumulation).
+                g.matmul(&self.w)?.to_dtype(ct)?
+            } else if g.dtype() == DType::BF16 || self.w.dtype() == DType::BF16 {
                 match bf16_times_w_f32(
                     &cast_from_f32(&g, DType::BF16)?,
                     &self.w,

@@ -8,10 +8,11 @@ use candle_core::{
 use half::bf16;
 
 use crate::ops::cpu::cont;
+use crate::ops::{composed, route, Op, Route};
 
 mod lora;
 pub(crate) mod packed_gemm;
-pub use lora::{lora_linear, lora_linear_packed};
+pub use lora::{lora_linear, lora_linear_packed, lora_linear_with, LoraDropout};
 
 /// `y = x W^T` for a frozen `W` (out, in): the backward returns only the input gradient
 /// `grad · W` and never computes a gradient for `W`, so a frozen base layer costs neither the
@@ -129,6 +130,10 @@ pub fn frozen_linear_packed(x: &Tensor, w: &Tensor, packs: Packs<'_>) -> Result<
     if dims.last() != Some(&k) {
         bail!("frozen_linear: x {dims:?} does not end in in_features {k} of W ({n}, {k})");
     }
+    if route(Op::FrozenLinear, x.device()) == Route::Composed {
+        // A constant W records no gradient of its own.
+        return composed::linear(x, &w.detach());
+    }
     x.contiguous()?.apply_op2(
         &w.contiguous()?,
         FrozenLinear {
@@ -235,8 +240,8 @@ fn mixed_matmul_t(
 
 /// Whether `frozen_linear` / `lora_linear` take this (x, W) dtype pair: equal, or the CPU's
 /// mixed f32 activations with bf16 weights.
-fn linear_dtypes_ok(x: DType, w: DType) -> bool {
-    x == w || (x == DType::F32 && w == DType::BF16)
+fn linear_dtypes_ok(x: DType, w: DType, dev: &candle_core::Device) -> bool {
+    x == w || (dev.is_cpu() && x == DType::F32 && w == DType::BF16)
 }
 
 fn w_dims(lw: &Layout, k: usize, op: &str) -> Result<usize> {
@@ -258,7 +263,7 @@ impl CustomOp2 for FrozenLinear {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        if !linear_dtypes_ok(s1.dtype(), s2.dtype()) {
+        if !linear_dtypes_ok(s1.dtype(), s2.dtype(), &candle_core::Device::Cpu) {
             bail!(
                 "frozen_linear: x {:?} and W {:?} (equal dtypes, or f32 x with bf16 W)",
                 s1.dtype(),
@@ -281,6 +286,14 @@ impl CustomOp2 for FrozenLinear {
         s2: &CudaStorage,
         l2: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
+        if s1.dtype() != s2.dtype() {
+            bail!(
+                "frozen_linear: x {:?} and W {:?} differ (on a GPU activations take the weights' \
+                 dtype)",
+                s1.dtype(),
+                s2.dtype()
+            );
+        }
         let n = l2.dims().first().copied().unwrap_or(0);
         let (m, k, lx, shape) = rows_view(l1, n, "frozen_linear")?;
         w_dims(l2, k, "frozen_linear")?;
