@@ -575,12 +575,22 @@ impl Llama {
     /// The decoder layers and the final norm.
     fn hidden(&self, input_ids: &Tensor, rope: &Rope, mask: Option<&AttnMask>) -> Result<Tensor> {
         let mut x = self.embed(input_ids)?;
-        for layer in &self.layers {
+        let dt = self.activation_dtype();
+        for (l, layer) in self.layers.iter().enumerate() {
             x = if self.checkpointing && x.track_op() {
                 checkpointed(layer, &x, rope, mask, &self.ckpt_grads)?
             } else {
                 layer.forward(&x, rope, mask, None)?
             };
+            // An op that hands back another dtype breaks the plan of the layers after it
+            // (cuBLAS refuses mixed operands): say where, not three layers later.
+            if x.dtype() != dt {
+                candle_core::bail!(
+                    "layer {l} returned {:?} activations; the model's plan ({:?}) runs {dt:?}",
+                    x.dtype(),
+                    self.activations
+                );
+            }
         }
         ops::rms_norm(&x, &self.cast(&self.norm)?, self.cfg.rms_norm_eps as f32)
     }
