@@ -3,10 +3,13 @@
 # or without a GPU and with or without a CUDA toolkit.
 #
 #   scripts/build-cuda.sh [cargo build args...]    default: --release -p sft-cli --bins
-#   scripts/build-cuda.sh --tests                  also the test executables (cargo test --no-run)
+#   scripts/build-cuda.sh test --no-run -p sft-model --release     any cargo command: test,
+#                                                  run, clippy... (the first word when it is one)
 #
-# The `cuda` feature is always on. Binaries land in $CARGO_TARGET_DIR (default target/cuda, so
-# the CPU build's cache stays intact).
+# The `cuda` feature of the selected package is always on. Binaries land in $CARGO_TARGET_DIR
+# (default target/cuda, so the CPU build's cache stays intact). For a cluster node: build on
+# the login node (or any machine), copy target/cuda/release/sft and sft-train, and see the
+# README's GPU section for the libraries they load.
 #
 # The toolkit: `nvcc` from $CUDA_HOME or the PATH when there is one (a cluster node's module);
 # otherwise CUDA 13.0's compiler and libraries from PyPI (nvidia-cuda-nvcc, -cccl, -nvvm, -crt,
@@ -26,11 +29,9 @@ cd "$(dirname "$0")/.."
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/cuda}
 cache=${SFT_CUDA_CACHE:-$HOME/.cache/sft-cuda-13.0}
-tests=0
-args=()
-for a in "$@"; do
-  if [[ $a == --tests ]]; then tests=1; else args+=("$a"); fi
-done
+cmd=build
+case ${1:-} in build | test | run | check | clippy | doc) cmd=$1; shift ;; esac
+args=("$@")
 ((${#args[@]})) || args=(--release -p sft-cli --bins)
 
 patchelf=""
@@ -65,21 +66,19 @@ else
   mkdir -p "$link"
   for l in cudart cublas cublasLt nvrtc; do ln -sf "$cuda/lib/lib$l.so.13" "$link/lib$l.so"; done
   ln -sf "$(ls "$cuda"/lib/libcurand.so.* | head -n1)" "$link/libcurand.so"
+  flags="-L $link"
   if ! ldconfig -p 2>/dev/null | grep -q 'libcuda.so.1 '; then
     if [[ ! -f $link/libcuda.so ]]; then
       echo "" >"$link/stub.c"
       cc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$link/libcuda.so" "$link/stub.c"
     fi
-    export RUSTFLAGS="${RUSTFLAGS:-} -C link-arg=-Wl,--unresolved-symbols=ignore-in-object-files"
+    flags="$flags -C link-arg=-Wl,--unresolved-symbols=ignore-in-object-files"
   fi
-  export RUSTFLAGS="${RUSTFLAGS:-} -L $link"
+  export RUSTFLAGS="$flags${RUSTFLAGS:+ $RUSTFLAGS}"
   export CUDA_ROOT=$cuda CUDA_PATH=$cuda PATH=$cuda/bin:$PATH
 fi
 
-cargo build --features sft-cli/cuda "${args[@]}"
-if ((tests)); then
-  cargo test --release --workspace --features sft-cli/cuda,sft-model/cuda --no-run
-fi
+cargo "$cmd" --features cuda "${args[@]}"
 
 # With the stub, the linker saw no driver symbols and dropped libcuda.so.1 from the binaries'
 # needs ("undefined symbol: cuCtxGetCurrent" at start on the GPU machine): put it back.

@@ -331,6 +331,17 @@ impl AdamW {
         &self.cfg
     }
 
+    /// No float32 master copies of bf16/f16 weights: each update is computed in f32 and
+    /// rounded into the weight (the moments stay f32). Saves 4 bytes per parameter (28 GB for
+    /// a 7B model, what full fine-tuning on one GPU needs), at the cost of updates below the
+    /// weight's rounding step being lost, as in PyTorch training in pure bf16.
+    pub fn without_master_weights(mut self) -> Self {
+        for p in &mut self.params {
+            p.master = None;
+        }
+        self
+    }
+
     /// Steps taken so far (the `t` of the bias correction).
     pub fn step_count(&self) -> u64 {
         self.step
@@ -383,7 +394,8 @@ impl AdamW {
                 .to_dtype(sd)?;
             let param = match &p.master {
                 Some(m) => m.clone(),
-                None => p.spec.var.as_tensor().detach(),
+                // Without a master copy a half-precision weight is updated in f32 and rounded.
+                None => p.spec.var.as_tensor().detach().to_dtype(sd)?,
             };
             let param = if p.spec.weight_decay && weight_decay != 0.0 {
                 param.affine(1.0 - lr * weight_decay, 0.0)?
@@ -401,7 +413,7 @@ impl AdamW {
                     p.spec.var.set(&param.to_dtype(p.spec.var.dtype())?)?;
                     *m = param;
                 }
-                None => p.spec.var.set(&param)?,
+                None => p.spec.var.set(&param.to_dtype(p.spec.var.dtype())?)?,
             }
         }
         Ok(())

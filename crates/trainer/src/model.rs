@@ -35,23 +35,7 @@ pub struct TrainModel {
 }
 
 pub fn parse_device(spec: &str) -> Result<Device, TrainError> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let n = s
-                .strip_prefix("cuda:")
-                .map_or(Ok(0), |n| n.parse::<usize>());
-            let n = n.map_err(|_| TrainError::Config(format!("model.device: bad device '{s}'")))?;
-            Device::new_cuda(n).map_err(|e| {
-                TrainError::Config(format!(
-                    "model.device: {s}: {e} (build with `--features cuda` for GPU support)"
-                ))
-            })
-        }
-        s => Err(TrainError::Config(format!(
-            "model.device: unknown device '{s}'"
-        ))),
-    }
+    sft_model::device::open(spec).map_err(|e| TrainError::Config(format!("model.device: {e}")))
 }
 
 pub fn parse_dtype(s: &str) -> Result<DType, TrainError> {

@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 use clap::{Args, ValueEnum};
 use sft_model::load::{load_model, LoadedModel};
 
@@ -25,6 +25,9 @@ pub struct ModelArgs {
     /// A LoRA adapter folder (ours or PEFT's `save_pretrained`), applied unmerged.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
+    /// cpu, cuda, cuda:N, or auto (the first GPU of a CUDA build, else the CPU).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,7 +49,8 @@ impl DtypeArg {
 
 impl ModelArgs {
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
-        let device = Device::cuda_if_available(0).context("selecting the device")?;
+        let device = sft_model::device::open(&self.device)
+            .with_context(|| format!("--device {}", self.device))?;
         let start = std::time::Instant::now();
         let mut m = load_model(&self.model, self.dtype.dtype(), &device)
             .with_context(|| format!("loading the model `{}`", self.model))?;

@@ -22,7 +22,7 @@ pub fn cross_entropy(logits: &Tensor, labels: &Tensor, ignore_index: i64) -> Res
             labels.dims()
         );
     }
-    if route(Op::CrossEntropy, logits.device()) == Route::Composed {
+    if route(Op::CrossEntropy, logits.device(), logits.dtype()) == Route::Composed {
         return composed::cross_entropy(logits, labels, ignore_index);
     }
     logits
@@ -107,6 +107,19 @@ impl CustomOp2 for CrossEntropy {
         by_dtype!(s1.dtype(), "cross_entropy", ce_fwd(self, s1, l1, s2, l2))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = l1.dims().first().copied().unwrap_or(0);
+        let out = gpu::forward(self.ignore_index, (s1, l1), (s2, l2))?;
+        Ok((out, Shape::from(n)))
+    }
+
     fn bwd(
         &self,
         logits: &Tensor,
@@ -187,5 +200,118 @@ impl CustomOp3 for CrossEntropyBwd {
             "cross_entropy bwd",
             ce_bwd(self, s1, l1, s2, l2, s3, l3)
         )
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = gpu::backward(
+            self.ignore_index,
+            &self.losses,
+            (s1, l1),
+            (s2, l2),
+            (s3, l3),
+        )?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// The CUDA launches (kernels in `sft-kernels/src/loss.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{bail, CudaStorage, DType, Layout, Result, Tensor};
+
+    use crate::ops::cuda::{self, Module};
+
+    type In<'a> = (&'a CudaStorage, &'a Layout);
+
+    fn labels_suffix(dt: DType) -> Result<&'static str> {
+        Ok(match dt {
+            DType::U32 => "u32",
+            DType::I64 => "i64",
+            dt => bail!("cross_entropy: labels must be u32 or i64, got {dt:?}"),
+        })
+    }
+
+    /// Per-row losses in f32.
+    pub fn forward(ignore: i64, (x, lx): In<'_>, (y, ly): In<'_>) -> Result<CudaStorage> {
+        cuda::contiguous(lx, "cross_entropy")?;
+        cuda::contiguous(ly, "cross_entropy")?;
+        let (n, v) = lx.shape().dims2()?;
+        let dev = x.device();
+        let out = cuda::new_storage(dev, DType::F32, n)?;
+        let name = format!(
+            "ce_fwd_{}_{}",
+            cuda::suffix(x.dtype())?,
+            labels_suffix(y.dtype())?
+        );
+        let f = cuda::func(dev, Module::Loss, &name)?;
+        let (xp, yp, op, v32) = (
+            cuda::ptr(x, lx)?,
+            cuda::ptr(y, ly)?,
+            cuda::base(&out)?,
+            v as i32,
+        );
+        cuda::launch(&f, cuda::rows(n, v), |b| {
+            b.arg(&xp).arg(&yp).arg(&op).arg(&v32).arg(&ignore);
+        })?;
+        Ok(out)
+    }
+
+    /// d logits in the logits' dtype; `g` is the gradient of the per-row losses (f32).
+    pub fn backward(
+        ignore: i64,
+        losses: &Tensor,
+        (x, lx): In<'_>,
+        (y, ly): In<'_>,
+        (g, lg): In<'_>,
+    ) -> Result<CudaStorage> {
+        cuda::contiguous(lx, "cross_entropy bwd")?;
+        cuda::contiguous(ly, "cross_entropy bwd")?;
+        cuda::contiguous(lg, "cross_entropy bwd")?;
+        if g.dtype() != DType::F32 {
+            bail!(
+                "cross_entropy bwd: the loss gradient is {:?}, expected f32",
+                g.dtype()
+            );
+        }
+        let (n, v) = lx.shape().dims2()?;
+        let dev = x.device();
+        let losses = losses.to_dtype(DType::F32)?.contiguous()?;
+        let lp = cuda::with_storage(&losses, cuda::ptr)?;
+        let out = cuda::new_storage(dev, x.dtype(), n * v)?;
+        let name = format!(
+            "ce_bwd_{}_{}",
+            cuda::suffix(x.dtype())?,
+            labels_suffix(y.dtype())?
+        );
+        let f = cuda::func(dev, Module::Loss, &name)?;
+        let (xp, yp, gp, op, v32) = (
+            cuda::ptr(x, lx)?,
+            cuda::ptr(y, ly)?,
+            cuda::ptr(g, lg)?,
+            cuda::base(&out)?,
+            v as i32,
+        );
+        cuda::launch(&f, cuda::rows(n, v), |b| {
+            b.arg(&xp)
+                .arg(&yp)
+                .arg(&lp)
+                .arg(&gp)
+                .arg(&op)
+                .arg(&v32)
+                .arg(&ignore);
+        })?;
+        drop(losses);
+        Ok(out)
     }
 }

@@ -87,7 +87,7 @@ pub fn dropout_mask(
         p,
         shape: shape.to_vec(),
     };
-    let mask = if super::route(super::Op::Dropout, dev) == super::Route::Kernel {
+    let mask = if super::route(super::Op::Dropout, dev, DType::F32) == super::Route::Kernel {
         // The op reads nothing of its input: a scalar carries the device.
         Tensor::zeros((), DType::F32, dev)?.apply_op1_no_bwd(&op)?
     } else {
@@ -131,7 +131,7 @@ impl candle_core::CustomOp1 for DropoutMask {
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let n = self.shape.iter().product();
-        let out = crate::ops::cuda::dropout_mask(s.device(), self.key, n, self.p)?;
+        let out = crate::ops::cuda::dropout_mask(&s.device, self.key, n, self.p)?;
         Ok((out, self.shape.clone().into()))
     }
 }

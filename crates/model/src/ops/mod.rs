@@ -40,12 +40,14 @@
 //!
 //! Gradients are only computed for inputs that can carry one (`Tensor::track_op`): a frozen
 //! RMSNorm weight costs nothing in backward.
-use candle_core::Device;
+use candle_core::{DType, Device};
 
 mod attention;
 pub mod composed;
 mod cpu;
 mod cross_entropy;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 mod dispatch;
 mod dropout;
 mod linear;
@@ -136,19 +138,23 @@ const CUDA_KERNELS: &[Op] = &[
     Op::Dropout,
 ];
 
-/// The routing table: which implementation runs `op` on `dev`. CPU ops all have kernels; on
-/// CUDA, the ops of `CUDA_KERNELS`; elsewhere (Metal) everything is composed.
+/// The routing table: which implementation runs `op` on `dev` for inputs of `dtype`. CPU ops
+/// all have kernels; on CUDA, the ops of `CUDA_KERNELS` for f32, bf16 and f16 (an op may still
+/// send a shape its kernel does not take to the composed form, e.g. attention's head widths);
+/// elsewhere (Metal) everything is composed.
 /// `SFT_OPS_COMPOSED=rms_norm,attention` (or `all`) sends ops to the composed reference on
 /// every device (to rule a kernel out when chasing a numerical difference), and tests can do
 /// the same for one thread with [`with_composed`].
-pub fn route(op: Op, dev: &Device) -> Route {
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn route(op: Op, dev: &Device, dtype: DType) -> Route {
     if forced_composed(op) {
         return Route::Composed;
     }
     let kernel = match dev {
         Device::Cpu => true,
+        // The CUDA kernels take f32, bf16 and f16 (f64 runs composed).
         #[cfg(feature = "cuda")]
-        Device::Cuda(_) => CUDA_KERNELS.contains(&op),
+        Device::Cuda(_) => CUDA_KERNELS.contains(&op) && cuda::supported(dtype),
         _ => false,
     };
     if kernel {
@@ -200,14 +206,14 @@ mod tests {
     #[test]
     fn cpu_ops_route_to_kernels_unless_forced() {
         for op in Op::ALL {
-            assert_eq!(route(op, &Device::Cpu), Route::Kernel, "{op:?}");
+            assert_eq!(route(op, &Device::Cpu, DType::F32), Route::Kernel, "{op:?}");
             assert_eq!(
-                with_composed(|| route(op, &Device::Cpu)),
+                with_composed(|| route(op, &Device::Cpu, DType::BF16)),
                 Route::Composed,
                 "{op:?}"
             );
         }
         // The override ends with the closure.
-        assert_eq!(route(Op::Rope, &Device::Cpu), Route::Kernel);
+        assert_eq!(route(Op::Rope, &Device::Cpu, DType::F32), Route::Kernel);
     }
 }

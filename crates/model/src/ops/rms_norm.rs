@@ -11,7 +11,7 @@ use crate::ops::{composed, route, Op, Route};
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 /// `x`: (..., d); `weight`: (d). Half types normalise in f32 and round once.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    if route(Op::RmsNorm, x.device()) == Route::Composed {
+    if route(Op::RmsNorm, x.device(), x.dtype()) == Route::Composed {
         return composed::rms_norm(x, weight, eps);
     }
     x.contiguous()?
@@ -73,6 +73,19 @@ impl CustomOp2 for RmsNorm {
     ) -> Result<(CpuStorage, Shape)> {
         same_dtype("rms_norm", s1.dtype(), s2.dtype())?;
         by_dtype!(s1.dtype(), "rms_norm", rms_fwd(self, s1, l1, s2, l2))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        same_dtype("rms_norm", s1.dtype(), s2.dtype())?;
+        let out = gpu::forward(self.eps, (s1, l1), (s2, l2))?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -157,6 +170,20 @@ impl CustomOp3 for RmsNormBwdX {
             rms_bwd_x(self, s1, l1, s2, l2, s3, l3)
         )
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = gpu::backward_x(self.eps, (s1, l1), (s2, l2), (s3, l3))?;
+        Ok((out, l1.shape().clone()))
+    }
 }
 
 /// dw = sum over rows of g * xhat.
@@ -201,5 +228,119 @@ impl CustomOp2 for RmsNormBwdW {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "rms_norm bwd", rms_bwd_w(self, s1, l1, s2, l2))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let d = l1.dims().last().copied().unwrap_or(1);
+        let out = gpu::backward_w(self.eps, (s1, l1), (s2, l2))?;
+        Ok((out, Shape::from(d)))
+    }
+}
+
+/// The CUDA launches (kernels in `sft-kernels/src/norm.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Layout, Result};
+
+    use crate::ops::cuda::{self, Module};
+
+    type In<'a> = (&'a CudaStorage, &'a Layout);
+
+    pub fn forward(eps: f64, (x, lx): In<'_>, (w, lw): In<'_>) -> Result<CudaStorage> {
+        cuda::contiguous(lx, "rms_norm")?;
+        let (rows, d) = super::rms_dims("rms_norm", lx, lw)?;
+        let dev = x.device();
+        let out = cuda::new_storage(dev, x.dtype(), rows * d)?;
+        let f = cuda::func(
+            dev,
+            Module::Norm,
+            &format!("rms_norm_fwd_{}", cuda::suffix(x.dtype())?),
+        )?;
+        let (xp, wp, op) = (cuda::ptr(x, lx)?, cuda::ptr(w, lw)?, cuda::base(&out)?);
+        let (d32, e) = (d as i32, eps as f32);
+        cuda::launch(&f, cuda::rows(rows, d), |b| {
+            b.arg(&xp).arg(&wp).arg(&op).arg(&d32).arg(&e);
+        })?;
+        Ok(out)
+    }
+
+    pub fn backward_x(
+        eps: f64,
+        (x, lx): In<'_>,
+        (w, lw): In<'_>,
+        (g, lg): In<'_>,
+    ) -> Result<CudaStorage> {
+        cuda::contiguous(lx, "rms_norm bwd")?;
+        cuda::contiguous(lg, "rms_norm bwd")?;
+        let (rows, d) = super::rms_dims("rms_norm bwd", lx, lw)?;
+        let dev = x.device();
+        let out = cuda::new_storage(dev, x.dtype(), rows * d)?;
+        let name = format!("rms_norm_bwd_dx_{}", cuda::suffix(x.dtype())?);
+        let f = cuda::func(dev, Module::Norm, &name)?;
+        let (xp, wp, gp, op) = (
+            cuda::ptr(x, lx)?,
+            cuda::ptr(w, lw)?,
+            cuda::ptr(g, lg)?,
+            cuda::base(&out)?,
+        );
+        let (d32, e) = (d as i32, eps as f32);
+        cuda::launch(&f, cuda::rows(rows, d), |b| {
+            b.arg(&xp).arg(&wp).arg(&gp).arg(&op).arg(&d32).arg(&e);
+        })?;
+        Ok(out)
+    }
+
+    /// dw = sum over rows of g * x * rstd: per-row rstd, column sums over chunks of rows,
+    /// then the chunks summed in a fixed order (deterministic, unlike atomics).
+    pub fn backward_w(eps: f64, (x, lx): In<'_>, (g, lg): In<'_>) -> Result<CudaStorage> {
+        cuda::contiguous(lx, "rms_norm bwd")?;
+        cuda::contiguous(lg, "rms_norm bwd")?;
+        let d = lx.dims().last().copied().unwrap_or(1);
+        let rows = lx.shape().elem_count() / d.max(1);
+        let dev = x.device();
+        let sfx = cuda::suffix(x.dtype())?;
+        let rstd = cuda::new_storage(dev, DType::F32, rows)?;
+        let (xp, gp, rp) = (cuda::ptr(x, lx)?, cuda::ptr(g, lg)?, cuda::base(&rstd)?);
+        let (d32, e) = (d as i32, eps as f32);
+        let f = cuda::func(dev, Module::Norm, &format!("rms_norm_rstd_{sfx}"))?;
+        cuda::launch(&f, cuda::rows(rows, d), |b| {
+            b.arg(&xp).arg(&rp).arg(&d32).arg(&e);
+        })?;
+        let per_chunk = 64usize;
+        let chunks = rows.div_ceil(per_chunk).max(1);
+        let partial = cuda::new_storage(dev, DType::F32, chunks * d)?;
+        let pp = cuda::base(&partial)?;
+        let (rows32, pc32, ch32) = (rows as i32, per_chunk as i32, chunks as i32);
+        let f = cuda::func(dev, Module::Norm, &format!("rms_norm_dw_partial_{sfx}"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (d.div_ceil(128) as u32, chunks as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        cuda::launch(&f, cfg, |b| {
+            b.arg(&xp)
+                .arg(&gp)
+                .arg(&rp)
+                .arg(&pp)
+                .arg(&rows32)
+                .arg(&d32)
+                .arg(&pc32);
+        })?;
+        let out = cuda::new_storage(dev, x.dtype(), d)?;
+        let op = cuda::base(&out)?;
+        let f = cuda::func(dev, Module::Norm, &format!("sum_chunks_{sfx}"))?;
+        cuda::launch(&f, cuda::grid(d), |b| {
+            b.arg(&pp).arg(&op).arg(&ch32).arg(&d32);
+        })?;
+        Ok(out)
     }
 }

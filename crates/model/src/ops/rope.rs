@@ -17,7 +17,7 @@ use crate::ops::{composed, route, Op, Route};
 /// batches, where positions differ per row). The output is contiguous. `cos` and `sin` are
 /// treated as constants (no gradient).
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if route(Op::Rope, x.device()) == Route::Composed {
+    if route(Op::Rope, x.device(), x.dtype()) == Route::Composed {
         return composed::rope(x, cos, sin);
     }
     let x = if x.stride().last() == Some(&1) {
@@ -115,6 +115,21 @@ impl CustomOp3 for Rope {
         by_dtype!(s1.dtype(), "rope", rope_fwd(self, s1, l1, s2, l2, s3, l3))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        same_dtype("rope", s1.dtype(), s2.dtype())?;
+        same_dtype("rope", s1.dtype(), s3.dtype())?;
+        gpu::rope(self.inverse, (s1, l1), (s2, l2), (s3, l3))
+    }
+
     fn bwd(
         &self,
         _x: &Tensor,
@@ -137,5 +152,59 @@ impl CustomOp3 for Rope {
             },
         )?;
         Ok((Some(dx), None, None))
+    }
+}
+
+/// The CUDA launch (kernel in `sft-kernels/src/elementwise.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{bail, CudaStorage, Layout, Result, Shape};
+
+    use crate::ops::cuda::{self, Module};
+
+    type In<'a> = (&'a CudaStorage, &'a Layout);
+
+    pub fn rope(
+        inverse: bool,
+        (x, lx): In<'_>,
+        (c, lc): In<'_>,
+        (s, ls): In<'_>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (b, h, t, d) = lx.shape().dims4()?;
+        let st = lx.stride();
+        if st[3] != 1 || d % 2 != 0 {
+            bail!("rope: x needs a unit last stride and an even head_dim, got {st:?}, {d}");
+        }
+        let per_batch = match lc.dims() {
+            &[ct, cd] if ct == t && cd == d / 2 => 0i32,
+            &[cb, ct, cd] if cb == b && ct == t && cd == d / 2 => 1,
+            dims => bail!("rope: cos {dims:?} does not fit x {:?}", lx.dims()),
+        };
+        cuda::contiguous(lc, "rope")?;
+        cuda::contiguous(ls, "rope")?;
+        let dev = x.device();
+        let out = cuda::new_storage(dev, x.dtype(), b * h * t * d)?;
+        let (xp, cp, sp, op) = (
+            cuda::ptr(x, lx)?,
+            cuda::ptr(c, lc)?,
+            cuda::ptr(s, ls)?,
+            cuda::base(&out)?,
+        );
+        let (b32, h32, t32, d32) = (b as i32, h as i32, t as i32, d as i32);
+        let (sb, sh, stt) = (st[0] as i64, st[1] as i64, st[2] as i64);
+        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        let f = cuda::func(
+            dev,
+            Module::Elementwise,
+            &format!("rope_{}", cuda::suffix(x.dtype())?),
+        )?;
+        cuda::launch(&f, cuda::grid(b * h * t * d / 2), |a| {
+            a.arg(&xp).arg(&cp).arg(&sp).arg(&op);
+            a.arg(&b32).arg(&h32).arg(&t32).arg(&d32);
+            a.arg(&sb).arg(&sh).arg(&stt).arg(&per_batch).arg(&sign);
+        })?;
+        Ok((out, Shape::from((b, h, t, d))))
     }
 }

@@ -11,7 +11,7 @@ use crate::ops::{composed, route, Op, Route};
 /// Softmax over the last dimension. A row that is entirely `-inf` (a fully masked query)
 /// gives zeros instead of NaN.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if route(Op::Softmax, x.device()) == Route::Composed {
+    if route(Op::Softmax, x.device(), x.dtype()) == Route::Composed {
         return composed::softmax_last_dim(x);
     }
     x.contiguous()?.apply_op1(Softmax)
@@ -65,6 +65,15 @@ impl CustomOp1 for Softmax {
         by_dtype!(s.dtype(), "softmax", softmax_fwd(s, l))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((gpu::rows("softmax_fwd", &[(s, l)])?, l.shape().clone()))
+    }
+
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
     }
@@ -107,5 +116,58 @@ impl CustomOp2 for SoftmaxBwd {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         by_dtype!(s1.dtype(), "softmax bwd", softmax_bwd(s1, l1, s2, l2))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            gpu::rows("softmax_bwd", &[(s1, l1), (s2, l2)])?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+/// The CUDA launches (kernels in `sft-kernels/src/norm.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{CudaStorage, Layout, Result};
+
+    use crate::ops::cuda::{self, Module};
+
+    /// A one-block-per-row kernel `name_<dtype>(inputs..., out, d)` over the first input's
+    /// rows.
+    pub fn rows(name: &str, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
+        let (x, lx) = inputs[0];
+        let d = lx.dims().last().copied().unwrap_or(1);
+        let n = lx.shape().elem_count();
+        let dev = x.device();
+        let mut ptrs = vec![];
+        for (s, l) in inputs {
+            cuda::contiguous(l, name)?;
+            ptrs.push(cuda::ptr(s, l)?);
+        }
+        let out = cuda::new_storage(dev, x.dtype(), n)?;
+        let op = cuda::base(&out)?;
+        let d32 = d as i32;
+        let f = cuda::func(
+            dev,
+            Module::Norm,
+            &format!("{name}_{}", cuda::suffix(x.dtype())?),
+        )?;
+        cuda::launch(&f, cuda::rows(n / d.max(1), d), |b| {
+            for p in &ptrs {
+                b.arg(p);
+            }
+            b.arg(&op).arg(&d32);
+        })?;
+        Ok(out)
     }
 }

@@ -11,7 +11,7 @@ use crate::ops::{composed, route, Op, Route};
 
 /// `silu(gate) * up`, the SwiGLU activation; `gate` and `up` have the same shape.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    if route(Op::SiluMul, gate.device()) == Route::Composed {
+    if route(Op::SiluMul, gate.device(), gate.dtype()) == Route::Composed {
         return composed::silu_mul(gate, up);
     }
     if gate.shape() != up.shape() {
@@ -61,6 +61,19 @@ impl CustomOp2 for SiluMul {
     ) -> Result<(CpuStorage, Shape)> {
         same_dtype("silu_mul", s1.dtype(), s2.dtype())?;
         by_dtype!(s1.dtype(), "silu_mul", silu_mul_fwd(s1, l1, s2, l2))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        same_dtype("silu_mul", s1.dtype(), s2.dtype())?;
+        let out = gpu::elementwise("silu_mul_fwd", &[(s1, l1), (s2, l2)], 1)?;
+        Ok((out, l1.shape().clone()))
     }
 
     fn bwd(
@@ -137,6 +150,22 @@ impl CustomOp3 for SiluMulBwd {
             silu_mul_bwd(s1, l1, s2, l2, s3, l3)
         )
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let out = gpu::elementwise("silu_mul_bwd", &[(s1, l1), (s2, l2), (s3, l3)], 2)?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(l1.dims());
+        Ok((out, Shape::from(dims)))
+    }
 }
 
 #[inline(always)]
@@ -184,4 +213,45 @@ pub(crate) unsafe fn silu_mul_bwd_row_avx2(
     dy: &[f32],
 ) {
     silu_mul_bwd_row_body(dg, du, g, u, dy)
+}
+
+/// The CUDA launches (kernels in `sft-kernels/src/elementwise.cu`).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{CudaStorage, Layout, Result};
+
+    use crate::ops::cuda::{self, Module};
+
+    /// An element-wise kernel `name_<dtype>(inputs..., out, n)` writing `outputs * n` elements.
+    pub fn elementwise(
+        name: &str,
+        inputs: &[(&CudaStorage, &Layout)],
+        outputs: usize,
+    ) -> Result<CudaStorage> {
+        let (x, lx) = inputs[0];
+        let n = lx.shape().elem_count();
+        let dev = x.device();
+        let mut ptrs = vec![];
+        for (s, l) in inputs {
+            cuda::contiguous(l, name)?;
+            ptrs.push(cuda::ptr(s, l)?);
+        }
+        let out = cuda::new_storage(dev, x.dtype(), outputs * n)?;
+        let op = cuda::base(&out)?;
+        let n64 = n as i64;
+        let f = cuda::func(
+            dev,
+            Module::Elementwise,
+            &format!("{name}_{}", cuda::suffix(x.dtype())?),
+        )?;
+        cuda::launch(&f, cuda::grid(n), |b| {
+            for p in &ptrs {
+                b.arg(p);
+            }
+            b.arg(&op).arg(&n64);
+        })?;
+        Ok(out)
+    }
 }

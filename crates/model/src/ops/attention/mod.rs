@@ -208,7 +208,7 @@ pub fn attention_with(
             Some(AttnMask::Ranges(r.clone()))
         }
     };
-    let kernel = route(Op::Attention, q.device()) == Route::Kernel
+    let kernel = route(Op::Attention, q.device(), q.dtype()) == Route::Kernel
         && (q.device().is_cpu() || gpu_supports(d, q.dtype(), mask.as_ref()));
     if !kernel {
         return composed::attention(q, k, v, mask.as_ref(), scale);
@@ -218,9 +218,13 @@ pub fn attention_with(
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
-        // The CUDA kernel reads any (b, h, t, d) strides with a unit last stride.
+        // The CUDA kernel reads any (b, h, t, d) strides whose rows are 16-byte aligned.
         let unit = |x: &Tensor| -> Result<Tensor> {
-            if x.stride().last() == Some(&1) {
+            let st = x.stride();
+            if st[3] == 1
+                && st[..3].iter().all(|s| s % 8 == 0)
+                && x.layout().start_offset() % 8 == 0
+            {
                 Ok(x.clone())
             } else {
                 x.contiguous()

@@ -126,7 +126,7 @@ pub fn lora_linear_with(
             Dropout::Key { key, p }
         }
     };
-    if route(Op::LoraLinear, x.device()) == Route::Composed {
+    if route(Op::LoraLinear, x.device(), x.dtype()) == Route::Composed {
         let mask = dropout.mask(x.dims(), ct, x.device())?;
         return composed::lora_linear(x, w, a, b, scale, mask.as_ref());
     }
@@ -144,6 +144,7 @@ pub fn lora_linear_with(
 }
 
 /// The op's dropout: a given mask, or a key to draw it from where it is used.
+#[derive(Clone)]
 pub(crate) enum Dropout {
     Off,
     Mask(Tensor),
@@ -319,6 +320,19 @@ impl CustomOp3 for LoraLinear {
         Ok((out, shape))
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        sx: &candle_core::CudaStorage,
+        lx: &Layout,
+        sa: &candle_core::CudaStorage,
+        la: &Layout,
+        sb: &candle_core::CudaStorage,
+        lb: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        gpu::forward(self, (sx, lx), (sa, la), (sb, lb))
+    }
+
     fn bwd(
         &self,
         x: &Tensor,
@@ -330,6 +344,10 @@ impl CustomOp3 for LoraLinear {
         let (n, k) = self.w.dims2()?;
         let (need_x, need_a, need_b) = (x.track_op(), a.track_op(), b.track_op());
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            return gpu::backward(self, (&x, &a, &b), grad, (need_x, need_a, need_b));
+        }
         let ct = a.dtype();
         let g = grad.contiguous()?;
         let m = g.elem_count() / n.max(1);
@@ -432,4 +450,192 @@ fn axpy_rows<T: Copy + Send + Sync, F: Fn(&mut T, T) + Send + Sync>(
             f(yv, dv);
         }
     });
+}
+
+/// The CUDA path: cuBLAS for the products (the base in the activations' dtype, the adapter in
+/// f32 as PEFT keeps it), `sft-kernels/src/elementwise.cu` for the steps around them (the
+/// dropout drawn inside the kernels that read x, never stored).
+#[cfg(feature = "cuda")]
+mod gpu {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
+    };
+
+    use super::{rows_view, Dropout, LoraLinear};
+    use crate::ops::cuda::{self, Module};
+
+    type In<'a> = (&'a CudaStorage, &'a Layout);
+
+    /// `xd = f32(x) * mask` into a new f32 storage.
+    fn adapter_input(dropout: &Dropout, (x, lx): In<'_>) -> Result<CudaStorage> {
+        cuda::contiguous(lx, "lora_linear")?;
+        let n = lx.shape().elem_count();
+        let dev = x.device();
+        let (m, _keep) = cuda::mask_arg(dropout)?;
+        let out = cuda::new_storage(dev, DType::F32, n)?;
+        let (xp, op, n64) = (cuda::ptr(x, lx)?, cuda::base(&out)?, n as i64);
+        let name = format!("lora_input_{}", cuda::suffix(x.dtype())?);
+        let f = cuda::func(dev, Module::Elementwise, &name)?;
+        cuda::launch(&f, cuda::grid(n.div_ceil(4)), |b| {
+            b.arg(&xp).arg(&op).arg(&n64).arg(&m);
+        })?;
+        Ok(out)
+    }
+
+    pub fn forward(
+        op: &LoraLinear,
+        (x, lx): In<'_>,
+        (a, la): In<'_>,
+        (b, lb): In<'_>,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (n, kw) = op.w.dims2()?;
+        let (m, k, lxv, shape) = rows_view(lx, n, "lora_linear")?;
+        if kw != k || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
+            bail!("lora_linear: x (.., {k}) with W (.., {kw}) and f32 adapters expected");
+        }
+        let r = la.dims()[0];
+        let dev = x.device();
+        let base = cuda::with_storage(&op.w, |ws, lw| {
+            if ws.dtype() != x.dtype() {
+                bail!(
+                    "lora_linear: x {:?} and W {:?} differ",
+                    x.dtype(),
+                    ws.dtype()
+                );
+            }
+            x.matmul(ws, (1, m, n, k), &lxv, &lw.transpose(0, 1)?)
+        })?;
+        let xd = adapter_input(&op.dropout, (x, &lxv))?;
+        let h = xd.matmul(
+            a,
+            (1, m, r, k),
+            &Layout::contiguous((m, k)),
+            &la.transpose(0, 1)?,
+        )?;
+        let delta = h.matmul(
+            b,
+            (1, m, n, r),
+            &Layout::contiguous((m, r)),
+            &lb.transpose(0, 1)?,
+        )?;
+        let out = cuda::new_storage(dev, x.dtype(), m * n)?;
+        let (bp, dp, op_, n64, s) = (
+            cuda::base(&base)?,
+            cuda::base(&delta)?,
+            cuda::base(&out)?,
+            (m * n) as i64,
+            op.scale as f32,
+        );
+        let name = format!("lora_add_{}", cuda::suffix(x.dtype())?);
+        let f = cuda::func(dev, Module::Elementwise, &name)?;
+        cuda::launch(&f, cuda::grid(m * n), |c| {
+            c.arg(&bp).arg(&dp).arg(&op_).arg(&n64).arg(&s);
+        })?;
+        Ok((out, shape))
+    }
+
+    /// dx, dA, dB at the tensor level: cuBLAS products, two fused element-wise kernels.
+    pub fn backward(
+        op: &LoraLinear,
+        (x, a, b): (&Tensor, &Tensor, &Tensor),
+        grad: &Tensor,
+        (need_x, need_a, need_b): (bool, bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, k) = op.w.dims2()?;
+        let g = grad.contiguous()?;
+        let m = g.elem_count() / n.max(1);
+        let g = g.reshape((m, n))?;
+        let gc = g.to_dtype(DType::F32)?;
+        // The scale goes on the thin (m, r) product.
+        let gb = gc.matmul(b)?.affine(op.scale, 0.0)?;
+        let dx = if need_x {
+            let base = g.matmul(&op.w)?;
+            let d_in = gb.matmul(a)?;
+            let dx = base.apply_op2_no_bwd(&d_in, &LoraDx(op.dropout.clone()))?;
+            Some(dx.reshape(x.dims())?)
+        } else {
+            None
+        };
+        let (da, db) = if need_a || need_b {
+            let xd = x
+                .reshape((m, k))?
+                .apply_op1_no_bwd(&LoraInput(op.dropout.clone()))?;
+            let da = need_a.then(|| gb.t()?.matmul(&xd)).transpose()?;
+            let db = if need_b {
+                let h = xd.matmul(&a.t()?)?;
+                Some(gc.t()?.matmul(&h)?.affine(op.scale, 0.0)?)
+            } else {
+                None
+            };
+            (da, db)
+        } else {
+            (None, None)
+        };
+        Ok((dx, da, db))
+    }
+
+    /// `f32(x) * mask` as an op (the backward's adapter input).
+    struct LoraInput(Dropout);
+
+    impl CustomOp1 for LoraInput {
+        fn name(&self) -> &'static str {
+            "sft-lora-input"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("sft-lora-input runs on the GPU only")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            Ok((adapter_input(&self.0, (s, l))?, l.shape().clone()))
+        }
+    }
+
+    /// `dx = dx_base + mask * d_in`, in dx_base's dtype.
+    struct LoraDx(Dropout);
+
+    impl CustomOp2 for LoraDx {
+        fn name(&self) -> &'static str {
+            "sft-lora-dx"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("sft-lora-dx runs on the GPU only")
+        }
+
+        fn cuda_fwd(
+            &self,
+            base: &CudaStorage,
+            lb: &Layout,
+            d_in: &CudaStorage,
+            ld: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            cuda::contiguous(lb, "lora dx")?;
+            cuda::contiguous(ld, "lora dx")?;
+            let n = lb.shape().elem_count();
+            let dev = base.device();
+            let (m, _keep) = cuda::mask_arg(&self.0)?;
+            let out = cuda::new_storage(dev, base.dtype(), n)?;
+            let (bp, dp, op, n64) = (
+                cuda::ptr(base, lb)?,
+                cuda::ptr(d_in, ld)?,
+                cuda::base(&out)?,
+                n as i64,
+            );
+            let name = format!("lora_dx_{}", cuda::suffix(base.dtype())?);
+            let f = cuda::func(dev, Module::Elementwise, &name)?;
+            cuda::launch(&f, cuda::grid(n.div_ceil(4)), |b| {
+                b.arg(&bp).arg(&dp).arg(&op).arg(&n64).arg(&m);
+            })?;
+            Ok((out, lb.shape().clone()))
+        }
+    }
 }

@@ -12,6 +12,8 @@ use crate::ops::{composed, route, Op, Route};
 
 mod lora;
 pub(crate) mod packed_gemm;
+#[cfg(feature = "cuda")]
+pub(crate) use lora::Dropout;
 pub use lora::{lora_linear, lora_linear_packed, lora_linear_with, LoraDropout};
 
 /// `y = x W^T` for a frozen `W` (out, in): the backward returns only the input gradient
@@ -130,7 +132,7 @@ pub fn frozen_linear_packed(x: &Tensor, w: &Tensor, packs: Packs<'_>) -> Result<
     if dims.last() != Some(&k) {
         bail!("frozen_linear: x {dims:?} does not end in in_features {k} of W ({n}, {k})");
     }
-    if route(Op::FrozenLinear, x.device()) == Route::Composed {
+    if route(Op::FrozenLinear, x.device(), x.dtype()) == Route::Composed {
         // A constant W records no gradient of its own.
         return composed::linear(x, &w.detach());
     }
