@@ -62,12 +62,12 @@ fn weights(run: &Path, kind: &str) -> Vec<u8> {
     std::fs::read(run.join("step-000008").join(f)).unwrap()
 }
 
-/// The uninterrupted run's losses and final weights.
-fn reference(kind: &str) -> (tempfile::TempDir, Vec<String>, Vec<u8>) {
+/// The uninterrupted run's losses and final weights (`set`: `--set` overrides).
+fn reference(kind: &str, set: &[&str]) -> (tempfile::TempDir, Vec<String>, Vec<u8>) {
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model, kind);
-    let out = train(&cfg, &[], &[]);
+    let out = train(&cfg, set, &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -77,22 +77,35 @@ fn reference(kind: &str) -> (tempfile::TempDir, Vec<String>, Vec<u8>) {
     (t, losses(&run), weights(&run, kind))
 }
 
-fn resumed_matches(kind: &str) {
-    let (_keep, ref_losses, ref_weights) = reference(kind);
+/// `--set KEY=VALUE` arguments for each override.
+fn sets(overrides: &[&str]) -> Vec<String> {
+    overrides
+        .iter()
+        .flat_map(|o| ["--set".to_string(), o.to_string()])
+        .collect()
+}
+
+fn resumed_matches(kind: &str, overrides: &[&str]) {
+    let set = sets(overrides);
+    let set: Vec<&str> = set.iter().map(String::as_str).collect();
+    let with = |extra: &[&'static str]| -> Vec<&str> {
+        set.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    let (_keep, ref_losses, ref_weights) = reference(kind, &set);
     let first_loss = ref_losses[0].clone();
 
     // Interrupted by the test hook (as SIGINT would) after step 3, resumed.
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model, kind);
-    let out = train(&cfg, &[], &[("SFT_TEST_STOP_AT_STEP", "3")]);
+    let out = train(&cfg, &set, &[("SFT_TEST_STOP_AT_STEP", "3")]);
     assert_eq!(
         out.status.code(),
         Some(130),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = train(&cfg, &["--resume"], &[]);
+    let out = train(&cfg, &with(&["--resume"]), &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -116,7 +129,7 @@ fn resumed_matches(kind: &str) {
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model, kind);
-    let out = train(&cfg, &[], &[("SFT_TEST_FAIL_CHECKPOINT_AT_STEP", "6")]);
+    let out = train(&cfg, &set, &[("SFT_TEST_FAIL_CHECKPOINT_AT_STEP", "6")]);
     assert!(!out.status.success());
     let run = t.path().join("ck/r");
     assert!(
@@ -127,7 +140,7 @@ fn resumed_matches(kind: &str) {
         std::fs::read_link(run.join("latest")).unwrap(),
         Path::new("step-000004")
     );
-    let out = train(&cfg, &["--resume"], &[]);
+    let out = train(&cfg, &with(&["--resume"]), &[]);
     assert!(
         out.status.success(),
         "{}",
@@ -143,12 +156,12 @@ fn resumed_matches(kind: &str) {
 
 #[test]
 fn full_fine_tuning_resumes_bit_for_bit() {
-    resumed_matches("full");
+    resumed_matches("full", &[]);
 }
 
 #[test]
 fn corrupted_latest_checkpoint_falls_back_to_the_previous_one() {
-    let (_keep, ref_losses, ref_weights) = reference("full");
+    let (_keep, ref_losses, ref_weights) = reference("full", &[]);
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model, "full");
@@ -171,7 +184,7 @@ fn corrupted_latest_checkpoint_falls_back_to_the_previous_one() {
 
 #[test]
 fn sigterm_checkpoints_and_resume_continues() {
-    let (_keep, ref_losses, ref_weights) = reference("full");
+    let (_keep, ref_losses, ref_weights) = reference("full", &[]);
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model, "full");
@@ -292,5 +305,50 @@ fn dry_run_prints_the_plan_and_memory() {
 
 #[test]
 fn lora_with_dropout_resumes_bit_for_bit() {
-    resumed_matches("lora");
+    resumed_matches("lora", &[]);
+}
+
+#[test]
+fn packed_lora_resumes_bit_for_bit() {
+    resumed_matches("lora", &["data.pack=true"]);
+}
+
+/// Recomputing each layer in the backward changes what is stored, not what is computed.
+#[test]
+fn gradient_checkpointing_trains_the_same_run() {
+    for kind in ["lora", "full"] {
+        let (_a, plain, plain_w) = reference(kind, &[]);
+        let (_b, ckpt, ckpt_w) = reference(kind, &["--set", "train.gradient_checkpointing=true"]);
+        assert_eq!(ckpt, plain, "{kind}: losses with gradient checkpointing");
+        assert_eq!(ckpt_w, plain_w, "{kind}: final weights");
+    }
+}
+
+/// Packed rows hold several examples: fewer rows, more examples per step, and each example
+/// still trains on its own response tokens.
+#[test]
+fn packing_puts_more_examples_in_each_step() {
+    let examples = |set: &[&str]| -> (u64, f64) {
+        let t = tempfile::tempdir().unwrap();
+        let model = tiny_model(t.path());
+        let cfg = config(t.path(), &model, "lora");
+        let out = train(&cfg, set, &[]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = std::fs::read_to_string(t.path().join("ck/r/metrics.jsonl")).unwrap();
+        let last: Value = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("loss").is_some() && v["step"] == 8)
+            .last()
+            .expect("step 8 logged");
+        (
+            last["examples"].as_u64().expect("examples"),
+            last["loss"].as_f64().expect("loss"),
+        )
+    };
+    let (plain, plain_loss) = examples(&[]);
+    let (packed, packed_loss) = examples(&["--set", "data.pack=true"]);
+    assert_eq!(plain, 8 * 2 * 2, "unpacked: micro_batch_size x grad_accum per step");
+    assert!(packed > plain, "packed {packed} examples, unpacked {plain}");
+    assert!(packed_loss.is_finite() && plain_loss.is_finite());
 }

@@ -198,6 +198,19 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     times.sort_by(|x, y| x.partial_cmp(y).expect("finite"));
     let med = times[times.len() / 2];
     let (used, reserved) = sft_model::device::peak_memory(&dev)?.unwrap_or((0, 0));
+    let est = sft_model::memory::estimate(
+        &cfg,
+        &sft_model::memory::Setup {
+            weight_bytes: a.dtype.size_in_bytes() as u64,
+            activation_bytes: a.dtype.size_in_bytes() as u64,
+            lora_params: (!full).then_some(trainable as u64),
+            master_weights: false,
+            gradient_checkpointing: a.ckpt,
+            batch: a.batch as u64,
+            seq: a.seq as u64,
+            loss_chunk: 1 << 27,
+        },
+    );
     let flops = if full { 6.0 } else { 4.0 } * n_params as f64 * n as f64 / med;
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!(
@@ -214,6 +227,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
             "tokens_per_s": n as f64 / med,
             "peak_allocated_gib": gib(used),
             "peak_reserved_gib": gib(reserved),
+            "estimate_gib": gib(est.total()),
             "params": n_params,
             "trainable": trainable,
             "mfu": flops / 989e12,

@@ -12,6 +12,7 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod lora;
+pub mod memory;
 pub mod ops;
 
 pub mod runtime;

@@ -31,10 +31,10 @@ use crate::ops::{self, AttnMask, KeyRanges};
 pub const IGNORE_INDEX: i64 = -100;
 
 /// Rows of logits computed at once by the loss (bounds its memory when no gradient is kept).
-const LOSS_CHUNK_ELEMENTS: usize = 1 << 22;
+pub const LOSS_CHUNK_ELEMENTS: usize = 1 << 22;
 /// The same on a GPU, where a few large products beat many small ones (the chunk's logits
 /// are kept for the backward: 128M elements are 256 MiB in bf16).
-const LOSS_CHUNK_ELEMENTS_GPU: usize = 1 << 27;
+pub const LOSS_CHUNK_ELEMENTS_GPU: usize = 1 << 27;
 
 #[derive(Clone)]
 struct Attention {

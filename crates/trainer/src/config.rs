@@ -64,6 +64,10 @@ pub struct ModelConfig {
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// The activations' dtype plan: `auto` (CUDA: the weights' dtype with f32 norms, softmax
+    /// and loss; CPU: f32), `weights` (CUDA's plan on any device) or `f32`.
+    #[serde(default)]
+    pub activations: sft_model::llama::Activations,
 }
 
 fn default_dtype() -> String {
@@ -138,6 +142,10 @@ pub struct TrainConfig {
     pub max_bad_steps: u32,
     /// Recompute each decoder layer's activations in backward (less memory, more compute).
     pub gradient_checkpointing: bool,
+    /// Full fine-tuning of bf16/f16 weights: keep f32 master copies that AdamW updates (exact
+    /// small updates, 4 more bytes per parameter); `false` updates the half-precision weights
+    /// in place with f32 moments.
+    pub master_weights: bool,
 }
 
 impl Default for TrainConfig {
@@ -160,6 +168,7 @@ impl Default for TrainConfig {
             seed: 42,
             max_bad_steps: 5,
             gradient_checkpointing: false,
+            master_weights: true,
         }
     }
 }
@@ -402,22 +411,6 @@ impl Config {
             errs.push(format!(
                 "model.device: expected cpu, cuda or cuda:N, found '{dev}'"
             ));
-        }
-        if t.gradient_checkpointing {
-            errs.push(
-                "train.gradient_checkpointing: activation recomputation is not implemented yet; \
-                 use a smaller micro_batch_size with grad_accum instead"
-                    .into(),
-            );
-        }
-        if self.data.pack {
-            // The data crate packs (segment ids, restarting positions), but the model does not
-            // yet build the block-diagonal mask: packed examples would attend to each other.
-            errs.push(
-                "data.pack: packing is not supported by the model's attention yet (examples \
-                 would see each other); use pack: false with group_by_length"
-                    .into(),
-            );
         }
         if self.checkpoint.keep_last == 0 {
             errs.push("checkpoint.keep_last: expected at least 1".into());

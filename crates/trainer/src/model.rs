@@ -69,6 +69,13 @@ impl TrainModel {
         let loaded = sft_model::load::load_model(&spec, dtype, &device)
             .map_err(|e| TrainError::Model(format!("model.source {spec}: {e}")))?;
         let mut llama = loaded.model;
+        // `auto` leaves the plan the loader chose (SFT_ACTIVATIONS or the device's default).
+        if cfg.model.activations != sft_model::llama::Activations::Auto {
+            llama
+                .set_activations(cfg.model.activations)
+                .map_err(|e| TrainError::Config(format!("model.activations: {e}")))?;
+        }
+        llama.set_gradient_checkpointing(cfg.train.gradient_checkpointing);
         let (params, lora) = match cfg.adapter.kind {
             AdapterKind::Lora => {
                 let (p, a) = crate::adapter::apply_lora(&mut llama, cfg)?;
@@ -138,13 +145,22 @@ impl TrainModel {
         crate::adapter::set_training(&mut self.llama, None);
     }
 
-    /// Summed loss of a batch and its token count.
+    /// Summed loss of a batch and its token count. Packed batches carry segment ids: each
+    /// example attends only within itself and its positions restart.
     pub fn loss(&self, batch: &Batch) -> Result<LossOutput, TrainError> {
-        let shape = (batch.rows, batch.seq_len);
-        let ids = Tensor::from_slice(&batch.input_ids, shape, &self.device)?;
-        let mask = Tensor::from_slice(&batch.attention_mask, shape, &self.device)?;
-        let labels = Tensor::from_slice(&batch.labels, shape, &self.device)?;
-        Ok(self.llama.loss(&ids, Some(&mask), &labels)?)
+        let inputs = sft_model::llama::Inputs {
+            ids: &batch.input_ids,
+            rows: batch.rows,
+            seq_len: batch.seq_len,
+            attention_mask: Some(&batch.attention_mask),
+            segment_ids: batch.segment_ids.as_deref(),
+        };
+        Ok(self.llama.loss_inputs(&inputs, &batch.labels)?)
+    }
+
+    /// The gradients of `loss` (checkpointed layers' parameter gradients merged in).
+    pub fn backward(&self, loss: &Tensor) -> Result<candle_core::backprop::GradStore, TrainError> {
+        Ok(self.llama.backward(loss)?)
     }
 
     /// Mean held-out loss (no dropout, no graph kept).

@@ -3,108 +3,48 @@
 //! parameters and their gradients, AdamW's float32 moments (and master copies for bf16/f16
 //! full fine-tuning), and the activations autograd holds for one micro-batch.
 use crate::config::{AdapterKind, Config};
+use sft_model::llama::Activations;
+use sft_model::memory::{self, MemoryEstimate};
 use crate::TrainError;
 use sft_model::config::LlamaConfig;
 use std::fmt;
 
-#[derive(Clone, Debug, PartialEq)]
-pub struct MemoryEstimate {
-    pub weights: u64,
-    pub trainable_params: u64,
-    pub trainable: u64,
-    pub gradients: u64,
-    pub optimizer: u64,
-    pub activations: u64,
-}
-
-impl MemoryEstimate {
-    pub fn total(&self) -> u64 {
-        self.weights + self.trainable + self.gradients + self.optimizer + self.activations
-    }
-}
-
-fn dtype_bytes(dtype: &str) -> u64 {
-    if dtype == "f32" {
-        4
-    } else {
-        2
-    }
-}
-
-/// (in, out) features of each projection of a decoder layer.
-fn projections(m: &LlamaConfig) -> [(&'static str, u64, u64); 7] {
-    let h = m.hidden_size as u64;
-    let q = (m.num_attention_heads * m.head_dim) as u64;
-    let kv = (m.num_key_value_heads * m.head_dim) as u64;
-    let i = m.intermediate_size as u64;
-    [
-        ("q_proj", h, q),
-        ("k_proj", h, kv),
-        ("v_proj", h, kv),
-        ("o_proj", q, h),
-        ("gate_proj", h, i),
-        ("up_proj", h, i),
-        ("down_proj", i, h),
-    ]
-}
-
-pub fn parameter_count(m: &LlamaConfig) -> u64 {
-    let h = m.hidden_size as u64;
-    let per_layer: u64 = projections(m).iter().map(|(_, a, b)| a * b).sum::<u64>() + 2 * h;
-    let embed = m.vocab_size as u64 * h;
-    let head = if m.tie_word_embeddings { 0 } else { embed };
-    embed + head + h + per_layer * m.num_hidden_layers as u64
-}
-
-/// LoRA parameters: r * (in + out) per targeted projection per layer.
-pub fn lora_parameter_count(m: &LlamaConfig, r: usize, targets: &[String]) -> u64 {
-    let all = targets.iter().any(|t| t == "all-linear");
-    let per_layer: u64 = projections(m)
-        .iter()
-        .filter(|(n, _, _)| all || targets.iter().any(|t| t == n))
-        .map(|(_, a, b)| r as u64 * (a + b))
-        .sum();
-    per_layer * m.num_hidden_layers as u64
-}
-
-/// The memory a micro-batch of `batch` sequences of `seq` tokens needs.
+/// The memory a micro-batch of `batch` sequences of `seq` tokens needs (see
+/// [`sft_model::memory`] for what is counted).
 pub fn estimate(cfg: &Config, m: &LlamaConfig, batch: u64, seq: u64) -> MemoryEstimate {
-    let wb = dtype_bytes(&cfg.model.dtype);
-    let params = parameter_count(m);
-    let weights = params * wb;
-    let (trainable_params, trainable, master) = match cfg.adapter.kind {
-        // Full: the weights are the trainable tensors (counted once, in `weights`); bf16/f16
-        // adds float32 master copies.
-        AdapterKind::Full => (params, 0, if wb == 4 { 0 } else { params * 4 }),
-        AdapterKind::Lora => {
-            let n = lora_parameter_count(m, cfg.adapter.r, &cfg.adapter.targets);
-            (n, n * 4, 0)
-        }
+    let weight_bytes = if cfg.model.dtype == "f32" { 4 } else { 2 };
+    let device_is_cpu = cfg.model.device == "cpu";
+    let activation_bytes = match cfg.model.activations {
+        Activations::F32 => 4,
+        Activations::Weights => weight_bytes,
+        Activations::Auto if device_is_cpu => 4,
+        Activations::Auto => weight_bytes,
     };
-    let gradients = trainable_params * 4;
-    let optimizer = trainable_params * 8 + master;
-    // Activations autograd keeps per layer and token: the norms' inputs and outputs, q, k, v
-    // after rope, the attention output and o_proj's input (about 10 hidden-sized vectors), the
-    // MLP's gate, up, activation and product (4 intermediate-sized), plus the attention
-    // probabilities (heads x seq per token).
-    let h = m.hidden_size as u64;
-    let i = m.intermediate_size as u64;
-    let heads = m.num_attention_heads as u64;
-    let layers = m.num_hidden_layers as u64;
-    let per_token_layer = (10 * h + 4 * i + 2 * heads * seq) * wb;
-    let tokens = batch * seq;
-    let layer_acts = tokens * per_token_layer;
-    let activations = layer_acts * layers
-        + tokens * h * wb * 2 // embeddings and final norm
-        + 4 * (16 << 20); // one chunk of logits in the loss (LOSS_CHUNK_ELEMENTS f32)
-    MemoryEstimate {
-        weights,
-        trainable_params,
-        trainable,
-        gradients,
-        optimizer,
-        activations,
-    }
+    let lora_params = match cfg.adapter.kind {
+        AdapterKind::Full => None,
+        AdapterKind::Lora => Some(memory::lora_parameter_count(
+            m,
+            cfg.adapter.r,
+            &cfg.adapter.targets,
+        )),
+    };
+    memory::estimate(
+        m,
+        &memory::Setup {
+            weight_bytes,
+            activation_bytes,
+            lora_params,
+            master_weights: cfg.train.master_weights,
+            gradient_checkpointing: cfg.train.gradient_checkpointing,
+            batch,
+            seq,
+            loss_chunk: if device_is_cpu {
+                sft_model::llama::LOSS_CHUNK_ELEMENTS
+            } else {
+                sft_model::llama::LOSS_CHUNK_ELEMENTS_GPU
+            } as u64,
+        },
+    )
 }
 
 pub struct DryRun {

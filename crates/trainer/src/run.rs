@@ -88,6 +88,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
         },
     )
     .map_err(TrainError::optim)?;
+    if !cfg.train.master_weights {
+        optim = optim.without_master_weights();
+    }
     tracing::info!(
         "model: {} ({} layers, {} parameters, {} trainable in {} tensors, {:?})",
         model.dir.display(),
@@ -218,7 +221,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
             loss_sum += value;
             tokens += out.n_tokens;
             if out.n_tokens > 0 {
-                let store = out.sum.backward()?;
+                let store = model.backward(&out.sum)?;
                 acc.add(&specs, &store, out.n_tokens)
                     .map_err(TrainError::optim)?;
             }
