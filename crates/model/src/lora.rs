@@ -375,18 +375,9 @@ pub fn apply_lora(model: &mut Llama, cfg: &LoraConfig) -> Result<LoraAdapter> {
 pub fn set_training(model: &mut Llama, seed: Option<u64>) {
     for (i, (_, lin)) in model.linears_mut().into_iter().enumerate() {
         if let Some(l) = &lin.lora {
-            l.set_training(seed.map(|s| mix(s, i as u64)));
+            l.set_training(seed.map(|s| sft_common::mix(s, i as u64 + 1, 0)));
         }
     }
-}
-
-fn mix(seed: u64, i: u64) -> u64 {
-    let mut x = seed ^ i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// Full fine-tuning: rebuilds the model with every weight a `Var` (in the model's dtype) and
