@@ -30,8 +30,8 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::TokenizedSet;
 use crate::error::{DataError, Result};
+use crate::tokenized::TokenizedSet;
 
 /// How batches are cut. See [`crate::DataConfig::batch_options`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
