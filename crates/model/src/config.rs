@@ -301,8 +301,8 @@ impl LlamaConfig {
             .opt_token_ids("pad_token_id")?
             .and_then(|v| v.first().copied());
         let torch_dtype = match (p.opt_str("dtype")?, p.opt_str("torch_dtype")?) {
-            (Some(d), _) => Some(parse_dtype(d, "dtype")?),
-            (None, Some(d)) => Some(parse_dtype(d, "torch_dtype")?),
+            (Some(d), _) => Some(dtype_field(d, "dtype")?),
+            (None, Some(d)) => Some(dtype_field(d, "torch_dtype")?),
             (None, None) => None,
         };
 
@@ -452,16 +452,24 @@ impl LlamaConfig {
     }
 }
 
-fn parse_dtype(s: &str, field: &str) -> Result<DType, ConfigError> {
+/// A dtype by name: Hugging Face's (`float32`, `bfloat16`, `float16`) or short (`f32`, `fp32`,
+/// `bf16`, `f16`, `fp16`, `half`).
+pub fn dtype_from_name(s: &str) -> Option<DType> {
     match s {
-        "float32" | "fp32" => Ok(DType::F32),
-        "bfloat16" | "bf16" => Ok(DType::BF16),
-        "float16" | "fp16" | "half" => Ok(DType::F16),
-        other => Err(field_err(
-            field,
-            format!("`{other}`: expected float32, bfloat16 or float16"),
-        )),
+        "float32" | "fp32" | "f32" => Some(DType::F32),
+        "bfloat16" | "bf16" => Some(DType::BF16),
+        "float16" | "fp16" | "f16" | "half" => Some(DType::F16),
+        _ => None,
     }
+}
+
+fn dtype_field(s: &str, field: &str) -> Result<DType, ConfigError> {
+    dtype_from_name(s).ok_or_else(|| {
+        field_err(
+            field,
+            format!("`{s}`: expected float32, bfloat16 or float16"),
+        )
+    })
 }
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5): returns the theta

@@ -38,15 +38,10 @@ pub fn parse_device(spec: &str) -> Result<Device, TrainError> {
     sft_model::device::open(spec).map_err(|e| TrainError::Config(format!("model.device: {e}")))
 }
 
+/// A dtype by name (see [`sft_model::config::dtype_from_name`]), for `model.dtype`.
 pub fn parse_dtype(s: &str) -> Result<DType, TrainError> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        s => Err(TrainError::Config(format!(
-            "model.dtype: unknown dtype '{s}'"
-        ))),
-    }
+    sft_model::config::dtype_from_name(s)
+        .ok_or_else(|| TrainError::Config(format!("model.dtype: unknown dtype '{s}'")))
 }
 
 /// `cache:NAME` is `$SFT_CACHE/models/NAME` (the folders scripts/fetch-test-models.sh fills).
