@@ -2,10 +2,14 @@
 //!
 //! An evaluator (IFS, ObjecQA) sees an [`Answer`] capability — "answer these instructions" —
 //! never the trainer or the model; the trainer sees [`Evaluator`]s that return named scores.
-//! Also the shared statistics: the Wilson score interval of a proportion.
+//! Also the shared statistics (the Wilson score interval of a proportion) and the JSONL reader
+//! of evaluation sets ([`items`]).
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+pub mod items;
+pub use items::{parse_jsonl, read_jsonl, ItemsError, JsonlItem};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
