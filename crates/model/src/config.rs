@@ -568,41 +568,32 @@ impl<'a> Parser<'a> {
             Some(v) => Some(v),
         }
     }
-    fn opt_str(&mut self, k: &str) -> Result<Option<&'a str>, ConfigError> {
+    /// The field `k` read by `f`; absent or null is `None`, another type an error saying what
+    /// was `expected`.
+    fn opt<T>(
+        &mut self,
+        k: &str,
+        expected: &str,
+        f: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| field_err(k, "expected a string")),
+            Some(v) => f(v).map(Some).ok_or_else(|| field_err(k, expected)),
         }
+    }
+    fn opt_str(&mut self, k: &str) -> Result<Option<&'a str>, ConfigError> {
+        self.opt(k, "expected a string", Value::as_str)
     }
     fn opt_bool(&mut self, k: &str) -> Result<Option<bool>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| field_err(k, "expected true or false")),
-        }
+        self.opt(k, "expected true or false", Value::as_bool)
     }
     fn opt_f64(&mut self, k: &str) -> Result<Option<f64>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| field_err(k, "expected a number")),
-        }
+        self.opt(k, "expected a number", Value::as_f64)
     }
     fn opt_usize(&mut self, k: &str) -> Result<Option<usize>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| field_err(k, "expected a non-negative integer")),
-        }
+        self.opt(k, "expected a non-negative integer", |v| {
+            v.as_u64().map(|x| x as usize)
+        })
     }
     fn req_usize(&mut self, k: &str) -> Result<usize, ConfigError> {
         let v = self
