@@ -1,4 +1,3 @@
-
 use super::*;
 use candle_core::{IndexOp, Var};
 

@@ -1,4 +1,3 @@
-
 use candle_core::{DType, Tensor};
 
 use super::*;
