@@ -67,6 +67,18 @@ mod tests {
     }
 
     #[test]
+    fn false_positives_count_against_precision_and_false_negatives_against_recall() {
+        // tp 2, fp 3, tn 1, fn 1: precision 2/5, recall 2/3, so a swap of FP and FN shows.
+        let m = Metrics::from_labels(&[1, 1, 1, 1, 0, 0, 1], &[1, 0, 0, 0, 0, 1, 1]);
+        assert_eq!((m.tp, m.fp, m.tn, m.fn_, m.n), (2, 3, 1, 1, 7));
+        assert!((m.accuracy - 3.0 / 7.0).abs() < 1e-12);
+        assert!((m.precision - 2.0 / 5.0).abs() < 1e-12);
+        assert!((m.recall - 2.0 / 3.0).abs() < 1e-12);
+        let f1 = 2.0 * (2.0 / 5.0) * (2.0 / 3.0) / (2.0 / 5.0 + 2.0 / 3.0);
+        assert!((m.f1 - f1).abs() < 1e-12);
+    }
+
+    #[test]
     fn undefined_scores_are_zero() {
         let m = Metrics::from_labels(&[0, 0], &[0, 0]);
         assert_eq!(

@@ -2,8 +2,7 @@
 //! `cmd/<name>.rs` with its own clap `Args` and a `run` function. The binary `sft-train` is
 //! `sft train`.
 use clap::{Parser, Subcommand};
-
-mod cmd;
+use sft_cli::cmd;
 
 #[derive(Parser)]
 #[command(

@@ -30,8 +30,8 @@ use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::dataset::TokenizedSet;
 use crate::error::{DataError, Result};
+use crate::tokenized::TokenizedSet;
 
 /// How batches are cut. See [`crate::DataConfig::batch_options`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,15 +106,6 @@ pub fn shuffle<T>(v: &mut [T], seed: u64) {
     }
 }
 
-fn mix(seed: u64, epoch: u64, salt: u64) -> u64 {
-    // splitmix64 of the three, so nearby seeds and epochs give unrelated streams.
-    let mut z =
-        seed ^ epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
-}
-
 /// Batches of rows of examples.
 pub type Plan = Vec<Vec<Vec<usize>>>;
 
@@ -125,7 +116,7 @@ pub fn plan_epoch(set: &TokenizedSet, opts: &BatchOptions, epoch: u64) -> Plan {
     let n = set.len();
     let mut order: Vec<usize> = (0..n).collect();
     if opts.shuffle {
-        shuffle(&mut order, mix(opts.seed, epoch, 0));
+        shuffle(&mut order, sft_common::mix(opts.seed, epoch, 0));
     }
     let mb = opts.micro_batch.max(1);
     let window = if opts.group_by_length {
@@ -169,7 +160,7 @@ pub fn plan_epoch(set: &TokenizedSet, opts: &BatchOptions, epoch: u64) -> Plan {
         }
     }
     if opts.shuffle && opts.group_by_length {
-        shuffle(&mut plan, mix(opts.seed, epoch, 1));
+        shuffle(&mut plan, sft_common::mix(opts.seed, epoch, 1));
     }
     plan
 }

@@ -16,10 +16,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::config::DataConfig;
-use crate::dataset::{DataReport, ResolvedFile, TokenizedSet};
 use crate::error::{DataError, Result};
+use crate::files::ResolvedFile;
+use crate::report::DataReport;
 use crate::template::Template;
 use crate::tokenize::{hex, Encoder};
+use crate::tokenized::TokenizedSet;
 
 const VERSION: u32 = 1;
 

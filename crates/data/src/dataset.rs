@@ -3,148 +3,17 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
-
 use crate::cache;
-use crate::config::{DataConfig, FileFormat, OnBadRow, SourceKind, Truncation};
+use crate::config::{DataConfig, FileFormat, OnBadRow, Truncation};
 use crate::error::{DataError, Result};
-use crate::hub::{self, HubOptions};
+pub use crate::files::{resolve_files, ResolvedFile};
+use crate::hub::HubOptions;
 use crate::record::{self, reason, BadRow, Record};
+pub use crate::report::DataReport;
 use crate::source::{self, Loc, Origin, RawRow};
 use crate::template::{self, Rendered, Template};
 use crate::tokenize::{Encoder, TokenizerFiles};
-
-/// Tokenized examples stored flat: example `i` is `tokens[starts[i]..starts[i+1]]`, its first
-/// `prompt_lens[i]` tokens are the prompt (labels -100), the rest train.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct TokenizedSet {
-    pub tokens: Vec<u32>,
-    pub starts: Vec<u64>,
-    pub prompt_lens: Vec<u32>,
-    /// (index into [`Dataset::files`], [`Loc::encode`]d place in it) of each example.
-    pub origins: Vec<(u32, u64)>,
-}
-
-/// One example, borrowed from a [`TokenizedSet`].
-#[derive(Debug, Clone, Copy)]
-pub struct Example<'a> {
-    pub ids: &'a [u32],
-    pub prompt_len: usize,
-    pub origin: (u32, u64),
-}
-
-impl Example<'_> {
-    /// Labels aligned with `ids`: -100 over the prompt, the token id over the trained part.
-    pub fn labels(&self) -> Vec<i64> {
-        self.ids
-            .iter()
-            .enumerate()
-            .map(|(i, &t)| if i < self.prompt_len { -100 } else { t as i64 })
-            .collect()
-    }
-
-    /// The trained ids: the response and its EOS.
-    pub fn trained(&self) -> &[u32] {
-        &self.ids[self.prompt_len..]
-    }
-}
-
-impl TokenizedSet {
-    pub fn new() -> Self {
-        TokenizedSet {
-            starts: vec![0],
-            ..Default::default()
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.prompt_lens.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.prompt_lens.is_empty()
-    }
-
-    pub fn push(&mut self, ids: &[u32], prompt_len: usize, origin: (u32, u64)) {
-        if self.starts.is_empty() {
-            self.starts.push(0);
-        }
-        self.tokens.extend_from_slice(ids);
-        self.starts.push(self.tokens.len() as u64);
-        self.prompt_lens.push(prompt_len as u32);
-        self.origins.push(origin);
-    }
-
-    pub fn get(&self, i: usize) -> Example<'_> {
-        let (a, b) = (self.starts[i] as usize, self.starts[i + 1] as usize);
-        Example {
-            ids: &self.tokens[a..b],
-            prompt_len: self.prompt_lens[i] as usize,
-            origin: self.origins[i],
-        }
-    }
-
-    /// Length in tokens of example `i`.
-    pub fn len_of(&self, i: usize) -> usize {
-        (self.starts[i + 1] - self.starts[i]) as usize
-    }
-
-    /// The examples at `indices`, in that order, as a new set.
-    pub fn select(&self, indices: &[usize]) -> TokenizedSet {
-        let mut out = TokenizedSet::new();
-        for &i in indices {
-            let e = self.get(i);
-            out.push(e.ids, e.prompt_len, e.origin);
-        }
-        out
-    }
-
-    /// Total tokens, and trained tokens.
-    pub fn token_counts(&self) -> (u64, u64) {
-        let total = self.tokens.len() as u64;
-        let prompt: u64 = self.prompt_lens.iter().map(|&p| p as u64).sum();
-        (total, total - prompt)
-    }
-}
-
-/// What happened to the rows: logged by the trainer and written to its run summary.
-/// `rows_read == kept + sum(skipped)` always holds.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct DataReport {
-    /// The files read, in order (hub files as their cache paths).
-    pub files: Vec<String>,
-    /// Rows seen (blank JSONL lines are not rows).
-    pub rows_read: u64,
-    /// Rows left out, by reason (see [`crate::record::reason`]).
-    pub skipped: BTreeMap<String, u64>,
-    /// Examples over `max_length`: dropped (also under `skipped.over_max_length`) or cut.
-    pub truncated: u64,
-    /// Examples kept (train + eval).
-    pub kept: u64,
-    /// Tokens of the kept examples, prompt included.
-    pub tokens: u64,
-    /// Of those, the trained ones (responses and EOS).
-    pub trained_tokens: u64,
-    /// Examples whose prompt/response boundary fell inside a token (see [`crate::tokenize`]).
-    pub boundary_retokenized: u64,
-    pub train_examples: u64,
-    pub eval_examples: u64,
-    /// The first bad rows, as `file:line: reason: detail` (a few per reason).
-    pub bad_row_samples: Vec<String>,
-    /// Whether the tokenized data came from the cache.
-    pub from_cache: bool,
-    pub cache_key: String,
-}
-
-impl DataReport {
-    fn skip(&mut self, why: &str) {
-        *self.skipped.entry(why.to_string()).or_default() += 1;
-    }
-
-    pub fn skipped_total(&self) -> u64 {
-        self.skipped.values().sum()
-    }
-}
+pub use crate::tokenized::{Example, TokenizedSet};
 
 /// Everything a run needs from the data: the train and held-out examples, what happened to the
 /// rows, and the token ids the batches use.
@@ -205,38 +74,6 @@ pub fn default_cache_dir() -> PathBuf {
                 .join(".cache/sft")
         });
     root.join("data")
-}
-
-/// A file to read and the source it came from.
-#[derive(Debug, Clone)]
-pub struct ResolvedFile {
-    pub path: PathBuf,
-    pub format: FileFormat,
-    pub source: usize,
-}
-
-/// Expands globs and fetches (or finds in the cache) hub files, in config order.
-pub fn resolve_files(cfg: &DataConfig, hub_opts: &HubOptions) -> Result<Vec<ResolvedFile>> {
-    let mut out = Vec::new();
-    for (i, s) in cfg.sources.iter().enumerate() {
-        let paths = match s.kind()? {
-            SourceKind::Path(p) => source::expand_glob(p)?,
-            SourceKind::Hub {
-                repo,
-                revision,
-                split,
-            } => hub::dataset_files(repo, revision, split, hub_opts)?,
-        };
-        for p in paths {
-            let format = source::format_of(&p, s.format)?;
-            out.push(ResolvedFile {
-                path: p,
-                format,
-                source: i,
-            });
-        }
-    }
-    Ok(out)
 }
 
 /// The tokenizer and the template a config uses.

@@ -1,7 +1,7 @@
 //! The crate's error type. Every variant names the file, row or field it is about.
 use std::path::PathBuf;
 
-use crate::source::Origin;
+use crate::origin::Origin;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {

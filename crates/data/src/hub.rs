@@ -7,7 +7,7 @@
 //! if the hub cannot be reached, a complete cached snapshot of the revision is used instead.
 use std::path::{Path, PathBuf};
 
-use hf_hub::api::sync::ApiBuilder;
+use hf_hub::api::sync::{ApiBuilder, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{DataError, Result};
@@ -108,18 +108,7 @@ pub fn dataset_files(
     if opts.offline {
         return cached_files(repo, revision, split, opts).map_err(err);
     }
-    let cache = Cache::new(opts.cache_dir.clone());
-    let token = opts.token.clone().or_else(|| cache.token());
-    let api = ApiBuilder::from_cache(cache)
-        .with_token(token)
-        .with_progress(false)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let handle = api.repo(Repo::with_revision(
-        repo.to_string(),
-        RepoType::Dataset,
-        revision.to_string(),
-    ));
+    let handle = repo_api(repo, revision, RepoType::Dataset, opts).map_err(err)?;
     let info = match handle.info() {
         Ok(i) => i,
         Err(e) => {
@@ -212,6 +201,27 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The hub API of a repository at a revision, with the options' cache and token.
+fn repo_api(
+    repo: &str,
+    revision: &str,
+    kind: RepoType,
+    opts: &HubOptions,
+) -> std::result::Result<ApiRepo, String> {
+    let cache = Cache::new(opts.cache_dir.clone());
+    let token = opts.token.clone().or_else(|| cache.token());
+    let api = ApiBuilder::from_cache(cache)
+        .with_token(token)
+        .with_progress(false)
+        .build()
+        .map_err(|e| e.to_string())?;
+    Ok(api.repo(Repo::with_revision(
+        repo.to_string(),
+        kind,
+        revision.to_string(),
+    )))
+}
+
 /// A file of a model repository (for the tokenizer): from the cache, else downloaded.
 /// `Ok(None)` when the repository has no such file.
 pub fn model_file(
@@ -234,18 +244,7 @@ pub fn model_file(
     if opts.offline {
         return Ok(None);
     }
-    let cache = Cache::new(opts.cache_dir.clone());
-    let token = opts.token.clone().or_else(|| cache.token());
-    let api = ApiBuilder::from_cache(cache)
-        .with_token(token)
-        .with_progress(false)
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let handle = api.repo(Repo::with_revision(
-        repo.to_string(),
-        RepoType::Model,
-        revision.to_string(),
-    ));
+    let handle = repo_api(repo, revision, RepoType::Model, opts).map_err(err)?;
     match handle.get(file) {
         Ok(p) => Ok(Some(p)),
         // hf-hub exposes ureq's error without re-exporting ureq: a missing file is a 404.

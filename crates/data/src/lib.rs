@@ -20,23 +20,28 @@ pub mod cache;
 pub mod config;
 pub mod dataset;
 pub mod error;
+pub mod files;
 pub mod hub;
+pub mod origin;
 pub mod record;
+pub mod report;
 pub mod source;
 pub mod template;
 pub mod tokenize;
+pub mod tokenized;
 
 pub use batch::{eval_batches, make_batch, plan_epoch, Batch, BatchOptions, Batcher, Cursor};
 pub use config::{
     Columns, DataConfig, EvalSplit, FileFormat, OnBadRow, SourceConfig, TemplateSpec, Truncation,
 };
 pub use dataset::{
-    build_dataset, default_cache_dir, load_encoder_and_template, BuildOptions, DataReport, Dataset,
-    Example, TokenizedSet,
+    build_dataset, default_cache_dir, load_encoder_and_template, BuildOptions, Dataset,
 };
 pub use error::{DataError, Result};
 pub use hub::HubOptions;
+pub use origin::{Loc, Origin};
 pub use record::{BadRow, Record};
-pub use source::{Loc, Origin};
+pub use report::DataReport;
 pub use template::{Rendered, Template};
 pub use tokenize::{Encoded, Encoder, TokenizerFiles};
+pub use tokenized::{Example, TokenizedSet};

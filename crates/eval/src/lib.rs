@@ -2,10 +2,14 @@
 //!
 //! An evaluator (IFS, ObjecQA) sees an [`Answer`] capability — "answer these instructions" —
 //! never the trainer or the model; the trainer sees [`Evaluator`]s that return named scores.
-//! Also the shared statistics: the Wilson score interval of a proportion.
+//! Also the shared statistics (the Wilson score interval of a proportion) and the JSONL reader
+//! of evaluation sets ([`items`]).
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
+
+pub mod items;
+pub use items::{parse_jsonl, read_jsonl, ItemsError, JsonlItem};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -54,44 +58,6 @@ pub fn wilson_interval(successes: usize, n: usize) -> (f64, f64) {
     ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
-/// Accuracy, precision, recall and F1 of binary predictions (positive = 1).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct BinaryMetrics {
-    pub n: usize,
-    pub accuracy: f64,
-    pub precision: f64,
-    pub recall: f64,
-    pub f1: f64,
-}
-
-impl BinaryMetrics {
-    pub fn compute(predicted: &[u8], truth: &[u8]) -> Self {
-        let n = predicted.len().min(truth.len());
-        let (mut tp, mut fp, mut fn_, mut correct) = (0usize, 0usize, 0usize, 0usize);
-        for (&p, &t) in predicted.iter().zip(truth) {
-            correct += usize::from(p == t);
-            tp += usize::from(p == 1 && t == 1);
-            fp += usize::from(p == 1 && t == 0);
-            fn_ += usize::from(p == 0 && t == 1);
-        }
-        let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
-        let precision = ratio(tp, tp + fp);
-        let recall = ratio(tp, tp + fn_);
-        let f1 = if precision + recall == 0.0 {
-            0.0
-        } else {
-            2.0 * precision * recall / (precision + recall)
-        };
-        Self {
-            n,
-            accuracy: ratio(correct, n),
-            precision,
-            recall,
-            f1,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,15 +74,5 @@ mod tests {
         assert_eq!(lo, 0.0);
         assert!((hi - 0.1611).abs() < 1e-4, "{hi}");
         assert_eq!(wilson_interval(0, 0), (0.0, 1.0));
-    }
-
-    #[test]
-    fn binary_metrics() {
-        let m = BinaryMetrics::compute(&[1, 1, 0, 0, 1], &[1, 0, 0, 1, 1]);
-        assert_eq!(m.n, 5);
-        assert!((m.accuracy - 0.6).abs() < 1e-12);
-        assert!((m.precision - 2.0 / 3.0).abs() < 1e-12);
-        assert!((m.recall - 2.0 / 3.0).abs() < 1e-12);
-        assert!((m.f1 - 2.0 / 3.0).abs() < 1e-12);
     }
 }

@@ -6,6 +6,7 @@
 //! fragment (Ip), its first words. The cut is deterministic: a fraction in [0.35, 0.65] of the
 //! words drawn from a hash of the text, at least two words kept and two cut.
 use serde::{Deserialize, Serialize};
+use sft_eval::{parse_jsonl, read_jsonl, ItemsError, JsonlItem};
 use std::path::Path;
 
 const BUNDLED: &str = include_str!("../assets/instructions.jsonl");
@@ -37,47 +38,25 @@ pub struct Prompt {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InstructionError {
-    #[error("{file}:{line}: {message}")]
-    Bad {
-        file: String,
-        line: usize,
-        message: String,
-    },
-    #[error("cannot read {file}: {source}")]
-    Io {
-        file: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Items(#[from] ItemsError),
     #[error("{0}: no instructions")]
     Empty(String),
 }
 
+impl JsonlItem for Instruction {
+    const FIELD: &'static str = "instruction";
+    fn text(&self) -> &str {
+        &self.instruction
+    }
+    fn id_mut(&mut self) -> &mut String {
+        &mut self.id
+    }
+}
+
 /// Parse JSONL instruction lines; `file` names the source in errors.
 pub fn parse(text: &str, file: &str) -> Result<Vec<Instruction>, InstructionError> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |message: String| InstructionError::Bad {
-            file: file.to_string(),
-            line: i + 1,
-            message,
-        };
-        let mut ins: Instruction = serde_json::from_str(line)
-            .map_err(|e| bad(format!("expected {{\"instruction\": \"...\"}}: {e}")))?;
-        if ins.instruction.trim().is_empty() {
-            return Err(bad("empty instruction".into()));
-        }
-        if ins.id.is_empty() {
-            ins.id = format!("line-{}", i + 1);
-        }
-        out.push(ins);
-    }
-    if out.is_empty() {
-        return Err(InstructionError::Empty(file.to_string()));
-    }
-    Ok(out)
+    non_empty(parse_jsonl(text, file)?, file)
 }
 
 /// The bundled instruction set.
@@ -87,12 +66,14 @@ pub fn bundled() -> Vec<Instruction> {
 
 /// A user's instruction file.
 pub fn load(path: &Path) -> Result<Vec<Instruction>, InstructionError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| InstructionError::Io {
-        file: file.clone(),
-        source,
-    })?;
-    parse(&text, &file)
+    non_empty(read_jsonl(path)?, &path.display().to_string())
+}
+
+fn non_empty(set: Vec<Instruction>, file: &str) -> Result<Vec<Instruction>, InstructionError> {
+    if set.is_empty() {
+        return Err(InstructionError::Empty(file.to_string()));
+    }
+    Ok(set)
 }
 
 fn fnv1a(s: &str) -> u64 {

@@ -301,8 +301,8 @@ impl LlamaConfig {
             .opt_token_ids("pad_token_id")?
             .and_then(|v| v.first().copied());
         let torch_dtype = match (p.opt_str("dtype")?, p.opt_str("torch_dtype")?) {
-            (Some(d), _) => Some(parse_dtype(d, "dtype")?),
-            (None, Some(d)) => Some(parse_dtype(d, "torch_dtype")?),
+            (Some(d), _) => Some(dtype_field(d, "dtype")?),
+            (None, Some(d)) => Some(dtype_field(d, "torch_dtype")?),
             (None, None) => None,
         };
 
@@ -452,16 +452,24 @@ impl LlamaConfig {
     }
 }
 
-fn parse_dtype(s: &str, field: &str) -> Result<DType, ConfigError> {
+/// A dtype by name: Hugging Face's (`float32`, `bfloat16`, `float16`) or short (`f32`, `fp32`,
+/// `bf16`, `f16`, `fp16`, `half`).
+pub fn dtype_from_name(s: &str) -> Option<DType> {
     match s {
-        "float32" | "fp32" => Ok(DType::F32),
-        "bfloat16" | "bf16" => Ok(DType::BF16),
-        "float16" | "fp16" | "half" => Ok(DType::F16),
-        other => Err(field_err(
-            field,
-            format!("`{other}`: expected float32, bfloat16 or float16"),
-        )),
+        "float32" | "fp32" | "f32" => Some(DType::F32),
+        "bfloat16" | "bf16" => Some(DType::BF16),
+        "float16" | "fp16" | "f16" | "half" => Some(DType::F16),
+        _ => None,
     }
+}
+
+fn dtype_field(s: &str, field: &str) -> Result<DType, ConfigError> {
+    dtype_from_name(s).ok_or_else(|| {
+        field_err(
+            field,
+            format!("`{s}`: expected float32, bfloat16 or float16"),
+        )
+    })
 }
 
 /// `rope_scaling` (transformers 4) or `rope_parameters` (transformers 5): returns the theta
@@ -560,41 +568,32 @@ impl<'a> Parser<'a> {
             Some(v) => Some(v),
         }
     }
-    fn opt_str(&mut self, k: &str) -> Result<Option<&'a str>, ConfigError> {
+    /// The field `k` read by `f`; absent or null is `None`, another type an error saying what
+    /// was `expected`.
+    fn opt<T>(
+        &mut self,
+        k: &str,
+        expected: &str,
+        f: impl FnOnce(&'a Value) -> Option<T>,
+    ) -> Result<Option<T>, ConfigError> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v
-                .as_str()
-                .map(Some)
-                .ok_or_else(|| field_err(k, "expected a string")),
+            Some(v) => f(v).map(Some).ok_or_else(|| field_err(k, expected)),
         }
+    }
+    fn opt_str(&mut self, k: &str) -> Result<Option<&'a str>, ConfigError> {
+        self.opt(k, "expected a string", Value::as_str)
     }
     fn opt_bool(&mut self, k: &str) -> Result<Option<bool>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| field_err(k, "expected true or false")),
-        }
+        self.opt(k, "expected true or false", Value::as_bool)
     }
     fn opt_f64(&mut self, k: &str) -> Result<Option<f64>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| field_err(k, "expected a number")),
-        }
+        self.opt(k, "expected a number", Value::as_f64)
     }
     fn opt_usize(&mut self, k: &str) -> Result<Option<usize>, ConfigError> {
-        match self.get(k) {
-            None => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .map(|x| Some(x as usize))
-                .ok_or_else(|| field_err(k, "expected a non-negative integer")),
-        }
+        self.opt(k, "expected a non-negative integer", |v| {
+            v.as_u64().map(|x| x as usize)
+        })
     }
     fn req_usize(&mut self, k: &str) -> Result<usize, ConfigError> {
         let v = self

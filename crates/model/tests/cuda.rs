@@ -3,7 +3,10 @@
 //! none is). `scripts/gpu-check` builds these executables here and runs them on a GPU machine.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
+use common::with_big_stack;
 use sft_model::config::LlamaConfig;
 use sft_model::llama::{Activations, Inputs, Llama};
 use sft_model::lora::{self, LoraConfig, Targets};
@@ -445,15 +448,6 @@ fn three_steps(dev: &Device, dt: DType, full: bool, ckpt: bool) -> Vec<f64> {
         opt.step(&grads, 1e-3).unwrap();
     }
     losses
-}
-
-fn with_big_stack<F: FnOnce() + Send + 'static>(f: F) {
-    std::thread::Builder::new()
-        .stack_size(256 << 20)
-        .spawn(f)
-        .unwrap()
-        .join()
-        .unwrap();
 }
 
 /// Three LoRA steps and three full steps of a tiny model on the GPU (f32 and bf16, with and

@@ -1,7 +1,10 @@
 //! LoRA and full fine-tuning on a tiny random LLaMA: gradients against central finite
 //! differences in float64, every trainable `Var` reached, merged == unmerged, PEFT files.
 //! Backward recurses over the graph, so the training tests run on a thread with a large stack.
+mod common;
 mod gradcheck;
+
+use common::with_big_stack;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -45,15 +48,6 @@ fn mean_loss(model: &Llama) -> Tensor {
         .unwrap()
         .mean()
         .unwrap()
-}
-
-fn with_big_stack<F: FnOnce() + Send + 'static>(f: F) {
-    std::thread::Builder::new()
-        .stack_size(256 << 20)
-        .spawn(f)
-        .unwrap()
-        .join()
-        .unwrap();
 }
 
 /// Compares the analytic gradient of each Var with central differences on up to `per_var`

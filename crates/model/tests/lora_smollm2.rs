@@ -1,6 +1,9 @@
 //! LoRA on the imported SmolLM2-135M-Instruct: PEFT's adapter fixture gives transformers'
 //! logits, and 30 LoRA steps memorise a small batch while the base weights stay bit-identical.
 //! Needs the models cached by scripts/fetch-test-models.sh.
+mod common;
+
+use common::with_big_stack;
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, IndexOp, Tensor};
@@ -31,15 +34,6 @@ fn fixture_dir() -> PathBuf {
 
 fn load() -> LoadedModel {
     load_dir(&smollm2_dir(), DType::F32, &Device::Cpu).unwrap()
-}
-
-fn with_big_stack<F: FnOnce() + Send + 'static>(f: F) {
-    std::thread::Builder::new()
-        .stack_size(256 << 20)
-        .spawn(f)
-        .unwrap()
-        .join()
-        .unwrap();
 }
 
 #[test]

@@ -2,7 +2,10 @@
 //! fallbacks), run on the CPU through `ops::with_composed`: each gives the kernel's values and
 //! gradients, keeps the input's dtype (a bf16 activation stays bf16, so the layer after it sees
 //! the dtype it expects), and stays finite where a naive formula overflows.
+mod common;
+
 use candle_core::{DType, Device, Result, Tensor, Var};
+use common::max_abs_diff;
 use sft_model::ops;
 
 fn randn(shape: &[usize], seed: u64, scale: f64) -> Tensor {
@@ -18,20 +21,6 @@ fn randn(shape: &[usize], seed: u64, scale: f64) -> Tensor {
         })
         .collect();
     Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
 }
 
 /// Output and the gradients of the `vars` inputs (through a fixed projection of the output).
@@ -82,11 +71,11 @@ fn check(
         "{name}: the composed form changed the dtype"
     );
     assert_eq!(yk.dtype(), inputs[0].dtype(), "{name}: output dtype");
-    let d = max_diff(&yk, &yc);
+    let d = max_abs_diff(&yk, &yc);
     assert!(d < tol, "{name}: outputs differ by {d}");
     for (i, (a, b)) in gk.iter().zip(&gc).enumerate() {
         assert_eq!(a.dtype(), b.dtype(), "{name}: gradient {i} dtype");
-        let d = max_diff(a, b);
+        let d = max_abs_diff(a, b);
         assert!(d < tol, "{name}: gradient {i} differs by {d}");
     }
 }
@@ -181,7 +170,7 @@ fn composed_references_match_the_kernels_in_f32_and_bf16() {
         let logits = c(randn(&[4, 9], 14, 4.0));
         let (yk, _) = run(
             &|t| ops::cross_entropy(&t[0], &labels, -100),
-            &[logits.clone()],
+            std::slice::from_ref(&logits),
             &[0],
         );
         assert_eq!(yk.dtype(), DType::F32, "cross-entropy losses are f32");

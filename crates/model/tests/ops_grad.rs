@@ -1,9 +1,11 @@
 //! The fused ops of `sft_model::ops`: every backward against central finite differences in
 //! float64, every forward against candle's composed reference, and the fused backward against
 //! the composed backward on tensors large enough to take the parallel path.
+mod common;
 mod gradcheck;
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var, D};
+use common::{max_abs, max_abs_diff};
 use gradcheck::{assert_grads, rand_t};
 use sft_model::ops;
 
@@ -132,32 +134,6 @@ fn ops_cross_entropy_rejects_bad_labels() {
 // ------------------------------------------------------------------------------------------
 // Forward against candle's composed ops
 // ------------------------------------------------------------------------------------------
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
-
-fn max_abs(a: &Tensor) -> f64 {
-    a.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-}
 
 /// Each op and its composed reference, evaluated on the same inputs in `dt`.
 /// The reference runs in f32 on the (already rounded) inputs.

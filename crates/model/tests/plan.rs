@@ -7,6 +7,9 @@
 //!   across examples.
 //!
 //! Backward recurses over the graph: the training tests run on a thread with a large stack.
+mod common;
+
+use common::with_big_stack;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -33,15 +36,6 @@ fn model(dtype: DType, plan: Activations) -> Llama {
         .unwrap()
         .with_activations(plan)
         .unwrap()
-}
-
-fn with_big_stack<F: FnOnce() + Send + 'static>(f: F) {
-    std::thread::Builder::new()
-        .stack_size(256 << 20)
-        .spawn(f)
-        .unwrap()
-        .join()
-        .unwrap();
 }
 
 const ROWS: usize = 2;

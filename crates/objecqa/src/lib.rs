@@ -6,7 +6,10 @@
 //! declines to pick) or subjective (0: commits to one choice as its own preference).
 //! ObjecQA = objective answers / all answers.
 use serde::{Deserialize, Serialize};
-use sft_eval::{wilson_interval, Answer, BoxError, EvalReport, Evaluator};
+use sft_eval::{
+    parse_jsonl, read_jsonl, wilson_interval, Answer, BoxError, EvalReport, Evaluator, ItemsError,
+    JsonlItem,
+};
 use std::io::Write;
 use std::path::Path;
 
@@ -23,44 +26,21 @@ pub struct Question {
     pub question: String,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum QuestionError {
-    #[error("{file}:{line}: {message}")]
-    Bad {
-        file: String,
-        line: usize,
-        message: String,
-    },
-    #[error("cannot read {file}: {source}")]
-    Io {
-        file: String,
-        source: std::io::Error,
-    },
+pub type QuestionError = ItemsError;
+
+impl JsonlItem for Question {
+    const FIELD: &'static str = "question";
+    fn text(&self) -> &str {
+        &self.question
+    }
+    fn id_mut(&mut self) -> &mut String {
+        &mut self.id
+    }
 }
 
 /// Parse JSONL question lines; `file` names the source in errors.
 pub fn parse(text: &str, file: &str) -> Result<Vec<Question>, QuestionError> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let bad = |message: String| QuestionError::Bad {
-            file: file.to_string(),
-            line: i + 1,
-            message,
-        };
-        let mut q: Question = serde_json::from_str(line)
-            .map_err(|e| bad(format!("expected {{\"question\": \"...\"}}: {e}")))?;
-        if q.question.trim().is_empty() {
-            return Err(bad("empty question".into()));
-        }
-        if q.id.is_empty() {
-            q.id = format!("line-{}", i + 1);
-        }
-        out.push(q);
-    }
-    Ok(out)
+    parse_jsonl(text, file)
 }
 
 /// The bundled 100 questions.
@@ -69,12 +49,7 @@ pub fn bundled() -> Vec<Question> {
 }
 
 pub fn load(path: &Path) -> Result<Vec<Question>, QuestionError> {
-    let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| QuestionError::Io {
-        file: file.clone(),
-        source,
-    })?;
-    parse(&text, &file)
+    read_jsonl(path)
 }
 
 /// Judges answers: `true` = objective, with the judge's probability.

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
+use sft_common::RawView;
 
 /// What can go wrong; every variant names the parameter or file involved.
 #[derive(Debug, thiserror::Error)]
@@ -462,7 +463,7 @@ impl AdamW {
         })?;
         let mut views = Vec::new();
         for (name, t) in self.state_dict() {
-            views.push((name, RawView::from_tensor(&t)?));
+            views.push((name, state_view(&t)?));
         }
         let meta = HashMap::from([(META_KEY.to_string(), header)]);
         let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| OptimError::Format {
@@ -566,55 +567,15 @@ impl AdamW {
     }
 }
 
-/// A tensor's bytes for the safetensors writer (its `View` trait is for its own version).
-struct RawView {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl RawView {
-    fn from_tensor(t: &Tensor) -> Result<Self> {
-        let shape = t.dims().to_vec();
-        let t = t.to_device(&Device::Cpu)?.flatten_all()?;
-        let (dtype, data) = match t.dtype() {
-            DType::F32 => (
-                safetensors::Dtype::F32,
-                t.to_vec1::<f32>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            DType::F64 => (
-                safetensors::Dtype::F64,
-                t.to_vec1::<f64>()?
-                    .iter()
-                    .flat_map(|v| v.to_le_bytes())
-                    .collect(),
-            ),
-            dt => {
-                return Err(candle_core::Error::Msg(format!(
-                    "optimizer state of dtype {dt:?} cannot be saved"
-                ))
-                .into())
-            }
-        };
-        Ok(Self { dtype, shape, data })
-    }
-}
-
-impl safetensors::View for RawView {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
+/// A state tensor's bytes for the safetensors writer: f32 or f64 (what [`raw_to_tensor`] reads
+/// back).
+fn state_view(t: &Tensor) -> Result<RawView> {
+    match t.dtype() {
+        DType::F32 | DType::F64 => Ok(RawView::from_tensor(t)?),
+        dt => Err(candle_core::Error::Msg(format!(
+            "optimizer state of dtype {dt:?} cannot be saved"
+        ))
+        .into()),
     }
 }
 

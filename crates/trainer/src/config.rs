@@ -5,6 +5,7 @@
 //! checked for sense before anything is loaded. `--set key.path=value` overrides apply on top,
 //! each value parsed as YAML.
 use serde::{Deserialize, Serialize};
+use sft_model::lora::LLAMA_PROJECTIONS;
 use std::path::{Path, PathBuf};
 
 pub use sft_data::DataConfig;
@@ -388,10 +389,10 @@ impl Config {
                 errs.push("adapter.targets: expected at least one module name".into());
             }
             for name in &a.targets {
-                if !LINEAR_MODULES.contains(&name.as_str()) && name != "all-linear" {
+                if !LLAMA_PROJECTIONS.contains(&name.as_str()) && name != "all-linear" {
                     errs.push(format!(
                         "adapter.targets: unknown module '{name}', expected some of {} or all-linear",
-                        LINEAR_MODULES.join(", ")
+                        LLAMA_PROJECTIONS.join(", ")
                     ));
                 }
             }
@@ -437,17 +438,6 @@ impl Config {
         }
     }
 }
-
-/// The linear modules of a LLaMA decoder layer that LoRA can target.
-pub const LINEAR_MODULES: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
 
 fn parse_with_path<'de, D: serde::Deserializer<'de>>(de: D) -> Result<Config, String>
 where

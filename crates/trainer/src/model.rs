@@ -38,15 +38,10 @@ pub fn parse_device(spec: &str) -> Result<Device, TrainError> {
     sft_model::device::open(spec).map_err(|e| TrainError::Config(format!("model.device: {e}")))
 }
 
+/// A dtype by name (see [`sft_model::config::dtype_from_name`]), for `model.dtype`.
 pub fn parse_dtype(s: &str) -> Result<DType, TrainError> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "bf16" => Ok(DType::BF16),
-        "f16" => Ok(DType::F16),
-        s => Err(TrainError::Config(format!(
-            "model.dtype: unknown dtype '{s}'"
-        ))),
-    }
+    sft_model::config::dtype_from_name(s)
+        .ok_or_else(|| TrainError::Config(format!("model.dtype: unknown dtype '{s}'")))
 }
 
 /// `cache:NAME` is `$SFT_CACHE/models/NAME` (the folders scripts/fetch-test-models.sh fills).
@@ -138,7 +133,10 @@ impl TrainModel {
     }
 
     pub fn set_dropout_seed(&mut self, seed: u64, step: u64, micro: u64) {
-        crate::adapter::set_training(&mut self.llama, Some(mix_seed(seed, step, micro)));
+        // One seed per (run seed, step, micro-batch): dropout masks are a pure function of
+        // where the run is, so a resumed run draws the same ones.
+        let seed = sft_common::mix(seed, step, micro);
+        crate::adapter::set_training(&mut self.llama, Some(seed));
     }
 
     pub fn set_eval(&mut self) {
@@ -195,18 +193,6 @@ impl TrainModel {
     pub fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
         crate::adapter::restore(self, dir)
     }
-}
-
-/// One 64-bit seed per (run seed, step, micro-batch): dropout masks are a pure function of
-/// where the run is, so a resumed run draws the same ones.
-pub fn mix_seed(seed: u64, step: u64, micro: u64) -> u64 {
-    let mut x =
-        seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ micro.wrapping_mul(0xD1B5_4A32_D192_ED03);
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// The evaluators' view of a model: render each instruction through a template (the

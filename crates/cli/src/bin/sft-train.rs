@@ -1,8 +1,6 @@
 //! `sft-train`: the same as `sft train`.
 use clap::Parser;
-
-#[path = "../cmd/mod.rs"]
-mod cmd;
+use sft_cli::cmd;
 
 fn main() {
     cmd::init_logging();

@@ -1,5 +1,4 @@
 //! One module per subcommand; each owns its clap `Args` and a `run` returning `anyhow::Result`.
-#![allow(dead_code)]
 pub mod classifier;
 pub mod data;
 pub mod generate;

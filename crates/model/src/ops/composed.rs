@@ -6,7 +6,8 @@
 //! plan of the model around it.
 use candle_core::{DType, Result, Tensor, D};
 
-use super::attention::{compute_dtype, AttnMask};
+use super::attention::mask::AttnMask;
+use super::dispatch::compute_dtype;
 
 /// `t` in `dt`, itself when it already is.
 fn cast(t: &Tensor, dt: DType) -> Result<Tensor> {

@@ -4,10 +4,11 @@ use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result,
 use num_traits::{Float, One, Zero};
 use rayon::prelude::*;
 
+use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 use crate::ops::dispatch::{by_dtype, Acc, Elem};
-use crate::ops::{composed, route, Op, Route};
+use crate::ops::route::{route, Op, Route};
 
 /// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, labels[i]]`, fused (no softmax
 /// tensor is kept). `logits`: (n, vocab) float; `labels`: (n) u32 or i64. Rows whose label

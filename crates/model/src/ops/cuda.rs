@@ -4,9 +4,7 @@
 //! per-tensor event tracking on a single stream).
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaFunction;
-use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-};
+use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, DeviceRepr, LaunchConfig};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 
@@ -252,69 +250,6 @@ fn default_pool(dev: &CudaDevice) -> Result<(sys::CUmemoryPool, ())> {
             .w()?;
     }
     Ok((pool, ()))
-}
-
-/// The counter-based dropout mask as f32 (see `ops::dropout`), drawn on the device.
-pub(crate) fn dropout_mask(
-    dev: &CudaDevice,
-    key: crate::ops::DropoutKey,
-    n: usize,
-    p: f64,
-) -> Result<CudaStorage> {
-    let (thr, inv) = crate::ops::dropout::threshold(p)?;
-    let out = new_storage(dev, DType::F32, n)?;
-    let f = func(dev, Module::Elementwise, "dropout_mask_f32")?;
-    let (o, n64, seed) = (base(&out)?, n as i64, key.seed);
-    launch(&f, grid(n.div_ceil(4)), |b| {
-        b.arg(&o)
-            .arg(&n64)
-            .arg(&seed)
-            .arg(&key.stream)
-            .arg(&thr)
-            .arg(&inv);
-    })?;
-    Ok(out)
-}
-
-/// The kernels' view of a LoRA dropout: none, a Philox key, or a given f32 mask (its address;
-/// the returned tensor keeps that mask alive through the launch).
-pub(crate) fn mask_arg(
-    dropout: &crate::ops::linear::Dropout,
-) -> Result<(MaskArg, Option<candle_core::Tensor>)> {
-    use crate::ops::linear::Dropout;
-    let none = MaskArg {
-        seed: 0,
-        mask: 0,
-        stream: 0,
-        thr: 0,
-        inv: 1.0,
-        mode: 0,
-    };
-    Ok(match dropout {
-        Dropout::Off => (none, None),
-        Dropout::Key { key, p } => {
-            let (thr, inv) = crate::ops::dropout::threshold(*p)?;
-            let arg = MaskArg {
-                seed: key.seed,
-                stream: key.stream,
-                thr,
-                inv,
-                mode: 1,
-                ..none
-            };
-            (arg, None)
-        }
-        Dropout::Mask(m) => {
-            let m = m.to_dtype(DType::F32)?.contiguous()?;
-            let p = with_storage(&m, ptr)?;
-            let arg = MaskArg {
-                mask: p,
-                mode: 2,
-                ..none
-            };
-            (arg, Some(m))
-        }
-    })
 }
 
 /// The storage of a tensor on a CUDA device (kernels read other tensors' storages this way).

@@ -6,12 +6,17 @@ use candle_core::{bail, CpuStorage, DType, Layout, Result, WithDType};
 use half::{bf16, f16};
 use num_traits::Float;
 
-use super::attention::decode::{decode_row_body, decode_row_f32_avx2};
 use super::cpu::cont;
 use super::cpu::simd::*;
-use super::swiglu::{
-    silu_mul_bwd_row_avx2, silu_mul_bwd_row_body, silu_mul_row_avx2, silu_mul_row_body,
-};
+
+/// The arithmetic dtype of attention on `dt` inputs: f64 for f64, else f32.
+pub(crate) fn compute_dtype(dt: DType) -> DType {
+    if dt == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
 
 /// The float type a kernel's arithmetic runs in: f32, or f64 (the finite-difference tests).
 pub(crate) trait Acc:
@@ -23,23 +28,28 @@ pub(crate) trait Acc:
     fn fexp(self) -> Self;
     /// `x = exp(x - max)` over a row, returning the row's new sum (a softmax's inner loop).
     fn exp_shift_sum(row: &mut [Self], max: Self) -> Self;
-    /// One query row of decoding attention against `s` keys of a kv group (`kg`, `vg`: `s`
-    /// rows of the row's width): `o = softmax(scale * kg q + m) vg`, with `p` as scratch of `s`.
-    #[allow(clippy::too_many_arguments)]
-    fn decode_row(
-        q: &[Self],
-        kg: &[Self],
-        vg: &[Self],
-        m: Option<&[Self]>,
-        scale: Self,
-        p: &mut [Self],
-        o: &mut [Self],
-    ) {
-        decode_row_body(q, kg, vg, m, scale, p, o)
-    }
+    /// An `f64` constant in this type.
+    fn of_f64(v: f64) -> Self;
+    /// Storage for a vector of this type.
+    fn store(v: Vec<Self>) -> CpuStorage;
+    /// A contiguous slice of storage of this type.
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [Self]>;
 }
 
 impl Acc for f64 {
+    #[inline(always)]
+    fn of_f64(v: f64) -> f64 {
+        v
+    }
+
+    fn store(v: Vec<f64>) -> CpuStorage {
+        CpuStorage::F64(v)
+    }
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f64]> {
+        cont::<f64>(s, l, op)
+    }
+
     #[inline(always)]
     fn fexp(self) -> f64 {
         self.exp()
@@ -55,6 +65,19 @@ impl Acc for f64 {
 
 impl Acc for f32 {
     #[inline(always)]
+    fn of_f64(v: f64) -> f32 {
+        v as f32
+    }
+
+    fn store(v: Vec<f32>) -> CpuStorage {
+        CpuStorage::F32(v)
+    }
+
+    fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
+        cont::<f32>(s, l, op)
+    }
+
+    #[inline(always)]
     fn fexp(self) -> f32 {
         exp_f32(self)
     }
@@ -67,23 +90,6 @@ impl Acc for f32 {
         }
         exp_shift_sum_f32(row, max)
     }
-
-    fn decode_row(
-        q: &[f32],
-        kg: &[f32],
-        vg: &[f32],
-        m: Option<&[f32]>,
-        scale: f32,
-        p: &mut [f32],
-        o: &mut [f32],
-    ) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() && q.len().is_multiple_of(8) {
-            // SAFETY: the CPU has AVX2 and FMA; rows are a multiple of 8 wide.
-            return unsafe { decode_row_f32_avx2(q, kg, vg, m, scale, p, o) };
-        }
-        decode_row_body(q, kg, vg, m, scale, p, o)
-    }
 }
 
 /// A storage element and the float type its arithmetic runs in.
@@ -94,11 +100,18 @@ pub(crate) trait Elem: WithDType + Copy + Send + Sync {
     fn to_a(self) -> Self::A;
     fn from_a(a: Self::A) -> Self;
     /// An `f64` constant in the arithmetic type.
-    fn a(v: f64) -> Self::A;
+    #[inline(always)]
+    fn a(v: f64) -> Self::A {
+        Self::A::of_f64(v)
+    }
     /// Storage for a vector of the arithmetic type (f32 or f64).
-    fn store_a(v: Vec<Self::A>) -> CpuStorage;
+    fn store_a(v: Vec<Self::A>) -> CpuStorage {
+        Self::A::store(v)
+    }
     /// A contiguous slice of arithmetic-type storage.
-    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [Self::A]>;
+    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [Self::A]> {
+        Self::A::slice(s, l, op)
+    }
     /// A contiguous slice as the arithmetic type: borrowed for f32 and f64, converted for the
     /// half types.
     fn acc_slice(v: &[Self]) -> std::borrow::Cow<'_, [Self::A]>;
@@ -114,14 +127,6 @@ pub(crate) trait Elem: WithDType + Copy + Send + Sync {
             *o = Self::from_a(scale * (v.to_a() - shift).fexp());
         }
     }
-    /// One row of [`silu_mul`].
-    fn silu_mul_row(o: &mut [Self], g: &[Self], u: &[Self]) {
-        silu_mul_row_body(o, g, u)
-    }
-    /// One row of [`silu_mul`]'s backward.
-    fn silu_mul_bwd_row(dg: &mut [Self], du: &mut [Self], g: &[Self], u: &[Self], dy: &[Self]) {
-        silu_mul_bwd_row_body(dg, du, g, u, dy)
-    }
 }
 
 impl Elem for f32 {
@@ -130,16 +135,6 @@ impl Elem for f32 {
     }
     fn store_from_a(v: Vec<f32>) -> CpuStorage {
         CpuStorage::F32(v)
-    }
-    #[inline(always)]
-    fn a(v: f64) -> f32 {
-        v as f32
-    }
-    fn store_a(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-        cont::<f32>(s, l, op)
     }
     fn sum_exp_shift(row: &[f32], shift: f32) -> f32 {
         #[cfg(target_arch = "x86_64")]
@@ -156,22 +151,6 @@ impl Elem for f32 {
             return unsafe { exp_shift_scale_avx2(out, x, shift, scale) };
         }
         exp_shift_scale_f32(out, x, shift, scale)
-    }
-    fn silu_mul_row(o: &mut [f32], g: &[f32], u: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { silu_mul_row_avx2(o, g, u) };
-        }
-        silu_mul_row_body(o, g, u)
-    }
-    fn silu_mul_bwd_row(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU has AVX2 and FMA.
-            return unsafe { silu_mul_bwd_row_avx2(dg, du, g, u, dy) };
-        }
-        silu_mul_bwd_row_body(dg, du, g, u, dy)
     }
     const HALF: bool = false;
     type A = f32;
@@ -191,16 +170,6 @@ impl Elem for f64 {
     fn store_from_a(v: Vec<f64>) -> CpuStorage {
         CpuStorage::F64(v)
     }
-    #[inline(always)]
-    fn a(v: f64) -> f64 {
-        v
-    }
-    fn store_a(v: Vec<f64>) -> CpuStorage {
-        CpuStorage::F64(v)
-    }
-    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f64]> {
-        cont::<f64>(s, l, op)
-    }
     const HALF: bool = false;
     type A = f64;
     #[inline(always)]
@@ -217,17 +186,7 @@ impl Elem for bf16 {
         std::borrow::Cow::Owned(v.iter().map(|x| x.to_a()).collect())
     }
     fn store_from_a(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::BF16(super::packed_gemm::to_bf16(&v))
-    }
-    #[inline(always)]
-    fn a(v: f64) -> f32 {
-        v as f32
-    }
-    fn store_a(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-        cont::<f32>(s, l, op)
+        CpuStorage::BF16(super::linear::packed_gemm::to_bf16(&v))
     }
     const HALF: bool = true;
     type A = f32;
@@ -238,7 +197,7 @@ impl Elem for bf16 {
     }
     #[inline(always)]
     fn from_a(a: f32) -> Self {
-        bf16::from_bits(super::packed_gemm::round_bf16(a.to_bits()))
+        bf16::from_bits(super::linear::packed_gemm::round_bf16(a.to_bits()))
     }
 }
 impl Elem for f16 {
@@ -247,16 +206,6 @@ impl Elem for f16 {
     }
     fn store_from_a(v: Vec<f32>) -> CpuStorage {
         CpuStorage::F16(v.into_iter().map(f16::from_f32).collect())
-    }
-    #[inline(always)]
-    fn a(v: f64) -> f32 {
-        v as f32
-    }
-    fn store_a(v: Vec<f32>) -> CpuStorage {
-        CpuStorage::F32(v)
-    }
-    fn a_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
-        cont::<f32>(s, l, op)
     }
     const HALF: bool = true;
     type A = f32;

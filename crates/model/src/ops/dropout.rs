@@ -9,6 +9,8 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::ops::route::{route, Op, Route};
+
 /// What a mask is a function of: a 64-bit seed (the trainer mixes the run's seed, the step and
 /// the micro-batch into it) and a stream (one per module: each LoRA layer its own mask).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,7 +89,7 @@ pub fn dropout_mask(
         p,
         shape: shape.to_vec(),
     };
-    let mask = if super::route(super::Op::Dropout, dev, DType::F32) == super::Route::Kernel {
+    let mask = if route(Op::Dropout, dev, DType::F32) == Route::Kernel {
         // The op reads nothing of its input: a scalar carries the device.
         Tensor::zeros((), DType::F32, dev)?.apply_op1_no_bwd(&op)?
     } else {
@@ -131,9 +133,34 @@ impl candle_core::CustomOp1 for DropoutMask {
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let n = self.shape.iter().product();
-        let out = crate::ops::cuda::dropout_mask(&s.device, self.key, n, self.p)?;
+        let out = cuda_mask(&s.device, self.key, n, self.p)?;
         Ok((out, self.shape.clone().into()))
     }
+}
+
+/// The mask as f32, drawn on a CUDA device (`dropout_mask_f32` in `sft-kernels`).
+#[cfg(feature = "cuda")]
+fn cuda_mask(
+    dev: &candle_core::cuda_backend::CudaDevice,
+    key: DropoutKey,
+    n: usize,
+    p: f64,
+) -> Result<candle_core::CudaStorage> {
+    use crate::ops::cuda::{base, func, grid, launch, new_storage, Module};
+    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+    let (thr, inv) = threshold(p)?;
+    let out = new_storage(dev, DType::F32, n)?;
+    let f = func(dev, Module::Elementwise, "dropout_mask_f32")?;
+    let (o, n64, seed) = (base(&out)?, n as i64, key.seed);
+    launch(&f, grid(n.div_ceil(4)), |b| {
+        b.arg(&o)
+            .arg(&n64)
+            .arg(&seed)
+            .arg(&key.stream)
+            .arg(&thr)
+            .arg(&inv);
+    })?;
+    Ok(out)
 }
 
 #[cfg(test)]

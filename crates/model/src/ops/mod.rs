@@ -18,7 +18,7 @@
 //! - `cpu/`: AVX2 loops (runtime-detected) and the row-parallel helpers;
 //! - [`composed`]: each op written with candle's tensor ops, the reference of the tests and the
 //!   fallback where no kernel exists;
-//! - [`route`]: the routing table below.
+//! - `route.rs`: the routing table ([`route`], [`Op`], [`Route`], [`with_composed`]).
 //!
 //! # The contract of each op
 //! | op | inputs | saved for backward | gradients |
@@ -40,8 +40,6 @@
 //!
 //! Gradients are only computed for inputs that can carry one (`Tensor::track_op`): a frozen
 //! RMSNorm weight costs nothing in backward.
-use candle_core::{DType, Device};
-
 mod attention;
 pub mod composed;
 mod cpu;
@@ -53,6 +51,7 @@ mod dropout;
 mod linear;
 mod rms_norm;
 mod rope;
+mod route;
 mod softmax;
 mod swiglu;
 
@@ -61,6 +60,7 @@ pub use attention::{
 };
 pub use cross_entropy::cross_entropy;
 pub use dropout::{dropout_mask, DropoutKey};
+#[cfg(test)]
 pub(crate) use linear::packed_gemm;
 pub use linear::{
     frozen_linear, frozen_linear_packed, lora_linear, lora_linear_packed, lora_linear_with,
@@ -68,152 +68,6 @@ pub use linear::{
 };
 pub use rms_norm::rms_norm;
 pub use rope::rope;
+pub use route::{route, with_composed, Op, Route};
 pub use softmax::softmax_last_dim;
 pub use swiglu::silu_mul;
-
-/// The ops of this module, as the routing table names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Op {
-    RmsNorm,
-    Softmax,
-    Rope,
-    SiluMul,
-    FrozenLinear,
-    LoraLinear,
-    Attention,
-    CrossEntropy,
-    Dropout,
-}
-
-impl Op {
-    pub const ALL: [Op; 9] = [
-        Op::RmsNorm,
-        Op::Softmax,
-        Op::Rope,
-        Op::SiluMul,
-        Op::FrozenLinear,
-        Op::LoraLinear,
-        Op::Attention,
-        Op::CrossEntropy,
-        Op::Dropout,
-    ];
-
-    /// The name used by `SFT_OPS_COMPOSED` (`rms_norm`, `attention`, ...).
-    pub fn name(self) -> &'static str {
-        match self {
-            Op::RmsNorm => "rms_norm",
-            Op::Softmax => "softmax",
-            Op::Rope => "rope",
-            Op::SiluMul => "silu_mul",
-            Op::FrozenLinear => "frozen_linear",
-            Op::LoraLinear => "lora_linear",
-            Op::Attention => "attention",
-            Op::CrossEntropy => "cross_entropy",
-            Op::Dropout => "dropout",
-        }
-    }
-}
-
-/// What runs an op.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Route {
-    /// The op's own kernel for the tensor's device (CPU or CUDA): a `CustomOp`.
-    Kernel,
-    /// The composed reference ([`composed`]): candle's tensor ops, a backward on every device.
-    Composed,
-}
-
-/// Ops with a CUDA kernel. An op missing here runs composed on CUDA: adding a kernel is a line
-/// in this table (and its `cuda_fwd`).
-#[cfg(feature = "cuda")]
-const CUDA_KERNELS: &[Op] = &[
-    Op::RmsNorm,
-    Op::Softmax,
-    Op::Rope,
-    Op::SiluMul,
-    Op::FrozenLinear,
-    Op::LoraLinear,
-    Op::Attention,
-    Op::CrossEntropy,
-    Op::Dropout,
-];
-
-/// The routing table: which implementation runs `op` on `dev` for inputs of `dtype`. CPU ops
-/// all have kernels; on CUDA, the ops of `CUDA_KERNELS` for f32, bf16 and f16 (an op may still
-/// send a shape its kernel does not take to the composed form, e.g. attention's head widths);
-/// elsewhere (Metal) everything is composed.
-/// `SFT_OPS_COMPOSED=rms_norm,attention` (or `all`) sends ops to the composed reference on
-/// every device (to rule a kernel out when chasing a numerical difference), and tests can do
-/// the same for one thread with [`with_composed`].
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
-pub fn route(op: Op, dev: &Device, dtype: DType) -> Route {
-    if forced_composed(op) {
-        return Route::Composed;
-    }
-    let kernel = match dev {
-        Device::Cpu => true,
-        // The CUDA kernels take f32, bf16 and f16 (f64 runs composed).
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => CUDA_KERNELS.contains(&op) && cuda::supported(dtype),
-        _ => false,
-    };
-    if kernel {
-        Route::Kernel
-    } else {
-        Route::Composed
-    }
-}
-
-thread_local! {
-    static FORCE_COMPOSED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` with every op of this thread sent to its composed reference (the CUDA fallbacks,
-/// testable on the CPU).
-pub fn with_composed<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            FORCE_COMPOSED.with(|c| c.set(self.0));
-        }
-    }
-    let _reset = Reset(FORCE_COMPOSED.with(|c| c.replace(true)));
-    f()
-}
-
-fn forced_composed(op: Op) -> bool {
-    if FORCE_COMPOSED.with(|c| c.get()) {
-        return true;
-    }
-    static ENV: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    let names = ENV.get_or_init(|| {
-        std::env::var("SFT_OPS_COMPOSED")
-            .map(|v| {
-                v.split(',')
-                    .map(|s| s.trim().to_string())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default()
-    });
-    names.iter().any(|n| n == "all" || n == op.name())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cpu_ops_route_to_kernels_unless_forced() {
-        for op in Op::ALL {
-            assert_eq!(route(op, &Device::Cpu, DType::F32), Route::Kernel, "{op:?}");
-            assert_eq!(
-                with_composed(|| route(op, &Device::Cpu, DType::BF16)),
-                Route::Composed,
-                "{op:?}"
-            );
-        }
-        // The override ends with the closure.
-        assert_eq!(route(Op::Rope, &Device::Cpu, DType::F32), Route::Kernel);
-    }
-}

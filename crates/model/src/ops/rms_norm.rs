@@ -3,10 +3,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
+use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 use crate::ops::dispatch::{by_dtype, same_dtype, Elem};
-use crate::ops::{composed, route, Op, Route};
+use crate::ops::route::{route, Op, Route};
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
 /// `x`: (..., d); `weight`: (d). Half types normalise in f32 and round once.

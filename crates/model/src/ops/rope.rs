@@ -4,10 +4,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::One;
 
+use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 use crate::ops::dispatch::{by_dtype, same_dtype, Elem};
-use crate::ops::{composed, route, Op, Route};
+use crate::ops::route::{route, Op, Route};
 
 /// Rotary embedding, non-interleaved (GPT-NeoX / Hugging Face LLaMA layout):
 /// `out[i] = x[i] cos[i] - x[i + d/2] sin[i]`, `out[i + d/2] = x[i + d/2] cos[i] + x[i] sin[i]`.

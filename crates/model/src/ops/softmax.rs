@@ -3,10 +3,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use num_traits::{Float, Zero};
 
+use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 use crate::ops::dispatch::{by_dtype, Acc, Elem};
-use crate::ops::{composed, route, Op, Route};
+use crate::ops::route::{route, Op, Route};
 
 /// Softmax over the last dimension. A row that is entirely `-inf` (a fully masked query)
 /// gives zeros instead of NaN.

@@ -1,13 +1,17 @@
 //! SwiGLU's `silu(gate) * up`, forward and backward in one pass each.
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use half::{bf16, f16};
 use num_traits::One;
 use rayon::prelude::*;
 
+use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::cpu::simd::has_avx2;
 use crate::ops::dispatch::{by_dtype, same_dtype, Acc, Elem};
-use crate::ops::{composed, route, Op, Route};
+use crate::ops::route::{route, Op, Route};
 
 /// `silu(gate) * up`, the SwiGLU activation; `gate` and `up` have the same shape.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
@@ -31,7 +35,42 @@ fn sigmoid<A: Acc>(x: A) -> A {
     (A::one() + (-x).fexp()).recip()
 }
 
-fn silu_mul_fwd<T: Elem>(
+/// The row loops of [`silu_mul`] and its backward: the generic loop, or AVX2 for f32.
+pub(crate) trait SiluMulRow: Elem {
+    /// One row of [`silu_mul`].
+    fn silu_mul_row(o: &mut [Self], g: &[Self], u: &[Self]) {
+        silu_mul_row_body(o, g, u)
+    }
+    /// One row of [`silu_mul`]'s backward.
+    fn silu_mul_bwd_row(dg: &mut [Self], du: &mut [Self], g: &[Self], u: &[Self], dy: &[Self]) {
+        silu_mul_bwd_row_body(dg, du, g, u, dy)
+    }
+}
+
+impl SiluMulRow for f64 {}
+impl SiluMulRow for bf16 {}
+impl SiluMulRow for f16 {}
+
+impl SiluMulRow for f32 {
+    fn silu_mul_row(o: &mut [f32], g: &[f32], u: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { silu_mul_row_avx2(o, g, u) };
+        }
+        silu_mul_row_body(o, g, u)
+    }
+    fn silu_mul_bwd_row(dg: &mut [f32], du: &mut [f32], g: &[f32], u: &[f32], dy: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has AVX2 and FMA.
+            return unsafe { silu_mul_bwd_row_avx2(dg, du, g, u, dy) };
+        }
+        silu_mul_bwd_row_body(dg, du, g, u, dy)
+    }
+}
+
+fn silu_mul_fwd<T: SiluMulRow>(
     sg: &CpuStorage,
     lg: &Layout,
     su: &CpuStorage,
@@ -94,7 +133,7 @@ impl CustomOp2 for SiluMul {
 /// d gate = grad * up * s * (1 + g (1 - s)), d up = grad * g * s, stacked as (2, ...).
 struct SiluMulBwd;
 
-fn silu_mul_bwd<T: Elem>(
+fn silu_mul_bwd<T: SiluMulRow>(
     sg: &CpuStorage,
     lg: &Layout,
     su: &CpuStorage,

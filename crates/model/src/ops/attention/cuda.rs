@@ -1,18 +1,14 @@
 //! The CUDA launches of attention (kernels in `sft-kernels/src/attention.cu`): the forward
 //! saves the rows' log-sum-exp for the backward in the op (an `LseSlot`), never the scores.
-use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
 
 use super::cpu::AttnDims;
-use super::{Attention, AttentionBwd, AttnMask};
+use super::mask::AttnMask;
+use super::node::{Attention, AttentionBwd};
 use crate::ops::cuda::{self, Module};
-
-/// The forward's log-sum-exp (b, nh, t) f32, handed to the backward.
-#[derive(Clone, Default)]
-pub(crate) struct LseSlot(Arc<Mutex<Option<CudaStorage>>>);
 
 /// The kernels' `AttnArgs` (see attention.cu).
 #[repr(C)]

@@ -4,9 +4,12 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{dot_lanes, AttnDims, RowMask, SendPtr};
-use super::{attention_with, check_mask, check_qkv, check_ranges, with_row_mask, AttnMask};
+use super::full::{attention_with, check_mask, check_qkv, check_ranges, with_row_mask};
+use super::mask::AttnMask;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::simd::exp_shift_sum_f32;
+#[cfg(target_arch = "x86_64")]
+use crate::ops::cpu::simd::has_avx2;
 use crate::ops::dispatch::{by_dtype, Acc, Elem};
 
 /// Query positions up to which [`attention_cached`] runs its direct loops; longer blocks (a
@@ -96,7 +99,7 @@ fn cached_cpu<T: Elem>(
     (sv, lv): (&CpuStorage, &Layout),
 ) -> Result<CpuStorage>
 where
-    T::A: candle_core::WithDType,
+    T::A: candle_core::WithDType + DecodeRow,
 {
     let (b, nh, t, hd) = lq.shape().dims4()?;
     let (_, nkv, cap, _) = lk.shape().dims4()?;
@@ -144,8 +147,47 @@ impl CustomOp3 for CachedAttention {
     }
 }
 
+/// The row loop of decoding attention in the arithmetic type: the generic loop, or AVX2 for f32.
+pub(crate) trait DecodeRow: Acc {
+    /// One query row of decoding attention against `s` keys of a kv group (`kg`, `vg`: `s`
+    /// rows of the row's width): `o = softmax(scale * kg q + m) vg`, with `p` as scratch of `s`.
+    #[allow(clippy::too_many_arguments)]
+    fn decode_row(
+        q: &[Self],
+        kg: &[Self],
+        vg: &[Self],
+        m: Option<&[Self]>,
+        scale: Self,
+        p: &mut [Self],
+        o: &mut [Self],
+    ) {
+        decode_row_body(q, kg, vg, m, scale, p, o)
+    }
+}
+
+impl DecodeRow for f64 {}
+
+impl DecodeRow for f32 {
+    fn decode_row(
+        q: &[f32],
+        kg: &[f32],
+        vg: &[f32],
+        m: Option<&[f32]>,
+        scale: f32,
+        p: &mut [f32],
+        o: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() && q.len().is_multiple_of(8) {
+            // SAFETY: the CPU has AVX2 and FMA; rows are a multiple of 8 wide.
+            return unsafe { decode_row_f32_avx2(q, kg, vg, m, scale, p, o) };
+        }
+        decode_row_body(q, kg, vg, m, scale, p, o)
+    }
+}
+
 /// [`attention_cached`]'s direct loops on slices: one task per (batch row, kv group).
-fn decode_attention_slices<T: Acc>(
+fn decode_attention_slices<T: DecodeRow>(
     d: AttnDims,
     cap: usize,
     q: &[T],

@@ -6,10 +6,11 @@ use half::bf16;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 
-use super::*;
+use super::frozen::*;
+use crate::ops::composed;
 use crate::ops::dropout::dropout_mask;
-use crate::ops::DropoutKey;
-use crate::ops::{composed, route, Op, Route};
+use crate::ops::dropout::DropoutKey;
+use crate::ops::route::{route, Op, Route};
 
 /// LoRA on a frozen linear layer as one graph node:
 /// `y = x W^T + scale * (x A^T) B^T`, with `W` (out, in) frozen, `A` (r, in) and `B` (out, r)
@@ -208,7 +209,7 @@ impl LoraLinear {
             let x = cont::<bf16>(sx, lx, "lora_linear")?;
             let w = cont::<bf16>(ws, lw, "lora_linear")?;
             if let Some(y) = packed_b(self.pack.as_ref(), w, (k, n), (1, k))
-                .and_then(|b| crate::ops::packed_gemm::matmul(x, m, k, &b))
+                .and_then(|b| crate::ops::linear::packed_gemm::matmul(x, m, k, &b))
             {
                 return Ok(CpuStorage::F32(y));
             }
@@ -313,7 +314,7 @@ impl CustomOp3 for LoraLinear {
         let out = match (&out, sx.dtype()) {
             (_, dt) if dt == ct => out,
             (CpuStorage::F32(y), DType::BF16) => {
-                CpuStorage::BF16(crate::ops::packed_gemm::to_bf16(y))
+                CpuStorage::BF16(crate::ops::linear::packed_gemm::to_bf16(y))
             }
             (_, dt) => out.to_dtype(&Layout::contiguous((m, n)), dt)?,
         };
@@ -468,12 +469,50 @@ mod gpu {
 
     type In<'a> = (&'a CudaStorage, &'a Layout);
 
+    /// The kernels' view of a LoRA dropout: none, a Philox key, or a given f32 mask (its address;
+    /// the returned tensor keeps that mask alive through the launch).
+    fn mask_arg(dropout: &Dropout) -> Result<(cuda::MaskArg, Option<Tensor>)> {
+        let none = cuda::MaskArg {
+            seed: 0,
+            mask: 0,
+            stream: 0,
+            thr: 0,
+            inv: 1.0,
+            mode: 0,
+        };
+        Ok(match dropout {
+            Dropout::Off => (none, None),
+            Dropout::Key { key, p } => {
+                let (thr, inv) = crate::ops::dropout::threshold(*p)?;
+                let arg = cuda::MaskArg {
+                    seed: key.seed,
+                    stream: key.stream,
+                    thr,
+                    inv,
+                    mode: 1,
+                    ..none
+                };
+                (arg, None)
+            }
+            Dropout::Mask(m) => {
+                let m = m.to_dtype(DType::F32)?.contiguous()?;
+                let p = cuda::with_storage(&m, cuda::ptr)?;
+                let arg = cuda::MaskArg {
+                    mask: p,
+                    mode: 2,
+                    ..none
+                };
+                (arg, Some(m))
+            }
+        })
+    }
+
     /// `xd = f32(x) * mask` into a new f32 storage.
     fn adapter_input(dropout: &Dropout, (x, lx): In<'_>) -> Result<CudaStorage> {
         cuda::contiguous(lx, "lora_linear")?;
         let n = lx.shape().elem_count();
         let dev = x.device();
-        let (m, _keep) = cuda::mask_arg(dropout)?;
+        let (m, _keep) = mask_arg(dropout)?;
         let out = cuda::new_storage(dev, DType::F32, n)?;
         let (xp, op, n64) = (cuda::ptr(x, lx)?, cuda::base(&out)?, n as i64);
         let name = format!("lora_input_{}", cuda::suffix(x.dtype())?);
@@ -622,7 +661,7 @@ mod gpu {
             cuda::contiguous(ld, "lora dx")?;
             let n = lb.shape().elem_count();
             let dev = base.device();
-            let (m, _keep) = cuda::mask_arg(&self.0)?;
+            let (m, _keep) = mask_arg(&self.0)?;
             let out = cuda::new_storage(dev, base.dtype(), n)?;
             let (bp, dp, op, n64) = (
                 cuda::ptr(base, lb)?,
