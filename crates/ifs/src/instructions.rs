@@ -43,10 +43,10 @@ pub enum InstructionError {
         line: usize,
         message: String,
     },
-    #[error("cannot read {file}: {source}")]
+    #[error("cannot read {file}: {cause}")]
     Io {
         file: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{0}: no instructions")]
     Empty(String),
@@ -90,7 +90,7 @@ pub fn load(path: &Path) -> Result<Vec<Instruction>, InstructionError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| InstructionError::Io {
         file: file.clone(),
-        source,
+        cause: source,
     })?;
     parse(&text, &file)
 }

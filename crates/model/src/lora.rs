@@ -46,10 +46,10 @@ pub const LLAMA_PROJECTIONS: [&str; 7] = [
 pub enum LoraError {
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
@@ -295,7 +295,7 @@ impl LoraAdapter {
     pub fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|source| LoraError::Io {
             path: dir.to_path_buf(),
-            source,
+            cause: source,
         })?;
         save::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &self.tensors())?;
         let path = dir.join(ADAPTER_CONFIG);
@@ -304,7 +304,7 @@ impl LoraAdapter {
                 path: path.clone(),
                 msg: e.to_string(),
             })?;
-        std::fs::write(&path, text + "\n").map_err(|source| LoraError::Io { path, source })
+        std::fs::write(&path, text + "\n").map_err(|source| LoraError::Io { path, cause: source })
     }
 }
 
@@ -434,7 +434,7 @@ fn invalid(path: &Path, msg: impl Into<String>) -> LoraError {
 pub fn read_peft_config(path: &Path) -> Result<(LoraConfig, Option<String>)> {
     let text = std::fs::read_to_string(path).map_err(|source| LoraError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| invalid(path, format!("not valid JSON: {e}")))?;
@@ -794,7 +794,7 @@ pub fn merge_adapter_folder(
     }
     std::fs::create_dir_all(out).map_err(|source| LoraError::Io {
         path: out.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let mut written = save::save_hf_weights_lazy(out, &entries, max_shard_bytes, |e| {
         let w = st.load(&e.name, &Device::Cpu)?;
@@ -809,7 +809,7 @@ pub fn merge_adapter_folder(
             let dst = out.join(f);
             std::fs::copy(&src, &dst).map_err(|source| LoraError::Io {
                 path: dst.clone(),
-                source,
+                cause: source,
             })?;
             written.push(dst);
         }

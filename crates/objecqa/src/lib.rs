@@ -31,10 +31,10 @@ pub enum QuestionError {
         line: usize,
         message: String,
     },
-    #[error("cannot read {file}: {source}")]
+    #[error("cannot read {file}: {cause}")]
     Io {
         file: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -72,7 +72,7 @@ pub fn load(path: &Path) -> Result<Vec<Question>, QuestionError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| QuestionError::Io {
         file: file.clone(),
-        source,
+        cause: source,
     })?;
     parse(&text, &file)
 }
