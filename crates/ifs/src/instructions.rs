@@ -44,10 +44,7 @@ pub enum InstructionError {
         message: String,
     },
     #[error("cannot read {file}: {cause}")]
-    Io {
-        file: String,
-        cause: std::io::Error,
-    },
+    Io { file: String, cause: std::io::Error },
     #[error("{0}: no instructions")]
     Empty(String),
 }

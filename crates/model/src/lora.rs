@@ -304,7 +304,10 @@ impl LoraAdapter {
                 path: path.clone(),
                 msg: e.to_string(),
             })?;
-        std::fs::write(&path, text + "\n").map_err(|source| LoraError::Io { path, cause: source })
+        std::fs::write(&path, text + "\n").map_err(|source| LoraError::Io {
+            path,
+            cause: source,
+        })
     }
 }
 

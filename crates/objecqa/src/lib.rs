@@ -32,10 +32,7 @@ pub enum QuestionError {
         message: String,
     },
     #[error("cannot read {file}: {cause}")]
-    Io {
-        file: String,
-        cause: std::io::Error,
-    },
+    Io { file: String, cause: std::io::Error },
 }
 
 /// Parse JSONL question lines; `file` names the source in errors.

@@ -15,10 +15,7 @@ pub enum ConfigError {
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
     #[error("cannot read {file}: {cause}")]
-    Io {
-        file: String,
-        cause: std::io::Error,
-    },
+    Io { file: String, cause: std::io::Error },
     #[error("--set {arg}: {message}")]
     Override { arg: String, message: String },
 }
