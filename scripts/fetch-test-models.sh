@@ -31,7 +31,7 @@ if [[ ! -f $minilm/.complete ]]; then
   touch "$minilm/.complete"
 fi
 
-# The GGUF that the fixtures in shared/fixtures were computed from.
+# The GGUF that the fixtures in tests/fixtures were computed from (scripts/make-fixtures).
 smol_gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 # Bump when `sft import-gguf` writes something different, so that cached folders are re-imported.
 smol_import_stamp=import-gguf-v1

@@ -3,6 +3,19 @@
 # build the binaries the CLI tests run, then every test in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# The repository stands alone: no tracked file may read or link a sibling `shared` folder, or
+# send the reader to the tracker (an issue number, in words or as #N). The patterns below do
+# not match their own text, so nothing is excluded.
+if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+  if git grep -nIE \
+      -e '\.\./shared|shared/(fixtures|gpu|hooks|PAPER|CANDLE|ARCHITECTURE)' \
+      -e '\b[Ii]ssues? #?[0-9]+' \
+      -e '(^|[[:space:](])#[0-9]{1,3}\b' >&2; then
+    echo "test.sh: the tracked lines above point outside the repository or at the tracker" >&2
+    exit 1
+  fi
+fi
 scripts/fetch-test-models.sh >/dev/null
 cargo build --release -p sft-cli --bins
 cargo test --release --workspace "$@"

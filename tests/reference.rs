@@ -1,7 +1,7 @@
 //! The imported SmolLM2-135M-Instruct against what transformers computed for the same weights
-//! (`../shared/fixtures/smollm2_reference.json`, float32): token ids, logits, loss and greedy
-//! generation, alone and as one batch, through the library and through `sft score` /
-//! `sft generate`.
+//! (`tests/fixtures/smollm2_reference.json`, float32, written by scripts/make-fixtures): token
+//! ids, logits, loss and greedy generation, alone and as one batch, through the library and
+//! through `sft score` / `sft generate`.
 mod common;
 use common::*;
 use std::path::PathBuf;

@@ -42,9 +42,9 @@ pub fn cache_root() -> PathBuf {
     }
 }
 
-/// A file of `../shared/fixtures`.
+/// A file of `tests/fixtures` (written by scripts/make-fixtures).
 pub fn fixture_path(name: &str) -> PathBuf {
-    root().join("../shared/fixtures").join(name)
+    root().join("tests/fixtures").join(name)
 }
 
 /// The JSON of the last stdout line of a command that must have succeeded.

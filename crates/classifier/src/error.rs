@@ -4,11 +4,11 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("candle: {0}")]
-    Candle(#[from] candle_core::Error),
-    #[error("{path}: {source}")]
+    Candle(candle_core::Error),
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("tokenizer {path}: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
@@ -30,11 +30,19 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+// Written out rather than `#[from]`, which would also make the candle error this one's
+// `source`: the message already carries it, and `{:#}` chains would print it twice.
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Candle(e)
+    }
+}
+
 impl Error {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            cause: source,
         }
     }
     pub(crate) fn format(what: impl Into<String>, msg: impl std::fmt::Display) -> Self {

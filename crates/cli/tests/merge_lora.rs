@@ -10,7 +10,7 @@ mod common;
 #[test]
 fn merge_lora_matches_the_unmerged_adapter() {
     let base = common::smollm2();
-    let adapter = common::repo().join("../shared/fixtures/peft_lora_smollm2");
+    let adapter = common::repo().join("tests/fixtures/peft_lora_smollm2");
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("merge-lora-smollm2");
     let _ = std::fs::remove_dir_all(&out);
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_sft"))

@@ -21,10 +21,10 @@ pub enum ItemsError {
         line: usize,
         message: String,
     },
-    #[error("cannot read {file}: {source}")]
+    #[error("cannot read {file}: {cause}")]
     Io {
         file: String,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
@@ -57,9 +57,9 @@ pub fn parse_jsonl<T: JsonlItem>(text: &str, file: &str) -> Result<Vec<T>, Items
 /// Reads and parses a JSONL file of items.
 pub fn read_jsonl<T: JsonlItem>(path: &Path) -> Result<Vec<T>, ItemsError> {
     let file = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| ItemsError::Io {
+    let text = std::fs::read_to_string(path).map_err(|cause| ItemsError::Io {
         file: file.clone(),
-        source,
+        cause,
     })?;
     parse_jsonl(&text, &file)
 }

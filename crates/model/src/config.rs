@@ -11,15 +11,12 @@ use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path}: not valid JSON: {source}")]
+    #[error("cannot read {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
+    #[error("{path}: not valid JSON: {cause}")]
     Json {
         path: String,
-        source: serde_json::Error,
+        cause: serde_json::Error,
     },
     #[error("config.json: field `{field}`: {msg}")]
     Field { field: String, msg: String },
@@ -149,11 +146,11 @@ impl LlamaConfig {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.display().to_string(),
-            source,
+            cause: source,
         })?;
         let value: Value = serde_json::from_str(&text).map_err(|source| ConfigError::Json {
             path: path.display().to_string(),
-            source,
+            cause: source,
         })?;
         Self::from_value(&value)
     }
@@ -162,7 +159,7 @@ impl LlamaConfig {
     pub fn from_json_str(text: &str) -> Result<Self, ConfigError> {
         let value: Value = serde_json::from_str(text).map_err(|source| ConfigError::Json {
             path: "config.json".to_string(),
-            source,
+            cause: source,
         })?;
         Self::from_value(&value)
     }
@@ -620,7 +617,7 @@ impl<'a> Parser<'a> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     const LLAMA2_7B: &str = r#"{
@@ -836,26 +833,60 @@ mod tests {
                 original_max_position_embeddings: 8192
             }
         );
-        // Values from transformers' _compute_llama3_parameters for this config (head_dim 128):
-        // the highest frequencies are kept, the lowest divided by 8, a ramp between.
-        let inv = c.rope_inv_freq();
-        assert_eq!(inv.len(), 64);
-        assert_eq!(inv[0], 1.0);
-        let plain = |i: usize| 1.0f32 / 500000f32.powf((2 * i) as f32 / 128.0);
-        assert_eq!(inv[10], plain(10));
-        assert!((inv[63] - plain(63) / 8.0).abs() < 1e-12);
-        // A medium frequency: wavelength between 8192/4 and 8192/1.
-        let i = (0..64)
-            .find(|&i| {
-                let w = 2.0 * std::f32::consts::PI / plain(i);
-                w > 2048.0 && w < 8192.0
-            })
-            .unwrap();
-        let w = 2.0 * std::f32::consts::PI / plain(i);
-        let s = (8192.0 / w - 1.0) / 3.0;
-        let want = (1.0 - s) * plain(i) / 8.0 + s * plain(i);
-        assert!((inv[i] - want).abs() <= 1e-6 * want);
-        assert!(inv[i] < plain(i) && inv[i] > plain(i) / 8.0);
+        // transformers' own frequencies for this config: tests/fixtures/llama3_rope.json.
+        let (fx, want) = transformers_llama3_inv_freq("llama3.1-8b");
+        assert_eq!(
+            (fx.rope_theta, &fx.rope_scaling),
+            (c.rope_theta, &c.rope_scaling)
+        );
+        assert_eq!(c.head_dim, 128);
+        assert_close_to_transformers(&c.rope_inv_freq(), &want);
+    }
+
+    /// A case of tests/fixtures/llama3_rope.json (written by scripts/make-fixtures): the config
+    /// as config.json spells it, parsed here, and the inverse frequencies of transformers'
+    /// `LlamaRotaryEmbedding` for it.
+    pub(crate) fn transformers_llama3_inv_freq(name: &str) -> (LlamaConfig, Vec<f32>) {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/llama3_rope.json"
+        );
+        let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        let fx: Value = serde_json::from_str(&text).unwrap();
+        let case = fx["cases"].as_array().unwrap().iter();
+        let case = case.clone().find(|c| c["name"] == name).expect(name);
+        let cfg = LlamaConfig::from_json_str(&case["config"].to_string()).unwrap();
+        assert_eq!(cfg.head_dim as u64, case["head_dim"].as_u64().unwrap());
+        assert_eq!(case["attention_scaling"], 1.0);
+        let inv = case["inv_freq"].as_array().unwrap();
+        (
+            cfg,
+            inv.iter().map(|v| v.as_f64().unwrap() as f32).collect(),
+        )
+    }
+
+    /// Within 2 units in the last place of f32 (powf and torch's pow may round differently).
+    pub(crate) fn assert_close_to_transformers(got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            let ulps = (g.to_bits() as i64 - w.to_bits() as i64).abs();
+            assert!(
+                ulps <= 2,
+                "inv_freq[{i}]: {g} vs transformers' {w} ({ulps} ulps)"
+            );
+        }
+    }
+
+    #[test]
+    fn llama3_rope_scaling_matches_transformers() {
+        for name in ["llama3.1-8b", "llama3.2-1b", "tiny", "small-ramp"] {
+            let (cfg, want) = transformers_llama3_inv_freq(name);
+            assert!(
+                matches!(cfg.rope_scaling, RopeScaling::Llama3 { .. }),
+                "{name}"
+            );
+            assert_close_to_transformers(&cfg.rope_inv_freq(), &want);
+        }
     }
 
     #[test]

@@ -18,17 +18,17 @@ use crate::llama::Llama;
 pub enum LoadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {msg}")]
     Invalid { path: PathBuf, msg: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Candle {
         path: PathBuf,
-        source: candle_core::Error,
+        cause: candle_core::Error,
     },
     #[error(
         "{path}: only PyTorch pickle weights ({files}) found; they are not loaded because \
@@ -44,10 +44,10 @@ pub enum LoadError {
     },
     #[error("{path}: cannot load the tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
-    #[error("importing {path}: {source}")]
+    #[error("importing {path}: {cause}")]
     Gguf {
         path: PathBuf,
-        source: crate::gguf::GgufError,
+        cause: crate::gguf::GgufError,
     },
     #[error("`{spec}` is neither a model folder, a .gguf file nor a hub id (org/name)")]
     Spec { spec: String },
@@ -83,7 +83,7 @@ impl ModelSource {
             }
             return Err(LoadError::Io {
                 path: path.to_path_buf(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such GGUF file"),
+                cause: std::io::Error::new(std::io::ErrorKind::NotFound, "no such GGUF file"),
             });
         }
         let (repo, revision) = match spec.split_once('@') {
@@ -182,7 +182,7 @@ pub fn resolve(source: &ModelSource, hub: &HubOptions, dtype: DType) -> Result<P
 fn import_gguf_cached(path: &Path, dtype: DType) -> Result<PathBuf> {
     let io = |source| LoadError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     let canon = std::fs::canonicalize(path).map_err(io)?;
@@ -211,16 +211,16 @@ fn import_gguf_cached(path: &Path, dtype: DType) -> Result<PathBuf> {
     let _ = std::fs::remove_dir_all(&tmp);
     crate::gguf::import_gguf(path, &tmp, dtype).map_err(|source| LoadError::Gguf {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     std::fs::write(tmp.join(".complete"), b"").map_err(|source| LoadError::Io {
         path: tmp.clone(),
-        source,
+        cause: source,
     })?;
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(|source| LoadError::Io {
         path: dir.clone(),
-        source,
+        cause: source,
     })?;
     Ok(dir)
 }
@@ -398,7 +398,7 @@ fn is_pickle_name(f: &str) -> bool {
 fn index_shards(index: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(index).map_err(|source| LoadError::Io {
         path: index.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let invalid = |msg: &str| LoadError::Invalid {
         path: index.to_path_buf(),
@@ -453,7 +453,7 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     }
     let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io {
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let mut pickles: Vec<String> = entries
         .filter_map(|e| e.ok())
@@ -484,7 +484,7 @@ pub fn load_safetensors(
     for f in files {
         let candle = |source| LoadError::Candle {
             path: f.clone(),
-            source,
+            cause: source,
         };
         // SAFETY: the file is mapped read-only; modifying it while loading is undefined, as for
         // every memory-mapped checkpoint loader.
@@ -564,7 +564,7 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel
     let weights = load_safetensors(&files, dtype, device)?;
     let model = Llama::from_weights(&config, weights).map_err(|source| LoadError::Candle {
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let tokenizer = load_tokenizer(dir)?;
     let eos_token_ids = eos_token_ids(dir, &config)?;

@@ -17,18 +17,18 @@ pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {msg}")]
     Write { path: PathBuf, msg: String },
-    #[error("{path}: tensor `{name}`: {source}")]
+    #[error("{path}: tensor `{name}`: {cause}")]
     Tensor {
         path: PathBuf,
         name: String,
-        source: Box<candle_core::Error>,
+        cause: Box<candle_core::Error>,
     },
 }
 
@@ -41,7 +41,7 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
         let v = RawView::from_tensor(t).map_err(|source| SaveError::Tensor {
             path: path.to_path_buf(),
             name: name.clone(),
-            source: Box::new(source),
+            cause: Box::new(source),
         })?;
         views.push((name.clone(), v));
     }
@@ -76,7 +76,7 @@ pub fn save_hf_weights_lazy(
 ) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|source| SaveError::Io {
         path: dir.to_path_buf(),
-        source,
+        cause: source,
     })?;
     // Greedy shards in the given order, as transformers' `shard_checkpoint` does.
     let mut shards: Vec<Vec<&TensorEntry>> = vec![vec![]];
@@ -106,7 +106,7 @@ pub fn save_hf_weights_lazy(
             let t = load(e).map_err(|source| SaveError::Tensor {
                 path: path.clone(),
                 name: e.name.clone(),
-                source: Box::new(source),
+                cause: Box::new(source),
             })?;
             if t.dims() != e.shape.as_slice() || t.dtype() != e.dtype {
                 return Err(SaveError::Write {
@@ -140,14 +140,14 @@ pub fn save_hf_weights_lazy(
         })?;
         std::fs::write(&index_path, text).map_err(|source| SaveError::Io {
             path: index_path.clone(),
-            source,
+            cause: source,
         })?;
         written.push(index_path);
     } else if index_path.exists() {
         // A stale index from an earlier sharded save would shadow the single file.
         std::fs::remove_file(&index_path).map_err(|source| SaveError::Io {
             path: index_path.clone(),
-            source,
+            cause: source,
         })?;
     }
     Ok(written)

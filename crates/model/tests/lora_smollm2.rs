@@ -29,7 +29,8 @@ fn smollm2_dir() -> PathBuf {
 }
 
 fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/peft_lora_smollm2")
+    // Written by scripts/make-fixtures.
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/peft_lora_smollm2")
 }
 
 fn load() -> LoadedModel {

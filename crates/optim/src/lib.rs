@@ -32,10 +32,10 @@ pub enum OptimError {
     },
     #[error("duplicate parameter name `{name}`")]
     DuplicateParam { name: String },
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     #[error("{path}: {msg}")]
     Format { path: PathBuf, msg: String },
@@ -472,7 +472,7 @@ impl AdamW {
         })?;
         std::fs::write(path, bytes).map_err(|source| OptimError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })
     }
 
@@ -487,7 +487,7 @@ impl AdamW {
         };
         let bytes = std::fs::read(path).map_err(|source| OptimError::Io {
             path: path.to_path_buf(),
-            source,
+            cause: source,
         })?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| fmt(format!("not a safetensors file: {e}")))?;

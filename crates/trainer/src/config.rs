@@ -15,11 +15,8 @@ pub use sft_ifs::plateau::PlateauConfig;
 pub enum ConfigError {
     #[error("{file}: {message}")]
     Invalid { file: String, message: String },
-    #[error("cannot read {file}: {source}")]
-    Io {
-        file: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read {file}: {cause}")]
+    Io { file: String, cause: std::io::Error },
     #[error("--set {arg}: {message}")]
     Override { arg: String, message: String },
 }
@@ -275,7 +272,7 @@ impl Config {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             file: file.clone(),
-            source,
+            cause: source,
         })?;
         Self::from_yaml(&text, &file, overrides)
     }

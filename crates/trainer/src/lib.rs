@@ -28,8 +28,8 @@ pub enum TrainError {
     #[error("model: {0}")]
     Model(String),
     #[error("data: {0}")]
-    Data(#[from] sft_data::DataError),
-    #[error("{0}")]
+    Data(sft_data::DataError),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
     #[error("optimizer: {0}")]
     Optim(String),
@@ -41,4 +41,12 @@ pub enum TrainError {
     Io(String),
     #[error("training diverged: {0}")]
     Diverged(String),
+}
+
+// Written out rather than `#[from]`, which would also make the data error this one's `source`:
+// the message already carries it, and `{:#}` chains would print it twice.
+impl From<sft_data::DataError> for TrainError {
+    fn from(e: sft_data::DataError) -> Self {
+        TrainError::Data(e)
+    }
 }

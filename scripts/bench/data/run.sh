@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-path benchmark (issue 4): 100k synthetic gpt4all-shaped rows, as JSONL and as parquet,
+# Data-path benchmark: 100k synthetic gpt4all-shaped rows, as JSONL and as parquet,
 # read + templated (alpaca_modified) + tokenized (SmolLM2's tokenizer) + cached, then loaded
 # from the cache, then one epoch of batches (length-grouped under an 8192-token budget, and
 # packed). Prints rows/s for each stage.

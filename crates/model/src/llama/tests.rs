@@ -20,6 +20,25 @@ pub(crate) fn tiny_config(tied: bool, llama3: bool) -> LlamaConfig {
     .unwrap()
 }
 
+/// The RoPE inverse frequencies, not from the code under test: the plain formula
+/// 1 / theta^(2i / head_dim) in f32 (as transformers computes it), and for Llama 3 rope
+/// scaling transformers' own values (tests/fixtures/llama3_rope.json, the "tiny" config).
+fn reference_inv_freq(cfg: &LlamaConfig) -> Vec<f64> {
+    use crate::config::RopeScaling;
+    let inv = match cfg.rope_scaling {
+        RopeScaling::None => (0..cfg.head_dim / 2)
+            .map(|i| 1.0 / (cfg.rope_theta as f32).powf((2 * i) as f32 / cfg.head_dim as f32))
+            .collect(),
+        RopeScaling::Llama3 { .. } => {
+            let (fx, inv) = crate::config::tests::transformers_llama3_inv_freq("tiny");
+            let same = (fx.rope_theta, &fx.rope_scaling, fx.head_dim);
+            assert_eq!(same, (cfg.rope_theta, &cfg.rope_scaling, cfg.head_dim));
+            inv
+        }
+    };
+    inv.into_iter().map(f64::from).collect()
+}
+
 fn tiny_model(cfg: &LlamaConfig, dtype: DType) -> Llama {
     Llama::from_weights(cfg, random_weights(cfg, dtype, &Device::Cpu, 7).unwrap()).unwrap()
 }
@@ -54,7 +73,7 @@ fn naive_logits(cfg: &LlamaConfig, w: &HashMap<String, Tensor>, ids: &[u32]) -> 
         cfg.head_dim,
     );
     let eps = cfg.rms_norm_eps;
-    let inv: Vec<f64> = cfg.rope_inv_freq().iter().map(|&f| f as f64).collect();
+    let inv = reference_inv_freq(cfg);
     let rot = |v: &mut [f64], pos: usize| {
         for i in 0..hd / 2 {
             let a = pos as f64 * inv[i];
@@ -190,7 +209,7 @@ fn rope_tables_follow_the_formula_per_example() {
         .unwrap()
         .to_vec1::<f64>()
         .unwrap();
-    let inv: Vec<f64> = cfg.rope_inv_freq().iter().map(|&f| f as f64).collect();
+    let inv = reference_inv_freq(&cfg);
     for (b, row) in positions.iter().enumerate() {
         for h in 0..3 {
             for (t, &p) in row.iter().enumerate() {

@@ -87,7 +87,7 @@ pub fn merge_adapter_folder(
     }
     std::fs::create_dir_all(out).map_err(|source| LoraError::Io {
         path: out.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let mut written = save::save_hf_weights_lazy(out, &entries, max_shard_bytes, |e| {
         let w = st.load(&e.name, &Device::Cpu)?;
@@ -102,7 +102,7 @@ pub fn merge_adapter_folder(
             let dst = out.join(f);
             std::fs::copy(&src, &dst).map_err(|source| LoraError::Io {
                 path: dst.clone(),
-                source,
+                cause: source,
             })?;
             written.push(dst);
         }

@@ -55,7 +55,7 @@ impl LoraAdapter {
     pub fn save(&self, dir: &Path, base_model_name_or_path: &str) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|source| LoraError::Io {
             path: dir.to_path_buf(),
-            source,
+            cause: source,
         })?;
         save::write_safetensors(&dir.join(ADAPTER_WEIGHTS), &self.tensors())?;
         let path = dir.join(ADAPTER_CONFIG);
@@ -64,7 +64,10 @@ impl LoraAdapter {
                 path: path.clone(),
                 msg: e.to_string(),
             })?;
-        std::fs::write(&path, text + "\n").map_err(|source| LoraError::Io { path, source })
+        std::fs::write(&path, text + "\n").map_err(|source| LoraError::Io {
+            path,
+            cause: source,
+        })
     }
 }
 
@@ -91,7 +94,7 @@ pub struct AdapterFiles {
 pub fn read_peft_config(path: &Path) -> Result<(LoraConfig, Option<String>)> {
     let text = std::fs::read_to_string(path).map_err(|source| LoraError::Io {
         path: path.to_path_buf(),
-        source,
+        cause: source,
     })?;
     let v: Value =
         serde_json::from_str(&text).map_err(|e| invalid(path, format!("not valid JSON: {e}")))?;

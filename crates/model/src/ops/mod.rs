@@ -2,7 +2,7 @@
 //! one place that decides which implementation runs an op on a device.
 //!
 //! candle-nn's fused ops (`rms_norm`, `softmax_last_dim`, `rope`) are applied without a backward:
-//! the gradient silently stops at them (see `docs/CANDLE.md`). Every op here is a candle
+//! the gradient silently stops at them (see `docs/candle-training.md`). Every op here is a candle
 //! `CustomOp` recorded with `apply_opN`, so the graph stays intact, and its `bwd` runs fused
 //! kernels too.
 //!

@@ -74,7 +74,7 @@ pub fn attention_with(
         let unit = |x: &Tensor| -> Result<Tensor> {
             let st = x.stride();
             if st[3] == 1
-                && st[..3].iter().all(|s| s % 8 == 0)
+                && st[..3].iter().all(|s| s.is_multiple_of(8))
                 && x.layout().start_offset().is_multiple_of(8)
             {
                 Ok(x.clone())
