@@ -31,8 +31,8 @@ pub use config::{
     Columns, DataConfig, EvalSplit, FileFormat, OnBadRow, SourceConfig, TemplateSpec, Truncation,
 };
 pub use dataset::{
-    build_dataset, default_cache_dir, load_encoder_and_template, BuildOptions, DataReport, Dataset,
-    Example, TokenizedSet,
+    build_dataset, default_cache_dir, load_encoder_and_template, load_template, BuildOptions,
+    DataReport, Dataset, Example, TokenizedSet,
 };
 pub use error::{DataError, Result};
 pub use hub::HubOptions;
