@@ -282,15 +282,13 @@ impl<'a> Run<'a> {
 
         // A stopped run: would the rules, replayed over its evaluations with the new settings,
         // stop it again? Then each rule takes back the state it saved (a rule added since
-        // catches up on the evaluations instead).
+        // starts fresh).
         let stops_again = st.stopped.is_some() && replay(&mut rules, &st.evals);
         for rule in &mut rules {
             if let Some(saved) = st.stop_rules.get(rule.name()) {
                 rule.restore(saved.clone()).map_err(|e| {
                     TrainError::Checkpoint(format!("stop rule `{}`: {e}", rule.name()))
                 })?;
-            } else if st.stopped.is_none() {
-                replay(std::slice::from_mut(rule), &st.evals);
             }
         }
 
