@@ -81,8 +81,18 @@ pub fn load_encoder_and_template(
     cfg: &DataConfig,
     files: &TokenizerFiles,
 ) -> Result<(Encoder, Template)> {
-    let encoder = Encoder::load(files, cfg.eos_token.as_deref())?;
-    let chat = if cfg.template == crate::config::TemplateSpec::ChatTemplate {
+    load_template(&cfg.template, cfg.eos_token.as_deref(), files)
+}
+
+/// The tokenizer and the template `spec` (`eos_token`: the response end, default the
+/// tokenizer's), as a `data` section with that template and EOS token would load them.
+pub fn load_template(
+    spec: &crate::config::TemplateSpec,
+    eos_token: Option<&str>,
+    files: &TokenizerFiles,
+) -> Result<(Encoder, Template)> {
+    let encoder = Encoder::load(files, eos_token)?;
+    let chat = if *spec == crate::config::TemplateSpec::ChatTemplate {
         template::load_chat_template(
             files.tokenizer_config.as_deref(),
             files.chat_template.as_deref(),
@@ -91,7 +101,7 @@ pub fn load_encoder_and_template(
         None
     };
     let template = Template::new(
-        &cfg.template,
+        spec,
         &encoder.eos_token,
         encoder.bos_token.as_deref(),
         chat.as_deref(),

@@ -35,7 +35,8 @@ pub use config::{
     Columns, DataConfig, EvalSplit, FileFormat, OnBadRow, SourceConfig, TemplateSpec, Truncation,
 };
 pub use dataset::{
-    build_dataset, default_cache_dir, load_encoder_and_template, BuildOptions, Dataset,
+    build_dataset, default_cache_dir, load_encoder_and_template, load_template, BuildOptions,
+    Dataset,
 };
 pub use error::{DataError, Result};
 pub use hub::HubOptions;

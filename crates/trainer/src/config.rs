@@ -34,7 +34,7 @@ pub struct Config {
     #[serde(default)]
     pub eval: EvalConfig,
     #[serde(default)]
-    pub early_stopping: PlateauConfig,
+    pub early_stopping: EarlyStoppingConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
@@ -221,6 +221,59 @@ impl Default for GenEvalConfig {
             classifier: None,
         }
     }
+}
+
+/// `early_stopping`: the IFS plateau rule's four keys (see [`PlateauConfig`]) and `eval_loss`,
+/// patience on the held-out loss. Each becomes a [`crate::stop::StopRule`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EarlyStoppingConfig {
+    /// The plateau rule's off switch; IFS still runs and is logged.
+    pub enabled: bool,
+    /// IFS the run must reach before the plateau rule may stop it.
+    pub threshold: f64,
+    /// An IFS evaluation improves only when it beats the best so far by more than this.
+    pub min_delta: f64,
+    /// IFS evaluations without improvement, after reaching the threshold, before stopping.
+    pub patience: usize,
+    /// Stop when the held-out loss stops falling (off unless `patience` > 0).
+    pub eval_loss: LossPatienceConfig,
+}
+
+impl Default for EarlyStoppingConfig {
+    fn default() -> Self {
+        let p = PlateauConfig::default();
+        Self {
+            enabled: p.enabled,
+            threshold: p.threshold,
+            min_delta: p.min_delta,
+            patience: p.patience,
+            eval_loss: LossPatienceConfig::default(),
+        }
+    }
+}
+
+impl EarlyStoppingConfig {
+    /// The plateau rule's settings.
+    pub fn plateau(&self) -> PlateauConfig {
+        PlateauConfig {
+            enabled: self.enabled,
+            threshold: self.threshold,
+            min_delta: self.min_delta,
+            patience: self.patience,
+        }
+    }
+}
+
+/// `early_stopping.eval_loss`: stop once the held-out loss (`eval.loss`) has not fallen by more
+/// than `min_delta` below its best for `patience` evaluations in a row.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LossPatienceConfig {
+    /// Evaluations without improvement before stopping; 0 turns the rule off.
+    pub patience: usize,
+    /// A held-out loss improves only when it is below the best so far by more than this.
+    pub min_delta: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -420,13 +473,23 @@ impl Config {
                 ));
             }
         }
-        if self.early_stopping.enabled && self.eval.ifs.every_examples == 0 {
-            // Not an error: the rule simply never fires. Said in the log by the trainer.
-        }
-        if !(0.0..=1.0).contains(&self.early_stopping.threshold)
-            || self.early_stopping.patience == 0
-        {
+        // The plateau rule without IFS is not an error: it never fires (the trainer logs it).
+        let es = &self.early_stopping;
+        if !(0.0..=1.0).contains(&es.threshold) || es.patience == 0 {
             errs.push("early_stopping: threshold in [0, 1] and patience >= 1 expected".into());
+        }
+        if !(es.eval_loss.min_delta >= 0.0 && es.eval_loss.min_delta.is_finite()) {
+            errs.push(format!(
+                "early_stopping.eval_loss.min_delta: expected a number >= 0, found {}",
+                es.eval_loss.min_delta
+            ));
+        }
+        if es.eval_loss.patience > 0 && self.eval.loss.every_examples == 0 {
+            errs.push(
+                "early_stopping.eval_loss.patience: the held-out loss is never evaluated; set \
+                 eval.loss.every_examples (and data.eval_split)"
+                    .into(),
+            );
         }
         if errs.is_empty() {
             Ok(())

@@ -1,35 +1,22 @@
 //! The model as the loop sees it: loading with the adapter applied, the trainable parameters,
-//! loss on a batch, save and restore, the optimizer, and the evaluators' view of the model.
-use crate::config::{AdapterKind, Config, GenEvalConfig};
-use crate::TrainError;
-use candle_core::{DType, Device, Tensor, Var};
+//! loss on a batch, save and restore.
+use crate::adapter::Trainable;
+use crate::config::Config;
+use crate::error::TrainError;
+use candle_core::{DType, Device, Tensor};
 use sft_data::Encoder;
 use sft_data::{Batch, BuildOptions, Dataset, Template, TokenizerFiles};
-use sft_eval::{Answer, BoxError};
-use sft_model::generate::{generate_ids, GenerateConfig, Sampling};
 use sft_model::llama::{Llama, LossOutput};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-
-/// A trainable parameter: its name in the saved files and its variable.
-pub struct Param {
-    pub name: String,
-    pub var: Var,
-    /// Weight decay applies (not to norms and biases).
-    pub decay: bool,
-}
 
 pub struct TrainModel {
     pub llama: Llama,
     pub tokenizer: tokenizers::Tokenizer,
     pub dir: PathBuf,
     pub eos_token_ids: Vec<u32>,
-    pub params: Vec<Param>,
-    /// The adapter when training LoRA.
-    pub lora: Option<sft_model::lora::LoraAdapter>,
-    /// `base_model_name_or_path` written into adapter configs.
-    pub base_name: String,
-    pub kind: AdapterKind,
+    /// The parameters training changes (and the LoRA adapter).
+    pub trainable: Trainable,
     pub device: Device,
     template: Option<(Arc<Encoder>, Template)>,
 }
@@ -71,22 +58,13 @@ impl TrainModel {
                 .map_err(|e| TrainError::Config(format!("model.activations: {e}")))?;
         }
         llama.set_gradient_checkpointing(cfg.train.gradient_checkpointing);
-        let (params, lora) = match cfg.adapter.kind {
-            AdapterKind::Lora => {
-                let (p, a) = crate::adapter::apply_lora(&mut llama, cfg)?;
-                (p, Some(a))
-            }
-            AdapterKind::Full => (crate::adapter::make_all_trainable(&mut llama)?, None),
-        };
+        let trainable = Trainable::attach(&mut llama, cfg)?;
         Ok(Self {
             llama,
             tokenizer: loaded.tokenizer,
             dir: loaded.dir,
             eos_token_ids: loaded.eos_token_ids,
-            params,
-            lora,
-            base_name: cfg.model.source.clone(),
-            kind: cfg.adapter.kind,
+            trainable,
             device,
             template: None,
         })
@@ -102,7 +80,8 @@ impl TrainModel {
 
     /// The optimizer's view of the trainable parameters.
     pub fn param_specs(&self) -> Vec<sft_optim::ParamSpec> {
-        self.params
+        self.trainable
+            .params
             .iter()
             .map(|p| sft_optim::ParamSpec {
                 name: p.name.clone(),
@@ -113,7 +92,11 @@ impl TrainModel {
     }
 
     pub fn trainable_params(&self) -> usize {
-        self.params.iter().map(|p| p.var.elem_count()).sum()
+        self.trainable
+            .params
+            .iter()
+            .map(|p| p.var.elem_count())
+            .sum()
     }
 
     /// Tokenize (or read from the cache) the config's data with this model's tokenizer.
@@ -127,9 +110,9 @@ impl TrainModel {
         Ok(ds)
     }
 
-    /// The template training renders prompts with (after [`TrainModel::dataset`]).
-    pub fn template(&self) -> Option<&Template> {
-        self.template.as_ref().map(|t| &t.1)
+    /// The tokenizer and template training renders prompts with (after [`TrainModel::dataset`]).
+    pub fn training_template(&self) -> Option<(Arc<Encoder>, Template)> {
+        self.template.clone()
     }
 
     pub fn set_dropout_seed(&mut self, seed: u64, step: u64, micro: u64) {
@@ -186,127 +169,13 @@ impl TrainModel {
     /// Write the trained weights: a PEFT adapter, or full weights in Hugging Face shards, plus
     /// the config and tokenizer files needed to use them.
     pub fn save(&self, dir: &Path) -> Result<(), TrainError> {
-        crate::adapter::save(self, dir)
+        self.trainable.save(dir, &self.dir)
     }
 
     /// Set the trainable parameters from a checkpoint folder.
     pub fn restore(&mut self, dir: &Path) -> Result<(), TrainError> {
-        crate::adapter::restore(self, dir)
+        self.trainable
+            .restore(dir, self.llama.dtype(), &self.device)
     }
 }
 
-/// The evaluators' view of a model: render each instruction through a template (the
-/// training one by default), generate greedily in batches, return the texts.
-pub struct ModelAnswer<'a> {
-    pub llama: &'a Llama,
-    pub tokenizer: &'a tokenizers::Tokenizer,
-    /// Tokenizes prompts exactly as training does (BOS prefix included).
-    pub encoder: Arc<Encoder>,
-    pub template: Template,
-    pub eos_token_ids: Vec<u32>,
-    pub batch_size: usize,
-}
-
-/// The template named `name` for the model in `dir` (as `data.template` would read it).
-pub fn template_named(name: &str, dir: &Path) -> Result<(Arc<Encoder>, Template), TrainError> {
-    let data: sft_data::DataConfig =
-        serde_yaml::from_str(&format!("sources: []\ntemplate: {name}"))
-            .map_err(|err| TrainError::Config(format!("template '{name}': {err}")))?;
-    let files = TokenizerFiles::from_dir(dir).map_err(TrainError::Data)?;
-    let (enc, t) = sft_data::load_encoder_and_template(&data, &files).map_err(TrainError::Data)?;
-    Ok((Arc::new(enc), t))
-}
-
-impl<'a> ModelAnswer<'a> {
-    /// A loaded model (no adapter training) prompted through the template named `template`.
-    pub fn for_loaded(
-        m: &'a sft_model::load::LoadedModel,
-        template: &str,
-        batch_size: usize,
-    ) -> Result<Self, TrainError> {
-        let (encoder, template) = template_named(template, &m.dir)?;
-        Ok(Self {
-            llama: &m.model,
-            tokenizer: &m.tokenizer,
-            encoder,
-            template,
-            eos_token_ids: m.eos_token_ids.clone(),
-            batch_size,
-        })
-    }
-
-    /// The model under training, in evaluation mode (no dropout).
-    pub fn new(model: &'a mut TrainModel, e: &GenEvalConfig) -> Result<Self, TrainError> {
-        let (encoder, template) = match &e.template {
-            Some(name) => template_named(name, &model.dir)?,
-            None => model
-                .template
-                .clone()
-                .ok_or_else(|| TrainError::Config("no training template loaded".into()))?,
-        };
-        model.set_eval();
-        Ok(Self {
-            llama: &model.llama,
-            tokenizer: &model.tokenizer,
-            encoder,
-            template,
-            eos_token_ids: model.eos_token_ids.clone(),
-            batch_size: e.batch_size,
-        })
-    }
-}
-
-impl Answer for ModelAnswer<'_> {
-    fn answer(
-        &mut self,
-        instructions: &[String],
-        max_new_tokens: usize,
-    ) -> Result<Vec<String>, BoxError> {
-        let prompts = instructions
-            .iter()
-            .map(|i| self.encoder.encode_prompt(&self.template.render_prompt(i)?))
-            .collect::<Result<Vec<_>, _>>()?;
-        let cfg = GenerateConfig {
-            max_new_tokens,
-            sampling: Sampling::Greedy,
-            eos_token_ids: self.eos_token_ids.clone(),
-            stop_strings: Vec::new(),
-            batch_size: self.batch_size,
-            add_special_tokens: false,
-            pad_token_id: self.eos_token_ids.first().copied().unwrap_or(0),
-        };
-        let out = generate_ids(self.llama, Some(self.tokenizer), &prompts, &cfg)?;
-        Ok(out.into_iter().map(|g| g.text).collect())
-    }
-}
-
-/// The evaluators a config turns on.
-pub struct Evaluators {
-    pub ifs: Option<Box<dyn sft_eval::Evaluator>>,
-    pub objecqa: Option<Box<dyn sft_eval::Evaluator>>,
-    /// An evaluation asked for a checkpoint at this step (a format-infusion candidate).
-    pub pending_save: bool,
-}
-
-impl Evaluators {
-    pub fn new(cfg: &Config, model: &TrainModel) -> Result<Self, TrainError> {
-        let ifs = if cfg.eval.ifs.every_examples > 0 {
-            Some(crate::evals::ifs(&cfg.eval.ifs, &model.device)?)
-        } else {
-            None
-        };
-        let objecqa = if cfg.eval.objecqa.every_examples > 0 {
-            Some(crate::evals::objecqa(&cfg.eval.objecqa, &model.device)?)
-        } else {
-            None
-        };
-        if ifs.is_none() && cfg.early_stopping.enabled {
-            tracing::info!("eval.ifs.every_examples is 0: IFS early stopping is off for this run");
-        }
-        Ok(Self {
-            ifs,
-            objecqa,
-            pending_save: false,
-        })
-    }
-}

@@ -3,9 +3,9 @@
 //! parameters and their gradients, AdamW's float32 moments (and master copies for bf16/f16
 //! full fine-tuning), and the activations autograd holds for one micro-batch.
 use crate::config::{AdapterKind, Config};
+use crate::error::TrainError;
 use sft_model::llama::Activations;
 use sft_model::memory::{self, MemoryEstimate};
-use crate::TrainError;
 use sft_model::config::LlamaConfig;
 use std::fmt;
 

@@ -116,8 +116,10 @@ pub fn series_of(records: &[Map<String, Value>], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
-/// Redraw every plot of a run folder from its metrics records: `loss.png`, `lr.png`,
-/// `ifs.png`, `objecqa.png` (each only when it has data).
+/// Redraw every plot of a run folder from its metrics records: `loss.png`, `lr.png`, one
+/// `<name>.png` per evaluator (its scores named `<name>...`, the Wilson bounds `*_ci_low` and
+/// `*_ci_high` left out) and,
+/// with two evaluators or more, `evals.png` (each one's primary score), each when it has data.
 pub fn redraw(run_dir: &Path, records: &[Map<String, Value>]) -> Result<(), String> {
     let steps: Vec<Map<String, Value>> = records
         .iter()
@@ -139,19 +141,42 @@ pub fn redraw(run_dir: &Path, records: &[Map<String, Value>]) -> Result<(), Stri
         "lr",
         &[("lr".into(), series_of(&steps, "lr"))],
     )?;
-    let ifs = [
-        ("IFS".to_string(), series_of(records, "ifs")),
-        ("IFS full".to_string(), series_of(records, "ifs_full")),
-        ("IFS partial".to_string(), series_of(records, "ifs_partial")),
-        ("ObjecQA".to_string(), series_of(records, "objecqa")),
-    ];
-    if ifs.iter().any(|(_, p)| !p.is_empty()) {
-        draw(
-            &run_dir.join("ifs.png"),
-            "Instruction Following Score and ObjecQA",
-            "score",
-            &ifs,
-        )?;
+    // The evaluators' records: `eval` names them (`loss` is the held-out loss, drawn above).
+    let mut evaluators: Vec<(&str, Vec<Map<String, Value>>)> = Vec::new();
+    for r in records {
+        let Some(name) = r.get("eval").and_then(Value::as_str) else {
+            continue;
+        };
+        if name == "loss" || !r.contains_key(name) {
+            continue;
+        }
+        match evaluators.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, recs)) => recs.push(r.clone()),
+            None => evaluators.push((name, vec![r.clone()])),
+        }
+    }
+    for (name, recs) in &evaluators {
+        let mut keys: Vec<&str> = vec![name];
+        for r in recs {
+            for (k, v) in r {
+                let plotted = k.starts_with(name) && v.is_number() && !keys.contains(&k.as_str());
+                if plotted && !k.ends_with("_ci_low") && !k.ends_with("_ci_high") {
+                    keys.push(k);
+                }
+            }
+        }
+        let series: Vec<Series> = keys
+            .iter()
+            .map(|k| (k.to_string(), series_of(recs, k)))
+            .collect();
+        draw(&run_dir.join(format!("{name}.png")), name, "score", &series)?;
+    }
+    if evaluators.len() > 1 {
+        let series: Vec<Series> = evaluators
+            .iter()
+            .map(|(name, recs)| (name.to_string(), series_of(recs, name)))
+            .collect();
+        draw(&run_dir.join("evals.png"), "Evaluations", "score", &series)?;
     }
     Ok(())
 }
@@ -177,8 +202,13 @@ mod tests {
         e.insert("examples".into(), 40.into());
         e.insert("ifs".into(), 0.5.into());
         recs.push(e);
+        let mut e = Map::new();
+        e.insert("eval".into(), "other".into());
+        e.insert("examples".into(), 40.into());
+        e.insert("other".into(), 0.25.into());
+        recs.push(e);
         redraw(t.path(), &recs).unwrap();
-        for f in ["loss.png", "lr.png", "ifs.png"] {
+        for f in ["loss.png", "lr.png", "ifs.png", "other.png", "evals.png"] {
             let bytes = std::fs::read(t.path().join(f)).unwrap();
             assert_eq!(&bytes[1..4], b"PNG", "{f}");
         }

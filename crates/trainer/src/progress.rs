@@ -1,8 +1,8 @@
-//! The progress bar: examples/s, tokens/s, loss, lr, the latest IFS and the ETA. Drawn only
+//! The progress bar: examples/s, tokens/s, loss, lr, each evaluator's latest score and the ETA. Drawn only
 //! on a terminal (indicatif hides itself otherwise; the logs carry the same numbers).
 use crate::config::Config;
 use indicatif::{ProgressBar, ProgressStyle};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::time::Instant;
 
 pub struct Progress {
@@ -10,7 +10,8 @@ pub struct Progress {
     start: Instant,
     start_examples: u64,
     tokens: Cell<u64>,
-    ifs: Cell<Option<f64>>,
+    /// Each evaluator's latest primary score, in the order they first ran.
+    scores: RefCell<Vec<(String, f64)>>,
 }
 
 impl Progress {
@@ -29,7 +30,7 @@ impl Progress {
             start: Instant::now(),
             start_examples: examples,
             tokens: Cell::new(0),
-            ifs: Cell::new(None),
+            scores: RefCell::new(Vec::new()),
         }
     }
 
@@ -37,12 +38,14 @@ impl Progress {
         self.tokens.set(self.tokens.get() + tokens as u64);
         if let Some(bar) = &self.bar {
             let secs = self.start.elapsed().as_secs_f64().max(1e-9);
-            let ifs = self
-                .ifs
-                .get()
-                .map_or_else(|| "-".to_string(), |v| format!("{v:.3}"));
+            let scores: String = self
+                .scores
+                .borrow()
+                .iter()
+                .map(|(name, v)| format!("  {name} {v:.3}"))
+                .collect();
             bar.set_message(format!(
-                "{:.1} ex/s  {:.0} tok/s  loss {loss:.4}  lr {lr:.2e}  IFS {ifs}",
+                "{:.1} ex/s  {:.0} tok/s  loss {loss:.4}  lr {lr:.2e}{scores}",
                 (examples - self.start_examples) as f64 / secs,
                 self.tokens.get() as f64 / secs,
             ));
@@ -50,8 +53,13 @@ impl Progress {
         }
     }
 
-    pub fn set_ifs(&self, ifs: Option<f64>) {
-        self.ifs.set(ifs);
+    /// An evaluator's latest primary score.
+    pub fn set_score(&self, name: &str, score: f64) {
+        let mut scores = self.scores.borrow_mut();
+        match scores.iter_mut().find(|(n, _)| n == name) {
+            Some(s) => s.1 = score,
+            None => scores.push((name.to_string(), score)),
+        }
     }
 
     pub fn finish(&self) {

@@ -1,22 +1,30 @@
-//! The training run, top to bottom: load, resume, then for each optimizer step: micro-batches
-//! → forward → loss → backward → accumulate → clip → AdamW → schedule → evaluators →
-//! checkpoints → logs. Everything the run writes lives in `checkpoint.dir/run.name/`.
-use crate::checkpoint::Checkpoints;
+//! The training run, top to bottom in [`train_with`]: open the run (resume, model, data,
+//! state), evaluate the base model, then for each optimizer step: micro-batches → forward →
+//! loss → backward → accumulate → clip → AdamW ([`Run::train_step`]) → log → the evaluations
+//! that are due, each seen by the stop rules → checkpoint; at the end the final evaluations,
+//! the last checkpoint and the summary. Everything the run writes lives in
+//! `checkpoint.dir/run.name/`.
+use crate::answer::ModelAnswer;
+use crate::checkpoint::{step_dir_name, Checkpoints};
 use crate::config::Config;
+use crate::error::TrainError;
+use crate::evals::Scheduled;
 use crate::metrics::MetricsLog;
-use crate::model::{Evaluators, ModelAnswer, TrainModel};
+use crate::model::TrainModel;
+use crate::plot;
+use crate::progress::Progress;
 use crate::schedule::lr_at;
-use crate::state::{differences, hash_value, identity, Due, EvalRecord, TrainerState};
+use crate::state::{differences, identity, EvalRecord, TrainerState};
+use crate::stop::{Decision, StopRule};
 use crate::summary::Summary;
-use crate::{plot, TrainError};
 use serde_json::{Map, Value};
-use sft_data::{Batcher, Cursor};
-use sft_ifs::plateau::{Decision, EvalPoint};
-use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator};
+use sft_data::{Batcher, Dataset};
+use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, ParamSpec};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Which checkpoint to resume from.
 #[derive(Clone, Debug)]
@@ -25,195 +33,338 @@ pub enum Resume {
     Path(PathBuf),
 }
 
+/// How a run is driven from outside: where it resumes, the stop signal, and test hooks.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     pub resume: Option<Resume>,
     /// Set by the SIGINT/SIGTERM handler: finish the step, checkpoint, exit.
     pub stop: Arc<AtomicBool>,
+    /// Test hook: raise `stop` after this optimizer step, as a signal would.
+    pub stop_after_step: Option<u64>,
+    /// Test hook: sleep this long in every step, so that a test's signal lands mid-run.
+    pub step_delay: Option<Duration>,
+}
+
+impl RunOptions {
+    /// The test hooks as the binaries take them: `SFT_TEST_STOP_AT_STEP=N` and
+    /// `SFT_TEST_STEP_DELAY_MS=N`.
+    pub fn with_test_hooks_from_env(mut self) -> Self {
+        let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
+        self.stop_after_step = var("SFT_TEST_STOP_AT_STEP");
+        self.step_delay = var("SFT_TEST_STEP_DELAY_MS").map(Duration::from_millis);
+        self
+    }
 }
 
 /// How the run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     Finished,
-    Plateau,
+    /// A stop rule ended it (the IFS plateau, the held-out loss's patience...).
+    Stopped,
     Interrupted,
     AlreadyStopped,
 }
 
-fn stop_requested_by_test(step: u64) -> bool {
-    std::env::var("SFT_TEST_STOP_AT_STEP")
-        .ok()
-        .and_then(|v| v.parse::<u64>().ok())
-        == Some(step)
-}
-
-/// Slows every step (`SFT_TEST_STEP_DELAY_MS`) so that a test's signal lands mid-run.
-fn test_step_delay() -> Option<u64> {
-    std::env::var("SFT_TEST_STEP_DELAY_MS").ok()?.parse().ok()
-}
-
-/// Run a config to its end (or its interruption) and return the summary.
+/// Run a config to its end (or its interruption) with the evaluators and stop rules it
+/// configures, and return the summary.
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), TrainError> {
+    let evaluators = crate::evals::from_config(cfg)?;
+    train_with(cfg, opts, evaluators, crate::stop::from_config(cfg))
+}
+
+/// Run a config with these evaluators and stop rules (the config's, from
+/// [`crate::evals::from_config`] and [`crate::stop::from_config`], and any others).
+pub fn train_with(
+    cfg: &Config,
+    opts: &RunOptions,
+    evaluators: Vec<Scheduled>,
+    rules: Vec<Box<dyn StopRule>>,
+) -> Result<(Outcome, Summary), TrainError> {
     let started = Instant::now();
-    let run_dir = cfg.checkpoint.dir.join(&cfg.run.name);
-    std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
-    let ckpts = Checkpoints::new(&run_dir);
-
-    // Resume: find and verify the checkpoint first, so a refused resume costs nothing.
-    let resumed: Option<(PathBuf, TrainerState)> = match &opts.resume {
-        None => None,
-        Some(r) => Some(find_resume(&ckpts, r)?),
+    let mut run = match Run::open(cfg, opts, evaluators, rules)? {
+        Opened::Ready(run) => *run,
+        Opened::AlreadyStopped(summary) => return Ok((Outcome::AlreadyStopped, *summary)),
     };
-    if let Some((path, st)) = &resumed {
-        check_resume_compatible(cfg, st, path)?;
-    } else if !ckpts.list().is_empty() {
-        return Err(TrainError::Config(format!(
-            "{} already holds checkpoints: pass --resume to continue that run, or choose another \
-             run.name (or delete the folder)",
-            run_dir.display()
-        )));
-    }
-
-    // The model, its trainable parameters and the optimizer.
-    let mut model = TrainModel::load(cfg)?;
-    let specs = model.param_specs();
-    let mut optim = AdamW::new(
-        specs.clone(),
-        AdamWConfig {
-            beta1: cfg.train.beta1,
-            beta2: cfg.train.beta2,
-            eps: cfg.train.eps,
-            weight_decay: cfg.train.weight_decay,
-        },
-    )
-    .map_err(TrainError::optim)?;
-    if !cfg.train.master_weights {
-        optim = optim.without_master_weights();
-    }
-    tracing::info!(
-        "model: {} ({} layers, {} parameters, {} trainable in {} tensors, {:?})",
-        model.dir.display(),
-        model.llama.config().num_hidden_layers,
-        model.total_params(),
-        model.trainable_params(),
-        model.params.len(),
-        cfg.adapter.kind,
-    );
-
-    // The data.
-    let t_data = Instant::now();
-    let data = model.dataset(cfg)?;
-    let data_build_seconds = t_data.elapsed().as_secs_f64();
-    let mut batcher = Batcher::new(
-        Arc::new(data.train.clone()),
-        data.pad_id,
-        cfg.data.batch_options(cfg.train.micro_batch_size),
-    )
-    .map_err(TrainError::Data)?;
-    let batches_per_epoch = batcher.batches_in_epoch(0) as u64;
-    let total_steps = total_steps(cfg, batches_per_epoch, data.train.len() as u64);
-    tracing::info!(
-        "plan: {} train examples, {} batches per epoch, {} optimizer steps",
-        data.train.len(),
-        batches_per_epoch,
-        total_steps
-    );
-
-    let mut evals = Evaluators::new(cfg, &model)?;
-
-    // State: fresh or restored.
-    let mut st = match resumed {
-        Some((path, st)) => {
-            model.restore(&path)?;
-            optim
-                .load(path.join("optimizer.safetensors"))
-                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
-            batcher = batcher.with_cursor(st.cursor);
-            tracing::info!(
-                "resumed from {} (step {}, {} examples)",
-                path.display(),
-                st.step,
-                st.examples
-            );
-            st
-        }
-        None => fresh_state(cfg),
-    };
-    let resumed_at = st.step;
-    *st.seconds.entry("data_build".into()).or_default() += data_build_seconds;
-    let train_seconds_before = st.seconds.get("train").copied().unwrap_or(0.0);
-
-    // A run that already stopped does not train on unless the new config no longer stops it.
-    if let Some(why) = st.stopped.clone() {
-        if still_stopped(cfg, &st, total_steps) {
-            tracing::warn!(
-                "this run already stopped ({why}); it does not train on. Raise train.max_examples / \
-                 train.max_steps, or change early_stopping, to continue it."
-            );
-            let summary = Summary::build(cfg, &st, &data.report, "stopped", &why, &run_dir, 0.0);
-            return Ok((Outcome::AlreadyStopped, summary));
-        }
-        tracing::info!("the run had stopped ({why}); the new limits let it continue");
-        st.stopped = None;
-    }
-
-    let mut log = MetricsLog::open(
-        &run_dir.join("metrics.jsonl"),
-        if opts.resume.is_some() {
-            Some(st.step)
-        } else {
-            None
-        },
-    )
-    .map_err(|e| TrainError::io(&run_dir, e))?;
-    let progress = crate::progress::Progress::new(cfg, total_steps, st.step, st.examples);
-
-    let mut seconds_train = 0.0;
-    let mut outcome = Outcome::Finished;
-    let mut stop_reason = String::from("finished: reached the configured length");
 
     // Evaluations before the first step: the base model's scores.
-    if st.step == 0 && resumed_at == 0 {
-        let decision = evaluate_due(
-            cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir, true,
-        )?;
-        if let Some(reason) = decision {
-            stop_reason = reason;
-            outcome = Outcome::Plateau;
-        } else if std::mem::take(&mut evals.pending_save) {
-            // The base model itself is a format-infusion candidate.
-            save(cfg, &ckpts, &mut st, &model, &optim, train_seconds_before)?;
+    let mut stop = None;
+    if run.st.step == 0 {
+        stop = run.evaluate(When::Start)?;
+        if stop.is_none() && std::mem::take(&mut run.pending_save) {
+            // The base model itself is a candidate for the chosen checkpoint.
+            run.save()?;
         }
     }
 
-    while outcome == Outcome::Finished {
-        if reached_limit(cfg, &st, total_steps) {
-            break;
-        }
+    let mut interrupted = false;
+    while stop.is_none() && !run.reached_limit() {
         if opts.stop.load(Ordering::SeqCst) {
-            outcome = Outcome::Interrupted;
-            stop_reason = "interrupted: checkpointed after the current step".into();
+            interrupted = true;
             break;
         }
         let t0 = Instant::now();
-        if let Some(ms) = test_step_delay() {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
+        if let Some(delay) = opts.step_delay {
+            std::thread::sleep(delay);
         }
-        let lr = lr_at(&cfg.train, st.step, total_steps);
+        let lr = lr_at(&cfg.train, run.st.step, run.total_steps);
+        let Some(step) = run.train_step(lr)? else {
+            continue; // skipped: a non-finite loss or gradient, or no trained tokens
+        };
+        run.log_step(&step, lr, t0.elapsed().as_secs_f64())?;
+        stop = run.evaluate(When::Due)?;
+        let every = cfg.checkpoint.every_steps;
+        let periodic = every > 0 && run.st.step.is_multiple_of(every);
+        if (periodic || std::mem::take(&mut run.pending_save)) && stop.is_none() {
+            run.save()?;
+        }
+        if opts.stop_after_step == Some(run.st.step) {
+            opts.stop.store(true, Ordering::SeqCst);
+        }
+    }
+    run.progress.finish();
 
-        // Micro-batches: the loss is summed over every trained token of the optimizer step and
-        // normalised once, so accumulation equals one big batch.
+    // The finished model's evaluations, unless they just ran.
+    if stop.is_none() && !interrupted {
+        stop = run.evaluate(When::End)?;
+    }
+    let outcome = match (&stop, interrupted) {
+        (Some(_), _) => Outcome::Stopped,
+        (None, true) => Outcome::Interrupted,
+        (None, false) => Outcome::Finished,
+    };
+    run.finish(outcome, stop, started)
+}
+
+/// One optimizer step's numbers, as logged.
+struct StepReport {
+    /// Mean loss per trained token over the step's micro-batches.
+    loss: f64,
+    grad_norm: f64,
+    tokens: usize,
+    padding: f64,
+}
+
+/// When evaluations run: before the first step (those asked `at_start`), when due, at the end.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum When {
+    Start,
+    Due,
+    End,
+}
+
+enum Opened<'a> {
+    Ready(Box<Run<'a>>),
+    AlreadyStopped(Box<Summary>),
+}
+
+/// Everything a run holds between its steps.
+struct Run<'a> {
+    cfg: &'a Config,
+    run_dir: PathBuf,
+    ckpts: Checkpoints,
+    model: TrainModel,
+    specs: Vec<ParamSpec>,
+    optim: AdamW,
+    data: Dataset,
+    batcher: Batcher,
+    total_steps: u64,
+    evaluators: Vec<Scheduled>,
+    /// The evaluator whose primary score ranks checkpoints (`best`); else the held-out loss.
+    ranking: Option<String>,
+    rules: Vec<Box<dyn StopRule>>,
+    log: MetricsLog,
+    progress: Progress,
+    st: TrainerState,
+    /// Seconds of training before this segment of the run, and in it.
+    train_seconds_before: f64,
+    train_seconds: f64,
+    /// A stop rule asked for this step's checkpoint (a candidate for the chosen one).
+    pending_save: bool,
+}
+
+impl<'a> Run<'a> {
+    /// Check the resume, load the model, the optimizer and the data, restore or start the state.
+    fn open(
+        cfg: &'a Config,
+        opts: &RunOptions,
+        evaluators: Vec<Scheduled>,
+        mut rules: Vec<Box<dyn StopRule>>,
+    ) -> Result<Opened<'a>, TrainError> {
+        check_names(&evaluators, &rules)?;
+        let run_dir = cfg.checkpoint.dir.join(&cfg.run.name);
+        std::fs::create_dir_all(&run_dir).map_err(|e| TrainError::io(&run_dir, e))?;
+        let ckpts = Checkpoints::new(&run_dir);
+
+        // Resume: find and verify the checkpoint first, so a refused resume costs nothing.
+        let resumed: Option<(PathBuf, TrainerState)> = match &opts.resume {
+            None => None,
+            Some(r) => Some(find_resume(&ckpts, r)?),
+        };
+        if let Some((path, st)) = &resumed {
+            check_resume_compatible(cfg, st, path)?;
+        } else if !ckpts.list().is_empty() {
+            return Err(TrainError::Config(format!(
+                "{} already holds checkpoints: pass --resume to continue that run, or choose \
+                 another run.name (or delete the folder)",
+                run_dir.display()
+            )));
+        }
+
+        // The model, its trainable parameters and the optimizer.
+        let mut model = TrainModel::load(cfg)?;
+        let specs = model.param_specs();
+        let mut optim = AdamW::new(
+            specs.clone(),
+            AdamWConfig {
+                beta1: cfg.train.beta1,
+                beta2: cfg.train.beta2,
+                eps: cfg.train.eps,
+                weight_decay: cfg.train.weight_decay,
+            },
+        )
+        .map_err(TrainError::optim)?;
+        if !cfg.train.master_weights {
+            optim = optim.without_master_weights();
+        }
+        tracing::info!(
+            "model: {} ({} layers, {} parameters, {} trainable in {} tensors, {:?})",
+            model.dir.display(),
+            model.llama.config().num_hidden_layers,
+            model.total_params(),
+            model.trainable_params(),
+            model.trainable.params.len(),
+            cfg.adapter.kind,
+        );
+
+        // The data.
+        let t_data = Instant::now();
+        let data = model.dataset(cfg)?;
+        let data_build_seconds = t_data.elapsed().as_secs_f64();
+        let mut batcher = Batcher::new(
+            Arc::new(data.train.clone()),
+            data.pad_id,
+            cfg.data.batch_options(cfg.train.micro_batch_size),
+        )?;
+        let batches_per_epoch = batcher.batches_in_epoch(0) as u64;
+        let total_steps = total_steps(cfg, batches_per_epoch, data.train.len() as u64);
+        tracing::info!(
+            "plan: {} train examples, {} batches per epoch, {} optimizer steps",
+            data.train.len(),
+            batches_per_epoch,
+            total_steps
+        );
+
+        // The state: fresh, or restored with the weights, the optimizer and the data cursor.
+        let mut st = match resumed {
+            Some((path, mut st)) => {
+                st.upgrade();
+                model.restore(&path)?;
+                optim
+                    .load(path.join("optimizer.safetensors"))
+                    .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+                batcher = batcher.with_cursor(st.cursor);
+                tracing::info!(
+                    "resumed from {} (step {}, {} examples)",
+                    path.display(),
+                    st.step,
+                    st.examples
+                );
+                st
+            }
+            None => {
+                let mut due = BTreeMap::from([("loss".to_string(), cfg.eval.loss.every_examples)]);
+                for e in &evaluators {
+                    due.insert(e.name().to_string(), e.schedule.every_examples);
+                }
+                TrainerState::fresh(cfg, due)
+            }
+        };
+        *st.seconds.entry("data_build".into()).or_default() += data_build_seconds;
+        let train_seconds_before = st.seconds.get("train").copied().unwrap_or(0.0);
+
+        // A stopped run: would the rules, replayed over its evaluations with the new settings,
+        // stop it again? Then each rule takes back the state it saved (a rule added since
+        // starts fresh).
+        let stops_again = st.stopped.is_some() && replay(&mut rules, &st.evals);
+        for rule in &mut rules {
+            if let Some(saved) = st.stop_rules.get(rule.name()) {
+                rule.restore(saved.clone()).map_err(|e| {
+                    TrainError::Checkpoint(format!("stop rule `{}`: {e}", rule.name()))
+                })?;
+            }
+        }
+
+        // A run that already stopped does not train on unless the new config no longer
+        // stops it (higher limits; the rules replayed over the history with the new settings).
+        if let Some(why) = st.stopped.clone() {
+            if reached_limit(cfg, &st, total_steps) || stops_again {
+                tracing::warn!(
+                    "this run already stopped ({why}); it does not train on. Raise \
+                     train.max_examples / train.max_steps, or change early_stopping, to continue it."
+                );
+                let summary =
+                    Summary::build(cfg, &st, &data.report, "stopped", &why, &run_dir, 0.0);
+                return Ok(Opened::AlreadyStopped(Box::new(summary)));
+            }
+            tracing::info!("the run had stopped ({why}); the new limits let it continue");
+            st.stopped = None;
+        }
+
+        let log = MetricsLog::open(
+            &run_dir.join("metrics.jsonl"),
+            opts.resume.is_some().then_some(st.step),
+        )
+        .map_err(|e| TrainError::io(&run_dir, e))?;
+        let progress = Progress::new(cfg, total_steps, st.step, st.examples);
+        let ranking = evaluators
+            .iter()
+            .find(|e| e.ranks_best)
+            .map(|e| e.name().to_string());
+        Ok(Opened::Ready(Box::new(Run {
+            cfg,
+            run_dir,
+            ckpts,
+            model,
+            specs,
+            optim,
+            data,
+            batcher,
+            total_steps,
+            evaluators,
+            ranking,
+            rules,
+            log,
+            progress,
+            st,
+            train_seconds_before,
+            train_seconds: 0.0,
+            pending_save: false,
+        })))
+    }
+
+    fn reached_limit(&self) -> bool {
+        reached_limit(self.cfg, &self.st, self.total_steps)
+    }
+
+    /// One optimizer step: the micro-batches' forward, loss and backward, the gradients
+    /// accumulated, clipped and applied by AdamW. `None` when the step is skipped (a
+    /// non-finite loss or gradient, or no trained token); too many skips in a row fail the run.
+    fn train_step(&mut self, lr: f64) -> Result<Option<StepReport>, TrainError> {
+        let cfg = self.cfg;
+        let st = &mut self.st;
+        // The loss is summed over every trained token of the optimizer step and normalised
+        // once, so accumulation equals one big batch.
         let mut acc = GradAccumulator::new();
         let (mut loss_sum, mut tokens, mut examples, mut padding) = (0.0f64, 0usize, 0u64, 0.0);
         for micro in 0..cfg.train.grad_accum {
             let tb = Instant::now();
-            let batch = batcher.next_batch();
+            let batch = self.batcher.next_batch();
             *st.seconds.entry("data_batches".into()).or_default() += tb.elapsed().as_secs_f64();
             examples += batch.num_examples() as u64;
             padding += batch.padding_ratio();
-            model.set_dropout_seed(st.seed, st.step, micro as u64);
-            let out = model.loss(&batch)?;
+            self.model.set_dropout_seed(st.seed, st.step, micro as u64);
+            let out = self.model.loss(&batch)?;
             let value = out
                 .sum
                 .to_dtype(candle_core::DType::F64)?
@@ -221,14 +372,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
             loss_sum += value;
             tokens += out.n_tokens;
             if out.n_tokens > 0 {
-                let store = model.backward(&out.sum)?;
-                acc.add(&specs, &store, out.n_tokens)
+                let store = self.model.backward(&out.sum)?;
+                acc.add(&self.specs, &store, out.n_tokens)
                     .map_err(TrainError::optim)?;
             }
         }
         st.examples += examples;
         st.tokens += tokens as u64;
-        st.cursor = batcher.cursor();
+        st.cursor = self.batcher.cursor();
         let mean_loss = if tokens > 0 {
             loss_sum / tokens as f64
         } else {
@@ -256,10 +407,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
                     "{} steps in a row had a non-finite loss or gradient; stopping. The last good \
                      checkpoint is kept in {} (lower train.lr or check the data)",
                     st.bad_in_a_row,
-                    run_dir.display()
+                    self.run_dir.display()
                 )));
             }
-            continue;
+            return Ok(None);
         }
         st.bad_in_a_row = 0;
         let grad_norm = if cfg.train.max_grad_norm > 0.0 {
@@ -268,147 +419,370 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
             grads.global_norm()
         }
         .map_err(TrainError::optim)?;
-        optim.step(&grads, lr).map_err(TrainError::optim)?;
+        self.optim.step(&grads, lr).map_err(TrainError::optim)?;
         st.step += 1;
-        let dt = t0.elapsed().as_secs_f64();
-        seconds_train += dt;
+        Ok(Some(StepReport {
+            loss: mean_loss,
+            grad_norm,
+            tokens,
+            padding: padding / cfg.train.grad_accum as f64,
+        }))
+    }
 
+    /// The step's line in metrics.jsonl, the progress bar and (every `logging.every_steps`)
+    /// the log; `seconds` is the step's wall time.
+    fn log_step(&mut self, s: &StepReport, lr: f64, seconds: f64) -> Result<(), TrainError> {
+        self.train_seconds += seconds;
+        let st = &mut self.st;
         let mut rec = Map::new();
         rec.insert("step".into(), st.step.into());
         rec.insert("examples".into(), st.examples.into());
-        rec.insert("loss".into(), mean_loss.into());
+        rec.insert("loss".into(), s.loss.into());
         rec.insert("lr".into(), lr.into());
-        rec.insert("grad_norm".into(), grad_norm.into());
-        rec.insert("tokens".into(), tokens.into());
-        rec.insert(
-            "padding".into(),
-            (padding / cfg.train.grad_accum as f64).into(),
-        );
-        rec.insert("seconds".into(), dt.into());
+        rec.insert("grad_norm".into(), s.grad_norm.into());
+        rec.insert("tokens".into(), s.tokens.into());
+        rec.insert("padding".into(), s.padding.into());
+        rec.insert("seconds".into(), seconds.into());
         let tl = Instant::now();
-        log.write(&rec).map_err(|e| TrainError::io(log.path(), e))?;
+        self.log
+            .write(&rec)
+            .map_err(|e| TrainError::io(self.log.path(), e))?;
         *st.seconds.entry("logging".into()).or_default() += tl.elapsed().as_secs_f64();
-        progress.step(st.step, st.examples, tokens, mean_loss, lr, dt);
-        if cfg.logging.every_steps > 0 && st.step % cfg.logging.every_steps == 0 {
+        self.progress
+            .step(st.step, st.examples, s.tokens, s.loss, lr, seconds);
+        let every = self.cfg.logging.every_steps;
+        if every > 0 && st.step.is_multiple_of(every) {
             tracing::info!(
                 "step {}/{}  examples {}  loss {:.4}  lr {:.2e}  grad-norm {:.3}  {:.0} tok/s",
                 st.step,
-                total_steps,
+                self.total_steps,
                 st.examples,
-                mean_loss,
+                s.loss,
                 lr,
-                grad_norm,
-                tokens as f64 / dt
+                s.grad_norm,
+                s.tokens as f64 / seconds
             );
         }
-
-        if let Some(reason) = evaluate_due(
-            cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir, false,
-        )? {
-            stop_reason = reason;
-            outcome = Outcome::Plateau;
-        }
-        progress.set_ifs(st.plateau.history.last().map(|p| p.score));
-
-        let periodic = cfg.checkpoint.every_steps > 0 && st.step % cfg.checkpoint.every_steps == 0;
-        if (periodic || std::mem::take(&mut evals.pending_save)) && outcome == Outcome::Finished {
-            save(
-                cfg,
-                &ckpts,
-                &mut st,
-                &model,
-                &optim,
-                train_seconds_before + seconds_train,
-            )?;
-        }
-        if stop_requested_by_test(st.step) {
-            opts.stop.store(true, Ordering::SeqCst);
-        }
+        Ok(())
     }
-    progress.finish();
 
-    if outcome == Outcome::Finished {
-        // Final evaluations of the finished model, unless they just ran.
-        if let Some(reason) = evaluate_final(
-            cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir,
-        )? {
-            stop_reason = reason;
-            outcome = Outcome::Plateau;
+    /// Run the evaluations whose time has come: the held-out loss, then each evaluator in
+    /// order. Each goes to metrics.jsonl and the state's history and is shown to the stop
+    /// rules; returns the first stop reason.
+    fn evaluate(&mut self, when: When) -> Result<Option<String>, TrainError> {
+        if when == When::End {
+            // Evaluate the final model, unless an evaluation just ran at this step.
+            let names: Vec<String> = std::iter::once("loss")
+                .chain(self.evaluators.iter().map(|e| e.name()))
+                .map(String::from)
+                .collect();
+            let st = &mut self.st;
+            for name in names {
+                if !st.evals.iter().any(|r| r.step == st.step && r.name == name) {
+                    st.due.insert(name, st.examples);
+                }
+            }
         }
+        let mut stop = None;
+        let every = self.cfg.eval.loss.every_examples;
+        if every > 0 && self.is_due("loss", every, true, when) {
+            let t = Instant::now();
+            let loss = self.model.eval_loss(self.cfg, &self.data)?;
+            self.add_seconds("eval_loss", t);
+            let rec = self.record("loss", BTreeMap::from([("eval_loss".into(), loss)]))?;
+            let rank = self.ranking.is_none().then_some(-loss);
+            stop = stop.or(self.after_evaluation(&rec, rank)?);
+        }
+        for i in 0..self.evaluators.len() {
+            let e = &self.evaluators[i];
+            let name = e.name().to_string();
+            let (every, at_start) = (e.schedule.every_examples, e.schedule.at_start);
+            if every == 0 || !self.is_due(&name, every, at_start, when) {
+                continue;
+            }
+            let t = Instant::now();
+            let out = self.run_dir.join("evals").join(step_dir_name(self.st.step));
+            let report = {
+                let e = &mut self.evaluators[i];
+                let mut answer = ModelAnswer::new(&mut self.model, &e.schedule)?;
+                e.evaluator
+                    .evaluate(&mut answer, &out)
+                    .map_err(TrainError::eval)?
+            };
+            self.add_seconds(&format!("eval_{name}"), t);
+            let rec = self.record(&name, report.scores.clone())?;
+            let others: Vec<String> = report
+                .scores
+                .iter()
+                .filter(|(k, _)| **k != name)
+                .map(|(k, v)| format!("{k} {v:.3}"))
+                .collect();
+            tracing::info!(
+                "{name} at {} examples: {:.3} ({})",
+                self.st.examples,
+                report.primary,
+                others.join(", ")
+            );
+            self.progress.set_score(&name, report.primary);
+            let rank = (self.ranking.as_deref() == Some(name.as_str())).then_some(report.primary);
+            stop = stop.or(self.after_evaluation(&rec, rank)?);
+        }
+        if self.cfg.logging.plots && self.st.evals.last().is_some_and(|r| r.step == self.st.step) {
+            self.redraw_plots();
+        }
+        Ok(stop)
     }
-    if outcome != Outcome::Interrupted {
-        st.stopped = Some(stop_reason.clone());
+
+    /// Whether evaluation `name` (every `every` examples) runs now; when due, its next time
+    /// moves past the examples seen by whole periods.
+    fn is_due(&mut self, name: &str, every: u64, at_start: bool, when: When) -> bool {
+        if when == When::Start {
+            return at_start;
+        }
+        let now = self.st.examples;
+        let due = self.st.due.entry(name.to_string()).or_insert(0);
+        if now < *due {
+            return false;
+        }
+        while *due <= now {
+            *due += every;
+        }
+        true
     }
-    save(
-        cfg,
-        &ckpts,
-        &mut st,
-        &model,
-        &optim,
-        train_seconds_before + seconds_train,
-    )?;
-    if let Some(step) = st.format_infusion_step {
-        ckpts
-            .point("format-infusion", &crate::checkpoint::step_dir_name(step))
+
+    /// Write an evaluation to metrics.jsonl and the state's history.
+    fn record(
+        &mut self,
+        name: &str,
+        scores: BTreeMap<String, f64>,
+    ) -> Result<EvalRecord, TrainError> {
+        let mut line = Map::new();
+        line.insert("step".into(), self.st.step.into());
+        line.insert("examples".into(), self.st.examples.into());
+        line.insert("eval".into(), name.into());
+        for (k, v) in &scores {
+            line.insert(k.clone(), (*v).into());
+        }
+        let rec = EvalRecord {
+            name: name.to_string(),
+            step: self.st.step,
+            examples: self.st.examples,
+            scores,
+        };
+        self.st.evals.push(rec.clone());
+        self.log
+            .write(&line)
+            .map_err(|e| TrainError::io(self.log.path(), e))?;
+        Ok(rec)
+    }
+
+    /// After an evaluation: the best checkpoint (by `rank`, higher is better, when this
+    /// evaluation ranks them), then each stop rule's decision. Returns the first stop reason.
+    fn after_evaluation(
+        &mut self,
+        rec: &EvalRecord,
+        rank: Option<f64>,
+    ) -> Result<Option<String>, TrainError> {
+        let st = &mut self.st;
+        if let Some(score) = rank {
+            if st.best.is_none_or(|b| score > b.1) {
+                st.best = Some((rec.step, score));
+            }
+        }
+        let mut stop = None;
+        for rule in &mut self.rules {
+            match rule.observe(rec) {
+                Decision::Continue => {}
+                Decision::Keep { release } => {
+                    let released = release.and_then(|r| st.pinned.iter().position(|&s| s == r));
+                    if let Some(i) = released {
+                        st.pinned.remove(i);
+                    }
+                    st.pinned.push(rec.step);
+                    self.pending_save = true;
+                }
+                Decision::Stop { reason, chosen } => {
+                    if stop.is_some() {
+                        continue;
+                    }
+                    if let Some(c) = &chosen {
+                        check_link(rule.name(), &c.link)?;
+                    }
+                    st.chosen = chosen;
+                    stop = Some(reason);
+                }
+            }
+        }
+        Ok(stop)
+    }
+
+    fn add_seconds(&mut self, part: &str, since: Instant) {
+        *self.st.seconds.entry(part.to_string()).or_default() += since.elapsed().as_secs_f64();
+    }
+
+    /// Checkpoint the current step (with every stop rule's state), then prune.
+    fn save(&mut self) -> Result<(), TrainError> {
+        let st = &mut self.st;
+        st.seconds.insert(
+            "train".into(),
+            self.train_seconds_before + self.train_seconds,
+        );
+        st.config = serde_json::to_value(self.cfg).unwrap_or(Value::Null);
+        st.stop_rules = self
+            .rules
+            .iter()
+            .map(|r| (r.name().to_string(), r.state()))
+            .collect();
+        let t = Instant::now();
+        let (model, optim) = (&self.model, &self.optim);
+        self.ckpts
+            .save(st.step, &*st, |dir| {
+                model.save(dir).map_err(|e| e.to_string())?;
+                optim
+                    .save(dir.join("optimizer.safetensors"))
+                    .map_err(|e| e.to_string())
+            })
             .map_err(TrainError::checkpoint)?;
+        let mut pinned = st.pinned.clone();
+        if self.cfg.checkpoint.keep_best {
+            pinned.extend(st.best.map(|b| b.0));
+        }
+        pinned.extend(st.chosen.as_ref().map(|c| c.step));
+        let removed = self
+            .ckpts
+            .prune(self.cfg.checkpoint.keep_last, &pinned)
+            .map_err(TrainError::checkpoint)?;
+        if let Some((step, _)) = st.best {
+            if self.ckpts.list().iter().any(|(s, _)| *s == step) {
+                self.ckpts
+                    .point("best", &step_dir_name(step))
+                    .map_err(TrainError::checkpoint)?;
+            }
+        }
+        *st.seconds.entry("checkpoint".into()).or_default() += t.elapsed().as_secs_f64();
+        tracing::debug!("checkpoint step {} saved; pruned {:?}", st.step, removed);
+        Ok(())
     }
-    redraw_plots(cfg, &run_dir, &log);
-    let status = match outcome {
-        Outcome::Finished => "finished",
-        Outcome::Plateau => "stopped",
-        Outcome::Interrupted => "interrupted",
-        Outcome::AlreadyStopped => "stopped",
-    };
-    let summary = Summary::build(
-        cfg,
-        &st,
-        &data.report,
-        status,
-        &stop_reason,
-        &run_dir,
-        started.elapsed().as_secs_f64(),
-    );
-    summary.write(&run_dir)?;
-    match outcome {
-        Outcome::Plateau => tracing::info!(
-            "{stop_reason}. The format-infusion checkpoint: {}",
-            summary.format_infusion_checkpoint.as_deref().unwrap_or("-")
-        ),
-        Outcome::Interrupted => tracing::info!(
-            "interrupted at step {}: checkpoint saved; resume with --resume",
-            st.step
-        ),
-        _ => tracing::info!("{stop_reason} after {} steps", st.step),
+
+    /// The last checkpoint, the chosen checkpoint's link, the plots and the summary.
+    fn finish(
+        mut self,
+        outcome: Outcome,
+        stop: Option<String>,
+        started: Instant,
+    ) -> Result<(Outcome, Summary), TrainError> {
+        let reason = match (&outcome, stop) {
+            (_, Some(reason)) => reason,
+            (Outcome::Interrupted, None) => {
+                "interrupted: checkpointed after the current step".into()
+            }
+            _ => "finished: reached the configured length".into(),
+        };
+        if outcome != Outcome::Interrupted {
+            self.st.stopped = Some(reason.clone());
+        }
+        self.save()?;
+        if let Some(c) = &self.st.chosen {
+            self.ckpts
+                .point(&c.link, &step_dir_name(c.step))
+                .map_err(TrainError::checkpoint)?;
+        }
+        self.redraw_plots();
+        let status = match outcome {
+            Outcome::Finished => "finished",
+            Outcome::Stopped | Outcome::AlreadyStopped => "stopped",
+            Outcome::Interrupted => "interrupted",
+        };
+        let summary = Summary::build(
+            self.cfg,
+            &self.st,
+            &self.data.report,
+            status,
+            &reason,
+            &self.run_dir,
+            started.elapsed().as_secs_f64(),
+        );
+        summary.write(&self.run_dir)?;
+        match (&outcome, &self.st.chosen) {
+            (Outcome::Stopped, Some(c)) => tracing::info!(
+                "{reason}. The {} checkpoint: {}",
+                c.link,
+                step_dir_name(c.step)
+            ),
+            (Outcome::Interrupted, _) => tracing::info!(
+                "interrupted at step {}: checkpoint saved; resume with --resume",
+                self.st.step
+            ),
+            _ => tracing::info!("{reason} after {} steps", self.st.step),
+        }
+        Ok((outcome, summary))
     }
-    Ok((outcome, summary))
+
+    fn redraw_plots(&self) {
+        if !self.cfg.logging.plots {
+            return;
+        }
+        match MetricsLog::read_all(self.log.path()) {
+            Ok(records) => {
+                if let Err(e) = plot::redraw(&self.run_dir, &records) {
+                    tracing::warn!("plots: {e}");
+                }
+            }
+            Err(e) => tracing::warn!("plots: cannot read {}: {e}", self.log.path().display()),
+        }
+    }
 }
 
-fn fresh_state(cfg: &Config) -> TrainerState {
-    let id = identity(cfg);
-    TrainerState {
-        step: 0,
-        examples: 0,
-        tokens: 0,
-        cursor: Cursor::default(),
-        seed: cfg.train.seed,
-        bad_steps: 0,
-        bad_in_a_row: 0,
-        due: Due {
-            loss: cfg.eval.loss.every_examples,
-            ifs: cfg.eval.ifs.every_examples,
-            objecqa: cfg.eval.objecqa.every_examples,
-        },
-        plateau: Default::default(),
-        evals: Vec::new(),
-        stopped: None,
-        format_infusion_step: None,
-        pinned: Vec::new(),
-        best: None,
-        seconds: Default::default(),
-        config_hash: hash_value(&id),
-        identity: id,
-        config: serde_json::to_value(cfg).unwrap_or(Value::Null),
+/// Evaluator names key the metrics and the schedule, rule names the saved states: each must
+/// be unique (and no evaluator may take the held-out loss's name, `loss`).
+fn check_names(evaluators: &[Scheduled], rules: &[Box<dyn StopRule>]) -> Result<(), TrainError> {
+    let mut seen = vec!["loss"];
+    for e in evaluators {
+        if seen.contains(&e.name()) {
+            return Err(TrainError::Config(format!(
+                "two evaluations are named `{}`: each evaluator needs its own name",
+                e.name()
+            )));
+        }
+        seen.push(e.name());
     }
+    let mut seen = Vec::new();
+    for r in rules {
+        if seen.contains(&r.name()) {
+            return Err(TrainError::Config(format!(
+                "two stop rules are named `{}`: each needs its own name (it keys its saved state)",
+                r.name()
+            )));
+        }
+        seen.push(r.name());
+    }
+    Ok(())
+}
+
+/// A chosen checkpoint's link lives beside `latest` and `best` in the run folder.
+fn check_link(rule: &str, link: &str) -> Result<(), TrainError> {
+    let plain = !link.is_empty()
+        && link
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if plain && !["latest", "best"].contains(&link) && !link.starts_with("step-") {
+        return Ok(());
+    }
+    Err(TrainError::Config(format!(
+        "stop rule `{rule}` names its checkpoint `{link}`: expected letters, digits, - and _, \
+         other than latest, best and step-N"
+    )))
+}
+
+/// Show the run's evaluations to fresh rules; whether one of them would stop the run.
+fn replay(rules: &mut [Box<dyn StopRule>], evals: &[EvalRecord]) -> bool {
+    let mut stops = false;
+    for rec in evals {
+        for rule in rules.iter_mut() {
+            stops |= matches!(rule.observe(rec), Decision::Stop { .. });
+        }
+    }
+    stops
 }
 
 /// Optimizer steps the run will take at most: the first limit reached of epochs, max_steps
@@ -442,21 +816,6 @@ fn reached_limit(cfg: &Config, st: &TrainerState, total_steps: u64) -> bool {
         || cfg.train.max_examples.is_some_and(|m| st.examples >= m)
 }
 
-/// Whether a stopped run would stop again at once under `cfg`.
-fn still_stopped(cfg: &Config, st: &TrainerState, total_steps: u64) -> bool {
-    if reached_limit(cfg, st, total_steps) {
-        return true;
-    }
-    // Replay the plateau rule over the recorded IFS history with the new settings.
-    let mut replay = sft_ifs::plateau::PlateauState::default();
-    st.plateau.history.iter().any(|p| {
-        matches!(
-            replay.observe(&cfg.early_stopping, p.clone()),
-            Decision::Stop { .. }
-        )
-    })
-}
-
 fn find_resume(ckpts: &Checkpoints, r: &Resume) -> Result<(PathBuf, TrainerState), TrainError> {
     match r {
         Resume::Latest => {
@@ -486,259 +845,4 @@ fn check_resume_compatible(cfg: &Config, st: &TrainerState, path: &Path) -> Resu
         tracing::info!("resume: config change allowed: {d}");
     }
     Ok(())
-}
-
-fn save(
-    cfg: &Config,
-    ckpts: &Checkpoints,
-    st: &mut TrainerState,
-    model: &TrainModel,
-    optim: &AdamW,
-    seconds_train: f64,
-) -> Result<(), TrainError> {
-    st.seconds.insert("train".into(), seconds_train);
-    st.config = serde_json::to_value(cfg).unwrap_or(Value::Null);
-    let t = Instant::now();
-    ckpts
-        .save(st.step, &*st, |dir| {
-            model.save(dir).map_err(|e| e.to_string())?;
-            optim
-                .save(dir.join("optimizer.safetensors"))
-                .map_err(|e| e.to_string())
-        })
-        .map_err(TrainError::checkpoint)?;
-    let mut pinned = st.pinned.clone();
-    if cfg.checkpoint.keep_best {
-        pinned.extend(st.best.map(|b| b.0));
-    }
-    pinned.extend(st.format_infusion_step);
-    let removed = ckpts
-        .prune(cfg.checkpoint.keep_last, &pinned)
-        .map_err(TrainError::checkpoint)?;
-    if let Some((step, _)) = st.best {
-        if ckpts.list().iter().any(|(s, _)| *s == step) {
-            ckpts
-                .point("best", &crate::checkpoint::step_dir_name(step))
-                .map_err(TrainError::checkpoint)?;
-        }
-    }
-    *st.seconds.entry("checkpoint".into()).or_default() += t.elapsed().as_secs_f64();
-    tracing::debug!("checkpoint step {} saved; pruned {:?}", st.step, removed);
-    Ok(())
-}
-
-/// Run the evaluators whose cadence has come; returns the stop reason if the plateau rule fired.
-#[allow(clippy::too_many_arguments)]
-fn evaluate_due(
-    cfg: &Config,
-    st: &mut TrainerState,
-    model: &mut TrainModel,
-    data: &sft_data::Dataset,
-    evals: &mut Evaluators,
-    log: &mut MetricsLog,
-    run_dir: &Path,
-    at_start: bool,
-) -> Result<Option<String>, TrainError> {
-    let mut stop = None;
-    // Held-out loss.
-    let e = &cfg.eval.loss;
-    if e.every_examples > 0 && (at_start || st.examples >= st.due.loss) {
-        if !at_start {
-            advance(&mut st.due.loss, e.every_examples, st.examples);
-        }
-        let t = Instant::now();
-        let loss = model.eval_loss(cfg, data)?;
-        *st.seconds.entry("eval_loss".into()).or_default() += t.elapsed().as_secs_f64();
-        record(st, log, "loss", [("eval_loss", loss)].into_iter())?;
-        if evals.ifs.is_none() && st.best.is_none_or(|b| -loss > b.1) {
-            st.best = Some((st.step, -loss));
-        }
-    }
-    // IFS, which drives early stopping.
-    if let Some(report) = run_generation_eval(
-        "ifs",
-        &cfg.eval.ifs,
-        evals.ifs.as_deref_mut(),
-        |d| &mut d.ifs,
-        st,
-        model,
-        log,
-        run_dir,
-        at_start,
-    )? {
-        let point = EvalPoint {
-            step: st.step,
-            examples: st.examples,
-            score: report.primary,
-        };
-        let prev_anchor = st.plateau.anchor(&cfg.early_stopping).cloned();
-        let decision = st.plateau.observe(&cfg.early_stopping, point);
-        if st.best.is_none_or(|b| report.primary > b.1) {
-            st.best = Some((st.step, report.primary));
-        }
-        // Every evaluation that could become the format-infusion one gets a checkpoint kept.
-        let anchor = st.plateau.anchor(&cfg.early_stopping).cloned();
-        if anchor.as_ref().is_some_and(|a| a.step == st.step) && prev_anchor != anchor {
-            st.pinned.push(st.step);
-            evals.pending_save = true;
-        }
-        let score = |k: &str| report.scores.get(k).copied().unwrap_or(f64::NAN);
-        tracing::info!(
-            "IFS at {} examples: {:.3} (full {:.3}, partial {:.3})",
-            st.examples,
-            report.primary,
-            score("ifs_full"),
-            score("ifs_partial")
-        );
-        if let Decision::Stop { anchor, reason } = decision {
-            st.format_infusion_step = Some(anchor.step);
-            stop = Some(reason);
-        }
-    }
-    // ObjecQA, at its own cadence.
-    if let Some(report) = run_generation_eval(
-        "objecqa",
-        &cfg.eval.objecqa,
-        evals.objecqa.as_deref_mut(),
-        |d| &mut d.objecqa,
-        st,
-        model,
-        log,
-        run_dir,
-        at_start,
-    )? {
-        tracing::info!("ObjecQA at {} examples: {:.3}", st.examples, report.primary);
-    }
-    if (st.evals.last().is_some_and(|r| r.step == st.step)) && cfg.logging.plots {
-        redraw_plots(cfg, run_dir, log);
-    }
-    Ok(stop)
-}
-
-/// Run one generation-based evaluator if its cadence has come (or at the start, if asked):
-/// answers go under `evals/step-NNNNNN/`, scores to metrics.jsonl and the state's history.
-#[allow(clippy::too_many_arguments)]
-fn run_generation_eval(
-    name: &str,
-    e: &crate::config::GenEvalConfig,
-    ev: Option<&mut (dyn sft_eval::Evaluator + 'static)>,
-    due: fn(&mut Due) -> &mut u64,
-    st: &mut TrainerState,
-    model: &mut TrainModel,
-    log: &mut MetricsLog,
-    run_dir: &Path,
-    at_start: bool,
-) -> Result<Option<sft_eval::EvalReport>, TrainError> {
-    let Some(ev) = ev else { return Ok(None) };
-    let examples = st.examples;
-    let due = due(&mut st.due);
-    let is_due = if at_start {
-        e.at_start
-    } else {
-        examples >= *due
-    };
-    if e.every_examples == 0 || !is_due {
-        return Ok(None);
-    }
-    if !at_start {
-        advance(due, e.every_examples, examples);
-    }
-    let t = Instant::now();
-    let out = run_dir.join("evals").join(format!("step-{:06}", st.step));
-    let report = {
-        let mut answer = ModelAnswer::new(model, e)?;
-        ev.evaluate(&mut answer, &out).map_err(TrainError::eval)?
-    };
-    *st.seconds.entry(format!("eval_{name}")).or_default() += t.elapsed().as_secs_f64();
-    record(
-        st,
-        log,
-        name,
-        report.scores.iter().map(|(k, v)| (k.as_str(), *v)),
-    )?;
-    Ok(Some(report))
-}
-
-/// At the end of a run that reached its length: evaluate the final model unless an evaluation
-/// just ran at this step.
-fn evaluate_final(
-    cfg: &Config,
-    st: &mut TrainerState,
-    model: &mut TrainModel,
-    data: &sft_data::Dataset,
-    evals: &mut Evaluators,
-    log: &mut MetricsLog,
-    run_dir: &Path,
-) -> Result<Option<String>, TrainError> {
-    let ran = |name: &str| st.evals.iter().any(|r| r.step == st.step && r.name == name);
-    if !ran("ifs") {
-        st.due.ifs = st.examples;
-    }
-    if !ran("objecqa") {
-        st.due.objecqa = st.examples;
-    }
-    if !ran("loss") {
-        st.due.loss = st.examples;
-    }
-    evaluate_due(cfg, st, model, data, evals, log, run_dir, false)
-}
-
-/// Move `due` past `now` by whole periods.
-fn advance(due: &mut u64, every: u64, now: u64) {
-    while *due <= now {
-        *due += every;
-    }
-}
-
-fn record<'a>(
-    st: &mut TrainerState,
-    log: &mut MetricsLog,
-    name: &str,
-    scores: impl Iterator<Item = (&'a str, f64)>,
-) -> Result<(), TrainError> {
-    let mut rec = Map::new();
-    rec.insert("step".into(), st.step.into());
-    rec.insert("examples".into(), st.examples.into());
-    rec.insert("eval".into(), name.into());
-    let mut r = EvalRecord {
-        name: name.to_string(),
-        step: st.step,
-        examples: st.examples,
-        scores: Default::default(),
-    };
-    for (k, v) in scores {
-        rec.insert(k.to_string(), v.into());
-        r.scores.insert(k.to_string(), v);
-    }
-    st.evals.push(r);
-    log.write(&rec).map_err(|e| TrainError::io(log.path(), e))
-}
-
-fn redraw_plots(cfg: &Config, run_dir: &Path, log: &MetricsLog) {
-    if !cfg.logging.plots {
-        return;
-    }
-    match MetricsLog::read_all(log.path()) {
-        Ok(records) => {
-            if let Err(e) = plot::redraw(run_dir, &records) {
-                tracing::warn!("plots: {e}");
-            }
-        }
-        Err(e) => tracing::warn!("plots: cannot read {}: {e}", log.path().display()),
-    }
-}
-
-impl TrainError {
-    fn io(path: &Path, e: std::io::Error) -> Self {
-        TrainError::Io(format!("{}: {e}", path.display()))
-    }
-    fn checkpoint(e: crate::checkpoint::CheckpointError) -> Self {
-        TrainError::Checkpoint(e.to_string())
-    }
-    fn eval(e: sft_eval::BoxError) -> Self {
-        TrainError::Eval(e.to_string())
-    }
-    fn optim(e: impl std::fmt::Display) -> Self {
-        TrainError::Optim(e.to_string())
-    }
 }

@@ -4,7 +4,6 @@ use crate::config::Config;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sft_data::Cursor;
-use sft_ifs::plateau::PlateauState;
 use std::collections::BTreeMap;
 
 /// One evaluation's scores, as logged.
@@ -16,12 +15,12 @@ pub struct EvalRecord {
     pub scores: BTreeMap<String, f64>,
 }
 
-/// When each evaluator runs next (in examples seen).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct Due {
-    pub loss: u64,
-    pub ifs: u64,
-    pub objecqa: u64,
+/// The checkpoint a stop rule chose when it stopped the run, and the link that names it in the
+/// run folder (`format-infusion` for the IFS plateau rule).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Chosen {
+    pub step: u64,
+    pub link: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -40,16 +39,20 @@ pub struct TrainerState {
     /// Steps skipped for a non-finite loss or gradient, in all and in a row.
     pub bad_steps: u64,
     pub bad_in_a_row: u32,
-    pub due: Due,
-    /// The plateau rule's history, best and patience counter.
-    pub plateau: PlateauState,
+    /// When each evaluation (by name; `loss` for the held-out loss) runs next, in examples seen.
+    pub due: BTreeMap<String, u64>,
+    /// Each stop rule's state, by the rule's name (the plateau rule's history, best and patience
+    /// counter...), so that a resumed run neither forgets a counter nor trains past a stop.
+    #[serde(default)]
+    pub stop_rules: BTreeMap<String, Value>,
     pub evals: Vec<EvalRecord>,
     /// Set when the run has stopped (plateau or limit): a resume says so and does not train on
     /// unless the config no longer stops there.
     pub stopped: Option<String>,
-    /// Step of the format-infusion checkpoint, once the plateau rule has chosen it.
-    pub format_infusion_step: Option<u64>,
-    /// Steps whose checkpoints are candidates for the format-infusion one (never pruned).
+    /// The checkpoint the stop rule that ended the run chose (the format-infusion one).
+    #[serde(default)]
+    pub chosen: Option<Chosen>,
+    /// Steps whose checkpoints stop rules keep as candidates for the chosen one (never pruned).
     pub pinned: Vec<u64>,
     /// The best checkpoint's step and score (IFS if it runs, else held-out loss).
     pub best: Option<(u64, f64)>,
@@ -60,6 +63,55 @@ pub struct TrainerState {
     pub config_hash: String,
     /// The whole config of the segment that wrote this state.
     pub config: Value,
+    /// Written by earlier versions (the plateau rule's state and its chosen step), read into
+    /// `stop_rules` and `chosen` by [`TrainerState::upgrade`].
+    #[serde(default, skip_serializing)]
+    plateau: Option<Value>,
+    #[serde(default, skip_serializing)]
+    format_infusion_step: Option<u64>,
+}
+
+impl TrainerState {
+    /// The state of a run that has not trained yet; `due`: when each evaluation first runs.
+    pub fn fresh(cfg: &Config, due: BTreeMap<String, u64>) -> Self {
+        let identity = identity(cfg);
+        Self {
+            step: 0,
+            examples: 0,
+            tokens: 0,
+            cursor: Cursor::default(),
+            seed: cfg.train.seed,
+            bad_steps: 0,
+            bad_in_a_row: 0,
+            due,
+            stop_rules: BTreeMap::new(),
+            evals: Vec::new(),
+            stopped: None,
+            chosen: None,
+            pinned: Vec::new(),
+            best: None,
+            seconds: Default::default(),
+            config_hash: hash_value(&identity),
+            identity,
+            config: serde_json::to_value(cfg).unwrap_or(Value::Null),
+            plateau: None,
+            format_infusion_step: None,
+        }
+    }
+
+    /// Read a state written before stop rules were pluggable: the plateau rule's state (the
+    /// rule is named `plateau`) and its format-infusion step.
+    pub fn upgrade(&mut self) {
+        if let Some(p) = self.plateau.take() {
+            self.stop_rules.entry("plateau".into()).or_insert(p);
+        }
+        if let Some(step) = self.format_infusion_step.take() {
+            self.chosen.get_or_insert(Chosen {
+                step,
+                link: "format-infusion".into(),
+            });
+        }
+    }
 }
 
 /// The parts of a config that define what is trained: a resume must not change them.

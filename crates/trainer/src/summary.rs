@@ -1,7 +1,7 @@
 //! `summary.json`: what a run did, written at its end (and on interruption).
 use crate::config::Config;
+use crate::error::TrainError;
 use crate::state::TrainerState;
-use crate::TrainError;
 use serde::Serialize;
 use serde_json::Value;
 use sft_data::DataReport;
@@ -27,15 +27,15 @@ pub struct Summary {
     pub trained_tokens: u64,
     pub skipped_steps: u64,
     pub final_loss: Option<f64>,
-    pub ifs_curve: Vec<CurvePoint>,
-    pub objecqa_curve: Vec<CurvePoint>,
-    pub best_ifs: Option<f64>,
-    /// The checkpoint where the IFS plateau began (`step-000123`), once chosen.
-    pub format_infusion_checkpoint: Option<String>,
-    /// The checkpoint to use: the format-infusion one if the plateau rule chose one, else the last.
+    /// For each evaluator that ran (`ifs`, `objecqa`...): `<name>_curve` (every evaluation's
+    /// scores), `best_<name>` (its highest primary score) and, once a stop rule has chosen a
+    /// checkpoint, `<name>_change` (the score at the evaluation nearest the chosen checkpoint
+    /// (`at_chosen`) and at the end (`at_end`)); and `<link>_checkpoint` for that checkpoint
+    /// (`format_infusion_checkpoint`: where the IFS plateau began).
+    #[serde(flatten)]
+    pub evaluations: BTreeMap<String, Value>,
+    /// The checkpoint to use: the one a stop rule chose, else the last.
     pub chosen_checkpoint: Option<String>,
-    /// ObjecQA at the evaluation nearest the format-infusion checkpoint and at the end.
-    pub objecqa_change: Option<Value>,
     /// Wall seconds of the run and of each part (train, eval_ifs, eval_objecqa, checkpoint).
     pub wall_seconds: f64,
     pub seconds: BTreeMap<String, f64>,
@@ -54,35 +54,49 @@ impl Summary {
         run_dir: &Path,
         wall_seconds: f64,
     ) -> Summary {
-        let curve = |name: &str| -> Vec<CurvePoint> {
-            st.evals
+        let name = crate::checkpoint::step_dir_name;
+        let mut evaluations = BTreeMap::new();
+        let mut evaluators: Vec<&str> = Vec::new();
+        for r in &st.evals {
+            if r.name != "loss" && !evaluators.contains(&r.name.as_str()) {
+                evaluators.push(&r.name);
+            }
+        }
+        for ev in evaluators {
+            let curve: Vec<CurvePoint> = st
+                .evals
                 .iter()
-                .filter(|r| r.name == name)
+                .filter(|r| r.name == ev)
                 .map(|r| CurvePoint {
                     step: r.step,
                     examples: r.examples,
                     scores: r.scores.clone(),
                 })
-                .collect()
-        };
-        let ifs_curve = curve("ifs");
-        let objecqa_curve = curve("objecqa");
-        let name = crate::checkpoint::step_dir_name;
-        let fi = st.format_infusion_step.map(name);
-        let objecqa_change = st.format_infusion_step.and_then(|fi_step| {
-            let at = |p: &CurvePoint| p.scores.get("objecqa").copied();
-            let near = objecqa_curve
+                .collect();
+            let at = |p: &CurvePoint| p.scores.get(ev).copied();
+            let best = curve
                 .iter()
-                .min_by_key(|p| p.step.abs_diff(fi_step))?;
-            let end = objecqa_curve.last()?;
-            Some(serde_json::json!({
-                "at_format_infusion": at(near),
-                "at_format_infusion_step": near.step,
-                "at_end": at(end),
-                "at_end_step": end.step,
-                "change": at(end).zip(at(near)).map(|(a, b)| a - b),
-            }))
-        });
+                .filter_map(at)
+                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x))));
+            let change = st.chosen.as_ref().and_then(|c| {
+                let near = curve.iter().min_by_key(|p| p.step.abs_diff(c.step))?;
+                let end = curve.last()?;
+                Some(serde_json::json!({
+                    "at_chosen": at(near),
+                    "at_chosen_step": near.step,
+                    "at_end": at(end),
+                    "at_end_step": end.step,
+                    "change": at(end).zip(at(near)).map(|(a, b)| a - b),
+                }))
+            });
+            evaluations.insert(format!("best_{ev}"), serde_json::json!(best));
+            evaluations.insert(format!("{ev}_change"), change.unwrap_or(Value::Null));
+            evaluations.insert(format!("{ev}_curve"), serde_json::json!(curve));
+        }
+        if let Some(c) = &st.chosen {
+            let key = format!("{}_checkpoint", c.link.replace('-', "_"));
+            evaluations.insert(key, name(c.step).into());
+        }
         let final_loss = crate::metrics::MetricsLog::read_all(&run_dir.join("metrics.jsonl"))
             .ok()
             .and_then(|r| r.iter().rev().find_map(|m| m.get("loss")?.as_f64()));
@@ -95,15 +109,8 @@ impl Summary {
             trained_tokens: st.tokens,
             skipped_steps: st.bad_steps,
             final_loss,
-            best_ifs: ifs_curve
-                .iter()
-                .filter_map(|p| p.scores.get("ifs").copied())
-                .fold(None, |m: Option<f64>, x| Some(m.map_or(x, |m| m.max(x)))),
-            ifs_curve,
-            objecqa_curve,
-            chosen_checkpoint: fi.clone().or(Some(name(st.step))),
-            format_infusion_checkpoint: fi,
-            objecqa_change,
+            evaluations,
+            chosen_checkpoint: Some(name(st.chosen.as_ref().map_or(st.step, |c| c.step))),
             wall_seconds,
             seconds: st.seconds.clone(),
             data: serde_json::to_value(data).unwrap_or(Value::Null),

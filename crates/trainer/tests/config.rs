@@ -95,3 +95,35 @@ fn overrides_apply_as_yaml_and_errors_name_them() {
     let e = err(BASE, &["train.lr"]);
     assert!(e.contains("expected key.path=value"), "{e}");
 }
+
+#[test]
+fn eval_loss_patience_is_validated() {
+    let e = err(BASE, &["early_stopping.eval_loss.patients=2"]);
+    assert!(
+        e.contains("early_stopping.eval_loss") && e.contains("unknown field `patients`"),
+        "{e}"
+    );
+    let e = err(BASE, &["early_stopping.eval_loss.patience=2"]);
+    assert!(
+        e.contains("early_stopping.eval_loss.patience") && e.contains("eval.loss.every_examples"),
+        "{e}"
+    );
+    let e = err(
+        BASE,
+        &[
+            "eval.loss.every_examples=8",
+            "early_stopping.eval_loss={patience: 2, min_delta: -1}",
+        ],
+    );
+    assert!(e.contains("early_stopping.eval_loss.min_delta"), "{e}");
+    let o: Vec<String> = [
+        "eval.loss.every_examples=8",
+        "early_stopping.eval_loss.patience=2",
+    ]
+    .map(String::from)
+    .to_vec();
+    let cfg = Config::from_yaml(BASE, "cfg.yaml", &o).unwrap();
+    assert_eq!(cfg.early_stopping.eval_loss.patience, 2);
+    // The plateau rule's keys stay where users know them.
+    assert_eq!(cfg.early_stopping.plateau().patience, 3);
+}

@@ -5,7 +5,8 @@
 use anyhow::Result;
 use clap::Args;
 use sft_eval::Evaluator;
-use sft_trainer::model::ModelAnswer;
+use sft_trainer::answer::ModelAnswer;
+use sft_trainer::config::GenEvalConfig;
 use std::path::PathBuf;
 
 use super::score::ModelArgs;
@@ -38,13 +39,14 @@ pub struct IfsArgs {
 pub fn run(args: IfsArgs) -> Result<()> {
     // `--adapter` (in ModelArgs) is applied unmerged by `load`.
     let m = args.model.load()?;
-    let set = match &args.items {
-        Some(p) => sft_ifs::instructions::load(p)?,
-        None => sft_ifs::instructions::bundled(),
-    };
-    let tone = sft_ifs::tone::Tone::load(args.classifier.as_deref(), &candle_core::Device::Cpu)
-        .map_err(|e| anyhow::anyhow!("the tone classifier: {e}"))?;
-    let mut ev = sft_ifs::evaluator::IfsEvaluator::new(&set, args.limit, tone, args.max_new_tokens);
+    // The evaluator the trainer runs, built from the same settings as `eval.ifs`.
+    let mut ev = sft_trainer::evals::ifs(&GenEvalConfig {
+        items: args.items.clone(),
+        limit: args.limit,
+        max_new_tokens: args.max_new_tokens,
+        classifier: args.classifier.clone(),
+        ..GenEvalConfig::default()
+    })?;
     let mut answer = ModelAnswer::for_loaded(&m, &args.template, args.batch_size)?;
     let out = args.out.unwrap_or_else(|| {
         let name = m

@@ -5,7 +5,8 @@
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use sft_eval::Evaluator;
-use sft_trainer::model::ModelAnswer;
+use sft_trainer::answer::ModelAnswer;
+use sft_trainer::config::GenEvalConfig;
 use std::path::PathBuf;
 
 use super::score::ModelArgs;
@@ -91,14 +92,13 @@ pub fn run(args: ObjecqaArgs) -> Result<()> {
 fn score(args: ScoreArgs) -> Result<()> {
     // `--adapter` (in ModelArgs) is applied unmerged by `load`.
     let m = args.model.load()?;
-    let qs = match &args.items {
-        Some(p) => sft_objecqa::load(p)?,
-        None => sft_objecqa::bundled(),
-    };
-    let judge =
-        sft_objecqa::judge::EncoderJudge::load(args.judge.as_deref(), &candle_core::Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("the judge: {e}"))?;
-    let mut ev = sft_objecqa::ObjecqaEvaluator::new(qs, 0, judge, args.max_new_tokens);
+    // The evaluator the trainer runs, built from the same settings as `eval.objecqa`.
+    let mut ev = sft_trainer::evals::objecqa(&GenEvalConfig {
+        items: args.items.clone(),
+        max_new_tokens: args.max_new_tokens,
+        classifier: args.judge.clone(),
+        ..GenEvalConfig::default()
+    })?;
     let mut answer = ModelAnswer::for_loaded(&m, &args.template, args.batch_size)?;
     let out = args.out.unwrap_or_else(|| {
         let name = m

@@ -68,7 +68,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
             }
         }),
         stop,
-    };
+        ..Default::default()
+    }
+    .with_test_hooks_from_env();
     // candle's backward recurses over the graph: give the run a deep stack.
     let handle = std::thread::Builder::new()
         .name("train".into())
