@@ -118,5 +118,13 @@ mod tests {
         assert!((m.precision - 2.0 / 3.0).abs() < 1e-12);
         assert!((m.recall - 2.0 / 3.0).abs() < 1e-12);
         assert!((m.f1 - 2.0 / 3.0).abs() < 1e-12);
+        // Unequal false positives (2) and false negatives (1): precision 2/4, recall 2/3,
+        // F1 4/7 (scikit-learn's definitions); swapping precision and recall fails.
+        let m = BinaryMetrics::compute(&[1, 1, 1, 0, 0, 1, 0], &[1, 0, 0, 0, 1, 1, 0]);
+        assert_eq!(m.n, 7);
+        assert!((m.precision - 0.5).abs() < 1e-12, "{}", m.precision);
+        assert!((m.recall - 2.0 / 3.0).abs() < 1e-12, "{}", m.recall);
+        assert!((m.f1 - 4.0 / 7.0).abs() < 1e-12, "{}", m.f1);
+        assert!((m.accuracy - 4.0 / 7.0).abs() < 1e-12, "{}", m.accuracy);
     }
 }

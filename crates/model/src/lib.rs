@@ -15,4 +15,5 @@ pub mod lora;
 pub mod ops;
 
 pub mod runtime;
+pub mod safe_path;
 pub mod save;

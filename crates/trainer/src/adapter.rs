@@ -7,7 +7,7 @@ use crate::TrainError;
 use sft_model::llama::Llama;
 use sft_model::lora::{self, LoraAdapter};
 use sft_model::save;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Files copied next to the weights so a checkpoint is usable on its own.
 const MODEL_FILES: [&str; 6] = [
@@ -90,6 +90,26 @@ pub fn save(model: &TrainModel, dir: &Path) -> Result<(), TrainError> {
         }
     }
     copy_model_files(&model.dir, dir)
+}
+
+/// The files [`restore`] and the optimizer read from checkpoint folder `dir` for an adapter of
+/// `kind`: what the checkpoint's state must list and verify before a resume loads anything.
+pub fn resume_files(kind: AdapterKind, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files = vec![dir.join(crate::checkpoint::OPTIMIZER_FILE)];
+    match kind {
+        AdapterKind::Lora => {
+            files.push(dir.join(lora::ADAPTER_CONFIG));
+            files.push(dir.join(lora::ADAPTER_WEIGHTS));
+        }
+        AdapterKind::Full => {
+            let index = dir.join("model.safetensors.index.json");
+            if index.symlink_metadata().is_ok() {
+                files.push(index);
+            }
+            files.extend(sft_model::load::weight_files(dir).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(files)
 }
 
 pub fn restore(model: &mut TrainModel, dir: &Path) -> Result<(), TrainError> {

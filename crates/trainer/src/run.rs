@@ -48,6 +48,21 @@ fn stop_requested_by_test(step: u64) -> bool {
         == Some(step)
 }
 
+/// After step N (`SFT_TEST_PAUSE_AFTER_STEP=N`), waits for a stop request (a test's signal),
+/// so that the signal lands mid-run without racing the steps; gives up after two minutes.
+fn pause_for_test_signal(step: u64, stop: &AtomicBool) {
+    let pause_at = std::env::var("SFT_TEST_PAUSE_AFTER_STEP")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    if pause_at != Some(step) {
+        return;
+    }
+    let until = Instant::now() + std::time::Duration::from_secs(120);
+    while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Slows every step (`SFT_TEST_STEP_DELAY_MS`) so that a test's signal lands mid-run.
 fn test_step_delay() -> Option<u64> {
     std::env::var("SFT_TEST_STEP_DELAY_MS").ok()?.parse().ok()
@@ -63,7 +78,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
     // Resume: find and verify the checkpoint first, so a refused resume costs nothing.
     let resumed: Option<(PathBuf, TrainerState)> = match &opts.resume {
         None => None,
-        Some(r) => Some(find_resume(&ckpts, r)?),
+        Some(r) => Some(find_resume(&ckpts, r, cfg)?),
     };
     if let Some((path, st)) = &resumed {
         check_resume_compatible(cfg, st, path)?;
@@ -321,6 +336,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
         if stop_requested_by_test(st.step) {
             opts.stop.store(true, Ordering::SeqCst);
         }
+        pause_for_test_signal(st.step, &opts.stop);
     }
     progress.finish();
 
@@ -454,16 +470,21 @@ fn still_stopped(cfg: &Config, st: &TrainerState, total_steps: u64) -> bool {
     })
 }
 
-fn find_resume(ckpts: &Checkpoints, r: &Resume) -> Result<(PathBuf, TrainerState), TrainError> {
+fn find_resume(
+    ckpts: &Checkpoints,
+    r: &Resume,
+    cfg: &Config,
+) -> Result<(PathBuf, TrainerState), TrainError> {
+    let reads = |dir: &Path| crate::adapter::resume_files(cfg.adapter.kind, dir);
     match r {
         Resume::Latest => {
             let (path, _, st) = ckpts
-                .load_latest::<TrainerState>()
+                .load_latest::<TrainerState>(&reads)
                 .map_err(TrainError::checkpoint)?;
             Ok((path, st))
         }
         Resume::Path(p) => {
-            let (_, st) = Checkpoints::load::<TrainerState>(p).map_err(TrainError::checkpoint)?;
+            let (_, st) = Checkpoints::load::<TrainerState>(p, &reads).map_err(TrainError::checkpoint)?;
             Ok((p.clone(), st))
         }
     }
