@@ -99,12 +99,21 @@ fn inspect_prints_counts_examples_and_a_json_line() {
         lens.push(n);
     }
     assert_eq!(lens.len(), 2, "{stdout}");
-    assert_eq!(lens.iter().sum::<usize>() as u64, last["tokens"].as_u64().unwrap());
+    assert_eq!(
+        lens.iter().sum::<usize>() as u64,
+        last["tokens"].as_u64().unwrap()
+    );
     let (long, short) = (lens[0].max(lens[1]), lens[0].min(lens[1]));
-    assert!(long > short, "{lens:?}: equal lengths would not test the ratio");
+    assert!(
+        long > short,
+        "{lens:?}: equal lengths would not test the ratio"
+    );
     let want = (long - short) as f64 / (2 * long) as f64;
     let pad = last["padding_ratio"].as_f64().unwrap();
-    assert!((pad - want).abs() < 1e-12, "padding {pad}, expected {want} from {lens:?}");
+    assert!(
+        (pad - want).abs() < 1e-12,
+        "padding {pad}, expected {want} from {lens:?}"
+    );
     // The examples: the prompt as the template renders it, the response and EOS marked.
     assert!(
         stdout.contains("Name a colour.### Response:⟦Blue.<|im_end|>⟧"),

@@ -218,7 +218,10 @@ fn model_specs() {
     assert!(e.to_string().contains("no such GGUF file"), "{e}");
     for spec in ["not a model", "/no/such/folder"] {
         let e = ModelSource::parse(spec).unwrap_err();
-        assert!(matches!(&e, LoadError::Spec { spec: s } if s == spec), "{e:?}");
+        assert!(
+            matches!(&e, LoadError::Spec { spec: s } if s == spec),
+            "{e:?}"
+        );
         assert!(
             e.to_string().contains("neither a model folder"),
             "{spec}: {e}"

@@ -100,7 +100,10 @@ fn crafted_checkpoints_are_refused_and_nothing_is_trained() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{what}: not refused: {stderr}");
         for w in want {
-            assert!(stderr.contains(w), "{what}: the error lacks `{w}`: {stderr}");
+            assert!(
+                stderr.contains(w),
+                "{what}: the error lacks `{w}`: {stderr}"
+            );
         }
         assert_eq!(snapshot(&run), before, "{what}: the run folder changed");
         assert!(!run.join("step-000003").exists() && !run.join("step-000004").exists());

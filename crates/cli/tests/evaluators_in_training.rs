@@ -111,9 +111,15 @@ fn shortened_quickstart_trains_lora_with_ifs() {
         ] {
             let got = r[k].as_f64().unwrap_or(f64::NAN);
             let want = share(&lines, "answer_like", kind);
-            assert!((got - want).abs() < 1e-12, "{k} = {got}, the responses give {want}: {r}");
+            assert!(
+                (got - want).abs() < 1e-12,
+                "{k} = {got}, the responses give {want}: {r}"
+            );
         }
-        let (lo, hi) = (r["ifs_ci_low"].as_f64().unwrap(), r["ifs_ci_high"].as_f64().unwrap());
+        let (lo, hi) = (
+            r["ifs_ci_low"].as_f64().unwrap(),
+            r["ifs_ci_high"].as_f64().unwrap(),
+        );
         let ifs = r["ifs"].as_f64().unwrap();
         assert!(0.0 <= lo && lo <= ifs && ifs <= hi && hi <= 1.0, "{r}");
         at.push(r["examples"].as_u64().unwrap());
@@ -267,7 +273,10 @@ fn objecqa_runs_at_its_own_cadence() {
         assert_eq!(lines.len(), 4, "{r}");
         let got = r["objecqa"].as_f64().unwrap_or(f64::NAN);
         let want = share(&lines, "objective", None);
-        assert!((got - want).abs() < 1e-12, "objecqa = {got}, the answers give {want}: {r}");
+        assert!(
+            (got - want).abs() < 1e-12,
+            "objecqa = {got}, the answers give {want}: {r}"
+        );
         at.push(r["examples"].as_u64().unwrap());
     }
     assert_eq!(at, [0, 8, 16]);

@@ -202,7 +202,10 @@ fn sigterm_checkpoints_and_resume_continues() {
         }
         all
     });
-    if rx.recv_timeout(std::time::Duration::from_secs(300)).is_err() {
+    if rx
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .is_err()
+    {
         let _ = child.kill();
         let _ = child.wait();
         panic!(

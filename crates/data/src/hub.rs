@@ -279,7 +279,10 @@ mod tests {
         };
         let shown = format!("{opts:?} {opts:#?}");
         assert!(!shown.contains("secretTokenValue"), "{shown}");
-        assert!(shown.contains("<redacted>") && shown.contains("/tmp/hub"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("/tmp/hub"),
+            "{shown}"
+        );
         let none = format!("{:?}", HubOptions::offline_at("/tmp/hub"));
         assert!(none.contains("token: None"), "{none}");
     }

@@ -50,7 +50,11 @@ pub fn plain_relative(name: &str) -> Result<&Path, String> {
 /// The path of the regular file `name` inside `root`, after checking that `name` is a plain
 /// relative name and that the file it leads to (symlinks followed) is a regular file inside
 /// `root` or inside one of `also_inside` (a hub snapshot's `blobs` folder).
-pub fn file_inside(root: &Path, name: &str, also_inside: &[PathBuf]) -> Result<PathBuf, UnsafePath> {
+pub fn file_inside(
+    root: &Path,
+    name: &str,
+    also_inside: &[PathBuf],
+) -> Result<PathBuf, UnsafePath> {
     let joined = root.join(name);
     let fail = |reason: String| UnsafePath {
         path: joined.clone(),
@@ -157,8 +161,14 @@ mod tests {
         std::os::unix::fs::symlink("a.bin", root.join("in")).unwrap();
         std::os::unix::fs::symlink("/dev/zero", root.join("zero")).unwrap();
         std::os::unix::fs::symlink(t.path(), root.join("updir")).unwrap();
-        assert_eq!(file_inside(&root, "a.bin", &[]).unwrap(), root.join("a.bin"));
-        assert!(file_inside(&root, "in", &[]).is_ok(), "a symlink inside is fine");
+        assert_eq!(
+            file_inside(&root, "a.bin", &[]).unwrap(),
+            root.join("a.bin")
+        );
+        assert!(
+            file_inside(&root, "in", &[]).is_ok(),
+            "a symlink inside is fine"
+        );
         let e = file_inside(&root, "out", &[]).unwrap_err().to_string();
         assert!(e.contains("outside") && e.contains("out"), "{e}");
         assert!(file_inside(&root, "updir/outside", &[]).is_err());

@@ -79,7 +79,9 @@ fn ops_frozen_linear_grad() {
 fn ops_frozen_linear_refuses_var_and_computes_no_dw() {
     let w = Var::from_tensor(&rand_t(&[4, 5], 11, 1.0)).unwrap();
     let x = rand_t(&[3, 5], 12, 1.0);
-    let e = ops::frozen_linear(&x, w.as_tensor()).unwrap_err().to_string();
+    let e = ops::frozen_linear(&x, w.as_tensor())
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("frozen_linear: the weight is a Var"), "{e}");
     // A frozen weight gets no entry in the gradient store, unlike a plain matmul.
     let w = rand_t(&[4, 5], 11, 1.0);

@@ -431,18 +431,30 @@ mod tests {
         fs::write(&secret, "not yours").unwrap();
         let secret_sha = sha256_file(&secret).unwrap();
 
-        set_files(&p, serde_json::json!({"../../secret": secret_sha, "weights.bin": sha}));
+        set_files(
+            &p,
+            serde_json::json!({"../../secret": secret_sha, "weights.bin": sha}),
+        );
         let e = refused(&p);
         assert!(e.contains("..") && e.contains("secret"), "{e}");
 
-        set_files(&p, serde_json::json!({ secret.to_str().unwrap(): secret_sha, "weights.bin": sha }));
+        set_files(
+            &p,
+            serde_json::json!({ secret.to_str().unwrap(): secret_sha, "weights.bin": sha }),
+        );
         let e = refused(&p);
         assert!(e.contains("absolute path"), "{e}");
 
         // Would hang hashing an endless device if it were opened.
-        set_files(&p, serde_json::json!({"/dev/zero": sha, "weights.bin": sha}));
+        set_files(
+            &p,
+            serde_json::json!({"/dev/zero": sha, "weights.bin": sha}),
+        );
         let e = refused(&p);
-        assert!(e.contains("/dev/zero") && e.contains("absolute path"), "{e}");
+        assert!(
+            e.contains("/dev/zero") && e.contains("absolute path"),
+            "{e}"
+        );
 
         set_files(&p, serde_json::json!({}));
         let e = refused(&p);
@@ -453,7 +465,10 @@ mod tests {
         let notes_sha = sha256_file(&p.join("notes.txt")).unwrap();
         set_files(&p, serde_json::json!({"notes.txt": notes_sha}));
         let e = refused(&p);
-        assert!(e.contains("weights.bin") && e.contains("does not list it"), "{e}");
+        assert!(
+            e.contains("weights.bin") && e.contains("does not list it"),
+            "{e}"
+        );
 
         set_files(&p, serde_json::json!({"weights.bin": sha}));
         assert!(Checkpoints::load::<String>(&p, &reads).is_ok());
@@ -483,6 +498,9 @@ mod tests {
         let elsewhere = save(&other, 7, "seven");
         std::os::unix::fs::symlink(&elsewhere, c.run_dir().join("step-000009")).unwrap();
         let e = c.load_latest::<String>(&reads).err().unwrap().to_string();
-        assert!(e.contains("step-000009") && e.contains("outside the run folder"), "{e}");
+        assert!(
+            e.contains("step-000009") && e.contains("outside the run folder"),
+            "{e}"
+        );
     }
 }

@@ -484,7 +484,8 @@ fn find_resume(
             Ok((path, st))
         }
         Resume::Path(p) => {
-            let (_, st) = Checkpoints::load::<TrainerState>(p, &reads).map_err(TrainError::checkpoint)?;
+            let (_, st) =
+                Checkpoints::load::<TrainerState>(p, &reads).map_err(TrainError::checkpoint)?;
             Ok((p.clone(), st))
         }
     }
