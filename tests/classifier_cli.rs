@@ -42,9 +42,15 @@ fn classifier_eval_prints_metrics_as_json_last() {
     );
     assert!((last["accuracy"].as_f64().unwrap() - 0.8).abs() < 1e-9);
     assert!((last["recall"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9);
-    for k in ["precision", "f1"] {
-        assert!(last[k].is_number(), "{k}");
-    }
+    // No false positive: precision 2/2; F1 = 2PR / (P + R) = 2 * (2/3) / (5/3) = 0.8.
+    assert!(
+        (last["precision"].as_f64().unwrap() - 1.0).abs() < 1e-9,
+        "{stdout}"
+    );
+    assert!(
+        (last["f1"].as_f64().unwrap() - 0.8).abs() < 1e-9,
+        "{stdout}"
+    );
 
     // A bad line is reported with its file and line.
     std::fs::write(&input, "{\"response\": \"x\", \"label\": 7}\n").unwrap();

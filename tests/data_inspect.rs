@@ -75,8 +75,45 @@ fn inspect_prints_counts_examples_and_a_json_line() {
         serde_json::json!({"empty_response": 1, "missing_field": 1, "not_json": 1, "over_max_length": 1})
     );
     assert!(last["tokens"].as_u64().unwrap() > 10);
+    // The two kept examples fill one micro-batch of 2, padded to the longer: the padding
+    // ratio is (long - short) / (2 long). The lengths are counted here with the tokenizer
+    // itself, from the rendered prompt and the trained text the command prints.
+    let tok = tokenizers::Tokenizer::from_file(
+        cache_root().join("models/smollm2-135m-instruct/tokenizer.json"),
+    )
+    .unwrap();
+    let mut lens = Vec::new();
+    for block in stdout.split("\n--- example ").skip(1) {
+        let (head, body) = block.split_once('\n').unwrap();
+        let printed: usize = head
+            .split("; ")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no token count in `{head}`"));
+        let (prompt, rest) = body.split_once('⟦').unwrap();
+        let trained = rest.split_once('⟧').unwrap().0;
+        let count = |t: &str| tok.encode(t, false).unwrap().get_ids().len();
+        let n = count(prompt) + count(trained);
+        assert_eq!(n, printed, "{head}: {prompt:?} + {trained:?}");
+        lens.push(n);
+    }
+    assert_eq!(lens.len(), 2, "{stdout}");
+    assert_eq!(
+        lens.iter().sum::<usize>() as u64,
+        last["tokens"].as_u64().unwrap()
+    );
+    let (long, short) = (lens[0].max(lens[1]), lens[0].min(lens[1]));
+    assert!(
+        long > short,
+        "{lens:?}: equal lengths would not test the ratio"
+    );
+    let want = (long - short) as f64 / (2 * long) as f64;
     let pad = last["padding_ratio"].as_f64().unwrap();
-    assert!((0.0..0.5).contains(&pad), "{pad}");
+    assert!(
+        (pad - want).abs() < 1e-12,
+        "padding {pad}, expected {want} from {lens:?}"
+    );
     // The examples: the prompt as the template renders it, the response and EOS marked.
     assert!(
         stdout.contains("Name a colour.### Response:⟦Blue.<|im_end|>⟧"),

@@ -210,7 +210,96 @@ fn model_specs() {
         ModelSource::parse(g.to_str().unwrap()).unwrap(),
         ModelSource::Gguf(g.clone())
     );
-    assert!(ModelSource::parse("/no/such/model.gguf").is_err());
-    assert!(ModelSource::parse("not a model").is_err());
-    assert!(ModelSource::parse("/no/such/folder").is_err());
+    let e = ModelSource::parse("/no/such/model.gguf").unwrap_err();
+    assert!(
+        matches!(&e, LoadError::Io { path, .. } if path == Path::new("/no/such/model.gguf")),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("no such GGUF file"), "{e}");
+    for spec in ["not a model", "/no/such/folder"] {
+        let e = ModelSource::parse(spec).unwrap_err();
+        assert!(
+            matches!(&e, LoadError::Spec { spec: s } if s == spec),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("neither a model folder"),
+            "{spec}: {e}"
+        );
+    }
+}
+
+#[test]
+fn hub_options_debug_redacts_the_token() {
+    let opts = HubOptions {
+        token: Some("hf_secretTokenValue123".to_string()),
+        endpoint: Some("http://127.0.0.1:9".to_string()),
+        ..Default::default()
+    };
+    let shown = format!("{opts:?} {opts:#?}");
+    assert!(!shown.contains("secretTokenValue"), "{shown}");
+    assert!(
+        shown.contains("<redacted>") && shown.contains("127.0.0.1:9"),
+        "{shown}"
+    );
+}
+
+/// A model folder whose files lead out of it (a symlink to a file elsewhere, to a device) is
+/// refused; a shard index naming `../x` too. Hub snapshots' links into their `blobs` are fine
+/// (the tests above).
+#[cfg(unix)]
+#[test]
+fn model_folder_symlinks_out_are_refused() {
+    let root = tempfile::tempdir().unwrap();
+    build_cache(root.path());
+    let snap = root
+        .path()
+        .join("models--org--tiny-llama/snapshots")
+        .join(COMMIT);
+    // A plain folder made of the snapshot's links: they lead out of it (into the cache).
+    let dir = root.path().join("plain");
+    std::fs::create_dir(&dir).unwrap();
+    for e in std::fs::read_dir(&snap).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), dir.join(e.file_name())).unwrap();
+    }
+    assert_eq!(weight_files(&dir).unwrap().len(), 2);
+    let shard = dir.join("model-00001-of-00002.safetensors");
+    let outside = root.path().join("outside.safetensors");
+    std::fs::rename(&shard, &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, &shard).unwrap();
+    let e = weight_files(&dir).unwrap_err().to_string();
+    assert!(
+        e.contains("model-00001-of-00002.safetensors") && e.contains("outside"),
+        "{e}"
+    );
+    let e = load_dir(&dir, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("outside"), "{e}");
+    std::fs::remove_file(&shard).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &shard).unwrap();
+    let e = weight_files(&dir).unwrap_err().to_string();
+    assert!(e.contains("model-00001-of-00002.safetensors"), "{e}");
+    std::fs::remove_file(&shard).unwrap();
+    std::fs::rename(&outside, &shard).unwrap();
+    assert_eq!(weight_files(&dir).unwrap().len(), 2);
+    // The tokenizer too.
+    let tok = dir.join("tokenizer.json");
+    std::fs::rename(&tok, root.path().join("tokenizer.json")).unwrap();
+    std::os::unix::fs::symlink(root.path().join("tokenizer.json"), &tok).unwrap();
+    let e = load_dir(&dir, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("tokenizer.json") && e.contains("outside"), "{e}");
+    // A shard index naming a file above the folder.
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index)
+        .unwrap()
+        .replace("model-00001-of-00002", "../outside");
+    std::fs::write(&index, text).unwrap();
+    let e = weight_files(&dir).unwrap_err().to_string();
+    assert!(e.contains("contains `..`"), "{e}");
 }

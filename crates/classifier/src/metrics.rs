@@ -66,6 +66,19 @@ mod tests {
         assert!((m.f1 - 2.0 / 3.0).abs() < 1e-12);
     }
 
+    /// Unequal false positives (2) and false negatives (1), so precision and recall differ and
+    /// swapping them fails. Reference: scikit-learn's definitions, precision = tp / (tp + fp)
+    /// = 2/4, recall = tp / (tp + fn) = 2/3, F1 = 2PR / (P + R) = 4/7.
+    #[test]
+    fn precision_and_recall_with_unequal_errors() {
+        let m = Metrics::from_labels(&[1, 1, 1, 0, 0, 1, 0], &[1, 0, 0, 0, 1, 1, 0]);
+        assert_eq!((m.tp, m.fp, m.tn, m.fn_, m.n), (2, 2, 2, 1, 7));
+        assert!((m.precision - 0.5).abs() < 1e-12, "{}", m.precision);
+        assert!((m.recall - 2.0 / 3.0).abs() < 1e-12, "{}", m.recall);
+        assert!((m.f1 - 4.0 / 7.0).abs() < 1e-12, "{}", m.f1);
+        assert!((m.accuracy - 4.0 / 7.0).abs() < 1e-12, "{}", m.accuracy);
+    }
+
     #[test]
     fn false_positives_count_against_precision_and_false_negatives_against_recall() {
         // tp 2, fp 3, tn 1, fn 1: precision 2/5, recall 2/3, so a swap of FP and FN shows.

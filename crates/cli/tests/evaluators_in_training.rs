@@ -24,6 +24,29 @@ fn records(run: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The lines of an evaluator's answers file for the evaluation at `step`.
+fn answers(run: &Path, step: &Value, file: &str) -> Vec<Value> {
+    let p = run
+        .join("evals")
+        .join(format!("step-{:06}", step.as_u64().unwrap()))
+        .join(file);
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The share of `lines` (of `kind`, if given) whose `flag` is true.
+fn share(lines: &[Value], flag: &str, kind: Option<&str>) -> f64 {
+    let sel: Vec<&Value> = lines
+        .iter()
+        .filter(|l| kind.is_none_or(|k| l["kind"] == k))
+        .collect();
+    assert!(!sel.is_empty(), "no {kind:?} lines");
+    sel.iter().filter(|l| l[flag] == true).count() as f64 / sel.len() as f64
+}
+
 fn summary(run: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap()
 }
@@ -75,11 +98,33 @@ fn shortened_quickstart_trains_lora_with_ifs() {
     // IFS at the start, at 24 and 48 examples, each with its full and partial scores.
     let ifs: Vec<&Value> = recs.iter().filter(|r| r["eval"] == "ifs").collect();
     assert!(ifs.len() >= 3, "{ifs:?}");
+    // Each score is the share of answer-like responses in that evaluation's responses file
+    // (6 full and 6 partial prompts), recomputed here.
+    let mut at: Vec<u64> = Vec::new();
     for r in &ifs {
-        for k in ["ifs", "ifs_full", "ifs_partial", "examples"] {
-            assert!(r[k].is_number(), "{k} in {r}");
+        let lines = answers(&run, &r["step"], "ifs-responses.jsonl");
+        assert_eq!(lines.len(), 12, "{r}");
+        for (k, kind) in [
+            ("ifs", None),
+            ("ifs_full", Some("full")),
+            ("ifs_partial", Some("partial")),
+        ] {
+            let got = r[k].as_f64().unwrap_or(f64::NAN);
+            let want = share(&lines, "answer_like", kind);
+            assert!(
+                (got - want).abs() < 1e-12,
+                "{k} = {got}, the responses give {want}: {r}"
+            );
         }
+        let (lo, hi) = (
+            r["ifs_ci_low"].as_f64().unwrap(),
+            r["ifs_ci_high"].as_f64().unwrap(),
+        );
+        let ifs = r["ifs"].as_f64().unwrap();
+        assert!(0.0 <= lo && lo <= ifs && ifs <= hi && hi <= 1.0, "{r}");
+        at.push(r["examples"].as_u64().unwrap());
     }
+    assert_eq!(&at[..3], &[0, 24, 48], "{ifs:?}");
     let s = summary(&run);
     assert_eq!(s["ifs_curve"].as_array().unwrap().len(), ifs.len());
     assert!(run.join("ifs.png").is_file() && run.join("loss.png").is_file());
@@ -221,7 +266,20 @@ fn objecqa_runs_at_its_own_cadence() {
         .collect();
     // At the start, at 8 and at 16 examples.
     assert_eq!(oq.len(), 3, "{oq:?}");
-    assert!(oq.iter().all(|r| r["objecqa"].is_number()));
+    // Each score is the share of answers judged objective in that evaluation's answers file.
+    let mut at = Vec::new();
+    for r in &oq {
+        let lines = answers(&run, &r["step"], "objecqa-answers.jsonl");
+        assert_eq!(lines.len(), 4, "{r}");
+        let got = r["objecqa"].as_f64().unwrap_or(f64::NAN);
+        let want = share(&lines, "objective", None);
+        assert!(
+            (got - want).abs() < 1e-12,
+            "objecqa = {got}, the answers give {want}: {r}"
+        );
+        at.push(r["examples"].as_u64().unwrap());
+    }
+    assert_eq!(at, [0, 8, 16]);
     assert_eq!(summary(&run)["objecqa_curve"].as_array().unwrap().len(), 3);
     let answers =
         std::fs::read_to_string(run.join("evals/step-000002/objecqa-answers.jsonl")).unwrap();

@@ -188,39 +188,61 @@ fn sigterm_checkpoints_and_resume_continues() {
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model, "full");
-    // Slow each step a little so the signal lands mid-run.
-    let child = Command::new(env!("CARGO_BIN_EXE_sft-train"))
+    // The run pauses after step 2 until it is signalled (a test hook); the test waits for the
+    // event "step 2 logged" on stderr, not for a time, then sends SIGTERM.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sft-train"))
         .arg("--config")
         .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .env("SFT_TEST_STEP_DELAY_MS", "300")
+        .env("RUST_LOG", "info")
+        .env("SFT_TEST_PAUSE_AFTER_STEP", "2")
         .stderr(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     let run = t.path().join("ck/r");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::time::Instant::now() < deadline {
-        let steps = std::fs::read_to_string(run.join("metrics.jsonl"))
-            .map(|s| s.lines().filter(|l| l.contains("\"loss\"")).count())
-            .unwrap_or(0);
-        if steps >= 2 {
-            break;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stderr = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap_or_default();
+            if line.contains("step 2/8") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        all
+    });
+    if rx
+        .recv_timeout(std::time::Duration::from_secs(300))
+        .is_err()
+    {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "step 2 was never logged within the deadline:\n{}",
+            reader.join().unwrap()
+        );
     }
     let st = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(st.success());
-    let out = child.wait_with_output().unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(130),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let status = child.wait().unwrap();
+    let log = reader.join().unwrap();
+    assert_eq!(status.code(), Some(130), "{log}");
+    // Interrupted right after step 2, as signalled: steps 1 and 2 logged, nothing more.
+    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .filter_map(|v| v["step"].as_u64())
+        .collect();
+    assert_eq!(steps, [1, 2], "{log}");
     let summary: Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["status"], "interrupted");

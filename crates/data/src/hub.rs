@@ -12,12 +12,23 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use crate::error::{DataError, Result};
 
-/// Where the hub cache is and whether the network may be used.
-#[derive(Debug, Clone)]
+/// Where the hub cache is and whether the network may be used. Its `Debug` shows the token as
+/// `<redacted>`.
+#[derive(Clone)]
 pub struct HubOptions {
     pub cache_dir: PathBuf,
     pub offline: bool,
     pub token: Option<String>,
+}
+
+impl std::fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl HubOptions {
@@ -258,6 +269,22 @@ pub fn model_file(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_redacts_the_token() {
+        let opts = HubOptions {
+            token: Some("hf_secretTokenValue123".into()),
+            ..HubOptions::offline_at("/tmp/hub")
+        };
+        let shown = format!("{opts:?} {opts:#?}");
+        assert!(!shown.contains("secretTokenValue"), "{shown}");
+        assert!(
+            shown.contains("<redacted>") && shown.contains("/tmp/hub"),
+            "{shown}"
+        );
+        let none = format!("{:?}", HubOptions::offline_at("/tmp/hub"));
+        assert!(none.contains("token: None"), "{none}");
+    }
 
     #[test]
     fn split_matching() {

@@ -16,4 +16,5 @@ pub mod memory;
 pub mod ops;
 
 pub mod runtime;
+pub mod safe_path;
 pub mod save;

@@ -108,8 +108,9 @@ impl ModelSource {
     }
 }
 
-/// How to reach the hub. [`HubOptions::from_env`] reads the usual variables.
-#[derive(Debug, Clone, Default)]
+/// How to reach the hub. [`HubOptions::from_env`] reads the usual variables. Its `Debug`
+/// shows the token as `<redacted>`.
+#[derive(Clone, Default)]
 pub struct HubOptions {
     /// `HF_TOKEN`, else the token file hf-hub finds in the cache's parent folder.
     pub token: Option<String>,
@@ -123,6 +124,18 @@ pub struct HubOptions {
     pub revision: Option<String>,
     /// The hub's address (`HF_ENDPOINT`, default https://huggingface.co).
     pub endpoint: Option<String>,
+}
+
+impl std::fmt::Debug for HubOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubOptions")
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("cache_dir", &self.cache_dir)
+            .field("offline", &self.offline)
+            .field("revision", &self.revision)
+            .field("endpoint", &self.endpoint)
+            .finish()
+    }
 }
 
 impl HubOptions {
@@ -415,10 +428,8 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
         let f = file
             .as_str()
             .ok_or_else(|| invalid(&format!("weight_map.{name}: expected a file name")))?;
-        if f.contains("..") || f.starts_with('/') {
-            return Err(invalid(&format!(
-                "weight_map.{name}: `{f}` leaves the folder"
-            )));
+        if let Err(why) = crate::safe_path::plain_relative(f) {
+            return Err(invalid(&format!("weight_map.{name}: {why}")));
         }
         shards.insert(f.to_string());
     }
@@ -432,24 +443,22 @@ fn index_shards(index: &Path) -> Result<Vec<String>> {
 /// `model.safetensors`. Pickle-only folders are refused with an explanation.
 pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
-    if index.is_file() {
-        let files: Vec<PathBuf> = index_shards(&index)?
-            .into_iter()
-            .map(|f| dir.join(f))
-            .collect();
-        for f in &files {
-            if !f.is_file() {
+    if present(&index) {
+        let index = checked_file(dir, "model.safetensors.index.json")?;
+        let mut files = Vec::new();
+        for f in index_shards(&index)? {
+            if !present(&dir.join(&f)) {
                 return Err(LoadError::Invalid {
                     path: index.clone(),
-                    msg: format!("lists {}, which is missing", f.display()),
+                    msg: format!("lists {}, which is missing", dir.join(&f).display()),
                 });
             }
+            files.push(checked_file(dir, &f)?);
         }
         return Ok(files);
     }
-    let single = dir.join("model.safetensors");
-    if single.is_file() {
-        return Ok(vec![single]);
+    if present(&dir.join("model.safetensors")) {
+        return Ok(vec![checked_file(dir, "model.safetensors")?]);
     }
     let entries = std::fs::read_dir(dir).map_err(|source| LoadError::Io {
         path: dir.to_path_buf(),
@@ -470,6 +479,24 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Err(LoadError::Invalid {
         path: dir.to_path_buf(),
         msg: "no model.safetensors or model.safetensors.index.json".to_string(),
+    })
+}
+
+/// Whether something (a file, a folder, a dangling symlink) is at `p`.
+fn present(p: &Path) -> bool {
+    p.symlink_metadata().is_ok()
+}
+
+/// `dir/name` if it is a regular file inside the model folder (a hub snapshot's files may lead
+/// into its `blobs`); a symlink leading elsewhere, a device or a FIFO is refused.
+pub fn checked_file(dir: &Path, name: &str) -> Result<PathBuf> {
+    crate::safe_path::model_file(dir, name).map_err(|e| LoadError::Invalid {
+        path: e.path,
+        msg: format!(
+            "{} (model and checkpoint folders are read only through regular files inside them; \
+             copy the file in with `cp -L` if the link is intended)",
+            e.reason
+        ),
     })
 }
 
@@ -510,12 +537,13 @@ pub fn load_safetensors(
 /// The tokenizer of a model folder (`tokenizer.json`).
 pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
     let path = dir.join("tokenizer.json");
-    if !path.is_file() {
+    if !present(&path) {
         return Err(LoadError::Tokenizer {
             path,
             msg: "missing (only tokenizer.json is supported)".to_string(),
         });
     }
+    let path = checked_file(dir, "tokenizer.json")?;
     Tokenizer::from_file(&path).map_err(|e| LoadError::Tokenizer {
         path,
         msg: e.to_string(),
@@ -526,7 +554,12 @@ pub fn load_tokenizer(dir: &Path) -> Result<Tokenizer> {
 pub fn eos_token_ids(dir: &Path, config: &LlamaConfig) -> Result<Vec<u32>> {
     let mut ids = config.eos_token_ids.clone();
     let path = dir.join("generation_config.json");
-    if let Ok(text) = std::fs::read_to_string(&path) {
+    if present(&path) {
+        let path = checked_file(dir, "generation_config.json")?;
+        let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Invalid {
             path: path.clone(),
             msg: format!("not valid JSON: {e}"),
@@ -559,7 +592,13 @@ pub struct LoadedModel {
 
 /// Loads config, weights and tokenizer from a local model folder.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
-    let config = LlamaConfig::from_file(dir.join("config.json"))?;
+    let config_path = dir.join("config.json");
+    let config_path = if present(&config_path) {
+        checked_file(dir, "config.json")?
+    } else {
+        config_path
+    };
+    let config = LlamaConfig::from_file(config_path)?;
     let files = weight_files(dir)?;
     let weights = load_safetensors(&files, dtype, device)?;
     let model = Llama::from_weights(&config, weights).map_err(|source| LoadError::Candle {
@@ -581,6 +620,8 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel
 /// from the environment.
 pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
     let source = ModelSource::parse(spec)?;
-    let dir = resolve(&source, &HubOptions::from_env(), dtype)?;
+    let hub = HubOptions::from_env();
+    tracing::debug!("model {source:?}, hub {hub:?}");
+    let dir = resolve(&source, &hub, dtype)?;
     load_dir(&dir, dtype, device)
 }

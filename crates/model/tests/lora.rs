@@ -173,9 +173,13 @@ fn every_trainable_var_receives_a_gradient() {
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
-                // With B = 0 the gradient of A is exactly zero, that of B is not.
+                // With B = 0 the gradient of A, scale * B^T dY^T x, is exactly zero
+                // (analytically); that of B, scale * dY^T (x A^T), is not.
                 if name.ends_with("lora_B.weight") {
-                    assert!(n > 0.0, "{name}: zero gradient");
+                    assert!(n > 0.0 && n.is_finite(), "{name}: |g|^2 = {n}");
+                } else {
+                    assert!(name.ends_with("lora_A.weight"), "{name}");
+                    assert_eq!(n, 0.0, "{name}: B = 0 but |dL/dA|^2 = {n}");
                 }
             }
             // The frozen base weights are not Vars and get no gradient entry.

@@ -81,7 +81,10 @@ fn ops_frozen_linear_grad() {
 fn ops_frozen_linear_refuses_var_and_computes_no_dw() {
     let w = Var::from_tensor(&rand_t(&[4, 5], 11, 1.0)).unwrap();
     let x = rand_t(&[3, 5], 12, 1.0);
-    assert!(ops::frozen_linear(&x, w.as_tensor()).is_err());
+    let e = ops::frozen_linear(&x, w.as_tensor())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("frozen_linear: the weight is a Var"), "{e}");
     // A frozen weight gets no entry in the gradient store, unlike a plain matmul.
     let w = rand_t(&[4, 5], 11, 1.0);
     let xv = Var::from_tensor(&x).unwrap();
@@ -126,9 +129,26 @@ fn ops_cross_entropy_grad() {
 fn ops_cross_entropy_rejects_bad_labels() {
     let logits = rand_t(&[2, 4], 14, 1.0);
     let labels = Tensor::new(&[3i64, 4], &Device::Cpu).unwrap();
-    assert!(ops::cross_entropy(&logits, &labels, -100).is_err());
+    let e = ops::cross_entropy(&logits, &labels, -100)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("label 4 at row 1 is outside the vocabulary 0..4"),
+        "{e}"
+    );
     let labels = Tensor::new(&[3i64, -1], &Device::Cpu).unwrap();
-    assert!(ops::cross_entropy(&logits, &labels, -100).is_err());
+    let e = ops::cross_entropy(&logits, &labels, -100)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("label -1 at row 1 is outside the vocabulary 0..4"),
+        "{e}"
+    );
+    let labels = Tensor::new(&[3f32, 1.0], &Device::Cpu).unwrap();
+    let e = ops::cross_entropy(&logits, &labels, -100)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("labels must be u32 or i64, got F32"), "{e}");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -266,6 +286,17 @@ fn grads_of(
     inputs: &[Tensor],
     proj_seed: u64,
 ) -> Vec<Tensor> {
+    grads_of_with_proj_dtype(f, inputs, proj_seed, None)
+}
+
+/// As [`grads_of`], with the random output projection rounded through `proj_dtype` first (so
+/// an f32 reference can use the projection a bf16 run sees).
+fn grads_of_with_proj_dtype(
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    inputs: &[Tensor],
+    proj_seed: u64,
+    proj_dtype: Option<DType>,
+) -> Vec<Tensor> {
     let vars: Vec<Var> = inputs
         .iter()
         .map(|t| Var::from_tensor(t).unwrap())
@@ -273,6 +304,8 @@ fn grads_of(
     let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
     let out = f(&ts).unwrap();
     let proj = rand_t(out.dims(), proj_seed, 1.0)
+        .to_dtype(proj_dtype.unwrap_or(out.dtype()))
+        .unwrap()
         .to_dtype(out.dtype())
         .unwrap();
     let g = (out * proj).unwrap().sum_all().unwrap().backward().unwrap();
@@ -557,6 +590,14 @@ fn ops_attention_matches_the_composed_form() {
     assert!(err < 1e-2, "bf16 forward error {err:e}");
     let gb = grads_of(&ours, &bf, 13);
     assert!(gb.iter().all(|g| g.dtype() == DType::BF16));
+    // By value: the composed form in f32 on the same bf16 inputs (and the same bf16-rounded
+    // output projection) is the reference; bf16 rounds each gradient once (8 mantissa bits,
+    // 2^-8 = 4e-3 relative), so 2e-2 of the largest gradient leaves room for the f32
+    // accumulation order and nothing more.
+    let bf_up: Vec<Tensor> = bf.iter().map(|t| t.to_dtype(DType::F32).unwrap()).collect();
+    let g32 = grads_of_with_proj_dtype(&theirs, &bf_up, 13, Some(DType::BF16));
+    let gb32: Vec<Tensor> = gb.iter().map(|g| g.to_dtype(DType::F32).unwrap()).collect();
+    assert_same_grads("attention bf16", &gb32, &g32, 2e-2);
 }
 
 /// The decoding path reads a KV cache in place (a buffer with room for more positions than

@@ -7,7 +7,7 @@ use candle_core::{DType, Device, Var};
 use sft_model::llama::Llama;
 use sft_model::lora::{self, LoraAdapter};
 use sft_model::save;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Files copied next to the weights so a checkpoint is usable on its own.
 const MODEL_FILES: [&str; 6] = [
@@ -144,4 +144,24 @@ fn copy_model_files(from: &Path, to: &Path) -> Result<(), TrainError> {
         }
     }
     Ok(())
+}
+
+/// The files a restore and the optimizer read from checkpoint folder `dir` for an adapter of
+/// `kind`: what the checkpoint's state must list and verify before a resume loads anything.
+pub fn resume_files(kind: AdapterKind, dir: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut files = vec![dir.join(crate::checkpoint::OPTIMIZER_FILE)];
+    match kind {
+        AdapterKind::Lora => {
+            files.push(dir.join(lora::ADAPTER_CONFIG));
+            files.push(dir.join(lora::ADAPTER_WEIGHTS));
+        }
+        AdapterKind::Full => {
+            let index = dir.join("model.safetensors.index.json");
+            if index.symlink_metadata().is_ok() {
+                files.push(index);
+            }
+            files.extend(sft_model::load::weight_files(dir).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(files)
 }

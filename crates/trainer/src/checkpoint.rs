@@ -6,6 +6,7 @@
 //! Layout: `<run>/step-000123/{adapter or weights, optimizer.safetensors, trainer_state.json,
 //! tokenizer + config}`, with `<run>/latest` and `<run>/best` symlinks.
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use sft_model::safe_path::file_inside;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
@@ -13,6 +14,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 pub const STATE_FILE: &str = "trainer_state.json";
+/// The optimizer's state in a checkpoint folder.
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
@@ -23,9 +26,17 @@ pub enum CheckpointError {
     },
     #[error("{path}: {message}")]
     Invalid { path: PathBuf, message: String },
-    #[error("no usable checkpoint in {0}")]
-    NoneUsable(PathBuf),
+    #[error("no usable checkpoint in {dir}{}", list_reasons(.reasons))]
+    NoneUsable { dir: PathBuf, reasons: Vec<String> },
 }
+
+fn list_reasons(reasons: &[String]) -> String {
+    reasons.iter().map(|r| format!("\n  skipped {r}")).collect()
+}
+
+/// The files a resume will read from a checkpoint folder (paths inside it); each must be listed
+/// in the state's `files` and verified before anything is loaded.
+pub type ResumeReads<'a> = &'a dyn Fn(&Path) -> Result<Vec<PathBuf>, String>;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
     move |source| CheckpointError::Io {
@@ -228,43 +239,116 @@ impl Checkpoints {
         Ok(removed)
     }
 
-    /// Read and verify one checkpoint folder.
-    pub fn load<S: DeserializeOwned>(dir: &Path) -> Result<(u64, S), CheckpointError> {
-        let state_path = dir.join(STATE_FILE);
+    /// Read and verify one checkpoint folder: every file its state lists must be a regular file
+    /// inside the folder (a plain relative name, no symlink leading out, no device) with the
+    /// listed SHA-256, the list may not be empty, and every file `reads` says the resume will
+    /// load must be among them.
+    pub fn load<S: DeserializeOwned>(
+        dir: &Path,
+        reads: ResumeReads,
+    ) -> Result<(u64, S), CheckpointError> {
+        let invalid = |path: PathBuf, message: String| CheckpointError::Invalid { path, message };
+        let unsafe_path = |e: sft_model::safe_path::UnsafePath| invalid(e.path, e.reason);
+        let state_path = file_inside(dir, STATE_FILE, &[]).map_err(unsafe_path)?;
         let bytes = fs::read(&state_path).map_err(io(&state_path))?;
-        let env: Envelope<S> =
-            serde_json::from_slice(&bytes).map_err(|e| CheckpointError::Invalid {
-                path: state_path.clone(),
-                message: format!("unreadable state: {e}"),
-            })?;
+        let env: Envelope<S> = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid(state_path.clone(), format!("unreadable state: {e}")))?;
+        if env.files.is_empty() {
+            return Err(invalid(
+                state_path,
+                "`files` is empty: nothing in the checkpoint can be verified; expected the \
+                 SHA-256 of every file a resume loads"
+                    .into(),
+            ));
+        }
         for (rel, want) in &env.files {
-            let p = dir.join(rel);
+            let p = file_inside(dir, rel, &[]).map_err(|e| {
+                invalid(
+                    state_path.clone(),
+                    format!("`files` names {}: {}", e.path.display(), e.reason),
+                )
+            })?;
             let got = sha256_file(&p)?;
             if &got != want {
-                return Err(CheckpointError::Invalid {
-                    path: p,
-                    message: "checksum mismatch: the file is torn or corrupted".into(),
-                });
+                return Err(invalid(
+                    p,
+                    "checksum mismatch: the file is torn or corrupted".into(),
+                ));
+            }
+        }
+        let needed = reads(dir).map_err(|e| invalid(dir.to_path_buf(), e))?;
+        for p in needed {
+            let listed = p
+                .strip_prefix(dir)
+                .ok()
+                .and_then(|r| r.to_str())
+                .is_some_and(|r| env.files.contains_key(r));
+            if !listed {
+                return Err(invalid(
+                    p,
+                    format!(
+                        "a resume loads this file, but {STATE_FILE}'s `files` does not list it; \
+                         expected every loaded file listed with its SHA-256"
+                    ),
+                ));
             }
         }
         Ok((env.step, env.state))
     }
 
-    /// The newest checkpoint that verifies, warning about each newer one that does not.
-    pub fn load_latest<S: DeserializeOwned>(&self) -> Result<(PathBuf, u64, S), CheckpointError> {
+    /// The newest checkpoint that verifies, warning about each newer one that does not. A step
+    /// folder that is a symlink leading out of the run folder is skipped.
+    pub fn load_latest<S: DeserializeOwned>(
+        &self,
+        reads: ResumeReads,
+    ) -> Result<(PathBuf, u64, S), CheckpointError> {
+        let mut reasons = Vec::new();
         for (_, path) in self.list().into_iter().rev() {
-            match Self::load::<S>(&path) {
+            let loaded = self
+                .check_step_folder(&path)
+                .and_then(|()| Self::load::<S>(&path, reads));
+            match loaded {
                 Ok((step, s)) => return Ok((path, step, s)),
-                Err(e) => tracing::warn!("skipping checkpoint {}: {e}", path.display()),
+                Err(e) => {
+                    tracing::warn!("skipping checkpoint {}: {e}", path.display());
+                    reasons.push(format!("{}: {e}", path.display()));
+                }
             }
         }
-        Err(CheckpointError::NoneUsable(self.run_dir.clone()))
+        Err(CheckpointError::NoneUsable {
+            dir: self.run_dir.clone(),
+            reasons,
+        })
+    }
+
+    /// A step folder is a folder of the run, not a symlink to somewhere else.
+    fn check_step_folder(&self, path: &Path) -> Result<(), CheckpointError> {
+        let meta = fs::symlink_metadata(path).map_err(io(path))?;
+        if meta.file_type().is_symlink() {
+            let real = fs::canonicalize(path).map_err(io(path))?;
+            let run = fs::canonicalize(&self.run_dir).map_err(io(&self.run_dir))?;
+            if !real.starts_with(&run) {
+                return Err(CheckpointError::Invalid {
+                    path: path.to_path_buf(),
+                    message: format!(
+                        "a symlink to {}, outside the run folder; expected a checkpoint folder",
+                        real.display()
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What a resume of these test checkpoints loads.
+    fn reads(d: &Path) -> Result<Vec<PathBuf>, String> {
+        Ok(vec![d.join("weights.bin")])
+    }
 
     fn save(c: &Checkpoints, step: u64, payload: &str) -> PathBuf {
         c.save(step, &payload.to_string(), |d| {
@@ -288,7 +372,7 @@ mod tests {
         assert_eq!(removed, vec![20]);
         let steps: Vec<u64> = c.list().into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![10, 30, 40]);
-        let (_, step, st) = c.load_latest::<String>().unwrap();
+        let (_, step, st) = c.load_latest::<String>(&reads).unwrap();
         assert_eq!((step, st.as_str()), (40, "w40"));
     }
 
@@ -299,12 +383,12 @@ mod tests {
         save(&c, 1, "one");
         let p2 = save(&c, 2, "two");
         fs::write(p2.join("weights.bin"), "tw0").unwrap();
-        let (path, step, st) = c.load_latest::<String>().unwrap();
+        let (path, step, st) = c.load_latest::<String>(&reads).unwrap();
         assert_eq!((step, st.as_str()), (1, "one"));
         assert!(path.ends_with("step-000001"));
         // A torn state file is detected as well.
         fs::write(p2.join(STATE_FILE), "{\"format\":1,").unwrap();
-        assert!(Checkpoints::load::<String>(&p2).is_err());
+        assert!(Checkpoints::load::<String>(&p2, &reads).is_err());
     }
 
     #[test]
@@ -314,11 +398,109 @@ mod tests {
         save(&c, 5, "five");
         let err = c.save(6, &"six".to_string(), |_| Err("disk full".into()));
         assert!(err.is_err());
-        let (_, step, _) = c.load_latest::<String>().unwrap();
+        let (_, step, _) = c.load_latest::<String>(&reads).unwrap();
         assert_eq!(step, 5);
         assert_eq!(
             fs::read_link(t.path().join("latest")).unwrap(),
             Path::new("step-000005")
+        );
+    }
+
+    /// Rewrites the `files` of a checkpoint's state.
+    fn set_files(dir: &Path, files: serde_json::Value) {
+        let p = dir.join(STATE_FILE);
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&p).unwrap()).unwrap();
+        v["files"] = files;
+        fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+
+    fn refused(dir: &Path) -> String {
+        Checkpoints::load::<String>(dir, &reads)
+            .err()
+            .expect("the checkpoint must be refused")
+            .to_string()
+    }
+
+    #[test]
+    fn crafted_file_lists_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Checkpoints::new(&t.path().join("run"));
+        let p = save(&c, 1, "one");
+        let sha = sha256_file(&p.join("weights.bin")).unwrap();
+        let secret = t.path().join("secret");
+        fs::write(&secret, "not yours").unwrap();
+        let secret_sha = sha256_file(&secret).unwrap();
+
+        set_files(
+            &p,
+            serde_json::json!({"../../secret": secret_sha, "weights.bin": sha}),
+        );
+        let e = refused(&p);
+        assert!(e.contains("..") && e.contains("secret"), "{e}");
+
+        set_files(
+            &p,
+            serde_json::json!({ secret.to_str().unwrap(): secret_sha, "weights.bin": sha }),
+        );
+        let e = refused(&p);
+        assert!(e.contains("absolute path"), "{e}");
+
+        // Would hang hashing an endless device if it were opened.
+        set_files(
+            &p,
+            serde_json::json!({"/dev/zero": sha, "weights.bin": sha}),
+        );
+        let e = refused(&p);
+        assert!(
+            e.contains("/dev/zero") && e.contains("absolute path"),
+            "{e}"
+        );
+
+        set_files(&p, serde_json::json!({}));
+        let e = refused(&p);
+        assert!(e.contains("`files` is empty"), "{e}");
+
+        // Listed files verify, but the one a resume loads is not among them.
+        fs::write(p.join("notes.txt"), "x").unwrap();
+        let notes_sha = sha256_file(&p.join("notes.txt")).unwrap();
+        set_files(&p, serde_json::json!({"notes.txt": notes_sha}));
+        let e = refused(&p);
+        assert!(
+            e.contains("weights.bin") && e.contains("does not list it"),
+            "{e}"
+        );
+
+        set_files(&p, serde_json::json!({"weights.bin": sha}));
+        assert!(Checkpoints::load::<String>(&p, &reads).is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlinks_out_of_the_checkpoint_are_refused() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Checkpoints::new(&t.path().join("run"));
+        let p = save(&c, 1, "one");
+        // The loaded file itself replaced by a link to a file outside, with its hash.
+        let outside = t.path().join("outside.bin");
+        fs::write(&outside, "one").unwrap();
+        fs::remove_file(p.join("weights.bin")).unwrap();
+        std::os::unix::fs::symlink(&outside, p.join("weights.bin")).unwrap();
+        let e = refused(&p);
+        assert!(e.contains("weights.bin") && e.contains("outside"), "{e}");
+        // A link to a device.
+        fs::remove_file(p.join("weights.bin")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", p.join("weights.bin")).unwrap();
+        let e = refused(&p);
+        assert!(e.contains("weights.bin"), "{e}");
+        // A step folder that is a link to a checkpoint elsewhere is not resumed from.
+        let t2 = tempfile::tempdir().unwrap();
+        let other = Checkpoints::new(t2.path());
+        let elsewhere = save(&other, 7, "seven");
+        std::os::unix::fs::symlink(&elsewhere, c.run_dir().join("step-000009")).unwrap();
+        let e = c.load_latest::<String>(&reads).err().unwrap().to_string();
+        assert!(
+            e.contains("step-000009") && e.contains("outside the run folder"),
+            "{e}"
         );
     }
 }

@@ -43,15 +43,19 @@ pub struct RunOptions {
     pub stop_after_step: Option<u64>,
     /// Test hook: sleep this long in every step, so that a test's signal lands mid-run.
     pub step_delay: Option<Duration>,
+    /// Test hook: after this step, wait (up to two minutes) for `stop`, so that a test's
+    /// signal lands mid-run without racing the steps.
+    pub pause_after_step: Option<u64>,
 }
 
 impl RunOptions {
-    /// The test hooks as the binaries take them: `SFT_TEST_STOP_AT_STEP=N` and
-    /// `SFT_TEST_STEP_DELAY_MS=N`.
+    /// The test hooks as the binaries take them: `SFT_TEST_STOP_AT_STEP=N`,
+    /// `SFT_TEST_STEP_DELAY_MS=N` and `SFT_TEST_PAUSE_AFTER_STEP=N`.
     pub fn with_test_hooks_from_env(mut self) -> Self {
         let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
         self.stop_after_step = var("SFT_TEST_STOP_AT_STEP");
         self.step_delay = var("SFT_TEST_STEP_DELAY_MS").map(Duration::from_millis);
+        self.pause_after_step = var("SFT_TEST_PAUSE_AFTER_STEP");
         self
     }
 }
@@ -120,6 +124,12 @@ pub fn train_with(
         }
         if opts.stop_after_step == Some(run.st.step) {
             opts.stop.store(true, Ordering::SeqCst);
+        }
+        if opts.pause_after_step == Some(run.st.step) {
+            let until = Instant::now() + Duration::from_secs(120);
+            while !opts.stop.load(Ordering::SeqCst) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(10));
+            }
         }
     }
     run.progress.finish();
@@ -199,7 +209,7 @@ impl<'a> Run<'a> {
         // Resume: find and verify the checkpoint first, so a refused resume costs nothing.
         let resumed: Option<(PathBuf, TrainerState)> = match &opts.resume {
             None => None,
-            Some(r) => Some(find_resume(&ckpts, r)?),
+            Some(r) => Some(find_resume(&ckpts, r, cfg)?),
         };
         if let Some((path, st)) = &resumed {
             check_resume_compatible(cfg, st, path)?;
@@ -816,16 +826,24 @@ fn reached_limit(cfg: &Config, st: &TrainerState, total_steps: u64) -> bool {
         || cfg.train.max_examples.is_some_and(|m| st.examples >= m)
 }
 
-fn find_resume(ckpts: &Checkpoints, r: &Resume) -> Result<(PathBuf, TrainerState), TrainError> {
+/// The checkpoint to resume from, its state read and every file that resume loads listed in
+/// it and verified (see [`crate::adapter::resume_files`]).
+fn find_resume(
+    ckpts: &Checkpoints,
+    r: &Resume,
+    cfg: &Config,
+) -> Result<(PathBuf, TrainerState), TrainError> {
+    let reads = |dir: &Path| crate::adapter::resume_files(cfg.adapter.kind, dir);
     match r {
         Resume::Latest => {
             let (path, _, st) = ckpts
-                .load_latest::<TrainerState>()
+                .load_latest::<TrainerState>(&reads)
                 .map_err(TrainError::checkpoint)?;
             Ok((path, st))
         }
         Resume::Path(p) => {
-            let (_, st) = Checkpoints::load::<TrainerState>(p).map_err(TrainError::checkpoint)?;
+            let (_, st) =
+                Checkpoints::load::<TrainerState>(p, &reads).map_err(TrainError::checkpoint)?;
             Ok((p.clone(), st))
         }
     }

@@ -205,8 +205,17 @@ pub fn read_peft_config(path: &Path) -> Result<(LoraConfig, Option<String>)> {
 
 /// Reads an adapter folder (PEFT's layout) into memory, on `device`, tensors as stored.
 pub fn read_adapter(dir: &Path, device: &Device) -> Result<AdapterFiles> {
-    let (config, base) = read_peft_config(&dir.join(ADAPTER_CONFIG))?;
-    let wpath = dir.join(ADAPTER_WEIGHTS);
+    // Only regular files inside the folder are read: a symlink leading out of it, a device or a
+    // FIFO is refused.
+    let inside = |name: &str| -> Result<PathBuf> {
+        let p = dir.join(name);
+        if p.symlink_metadata().is_err() {
+            return Ok(p);
+        }
+        crate::safe_path::model_file(dir, name).map_err(|e| invalid(&e.path, e.reason))
+    };
+    let (config, base) = read_peft_config(&inside(ADAPTER_CONFIG)?)?;
+    let wpath = inside(ADAPTER_WEIGHTS)?;
     if !wpath.is_file() {
         let msg = if dir.join("adapter_model.bin").is_file() {
             "missing; only adapter_model.bin (pickle) is there, which is not supported"
