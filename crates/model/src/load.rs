@@ -558,7 +558,7 @@ pub fn eos_token_ids(dir: &Path, config: &LlamaConfig) -> Result<Vec<u32>> {
         let path = checked_file(dir, "generation_config.json")?;
         let text = std::fs::read_to_string(&path).map_err(|source| LoadError::Io {
             path: path.clone(),
-            source,
+            cause: source,
         })?;
         let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::Invalid {
             path: path.clone(),
