@@ -18,6 +18,7 @@ pub mod run;
 pub mod schedule;
 pub mod state;
 pub mod summary;
+pub mod tensorboard;
 
 pub use run::{train, Outcome, Resume, RunOptions};
 

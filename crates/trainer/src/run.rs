@@ -61,10 +61,19 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
     let ckpts = Checkpoints::new(&run_dir);
 
     // Resume: find and verify the checkpoint first, so a refused resume costs nothing.
+    // `--resume` before any checkpoint exists (a cluster job's first start) starts fresh.
     let resumed: Option<(PathBuf, TrainerState)> = match &opts.resume {
         None => None,
+        Some(Resume::Latest) if ckpts.list().is_empty() => {
+            tracing::info!(
+                "--resume: no checkpoint in {} yet; starting a fresh run",
+                run_dir.display()
+            );
+            None
+        }
         Some(r) => Some(find_resume(&ckpts, r)?),
     };
+    let resuming = resumed.is_some();
     if let Some((path, st)) = &resumed {
         check_resume_compatible(cfg, st, path)?;
     } else if !ckpts.list().is_empty() {
@@ -140,7 +149,6 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
         }
         None => fresh_state(cfg),
     };
-    let resumed_at = st.step;
     *st.seconds.entry("data_build".into()).or_default() += data_build_seconds;
     let train_seconds_before = st.seconds.get("train").copied().unwrap_or(0.0);
 
@@ -160,11 +168,8 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
 
     let mut log = MetricsLog::open(
         &run_dir.join("metrics.jsonl"),
-        if opts.resume.is_some() {
-            Some(st.step)
-        } else {
-            None
-        },
+        resuming.then_some(st.step),
+        cfg.logging.tensorboard,
     )
     .map_err(|e| TrainError::io(&run_dir, e))?;
     let progress = crate::progress::Progress::new(cfg, total_steps, st.step, st.examples);
@@ -173,8 +178,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
     let mut outcome = Outcome::Finished;
     let mut stop_reason = String::from("finished: reached the configured length");
 
-    // Evaluations before the first step: the base model's scores.
-    if st.step == 0 && resumed_at == 0 {
+    // Evaluations before the first step: the base model's scores (once: a checkpoint at step 0,
+    // of a run stopped before its first step, already holds them).
+    if !resuming {
         let decision = evaluate_due(
             cfg, &mut st, &mut model, &data, &mut evals, &mut log, &run_dir, true,
         )?;
@@ -184,6 +190,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<(Outcome, Summary), Trai
         } else if std::mem::take(&mut evals.pending_save) {
             // The base model itself is a format-infusion candidate.
             save(cfg, &ckpts, &mut st, &model, &optim, train_seconds_before)?;
+        }
+        if stop_requested_by_test(0) {
+            opts.stop.store(true, Ordering::SeqCst);
         }
     }
 

@@ -95,3 +95,22 @@ fn overrides_apply_as_yaml_and_errors_name_them() {
     let e = err(BASE, &["train.lr"]);
     assert!(e.contains("expected key.path=value"), "{e}");
 }
+
+#[test]
+fn tensorboard_is_on_by_default_and_takes_a_boolean() {
+    let cfg = Config::from_yaml(BASE, "cfg.yaml", &[]).unwrap();
+    assert!(cfg.logging.tensorboard);
+    let off = format!("{BASE}logging:\n  tensorboard: false\n");
+    assert!(
+        !Config::from_yaml(&off, "cfg.yaml", &[])
+            .unwrap()
+            .logging
+            .tensorboard
+    );
+    let bad = format!("{BASE}logging:\n  tensorboard: sometimes\n");
+    let e = err(&bad, &[]);
+    assert!(
+        e.contains("logging.tensorboard") && e.contains("line 15"),
+        "{e}"
+    );
+}
