@@ -70,7 +70,12 @@ fn losses(run: &Path) -> Vec<String> {
 
 fn steps_logged(run: &Path) -> usize {
     std::fs::read_to_string(run.join("metrics.jsonl"))
-        .map(|s| s.lines().filter(|l| l.contains("\"loss\"")).count())
+        .map(|s| {
+            s.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+                .filter(|v| v.get("loss").is_some())
+                .count()
+        })
         .unwrap_or(0)
 }
 

@@ -268,15 +268,17 @@ fn event_files_hold_the_metrics_once_across_a_crash_and_a_resume() {
     assert_eq!(texts.iter().map(|p| p.0).collect::<Vec<_>>(), ifs_steps);
     for (step, text) in texts {
         let file = format!("evals/step-{step:06}/ifs-responses.jsonl");
+        let answers = std::fs::read_to_string(run.join(&file)).unwrap();
+        // Three instructions, each whole and as a fragment.
+        assert_eq!(answers.lines().count(), 6);
         assert!(
-            text.starts_with(&format!("3 answers at step {step} ({file})")),
+            text.starts_with(&format!("6 answers at step {step} ({file})")),
             "{text}"
         );
         // A header, a rule and one row per answer, each row naming its instruction.
-        let answers = std::fs::read_to_string(run.join(&file)).unwrap();
         let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("| ")).collect();
-        assert_eq!(rows.len(), 1 + answers.lines().count(), "{text}");
-        for (row, a) in rows[1..].iter().zip(answers.lines()) {
+        assert_eq!(rows.len(), 2 + answers.lines().count(), "{text}");
+        for (row, a) in rows[2..].iter().zip(answers.lines()) {
             let a: Value = serde_json::from_str(a).unwrap();
             assert!(row.contains(a["id"].as_str().unwrap()), "{row} / {a}");
         }

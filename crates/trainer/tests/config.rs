@@ -110,7 +110,7 @@ fn tensorboard_is_on_by_default_and_takes_a_boolean() {
     let bad = format!("{BASE}logging:\n  tensorboard: sometimes\n");
     let e = err(&bad, &[]);
     assert!(
-        e.contains("logging.tensorboard") && e.contains("line 15"),
+        e.contains("logging.tensorboard") && e.contains("line 12"),
         "{e}"
     );
 }
