@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run): fetch and import the test models (cached),
-# build the binaries the CLI tests run, then every test in release mode.
+# make the cached venv whose TensorBoard reads back the event files training writes, build the
+# binaries the CLI tests run, then every test in release mode.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,5 +18,8 @@ if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   fi
 fi
 scripts/fetch-test-models.sh >/dev/null
+scripts/fetch-tensorboard-venv.sh >/dev/null
+# Here a missing TensorBoard venv fails its tests instead of skipping them.
+export SFT_REQUIRE_TENSORBOARD=1
 cargo build --release -p sft-cli --bins
 cargo test --release --workspace "$@"

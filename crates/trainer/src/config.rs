@@ -307,6 +307,9 @@ pub struct LoggingConfig {
     pub progress: bool,
     /// Redraw the PNG plots at each evaluation.
     pub plots: bool,
+    /// Write TensorBoard event files into the run folder (every metrics line's numbers, and the
+    /// IFS/ObjecQA answers as text at each evaluation).
+    pub tensorboard: bool,
 }
 
 impl Default for LoggingConfig {
@@ -315,6 +318,7 @@ impl Default for LoggingConfig {
             every_steps: 10,
             progress: true,
             plots: true,
+            tensorboard: true,
         }
     }
 }

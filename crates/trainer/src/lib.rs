@@ -22,6 +22,7 @@ pub mod schedule;
 pub mod state;
 pub mod stop;
 pub mod summary;
+pub mod tensorboard;
 
 pub use error::TrainError;
 pub use run::{train, train_with, Outcome, Resume, RunOptions};

@@ -1,5 +1,7 @@
 //! `metrics.jsonl`: one JSON object per line, one line per optimizer step and per evaluation,
-//! flushed as written so a killed run keeps every line it logged.
+//! flushed as written so a killed run keeps every line it logged. With `logging.tensorboard`,
+//! every line is mirrored into TensorBoard event files beside it ([`crate::tensorboard`]).
+use crate::tensorboard::{self, TensorBoardLog};
 use serde_json::{Map, Value};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
@@ -8,12 +10,19 @@ use std::path::{Path, PathBuf};
 pub struct MetricsLog {
     path: PathBuf,
     file: File,
+    tensorboard: Option<TensorBoardLog>,
 }
 
 impl MetricsLog {
     /// Open for appending. On resume, lines past `keep_until_step` (logged after the checkpoint
-    /// being resumed, and so about to be logged again) are dropped first.
-    pub fn open(path: &Path, keep_until_step: Option<u64>) -> std::io::Result<Self> {
+    /// being resumed, and so about to be logged again) are dropped first; so are the events
+    /// past it in the folder's TensorBoard files, and a new event file is started when
+    /// `tensorboard` is on.
+    pub fn open(
+        path: &Path,
+        keep_until_step: Option<u64>,
+        tensorboard: bool,
+    ) -> std::io::Result<Self> {
         if let Some(limit) = keep_until_step {
             if path.exists() {
                 let kept: Vec<String> = BufReader::new(File::open(path)?)
@@ -38,9 +47,17 @@ impl MetricsLog {
             std::fs::remove_file(path)?;
         }
         let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        tensorboard::reconcile(dir, keep_until_step)?;
+        let tensorboard = if tensorboard {
+            Some(TensorBoardLog::create(dir, keep_until_step)?)
+        } else {
+            None
+        };
         Ok(Self {
             path: path.to_path_buf(),
             file,
+            tensorboard,
         })
     }
 
@@ -51,7 +68,19 @@ impl MetricsLog {
     pub fn write(&mut self, record: &Map<String, Value>) -> std::io::Result<()> {
         let line = serde_json::to_string(record).map_err(std::io::Error::other)?;
         writeln!(self.file, "{line}")?;
-        self.file.flush()
+        self.file.flush()?;
+        // The curves are a view of metrics.jsonl: a failure there is reported, not fatal.
+        if let Some(tb) = &mut self.tensorboard {
+            if let Err(e) = tb.write(record) {
+                tracing::warn!(
+                    "tensorboard: cannot write {}: {e}; no more TensorBoard events in this run \
+                     (metrics.jsonl goes on)",
+                    tb.path().display()
+                );
+                self.tensorboard = None;
+            }
+        }
+        Ok(())
     }
 
     /// Every record in a metrics file (for plots and `sft runs`).

@@ -91,13 +91,17 @@ pub fn train_with(
         Opened::AlreadyStopped(summary) => return Ok((Outcome::AlreadyStopped, *summary)),
     };
 
-    // Evaluations before the first step: the base model's scores.
+    // Evaluations before the first step: the base model's scores (once: a checkpoint at step 0,
+    // of a run stopped before its first step, already holds them).
     let mut stop = None;
-    if run.st.step == 0 {
+    if !run.resuming {
         stop = run.evaluate(When::Start)?;
         if stop.is_none() && std::mem::take(&mut run.pending_save) {
             // The base model itself is a candidate for the chosen checkpoint.
             run.save()?;
+        }
+        if opts.stop_after_step == Some(0) {
+            opts.stop.store(true, Ordering::SeqCst);
         }
     }
 
@@ -171,6 +175,8 @@ enum Opened<'a> {
 /// Everything a run holds between its steps.
 struct Run<'a> {
     cfg: &'a Config,
+    /// This segment continues a checkpoint (whose state already holds the evaluations it ran).
+    resuming: bool,
     run_dir: PathBuf,
     ckpts: Checkpoints,
     model: TrainModel,
@@ -207,10 +213,19 @@ impl<'a> Run<'a> {
         let ckpts = Checkpoints::new(&run_dir);
 
         // Resume: find and verify the checkpoint first, so a refused resume costs nothing.
+        // `--resume` before any checkpoint exists (a cluster job's first start) starts fresh.
         let resumed: Option<(PathBuf, TrainerState)> = match &opts.resume {
             None => None,
+            Some(Resume::Latest) if ckpts.list().is_empty() => {
+                tracing::info!(
+                    "--resume: no checkpoint in {} yet; starting a fresh run",
+                    run_dir.display()
+                );
+                None
+            }
             Some(r) => Some(find_resume(&ckpts, r, cfg)?),
         };
+        let resuming = resumed.is_some();
         if let Some((path, st)) = &resumed {
             check_resume_compatible(cfg, st, path)?;
         } else if !ckpts.list().is_empty() {
@@ -323,7 +338,8 @@ impl<'a> Run<'a> {
 
         let log = MetricsLog::open(
             &run_dir.join("metrics.jsonl"),
-            opts.resume.is_some().then_some(st.step),
+            resuming.then_some(st.step),
+            cfg.logging.tensorboard,
         )
         .map_err(|e| TrainError::io(&run_dir, e))?;
         let progress = Progress::new(cfg, total_steps, st.step, st.examples);
@@ -333,6 +349,7 @@ impl<'a> Run<'a> {
             .map(|e| e.name().to_string());
         Ok(Opened::Ready(Box::new(Run {
             cfg,
+            resuming,
             run_dir,
             ckpts,
             model,

@@ -127,3 +127,22 @@ fn eval_loss_patience_is_validated() {
     // The plateau rule's keys stay where users know them.
     assert_eq!(cfg.early_stopping.plateau().patience, 3);
 }
+
+#[test]
+fn tensorboard_is_on_by_default_and_takes_a_boolean() {
+    let cfg = Config::from_yaml(BASE, "cfg.yaml", &[]).unwrap();
+    assert!(cfg.logging.tensorboard);
+    let off = format!("{BASE}logging:\n  tensorboard: false\n");
+    assert!(
+        !Config::from_yaml(&off, "cfg.yaml", &[])
+            .unwrap()
+            .logging
+            .tensorboard
+    );
+    let bad = format!("{BASE}logging:\n  tensorboard: sometimes\n");
+    let e = err(&bad, &[]);
+    assert!(
+        e.contains("logging.tensorboard") && e.contains("line 12"),
+        "{e}"
+    );
+}

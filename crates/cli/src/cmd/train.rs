@@ -1,5 +1,7 @@
-//! `sft train` / `sft-train`: run a YAML config. SIGINT and SIGTERM (a scheduler's preemption)
-//! finish the current step, checkpoint and exit; a second signal exits at once.
+//! `sft train` / `sft-train`: run a YAML config. SIGINT, SIGTERM (a scheduler's preemption or
+//! time limit) and SIGHUP finish the current step, checkpoint and exit with status 130. A second
+//! Ctrl-C exits at once; a repeated SIGTERM or SIGHUP does not (a scheduler may deliver SIGTERM
+//! more than once: Slurm signals every process of a preempted job, the batch script forwards it).
 use anyhow::{Context, Result};
 use clap::Parser;
 use sft_trainer::config::Config;
@@ -7,6 +9,8 @@ use sft_trainer::{Outcome, Resume, RunOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 /// The quickstart config, compiled in: `sft-train` with no `--config` runs it.
 const QUICKSTART: &str = include_str!("../../../../configs/quickstart.yaml");
@@ -46,19 +50,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
         return Ok(());
     }
     let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        ctrlc::set_handler(move || {
-            if stop.swap(true, Ordering::SeqCst) {
-                eprintln!("second interrupt: exiting without a checkpoint");
-                std::process::exit(130);
-            }
-            eprintln!(
-                "interrupt: finishing the current step, then checkpointing (again to exit now)"
-            );
-        })
-        .context("cannot install the signal handler")?;
-    }
+    stop_on_signals(stop.clone())?;
     let opts = RunOptions {
         resume: args.resume.map(|r| {
             if r == "latest" {
@@ -84,5 +76,35 @@ pub fn run(args: TrainArgs) -> Result<()> {
     if outcome == Outcome::Interrupted {
         std::process::exit(130);
     }
+    Ok(())
+}
+
+/// Set `stop` on SIGINT, SIGTERM or SIGHUP; exit at once on a second SIGINT only.
+fn stop_on_signals(stop: Arc<AtomicBool>) -> Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .context("cannot install the signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let name = match sig {
+                    SIGINT => "interrupt",
+                    SIGTERM => "SIGTERM",
+                    _ => "SIGHUP",
+                };
+                if !stop.swap(true, Ordering::SeqCst) {
+                    eprintln!(
+                        "{name}: finishing the current step, then checkpointing (Ctrl-C again to \
+                         exit now)"
+                    );
+                } else if sig == SIGINT {
+                    eprintln!("second interrupt: exiting without a checkpoint");
+                    std::process::exit(130);
+                } else {
+                    eprintln!("{name} again: still finishing the step and checkpointing");
+                }
+            }
+        })
+        .context("cannot start the signal thread")?;
     Ok(())
 }
