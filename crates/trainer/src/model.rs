@@ -178,4 +178,3 @@ impl TrainModel {
             .restore(dir, self.llama.dtype(), &self.device)
     }
 }
-

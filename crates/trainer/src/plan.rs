@@ -4,9 +4,9 @@
 //! full fine-tuning), and the activations autograd holds for one micro-batch.
 use crate::config::{AdapterKind, Config};
 use crate::error::TrainError;
+use sft_model::config::LlamaConfig;
 use sft_model::llama::Activations;
 use sft_model::memory::{self, MemoryEstimate};
-use sft_model::config::LlamaConfig;
 use std::fmt;
 
 /// The memory a micro-batch of `batch` sequences of `seq` tokens needs (see

@@ -1,5 +1,6 @@
 use super::*;
 use candle_core::{IndexOp, Var};
+use std::collections::HashMap;
 
 /// 2 layers, 4 query heads over 2 kv heads (GQA), untied unless asked.
 pub(crate) fn tiny_config(tied: bool, llama3: bool) -> LlamaConfig {
@@ -466,41 +467,52 @@ fn cached_decoding_matches_the_full_forward() {
 
 #[test]
 fn half_precision_runs_close_to_f32() {
+    // The reference is the f32 model on the same half-precision weights (rounded, then widened):
+    // what is measured is the forward's own rounding, not the weights'.
     let cfg = tiny_config(false, false);
     let w = random_weights(&cfg, DType::F32, &Device::Cpu, 5).unwrap();
     let ids = ids_tensor(&[vec![1, 5, 9, 13, 17, 21]]);
-    let f32_logits: Vec<f32> = Llama::from_weights(&cfg, w.clone())
-        .unwrap()
-        .forward_logits(&ids, None)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for dt in [DType::BF16, DType::F16] {
-        let wd = w
-            .iter()
-            .map(|(n, t)| (n.clone(), t.to_dtype(dt).unwrap()))
-            .collect();
-        let m = Llama::from_weights(&cfg, wd).unwrap();
-        assert_eq!(m.dtype(), dt);
-        let l: Vec<f32> = m
-            .forward_logits(&ids, None)
+    let logits = |m: &Llama| -> Vec<f32> {
+        m.forward_logits(&ids, None)
             .unwrap()
             .to_dtype(DType::F32)
             .unwrap()
             .flatten_all()
             .unwrap()
             .to_vec1()
-            .unwrap();
+            .unwrap()
+    };
+    // Relative to the largest logit; bf16 keeps 8 significant bits, f16 11.
+    for (dt, tol) in [(DType::BF16, TOL_BF16), (DType::F16, TOL_F16)] {
+        let rounded: HashMap<String, Tensor> = w
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_dtype(dt).unwrap()))
+            .collect();
+        let widened = rounded
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_dtype(DType::F32).unwrap()))
+            .collect();
+        let reference = logits(&Llama::from_weights(&cfg, widened).unwrap());
+        let m = Llama::from_weights(&cfg, rounded).unwrap();
+        assert_eq!(m.dtype(), dt);
+        let l = logits(&m);
+        let scale = reference.iter().fold(0.0f32, |a, b| a.max(b.abs()));
         let d = l
             .iter()
-            .zip(&f32_logits)
+            .zip(&reference)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max);
-        assert!(d < 0.05, "{dt:?}: {d}");
+        eprintln!(
+            "{dt:?}: max error {d} on logits up to {scale} ({})",
+            d / scale
+        );
+        assert!(d / scale < tol, "{dt:?}: {d} on logits up to {scale}");
     }
 }
+
+// Measured 2026-12-07 on this tiny model: 1.6e-3 (bf16) and 4.7e-4 (f16); about 3x that room.
+const TOL_BF16: f32 = 5e-3;
+const TOL_F16: f32 = 1.5e-3;
 
 #[test]
 fn weights_are_checked_by_name_and_shape() {
