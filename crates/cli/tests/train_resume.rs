@@ -364,8 +364,7 @@ fn packing_puts_more_examples_in_each_step() {
         let last: Value = text
             .lines()
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-            .filter(|v| v.get("loss").is_some() && v["step"] == 8)
-            .last()
+            .rfind(|v| v.get("loss").is_some() && v["step"] == 8)
             .expect("step 8 logged");
         (
             last["examples"].as_u64().expect("examples"),

@@ -416,8 +416,7 @@ mod tests {
 
     fn refused(dir: &Path) -> String {
         Checkpoints::load::<String>(dir, &reads)
-            .err()
-            .expect("the checkpoint must be refused")
+            .expect_err("the checkpoint must be refused")
             .to_string()
     }
 
