@@ -7,7 +7,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 fn config(dir: &Path, model: &Path) -> PathBuf {
     let yaml = format!(
@@ -23,18 +22,6 @@ fn config(dir: &Path, model: &Path) -> PathBuf {
     let p = dir.join("cfg.yaml");
     std::fs::write(&p, yaml).unwrap();
     p
-}
-
-fn train(cfg: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sft-train"));
-    c.arg("--config")
-        .arg(cfg)
-        .args(extra)
-        .env("RUST_LOG", "warn");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
 }
 
 fn sha256(p: &Path) -> String {

@@ -52,22 +52,6 @@ fn job(cfg: &Path, slurm: Option<&Path>, env: &[(&str, &str)]) -> Child {
     c.spawn().unwrap()
 }
 
-fn losses(run: &Path) -> Vec<String> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            format!(
-                "{}:{}:{}",
-                v["step"],
-                v.get("loss").unwrap_or(&Value::Null),
-                v.get("eval_loss").unwrap_or(&Value::Null)
-            )
-        })
-        .collect()
-}
-
 fn steps_logged(run: &Path) -> usize {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .map(|s| {

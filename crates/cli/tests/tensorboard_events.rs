@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
 /// The venv's python, or None (with a message) when it is absent and the run is not one of
 /// scripts/test.sh's, which sets SFT_REQUIRE_TENSORBOARD=1 after making the venv.
@@ -158,18 +158,6 @@ fn config(dir: &Path, model: &Path) -> PathBuf {
     let p = dir.join("cfg.yaml");
     std::fs::write(&p, yaml).unwrap();
     p
-}
-
-fn train(cfg: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sft-train"));
-    c.arg("--config")
-        .arg(cfg)
-        .args(extra)
-        .env("RUST_LOG", "warn");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
 }
 
 fn event_files(run: &Path) -> Vec<PathBuf> {

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 fn config(dir: &Path, model: &Path, kind: &str) -> PathBuf {
     let yaml = format!(
@@ -22,35 +22,6 @@ fn config(dir: &Path, model: &Path, kind: &str) -> PathBuf {
     let p = dir.join("cfg.yaml");
     std::fs::write(&p, yaml).unwrap();
     p
-}
-
-fn train(cfg: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_sft-train"));
-    c.arg("--config")
-        .arg(cfg)
-        .args(extra)
-        .env("RUST_LOG", "warn");
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn losses(run: &Path) -> Vec<String> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap();
-            // Exact bits: compare the JSON numbers as printed.
-            format!(
-                "{}:{}:{}",
-                v["step"],
-                v.get("loss").unwrap_or(&Value::Null),
-                v.get("eval_loss").unwrap_or(&Value::Null)
-            )
-        })
-        .collect()
 }
 
 fn weights(run: &Path, kind: &str) -> Vec<u8> {

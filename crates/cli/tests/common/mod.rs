@@ -48,3 +48,33 @@ pub fn json_last(out: &Output) -> Value {
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"))
 }
+
+/// `sft-train --config CFG EXTRA...` with these environment variables, quietly logged.
+pub fn train(cfg: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sft-train"));
+    c.arg("--config")
+        .arg(cfg)
+        .args(extra)
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+/// Each metrics line's step, loss and held-out loss, as printed (exact bits).
+pub fn losses(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            format!(
+                "{}:{}:{}",
+                v["step"],
+                v.get("loss").unwrap_or(&Value::Null),
+                v.get("eval_loss").unwrap_or(&Value::Null)
+            )
+        })
+        .collect()
+}
