@@ -9,19 +9,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 
 fn config(dir: &Path, model: &Path) -> PathBuf {
-    let yaml = format!(
-        "run:\n  name: r\nmodel:\n  source: {model}\nadapter:\n  kind: full\n\
-         data:\n  sources:\n    - path: {data}\n  max_length: 64\n  eval_split: 4\n\
-         train:\n  max_steps: 2\n  micro_batch_size: 2\n  grad_accum: 1\n  lr: 0.002\n\
-         eval:\n  loss:\n    every_examples: 0\ncheckpoint:\n  dir: {ck}\n  every_steps: 2\n  keep_last: 1\n\
-         logging:\n  every_steps: 1\n  progress: false\n  plots: false\n",
-        model = model.display(),
-        data = repo().join("configs/data/bundled.jsonl").display(),
-        ck = dir.join("ck").display(),
-    );
-    let p = dir.join("cfg.yaml");
-    std::fs::write(&p, yaml).unwrap();
-    p
+    config_file("checkpoint_safety.yaml", dir, model, &[])
 }
 
 fn sha256(p: &Path) -> String {
@@ -54,11 +42,7 @@ fn crafted_checkpoints_are_refused_and_nothing_is_trained() {
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model);
     let out = train(&cfg, &[], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let run = t.path().join("ck/r");
     let ck = run.join("step-000002");
     let state_path = ck.join("trainer_state.json");
@@ -147,11 +131,7 @@ fn crafted_checkpoints_are_refused_and_nothing_is_trained() {
 
     // Untouched, the same checkpoint resumes and trains on.
     let out = train(&cfg, &resume_more, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(run.join("step-000004").is_dir());
 }
 

@@ -81,19 +81,7 @@ impl StopRule for StopAfter {
 }
 
 fn config(dir: &Path, model: &Path) -> Config {
-    let yaml = format!(
-        "run:\n  name: ext\nmodel:\n  source: {model}\nadapter:\n  kind: lora\n  r: 4\n  alpha: 8\n\
-         data:\n  sources:\n    - path: {data}\n  max_length: 96\n\
-         train:\n  max_steps: 12\n  micro_batch_size: 4\n  lr: 0.002\n  warmup_steps: 2\n\
-         eval:\n  ifs: {{every_examples: 16, limit: 2, max_new_tokens: 4, batch_size: 4}}\n\
-         \x20 objecqa: {{every_examples: 16, limit: 2, max_new_tokens: 4, batch_size: 4}}\n\
-         early_stopping:\n  enabled: false\n\
-         checkpoint:\n  dir: {ck}\n  every_steps: 1\n  keep_last: 2\n\
-         logging:\n  progress: false\n  plots: false\n",
-        model = model.display(),
-        data = repo().join("configs/data/bundled.jsonl").display(),
-        ck = dir.join("ck").display(),
-    );
+    let yaml = config_text("custom_evaluation.yaml", dir, model, &[]);
     Config::from_yaml(&yaml, "ext.yaml", &[]).unwrap()
 }
 
@@ -200,44 +188,26 @@ fn a_third_evaluator_and_a_second_stop_rule_through_the_public_traits() {
 fn patience_on_the_held_out_loss_stops_a_run_from_its_config() {
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
-    let src = format!("model.source={}", model.display());
-    let ck = format!("checkpoint.dir={}", t.path().display());
     // An unreachable min_delta: the loss before training is the best, the next evaluation
     // exhausts a patience of 1.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sft-train"))
-        .current_dir(repo())
-        .args([
-            "--config",
-            "configs/quickstart.yaml",
-            "--set",
-            &src,
-            "--set",
-            &ck,
-        ])
-        .args(["--set", "run.name=loss", "--set", "data.max_length=96"])
-        .args([
-            "--set",
+    let out = quickstart(
+        t.path(),
+        Some(&model),
+        &[
+            "run.name=loss",
+            "data.max_length=96",
             "train.max_examples=64",
-            "--set",
             "train.micro_batch_size=4",
-        ])
-        .args(["--set", "eval.ifs.every_examples=0"])
-        .args(["--set", "eval.loss={every_examples: 8, max_examples: 8}"])
-        .args([
-            "--set",
+            "eval.ifs.every_examples=0",
+            "eval.loss={every_examples: 8, max_examples: 8}",
             "early_stopping.eval_loss={patience: 1, min_delta: 100.0}",
-        ])
-        .args([
-            "--set",
             "checkpoint.every_steps=1",
-            "--set",
             "checkpoint.keep_last=1",
-        ])
-        .args(["--set", "checkpoint.keep_best=false"])
-        .args(["--set", "logging.progress=false"])
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap();
+            "checkpoint.keep_best=false",
+            "logging.progress=false",
+        ],
+        &[],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let run = t.path().join("loss");

@@ -5,16 +5,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::path::Path;
-use std::process::{Command, Output};
-
-fn train(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sft-train"))
-        .current_dir(repo())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .unwrap()
-}
+use std::process::Command;
 
 fn records(run: &Path) -> Vec<Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
@@ -55,27 +46,20 @@ fn summary(run: &Path) -> Value {
 fn shortened_quickstart_trains_lora_with_ifs() {
     let _ = smollm2();
     let t = tempfile::tempdir().unwrap();
-    let ck = format!("checkpoint.dir={}", t.path().display());
-    let out = train(&[
-        "--config",
-        "configs/quickstart.yaml",
-        "--set",
-        &ck,
-        "--set",
-        "train.max_examples=48",
-        "--set",
-        "eval.ifs.every_examples=24",
-        "--set",
-        "eval.ifs.limit=6",
-        "--set",
-        "eval.ifs.max_new_tokens=16",
-        "--set",
-        "eval.loss={every_examples: 48, max_examples: 16}",
-        "--set",
-        "checkpoint.every_steps=3",
-        "--set",
-        "logging.progress=false",
-    ]);
+    let out = quickstart(
+        t.path(),
+        None,
+        &[
+            "train.max_examples=48",
+            "eval.ifs.every_examples=24",
+            "eval.ifs.limit=6",
+            "eval.ifs.max_new_tokens=16",
+            "eval.loss={every_examples: 48, max_examples: 16}",
+            "checkpoint.every_steps=3",
+            "logging.progress=false",
+        ],
+        &[],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let run = t.path().join("quickstart");
@@ -160,43 +144,23 @@ fn shortened_quickstart_trains_lora_with_ifs() {
 fn plateau_rule_stops_the_run_and_keeps_the_format_infusion_checkpoint() {
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
-    let src = format!("model.source={}", model.display());
-    let ck = format!("checkpoint.dir={}", t.path().display());
     // Threshold 0 and an unreachable min_delta: the evaluation at the start is the plateau's
     // beginning, the next one exhausts a patience of 1.
-    let args = [
-        "--config",
-        "configs/quickstart.yaml",
-        "--set",
-        &src,
-        "--set",
-        &ck,
-        "--set",
+    let sets = [
         "run.name=plateau",
-        "--set",
         "data.max_length=96",
-        "--set",
         "train.max_examples=200",
-        "--set",
         "train.micro_batch_size=4",
-        "--set",
         "eval.ifs.every_examples=8",
-        "--set",
         "eval.ifs.limit=3",
-        "--set",
         "eval.ifs.max_new_tokens=4",
-        "--set",
         "eval.loss.every_examples=0",
-        "--set",
         "early_stopping={threshold: 0.0, min_delta: 2.0, patience: 1}",
-        "--set",
         "checkpoint.every_steps=1",
-        "--set",
         "checkpoint.keep_last=1",
-        "--set",
         "logging.progress=false",
     ];
-    let out = train(&args);
+    let out = quickstart(t.path(), Some(&model), &sets, &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let run = t.path().join("plateau");
@@ -216,9 +180,7 @@ fn plateau_rule_stops_the_run_and_keeps_the_format_infusion_checkpoint() {
     assert!(run.join("step-000000/adapter_model.safetensors").is_file());
     assert!(stderr.contains("format-infusion checkpoint"), "{stderr}");
     // Resuming a stopped run does not train on.
-    let mut resume: Vec<&str> = args.to_vec();
-    resume.push("--resume");
-    let out = train(&resume);
+    let out = quickstart(t.path(), Some(&model), &sets, &["--resume"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already stopped"));
     assert_eq!(summary(&run)["examples"], 8);
@@ -228,37 +190,22 @@ fn plateau_rule_stops_the_run_and_keeps_the_format_infusion_checkpoint() {
 fn objecqa_runs_at_its_own_cadence() {
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
-    let src = format!("model.source={}", model.display());
-    let ck = format!("checkpoint.dir={}", t.path().display());
-    let out = train(&[
-        "--config",
-        "configs/quickstart.yaml",
-        "--set",
-        &src,
-        "--set",
-        &ck,
-        "--set",
-        "run.name=oq",
-        "--set",
-        "data.max_length=96",
-        "--set",
-        "train.max_examples=16",
-        "--set",
-        "train.micro_batch_size=4",
-        "--set",
-        "eval.ifs.every_examples=0",
-        "--set",
-        "eval.loss.every_examples=0",
-        "--set",
-        "eval.objecqa={every_examples: 8, limit: 4, max_new_tokens: 4, batch_size: 4}",
-        "--set",
-        "logging.progress=false",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = quickstart(
+        t.path(),
+        Some(&model),
+        &[
+            "run.name=oq",
+            "data.max_length=96",
+            "train.max_examples=16",
+            "train.micro_batch_size=4",
+            "eval.ifs.every_examples=0",
+            "eval.loss.every_examples=0",
+            "eval.objecqa={every_examples: 8, limit: 4, max_new_tokens: 4, batch_size: 4}",
+            "logging.progress=false",
+        ],
+        &[],
     );
+    assert_ok(&out);
     let run = t.path().join("oq");
     let oq: Vec<Value> = records(&run)
         .into_iter()

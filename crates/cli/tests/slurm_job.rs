@@ -12,19 +12,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn config(dir: &Path, model: &Path) -> PathBuf {
-    let yaml = format!(
-        "run:\n  name: groovy\nmodel:\n  source: {model}\nadapter:\n  kind: lora\n  r: 4\n  alpha: 8\n  dropout: 0.1\n\
-         data:\n  sources:\n    - path: {data}\n  max_length: 96\n  eval_split: 8\n\
-         train:\n  max_steps: 10\n  micro_batch_size: 2\n  grad_accum: 2\n  lr: 0.002\n  warmup_steps: 2\n\
-         eval:\n  loss:\n    every_examples: 12\ncheckpoint:\n  dir: {ck}\n  every_steps: 4\n  keep_last: 2\n\
-         logging:\n  every_steps: 1\n  progress: false\n  plots: false\n",
-        model = model.display(),
-        data = repo().join("configs/data/bundled.jsonl").display(),
-        ck = dir.join("ck").display(),
-    );
-    let p = dir.join("groovy-tiny.yaml");
-    std::fs::write(&p, yaml).unwrap();
-    p
+    config_file("slurm_job.yaml", dir, model, &[])
 }
 
 /// The job script, as `sbatch` would start it, with sft-train and the config given by the
@@ -131,17 +119,7 @@ fn reference() -> &'static (Vec<String>, Vec<u8>) {
         let r = tempfile::tempdir().unwrap();
         let model = tiny_model(r.path());
         let cfg = config(r.path(), &model);
-        let out = Command::new(env!("CARGO_BIN_EXE_sft-train"))
-            .arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&train(&cfg, &[], &[]));
         let run = r.path().join("ck/groovy");
         let w = std::fs::read(run.join("step-000010/adapter_model.safetensors")).unwrap();
         (losses(&run), w)
@@ -247,13 +225,7 @@ fn resume_from_a_missing_checkpoint_folder_is_an_error() {
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model);
     let missing = t.path().join("ck/groovy/step-000099");
-    let out = Command::new(env!("CARGO_BIN_EXE_sft-train"))
-        .arg("--config")
-        .arg(&cfg)
-        .arg("--resume")
-        .arg(&missing)
-        .output()
-        .unwrap();
+    let out = train(&cfg, &["--resume", &missing.display().to_string()], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

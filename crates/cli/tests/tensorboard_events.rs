@@ -100,11 +100,7 @@ fn read_board(python: &Path, dir: &Path, extra: &[&str]) -> Board {
         .args(extra)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     parse_board(String::from_utf8_lossy(&out.stdout).lines().last().unwrap())
 }
 
@@ -142,22 +138,7 @@ fn expected(run: &Path) -> BTreeMap<String, Vec<(u64, f32)>> {
 }
 
 fn config(dir: &Path, model: &Path) -> PathBuf {
-    let yaml = format!(
-        "run:\n  name: r\nmodel:\n  source: {model}\nadapter:\n  kind: full\n\
-         data:\n  sources:\n    - path: {data}\n  max_length: 96\n  eval_split: 8\n\
-         train:\n  max_steps: 8\n  micro_batch_size: 2\n  grad_accum: 2\n  lr: 0.002\n  warmup_steps: 2\n\
-         eval:\n  loss:\n    every_examples: 12\n  ifs:\n    every_examples: 8\n    limit: 3\n    max_new_tokens: 4\n\
-         \x20 objecqa:\n    every_examples: 16\n    at_start: false\n    limit: 2\n    max_new_tokens: 4\n\
-         early_stopping:\n  enabled: false\n\
-         checkpoint:\n  dir: {ck}\n  every_steps: 2\n  keep_last: 2\n\
-         logging:\n  every_steps: 1\n  progress: false\n  plots: false\n",
-        model = model.display(),
-        data = repo().join("configs/data/bundled.jsonl").display(),
-        ck = dir.join("ck").display(),
-    );
-    let p = dir.join("cfg.yaml");
-    std::fs::write(&p, yaml).unwrap();
-    p
+    config_file("tensorboard_events.yaml", dir, model, &[])
 }
 
 fn event_files(run: &Path) -> Vec<PathBuf> {
@@ -211,11 +192,7 @@ fn event_files_hold_the_metrics_once_across_a_crash_and_a_resume() {
     assert_eq!(parse_board(&first), before);
 
     let out = train(&cfg, &["--resume"], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // The resume wrote a new file after the first one.
     assert_eq!(event_files(&run).len(), 2);
     let want = expected(&run);
@@ -295,11 +272,7 @@ fn tensorboard_false_writes_no_event_files() {
     let mut args = quick.to_vec();
     args.extend(["--set", "logging.tensorboard=false"]);
     let out = train(&cfg, &args, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let run = t.path().join("ck/r");
     assert!(run.join("metrics.jsonl").is_file());
     assert!(event_files(&run).is_empty(), "{:?}", event_files(&run));

@@ -9,19 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn config(dir: &Path, model: &Path, kind: &str) -> PathBuf {
-    let yaml = format!(
-        "run:\n  name: r\nmodel:\n  source: {model}\nadapter:\n  kind: {kind}\n  r: 4\n  alpha: 8\n  dropout: 0.1\n\
-         data:\n  sources:\n    - path: {data}\n  max_length: 96\n  eval_split: 8\n\
-         train:\n  max_steps: 8\n  micro_batch_size: 2\n  grad_accum: 2\n  lr: 0.002\n  warmup_steps: 2\n\
-         eval:\n  loss:\n    every_examples: 12\ncheckpoint:\n  dir: {ck}\n  every_steps: 2\n  keep_last: 2\n\
-         logging:\n  every_steps: 1\n  progress: false\n  plots: false\n",
-        model = model.display(),
-        data = repo().join("configs/data/bundled.jsonl").display(),
-        ck = dir.join("ck").display(),
-    );
-    let p = dir.join("cfg.yaml");
-    std::fs::write(&p, yaml).unwrap();
-    p
+    config_file("train_resume.yaml", dir, model, &[("kind", kind)])
 }
 
 fn weights(run: &Path, kind: &str) -> Vec<u8> {
@@ -39,11 +27,7 @@ fn reference(kind: &str, set: &[&str]) -> (tempfile::TempDir, Vec<String>, Vec<u
     let model = tiny_model(t.path());
     let cfg = config(t.path(), &model, kind);
     let out = train(&cfg, set, &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let run = t.path().join("ck/r");
     (t, losses(&run), weights(&run, kind))
 }
@@ -77,11 +61,7 @@ fn resumed_matches(kind: &str, overrides: &[&str]) {
         String::from_utf8_lossy(&out.stderr)
     );
     let out = train(&cfg, &with(&["--resume"]), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let run = t.path().join("ck/r");
     assert_eq!(
         losses(&run),
@@ -112,11 +92,7 @@ fn resumed_matches(kind: &str, overrides: &[&str]) {
         Path::new("step-000004")
     );
     let out = train(&cfg, &with(&["--resume"]), &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(
         losses(&run),
         ref_losses,
@@ -218,11 +194,7 @@ fn sigterm_checkpoints_and_resume_continues() {
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["status"], "interrupted");
     let out = train(&cfg, &["--resume"], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert_eq!(losses(&run), ref_losses);
     assert_eq!(weights(&run, "full"), ref_weights);
 }
@@ -245,11 +217,7 @@ fn resume_refuses_a_changed_model_or_data_and_allows_more_steps() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("already stopped"));
     let out = train(&cfg, &["--resume", "--set", "train.max_steps=10"], &[]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let run = t.path().join("ck/r");
     assert!(run.join("step-000010").is_dir());
 }
@@ -279,11 +247,7 @@ fn dry_run_prints_the_plan_and_memory() {
     let cfg = config(t.path(), &model, "full");
     let out = train(&cfg, &["--dry-run"], &[]);
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(s.contains("optimizer steps  8"), "{s}");
     // 3,219,776 f32 parameters: 12.3 MiB of weights, 8 bytes each of moments.
     assert!(
@@ -326,11 +290,7 @@ fn packing_puts_more_examples_in_each_step() {
         let model = tiny_model(t.path());
         let cfg = config(t.path(), &model, "lora");
         let out = train(&cfg, set, &[]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         let text = std::fs::read_to_string(t.path().join("ck/r/metrics.jsonl")).unwrap();
         let last: Value = text
             .lines()

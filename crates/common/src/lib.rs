@@ -1,6 +1,7 @@
 //! sft-common: small pieces several crates share, written once.
 //!
 //! - [`mix`]: a seed derived from a run seed and two counters (splitmix64);
+//! - [`mtime_nanos`]: a file's modification time as a cache key;
 //! - `RawView` (feature `tensors`): a tensor's little-endian bytes as a safetensors `View`.
 #[cfg(feature = "tensors")]
 mod raw_view;
@@ -9,3 +10,12 @@ mod seed;
 #[cfg(feature = "tensors")]
 pub use raw_view::RawView;
 pub use seed::mix;
+
+/// A file's modification time in nanoseconds since the Unix epoch (0 where the platform or the
+/// file system keeps none): part of the keys that tell a cache its input changed.
+pub fn mtime_nanos(meta: &std::fs::Metadata) -> u128 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos())
+}

@@ -51,12 +51,7 @@ pub fn key(
     let mut entries = Vec::with_capacity(files.len());
     for f in files {
         let meta = std::fs::metadata(&f.path).map_err(|e| DataError::io(&f.path, e))?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
+        let mtime = sft_common::mtime_nanos(&meta);
         let path = std::fs::canonicalize(&f.path).unwrap_or_else(|_| f.path.clone());
         entries.push((
             path.display().to_string(),

@@ -140,10 +140,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         lora::apply_lora(&mut model, &LoraConfig::new(16, 32.0, a.dropout, targets))?.trainable()
     };
     let trainable: usize = vars.iter().map(|(_, v)| v.elem_count()).sum();
-    let specs: Vec<sft_optim::ParamSpec> = vars
-        .iter()
-        .map(|(n, v)| sft_optim::ParamSpec::new(n.clone(), v.clone()))
-        .collect();
+    let specs: Vec<sft_optim::ParamSpec> = sft_optim::ParamSpec::all(&vars);
     let mut opt = sft_optim::AdamW::new(specs.clone(), Default::default())
         .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
     if full {

@@ -61,11 +61,7 @@ fn main() {
             let mut cfg = LoraConfig::new(r, alpha, 0.0, Targets::from_names(&targets).unwrap());
             cfg.init_seed = 0;
             let adapter = lora::apply_lora(&mut m.model, &cfg).unwrap();
-            let params: Vec<ParamSpec> = adapter
-                .trainable()
-                .into_iter()
-                .map(|(n, v)| ParamSpec::new(n, v))
-                .collect();
+            let params: Vec<ParamSpec> = ParamSpec::all(&adapter.trainable());
             let mut opt = AdamW::new(params.clone(), AdamWConfig::default()).unwrap();
             let mut rows = vec![];
             for step in 0..steps + 1 {

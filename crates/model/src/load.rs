@@ -199,12 +199,7 @@ fn import_gguf_cached(path: &Path, dtype: DType) -> Result<PathBuf> {
     };
     let meta = std::fs::metadata(path).map_err(io)?;
     let canon = std::fs::canonicalize(path).map_err(io)?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
+    let mtime = sft_common::mtime_nanos(&meta);
     // FNV-1a: a stable key for (file, size, mtime, dtype); the import is redone if any changes.
     let key = format!("{}|{}|{}|{:?}", canon.display(), meta.len(), mtime, dtype);
     let mut h: u64 = 0xcbf29ce484222325;

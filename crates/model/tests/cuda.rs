@@ -5,8 +5,8 @@
 
 mod common;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
-use common::with_big_stack;
+use candle_core::{DType, Device, Result, Tensor};
+use common::{seeded, value_and_grads, with_big_stack};
 use sft_model::config::LlamaConfig;
 use sft_model::llama::{Activations, Inputs, Llama};
 use sft_model::lora::{self, LoraConfig, Targets};
@@ -20,21 +20,6 @@ fn gpu() -> Option<Device> {
             None
         }
     }
-}
-
-/// Seeded values in [-scale, scale) (the same on every run and device).
-fn rand(shape: &[usize], seed: u64, scale: f32) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 fn f32s(t: &Tensor) -> Vec<f32> {
@@ -61,43 +46,6 @@ fn rel(a: &Tensor, b: &Tensor) -> f64 {
         / scale
 }
 
-/// The output of `f` and the gradients of inputs `vars`, on the device of the inputs.
-fn run(
-    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
-    inputs: &[Tensor],
-    vars: &[usize],
-) -> (Tensor, Vec<Tensor>) {
-    let held: Vec<Option<Var>> = (0..inputs.len())
-        .map(|i| {
-            vars.contains(&i)
-                .then(|| Var::from_tensor(&inputs[i]).unwrap())
-        })
-        .collect();
-    let args: Vec<Tensor> = inputs
-        .iter()
-        .zip(&held)
-        .map(|(t, v)| v.as_ref().map_or(t.clone(), |v| v.as_tensor().clone()))
-        .collect();
-    let y = f(&args).unwrap();
-    let probe = rand(y.dims(), 77, 1.0)
-        .to_device(y.device())
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    let g = (y.to_dtype(DType::F32).unwrap() * probe)
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let grads = held
-        .iter()
-        .flatten()
-        .map(|v| g.get(v.as_tensor()).expect("a gradient").clone())
-        .collect();
-    (y, grads)
-}
-
 /// The same op on the CPU and the GPU (inputs rounded to `dt` once, on the CPU): outputs and
 /// gradients within `tol`, dtypes equal.
 fn same(
@@ -120,8 +68,8 @@ fn same(
         })
         .collect();
     let gpu_in: Vec<Tensor> = cpu_in.iter().map(|t| t.to_device(gpu).unwrap()).collect();
-    let (yc, gc) = run(f, &cpu_in, vars);
-    let (yg, gg) = run(f, &gpu_in, vars);
+    let (yc, gc) = value_and_grads(f, &cpu_in, vars, 77);
+    let (yg, gg) = value_and_grads(f, &gpu_in, vars, 77);
     assert_eq!(yc.dtype(), yg.dtype(), "{name} {dt:?}: dtype");
     let e = rel(&yg, &yc);
     println!("{name} {dt:?}: output {e:.2e}");
@@ -146,13 +94,13 @@ fn elementwise_and_row_ops_match_the_cpu() {
     let Some(g) = gpu() else { return };
     for dt in [DType::F32, DType::BF16, DType::F16] {
         let t = tol(dt);
-        let w = (rand(&[4096], 2, 0.5) + 1.0).unwrap();
+        let w = (seeded(&[4096], 2, 0.5) + 1.0).unwrap();
         same(
             "rms_norm",
             &g,
             dt,
             &|x| ops::rms_norm(&x[0], &x[1], 1e-5),
-            &[rand(&[3, 7, 4096], 1, 2.0), w],
+            &[seeded(&[3, 7, 4096], 1, 2.0), w],
             &[0, 1],
             t,
         );
@@ -161,30 +109,30 @@ fn elementwise_and_row_ops_match_the_cpu() {
             &g,
             dt,
             &|x| ops::softmax_last_dim(&x[0]),
-            &[rand(&[5, 1000], 3, 4.0)],
+            &[seeded(&[5, 1000], 3, 4.0)],
             &[0],
             t,
         );
         // rope on the transpose of a (b, t, h, d) projection, shared and per-row tables
-        let ang = rand(&[6, 32], 4, 3.0);
+        let ang = seeded(&[6, 32], 4, 3.0);
         let (c, s) = (ang.cos().unwrap(), ang.sin().unwrap());
         same(
             "rope",
             &g,
             dt,
             &|x| ops::rope(&x[0].transpose(1, 2)?, &x[1], &x[2]),
-            &[rand(&[2, 6, 3, 64], 5, 1.0), c, s],
+            &[seeded(&[2, 6, 3, 64], 5, 1.0), c, s],
             &[0],
             t,
         );
-        let ang = rand(&[2, 6, 32], 6, 3.0);
+        let ang = seeded(&[2, 6, 32], 6, 3.0);
         let (c, s) = (ang.cos().unwrap(), ang.sin().unwrap());
         same(
             "rope per row",
             &g,
             dt,
             &|x| ops::rope(&x[0], &x[1], &x[2]),
-            &[rand(&[2, 3, 6, 64], 7, 1.0), c, s],
+            &[seeded(&[2, 3, 6, 64], 7, 1.0), c, s],
             &[0],
             t,
         );
@@ -193,7 +141,7 @@ fn elementwise_and_row_ops_match_the_cpu() {
             &g,
             dt,
             &|x| ops::silu_mul(&x[0], &x[1]),
-            &[rand(&[4, 3000], 8, 4.0), rand(&[4, 3000], 9, 1.0)],
+            &[seeded(&[4, 3000], 8, 4.0), seeded(&[4, 3000], 9, 1.0)],
             &[0, 1],
             t,
         );
@@ -202,7 +150,7 @@ fn elementwise_and_row_ops_match_the_cpu() {
             &g,
             dt,
             &|x| ops::frozen_linear(&x[0], &x[1]),
-            &[rand(&[2, 33, 256], 10, 1.0), rand(&[96, 256], 11, 0.1)],
+            &[seeded(&[2, 33, 256], 10, 1.0), seeded(&[96, 256], 11, 0.1)],
             &[0],
             t,
         );
@@ -218,7 +166,7 @@ fn elementwise_and_row_ops_match_the_cpu() {
                     let l = lab.to_device(x[0].device())?;
                     ops::cross_entropy(&x[0], &l, -100)
                 },
-                &[rand(&[5, 1000], 12, 6.0)],
+                &[seeded(&[5, 1000], 12, 6.0)],
                 &[0],
                 t.max(1e-3),
             );
@@ -248,10 +196,10 @@ fn lora_linear_matches_the_cpu_with_device_drawn_dropout() {
         stream: 9,
     };
     for dt in [DType::F32, DType::BF16] {
-        let x = rand(&[2, 37, 256], 1, 1.0).to_dtype(dt).unwrap();
-        let w = rand(&[192, 256], 2, 0.1).to_dtype(dt).unwrap();
-        let a = rand(&[8, 256], 3, 0.1);
-        let b = rand(&[192, 8], 4, 0.1);
+        let x = seeded(&[2, 37, 256], 1, 1.0).to_dtype(dt).unwrap();
+        let w = seeded(&[192, 256], 2, 0.1).to_dtype(dt).unwrap();
+        let a = seeded(&[8, 256], 3, 0.1);
+        let b = seeded(&[192, 8], 4, 0.1);
         let f = |t: &[Tensor]| {
             ops::lora_linear_with(
                 &t[0],
@@ -265,8 +213,8 @@ fn lora_linear_matches_the_cpu_with_device_drawn_dropout() {
         };
         let cpu = [x.clone(), w.clone(), a.clone(), b.clone()];
         let dev: Vec<Tensor> = cpu.iter().map(|t| t.to_device(&g).unwrap()).collect();
-        let (yc, gc) = run(&f, &cpu, &[0, 2, 3]);
-        let (yg, gg) = run(&f, &dev, &[0, 2, 3]);
+        let (yc, gc) = value_and_grads(&f, &cpu, &[0, 2, 3], 77);
+        let (yg, gg) = value_and_grads(&f, &dev, &[0, 2, 3], 77);
         let e = rel(&yg, &yc);
         println!("lora_linear {dt:?}: output {e:.2e}");
         assert!(e < tol(dt), "lora_linear {dt:?}: {e}");
@@ -307,16 +255,16 @@ fn attention_kernels_match_the_cpu() {
                     })
                 };
                 let (mc, mg) = (mk(&Device::Cpu), mk(&g));
-                let q = rand(&[b, nh, t, hd], 1, 1.0).to_dtype(dt).unwrap();
-                let k = rand(&[b, nkv, t, hd], 2, 1.0).to_dtype(dt).unwrap();
-                let v = rand(&[b, nkv, t, hd], 3, 1.0).to_dtype(dt).unwrap();
+                let q = seeded(&[b, nh, t, hd], 1, 1.0).to_dtype(dt).unwrap();
+                let k = seeded(&[b, nkv, t, hd], 2, 1.0).to_dtype(dt).unwrap();
+                let v = seeded(&[b, nkv, t, hd], 3, 1.0).to_dtype(dt).unwrap();
                 let scale = 1.0 / (hd as f64).sqrt();
                 let fc = |x: &[Tensor]| ops::attention_with(&x[0], &x[1], &x[2], Some(&mc), scale);
                 let fg = |x: &[Tensor]| ops::attention_with(&x[0], &x[1], &x[2], Some(&mg), scale);
                 let cpu = [q.clone(), k.clone(), v.clone()];
                 let dev: Vec<Tensor> = cpu.iter().map(|x| x.to_device(&g).unwrap()).collect();
-                let (yc, gc) = run(&fc, &cpu, &[0, 1, 2]);
-                let (yg, gg) = run(&fg, &dev, &[0, 1, 2]);
+                let (yc, gc) = value_and_grads(&fc, &cpu, &[0, 1, 2], 77);
+                let (yg, gg) = value_and_grads(&fg, &dev, &[0, 1, 2], 77);
                 let e = rel(&yg, &yc);
                 println!("attention {what} hd {hd} {dt:?}: output {e:.2e}");
                 assert!(e < 2e-2, "attention {what} hd {hd} {dt:?}: output {e}");
@@ -330,9 +278,9 @@ fn attention_kernels_match_the_cpu() {
                 }
             }
             // A decoding step: one query over 137 cached keys, no mask.
-            let q = rand(&[3, nh_of(hd), 1, hd], 4, 1.0).to_dtype(dt).unwrap();
-            let k = rand(&[3, 2, 137, hd], 5, 1.0).to_dtype(dt).unwrap();
-            let v = rand(&[3, 2, 137, hd], 6, 1.0).to_dtype(dt).unwrap();
+            let q = seeded(&[3, nh_of(hd), 1, hd], 4, 1.0).to_dtype(dt).unwrap();
+            let k = seeded(&[3, 2, 137, hd], 5, 1.0).to_dtype(dt).unwrap();
+            let v = seeded(&[3, 2, 137, hd], 6, 1.0).to_dtype(dt).unwrap();
             let yc = ops::attention(&q, &k, &v, None, 0.1).unwrap();
             let yg = ops::attention(
                 &q.to_device(&g).unwrap(),
@@ -389,7 +337,9 @@ fn three_steps(dev: &Device, dt: DType, full: bool, ckpt: bool) -> Vec<f64> {
         // Nonzero B, the same on every device.
         for (i, (n, v)) in adapter.trainable().iter().enumerate() {
             if n.contains("lora_B") {
-                let r = rand(v.dims(), 100 + i as u64, 0.02).to_device(dev).unwrap();
+                let r = seeded(v.dims(), 100 + i as u64, 0.02)
+                    .to_device(dev)
+                    .unwrap();
                 v.set(&r).unwrap();
             }
         }
@@ -399,15 +349,14 @@ fn three_steps(dev: &Device, dt: DType, full: bool, ckpt: bool) -> Vec<f64> {
         // The A matrices drawn on the host the same way on every device.
         for (i, (n, v)) in vars.iter().enumerate() {
             if n.contains("lora_A") {
-                let r = rand(v.dims(), 200 + i as u64, 0.05).to_device(dev).unwrap();
+                let r = seeded(v.dims(), 200 + i as u64, 0.05)
+                    .to_device(dev)
+                    .unwrap();
                 v.set(&r).unwrap();
             }
         }
     }
-    let specs: Vec<sft_optim::ParamSpec> = vars
-        .iter()
-        .map(|(n, v)| sft_optim::ParamSpec::new(n.clone(), v.clone()))
-        .collect();
+    let specs: Vec<sft_optim::ParamSpec> = sft_optim::ParamSpec::all(&vars);
     let mut opt = sft_optim::AdamW::new(specs.clone(), Default::default()).unwrap();
     let (rows, t) = (2, 96);
     let ids: Vec<u32> = (0..rows * t)

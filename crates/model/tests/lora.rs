@@ -4,7 +4,7 @@
 mod common;
 mod gradcheck;
 
-use common::with_big_stack;
+use common::{grad_norm_sq, with_big_stack};
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -163,16 +163,7 @@ fn every_trainable_var_receives_a_gradient() {
             lora::set_training(&mut model, Some(9));
             let grads = mean_loss(&model).backward().unwrap();
             for (name, v) in adapter.trainable() {
-                let g = grads
-                    .get(v.as_tensor())
-                    .unwrap_or_else(|| panic!("{name}: no gradient"));
-                let n = g
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let n = grad_norm_sq(&grads, &v, &name);
                 // With B = 0 the gradient of A, scale * B^T dY^T x, is exactly zero
                 // (analytically); that of B, scale * dY^T (x A^T), is not.
                 if name.ends_with("lora_B.weight") {
@@ -191,16 +182,7 @@ fn every_trainable_var_receives_a_gradient() {
         let vars = lora::make_all_trainable(&mut model).unwrap();
         let grads = mean_loss(&model).backward().unwrap();
         for (name, v) in &vars {
-            let g = grads
-                .get(v.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let n = g
-                .sqr()
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let n = grad_norm_sq(&grads, v, name);
             assert!(n > 0.0 && n.is_finite(), "{name}: |g|^2 = {n}");
         }
     });

@@ -142,11 +142,7 @@ fn thirty_lora_steps_memorise_a_batch_and_leave_the_base_untouched() {
         );
         cfg.init_seed = 1;
         let adapter = lora::apply_lora(&mut m.model, &cfg).unwrap();
-        let params: Vec<ParamSpec> = adapter
-            .trainable()
-            .into_iter()
-            .map(|(n, v)| ParamSpec::new(n, v))
-            .collect();
+        let params: Vec<ParamSpec> = ParamSpec::all(&adapter.trainable());
         let mut opt = AdamW::new(
             params.clone(),
             AdamWConfig {

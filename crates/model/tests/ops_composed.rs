@@ -4,56 +4,9 @@
 //! the dtype it expects), and stays finite where a naive formula overflows.
 mod common;
 
-use candle_core::{DType, Device, Result, Tensor, Var};
-use common::max_abs_diff;
+use candle_core::{DType, Device, Result, Tensor};
+use common::{max_abs_diff, seeded, value_and_grads};
 use sft_model::ops;
-
-fn randn(shape: &[usize], seed: u64, scale: f64) -> Tensor {
-    // A fixed, seed-dependent pattern (candle's CPU randn has no seed).
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale as f32
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-}
-
-/// Output and the gradients of the `vars` inputs (through a fixed projection of the output).
-fn run(
-    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
-    inputs: &[Tensor],
-    vars: &[usize],
-) -> (Tensor, Vec<Tensor>) {
-    let held: Vec<Option<Var>> = (0..inputs.len())
-        .map(|i| {
-            vars.contains(&i)
-                .then(|| Var::from_tensor(&inputs[i]).unwrap())
-        })
-        .collect();
-    let args: Vec<Tensor> = inputs
-        .iter()
-        .zip(&held)
-        .map(|(t, v)| v.as_ref().map_or(t.clone(), |v| v.as_tensor().clone()))
-        .collect();
-    let y = f(&args).unwrap();
-    let probe = randn(y.dims(), 99, 1.0).to_dtype(y.dtype()).unwrap();
-    let loss = (y.to_dtype(DType::F32).unwrap() * probe.to_dtype(DType::F32).unwrap())
-        .unwrap()
-        .sum_all()
-        .unwrap();
-    let g = loss.backward().unwrap();
-    let grads = held
-        .iter()
-        .flatten()
-        .map(|v| g.get(v.as_tensor()).expect("a gradient").clone())
-        .collect();
-    (y, grads)
-}
 
 /// Kernel and composed reference agree (values and gradients) and keep the dtype.
 fn check(
@@ -63,8 +16,8 @@ fn check(
     vars: &[usize],
     tol: f64,
 ) {
-    let (yk, gk) = run(f, inputs, vars);
-    let (yc, gc) = ops::with_composed(|| run(f, inputs, vars));
+    let (yk, gk) = value_and_grads(f, inputs, vars, 99);
+    let (yc, gc) = ops::with_composed(|| value_and_grads(f, inputs, vars, 99));
     assert_eq!(
         yk.dtype(),
         yc.dtype(),
@@ -84,8 +37,8 @@ fn check(
 fn composed_references_match_the_kernels_in_f32_and_bf16() {
     for (dt, tol) in [(DType::F32, 1e-4), (DType::BF16, 6e-2)] {
         let c = |t: Tensor| t.to_dtype(dt).unwrap();
-        let x = c(randn(&[2, 5, 16], 1, 1.0));
-        let w = c((randn(&[16], 2, 0.5) + 1.0).unwrap());
+        let x = c(seeded(&[2, 5, 16], 1, 1.0));
+        let w = c((seeded(&[16], 2, 0.5) + 1.0).unwrap());
         check(
             &format!("rms_norm {dt:?}"),
             &|t| ops::rms_norm(&t[0], &t[1], 1e-5),
@@ -96,12 +49,12 @@ fn composed_references_match_the_kernels_in_f32_and_bf16() {
         check(
             &format!("softmax {dt:?}"),
             &|t| ops::softmax_last_dim(&t[0]),
-            &[c(randn(&[4, 9], 3, 3.0))],
+            &[c(seeded(&[4, 9], 3, 3.0))],
             &[0],
             tol,
         );
-        let q = c(randn(&[2, 3, 5, 8], 4, 1.0));
-        let ang = randn(&[5, 4], 5, 3.0);
+        let q = c(seeded(&[2, 3, 5, 8], 4, 1.0));
+        let ang = seeded(&[5, 4], 5, 3.0);
         let (cos, sin) = (c(ang.cos().unwrap()), c(ang.sin().unwrap()));
         check(
             &format!("rope {dt:?}"),
@@ -113,11 +66,11 @@ fn composed_references_match_the_kernels_in_f32_and_bf16() {
         check(
             &format!("silu_mul {dt:?}"),
             &|t| ops::silu_mul(&t[0], &t[1]),
-            &[c(randn(&[3, 10], 6, 2.0)), c(randn(&[3, 10], 7, 1.0))],
+            &[c(seeded(&[3, 10], 6, 2.0)), c(seeded(&[3, 10], 7, 1.0))],
             &[0, 1],
             tol,
         );
-        let wl = c(randn(&[12, 16], 8, 0.3));
+        let wl = c(seeded(&[12, 16], 8, 0.3));
         check(
             &format!("frozen_linear {dt:?}"),
             &|t| ops::frozen_linear(&t[0], &t[1]),
@@ -126,8 +79,8 @@ fn composed_references_match_the_kernels_in_f32_and_bf16() {
             tol,
         );
         // LoRA: f32 adapters on a base of the activations' dtype.
-        let a = randn(&[4, 16], 9, 0.3);
-        let b = randn(&[12, 4], 10, 0.3);
+        let a = seeded(&[4, 16], 9, 0.3);
+        let b = seeded(&[12, 4], 10, 0.3);
         let mask = Tensor::from_vec(
             (0..160)
                 .map(|i| [0f32, 1.25][(i % 5 != 0) as usize])
@@ -145,9 +98,9 @@ fn composed_references_match_the_kernels_in_f32_and_bf16() {
         );
         // Attention, GQA with a padded causal pattern, additive and as key ranges.
         let (bsz, nh, nkv, t, hd) = (2, 4, 2, 7, 8);
-        let q = c(randn(&[bsz, nh, t, hd], 11, 1.0));
-        let k = c(randn(&[bsz, nkv, t, hd], 12, 1.0));
-        let v = c(randn(&[bsz, nkv, t, hd], 13, 1.0));
+        let q = c(seeded(&[bsz, nh, t, hd], 11, 1.0));
+        let k = c(seeded(&[bsz, nkv, t, hd], 12, 1.0));
+        let v = c(seeded(&[bsz, nkv, t, hd], 13, 1.0));
         let valid = vec![vec![true; t], (0..t).map(|i| i >= 3).collect()];
         let ranges = ops::KeyRanges::causal(&valid, 0, t, &Device::Cpu)
             .unwrap()
@@ -167,11 +120,12 @@ fn composed_references_match_the_kernels_in_f32_and_bf16() {
             );
         }
         let labels = Tensor::new(&[3u32, 0, 7, 2], &Device::Cpu).unwrap();
-        let logits = c(randn(&[4, 9], 14, 4.0));
-        let (yk, _) = run(
+        let logits = c(seeded(&[4, 9], 14, 4.0));
+        let (yk, _) = value_and_grads(
             &|t| ops::cross_entropy(&t[0], &labels, -100),
             std::slice::from_ref(&logits),
             &[0],
+            99,
         );
         assert_eq!(yk.dtype(), DType::F32, "cross-entropy losses are f32");
         let f = |t: &[Tensor]| -> Result<Tensor> {
@@ -185,7 +139,7 @@ fn composed_references_match_the_kernels_in_f32_and_bf16() {
 /// maximum, as the kernel does.
 #[test]
 fn composed_cross_entropy_is_max_shifted() {
-    let logits = (randn(&[3, 50], 21, 5.0) + 120.0).unwrap();
+    let logits = (seeded(&[3, 50], 21, 5.0) + 120.0).unwrap();
     let labels = Tensor::new(&[4u32, 49, 0], &Device::Cpu).unwrap();
     let kernel = ops::cross_entropy(&logits, &labels, -100).unwrap();
     let composed = ops::with_composed(|| ops::cross_entropy(&logits, &labels, -100)).unwrap();

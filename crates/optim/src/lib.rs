@@ -63,6 +63,24 @@ impl ParamSpec {
             weight_decay,
         }
     }
+
+    /// A spec for each named variable (an adapter's or a model's trainable list).
+    pub fn all(named: &[(String, Var)]) -> Vec<Self> {
+        named
+            .iter()
+            .map(|(n, v)| Self::new(n.clone(), v.clone()))
+            .collect()
+    }
+}
+
+/// The gradient of `p` in a backward pass's store; a parameter without one is an error (it is
+/// how a detached graph shows up).
+fn grad_of<'a>(p: &ParamSpec, store: &'a GradStore) -> Result<&'a Tensor> {
+    store
+        .get(p.var.as_tensor())
+        .ok_or_else(|| OptimError::MissingGrad {
+            name: p.name.clone(),
+        })
 }
 
 /// The usual grouping (Hugging Face's Trainer): no decay on biases and normalisation weights.
@@ -102,16 +120,11 @@ impl Grads {
         Self { map }
     }
 
-    /// Picks the gradient of every parameter out of a backward pass. A parameter without one
-    /// is an error: it is how a detached graph shows up.
+    /// Picks the gradient of every parameter out of a backward pass ([`grad_of`]).
     pub fn from_store(params: &[ParamSpec], store: &GradStore) -> Result<Self> {
         let mut map = HashMap::with_capacity(params.len());
         for p in params {
-            let g = store
-                .get(p.var.as_tensor())
-                .ok_or_else(|| OptimError::MissingGrad {
-                    name: p.name.clone(),
-                })?;
+            let g = grad_of(p, store)?;
             map.insert(p.name.clone(), g.clone());
         }
         Ok(Self { map })
@@ -209,11 +222,7 @@ impl GradAccumulator {
     /// Adds one micro-batch's gradients (of a summed loss over `tokens` tokens).
     pub fn add(&mut self, params: &[ParamSpec], store: &GradStore, tokens: usize) -> Result<()> {
         for p in params {
-            let g = store
-                .get(p.var.as_tensor())
-                .ok_or_else(|| OptimError::MissingGrad {
-                    name: p.name.clone(),
-                })?;
+            let g = grad_of(p, store)?;
             if g.dims() != p.var.dims() {
                 return Err(OptimError::GradShape {
                     name: p.name.clone(),

@@ -9,7 +9,7 @@ use sft_trainer::answer::ModelAnswer;
 use sft_trainer::config::GenEvalConfig;
 use std::path::PathBuf;
 
-use super::score::ModelArgs;
+use super::score::{out_dir, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct IfsArgs {
@@ -48,13 +48,7 @@ pub fn run(args: IfsArgs) -> Result<()> {
         ..GenEvalConfig::default()
     })?;
     let mut answer = ModelAnswer::for_loaded(&m, &args.template, args.batch_size)?;
-    let out = args.out.unwrap_or_else(|| {
-        let name = m
-            .dir
-            .file_name()
-            .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-        PathBuf::from(format!("ifs-{name}"))
-    });
+    let out = out_dir(args.out, &m, "ifs");
     let t = std::time::Instant::now();
     let report = ev
         .evaluate(&mut answer, &out)

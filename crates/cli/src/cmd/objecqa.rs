@@ -9,7 +9,7 @@ use sft_trainer::answer::ModelAnswer;
 use sft_trainer::config::GenEvalConfig;
 use std::path::PathBuf;
 
-use super::score::ModelArgs;
+use super::score::{out_dir, ModelArgs};
 
 #[derive(Args, Debug)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -100,13 +100,7 @@ fn score(args: ScoreArgs) -> Result<()> {
         ..GenEvalConfig::default()
     })?;
     let mut answer = ModelAnswer::for_loaded(&m, &args.template, args.batch_size)?;
-    let out = args.out.unwrap_or_else(|| {
-        let name = m
-            .dir
-            .file_name()
-            .map_or("model".into(), |n| n.to_string_lossy().into_owned());
-        PathBuf::from(format!("objecqa-{name}"))
-    });
+    let out = out_dir(args.out, &m, "objecqa");
     let r = ev
         .evaluate(&mut answer, &out)
         .map_err(|e| anyhow::anyhow!("ObjecQA: {e}"))?;

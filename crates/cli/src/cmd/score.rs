@@ -70,6 +70,17 @@ impl ModelArgs {
     }
 }
 
+/// Where an evaluation keeps its responses: `--out`, or `<prefix>-<model folder name>`.
+pub fn out_dir(out: Option<PathBuf>, m: &LoadedModel, prefix: &str) -> PathBuf {
+    out.unwrap_or_else(|| {
+        let name = m
+            .dir
+            .file_name()
+            .map_or("model".into(), |n| n.to_string_lossy());
+        PathBuf::from(format!("{prefix}-{name}"))
+    })
+}
+
 #[derive(Args, Debug)]
 pub struct ScoreArgs {
     #[command(flatten)]

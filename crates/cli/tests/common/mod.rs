@@ -21,6 +21,33 @@ pub fn smollm2() -> PathBuf {
     m
 }
 
+/// The config `tests/configs/NAME` for a run under `dir`: `{model}`, `{data}` (the bundled
+/// examples), `{ck}` (`dir/ck`) and each `{key}` of `vars` filled in.
+pub fn config_text(name: &str, dir: &Path, model: &Path, vars: &[(&str, &str)]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/configs")
+        .join(name);
+    let mut text = std::fs::read_to_string(&path).unwrap();
+    let data = repo().join("configs/data/bundled.jsonl");
+    let fixed = [
+        ("model", model.display().to_string()),
+        ("data", data.display().to_string()),
+        ("ck", dir.join("ck").display().to_string()),
+    ];
+    let extra = vars.iter().map(|(k, v)| (*k, v.to_string()));
+    for (key, value) in fixed.into_iter().chain(extra) {
+        text = text.replace(&format!("{{{key}}}"), &value);
+    }
+    text
+}
+
+/// [`config_text`] written to `dir/NAME`.
+pub fn config_file(name: &str, dir: &Path, model: &Path, vars: &[(&str, &str)]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, config_text(name, dir, model, vars)).unwrap();
+    p
+}
+
 /// A tiny random LLaMA with SmolLM2's tokenizer, written under `dir`.
 pub fn tiny_model(dir: &Path) -> PathBuf {
     let out = dir.join("tiny-model");
@@ -37,13 +64,18 @@ pub fn tiny_model(dir: &Path) -> PathBuf {
     out
 }
 
-/// The JSON on the last line of a command that must have succeeded.
-pub fn json_last(out: &Output) -> Value {
+/// Asserts that a command succeeded, showing its stderr where it did not.
+pub fn assert_ok(out: &Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The JSON on the last line of a command that must have succeeded.
+pub fn json_last(out: &Output) -> Value {
+    assert_ok(out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     serde_json::from_str(stdout.lines().last().unwrap_or_default())
         .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {stdout}"))
@@ -60,6 +92,24 @@ pub fn train(cfg: &Path, extra: &[&str], env: &[(&str, &str)]) -> Output {
         c.env(k, v);
     }
     c.output().unwrap()
+}
+
+/// `sft-train --config configs/quickstart.yaml` run from the repository root, its runs under
+/// `dir`, on `model` (or the config's SmolLM2), with each of `sets` as a `--set` and `extra`
+/// arguments after them; logged at info.
+pub fn quickstart(dir: &Path, model: Option<&Path>, sets: &[&str], extra: &[&str]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_sft-train"));
+    c.current_dir(repo())
+        .args(["--config", "configs/quickstart.yaml"]);
+    c.arg("--set")
+        .arg(format!("checkpoint.dir={}", dir.display()));
+    if let Some(m) = model {
+        c.arg("--set").arg(format!("model.source={}", m.display()));
+    }
+    for s in sets {
+        c.args(["--set", s]);
+    }
+    c.args(extra).env("RUST_LOG", "info").output().unwrap()
 }
 
 /// Each metrics line's step, loss and held-out loss, as printed (exact bits).

@@ -7,7 +7,8 @@ use rayon::prelude::*;
 use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
-use crate::ops::dispatch::{by_dtype, Acc, Elem};
+use crate::ops::cpu::{In, Out};
+use crate::ops::dispatch::{kernels, Acc, Elem};
 use crate::ops::route::{route, Op, Route};
 
 /// Per-row cross-entropy `logsumexp(logits[i]) - logits[i, labels[i]]`, fused (no softmax
@@ -65,13 +66,7 @@ fn logsumexp<T: Elem>(row: &[T]) -> T::A {
     max + T::sum_exp_shift(row, max).ln()
 }
 
-fn ce_fwd<T: Elem>(
-    op: &CrossEntropy,
-    sx: &CpuStorage,
-    lx: &Layout,
-    sy: &CpuStorage,
-    ly: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn ce_fwd<T: Elem>(op: &CrossEntropy, (sx, lx): In, (sy, ly): In) -> Out {
     let (n, v) = lx.shape().dims2()?;
     let x = cont::<T>(sx, lx, "cross_entropy")?;
     let labels = labels_i64(sy, ly)?;
@@ -94,32 +89,13 @@ fn ce_fwd<T: Elem>(
 }
 
 impl CustomOp2 for CrossEntropy {
-    fn name(&self) -> &'static str {
-        "sft-cross-entropy"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(s1.dtype(), "cross_entropy", ce_fwd(self, s1, l1, s2, l2))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = l1.dims().first().copied().unwrap_or(0);
-        let out = gpu::forward(self.ignore_index, (s1, l1), (s2, l2))?;
-        Ok((out, Shape::from(n)))
-    }
+    kernels!(
+        "sft-cross-entropy",
+        "cross_entropy",
+        ce_fwd,
+        gpu::forward,
+        2
+    );
 
     fn bwd(
         &self,
@@ -148,15 +124,7 @@ struct CrossEntropyBwd {
     losses: Tensor,
 }
 
-fn ce_bwd<T: Elem>(
-    op: &CrossEntropyBwd,
-    sx: &CpuStorage,
-    lx: &Layout,
-    sy: &CpuStorage,
-    ly: &Layout,
-    sg: &CpuStorage,
-    lg: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn ce_bwd<T: Elem>(op: &CrossEntropyBwd, (sx, lx): In, (sy, ly): In, (sg, lg): In) -> Out {
     let (_, v) = lx.shape().dims2()?;
     let x = cont::<T>(sx, lx, "cross_entropy bwd")?;
     let labels = labels_i64(sy, ly)?;
@@ -183,45 +151,13 @@ fn ce_bwd<T: Elem>(
 }
 
 impl CustomOp3 for CrossEntropyBwd {
-    fn name(&self) -> &'static str {
-        "sft-cross-entropy-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(
-            s1.dtype(),
-            "cross_entropy bwd",
-            ce_bwd(self, s1, l1, s2, l2, s3, l3)
-        )
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = gpu::backward(
-            self.ignore_index,
-            &self.losses,
-            (s1, l1),
-            (s2, l2),
-            (s3, l3),
-        )?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernels!(
+        "sft-cross-entropy-bwd",
+        "cross_entropy bwd",
+        ce_bwd,
+        gpu::backward,
+        3
+    );
 }
 
 /// The CUDA launches (kernels in `sft-kernels/src/loss.cu`).
@@ -229,11 +165,9 @@ impl CustomOp3 for CrossEntropyBwd {
 mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::{bail, CudaStorage, DType, Layout, Result, Tensor};
+    use candle_core::{bail, CudaStorage, DType, Result, Shape};
 
-    use crate::ops::cuda::{self, Module};
-
-    type In<'a> = (&'a CudaStorage, &'a Layout);
+    use crate::ops::cuda::{self, In, Module, Out};
 
     fn labels_suffix(dt: DType) -> Result<&'static str> {
         Ok(match dt {
@@ -244,7 +178,8 @@ mod gpu {
     }
 
     /// Per-row losses in f32.
-    pub fn forward(ignore: i64, (x, lx): In<'_>, (y, ly): In<'_>) -> Result<CudaStorage> {
+    pub fn forward(ce: &super::CrossEntropy, (x, lx): In, (y, ly): In) -> Out {
+        let ignore = ce.ignore_index;
         cuda::contiguous(lx, "cross_entropy")?;
         cuda::contiguous(ly, "cross_entropy")?;
         let (n, v) = lx.shape().dims2()?;
@@ -265,17 +200,12 @@ mod gpu {
         cuda::launch(&f, cuda::rows(n, v), |b| {
             b.arg(&xp).arg(&yp).arg(&op).arg(&v32).arg(&ignore);
         })?;
-        Ok(out)
+        Ok((out, Shape::from(n)))
     }
 
     /// d logits in the logits' dtype; `g` is the gradient of the per-row losses (f32).
-    pub fn backward(
-        ignore: i64,
-        losses: &Tensor,
-        (x, lx): In<'_>,
-        (y, ly): In<'_>,
-        (g, lg): In<'_>,
-    ) -> Result<CudaStorage> {
+    pub fn backward(ce: &super::CrossEntropyBwd, (x, lx): In, (y, ly): In, (g, lg): In) -> Out {
+        let ignore = ce.ignore_index;
         cuda::contiguous(lx, "cross_entropy bwd")?;
         cuda::contiguous(ly, "cross_entropy bwd")?;
         cuda::contiguous(lg, "cross_entropy bwd")?;
@@ -287,7 +217,7 @@ mod gpu {
         }
         let (n, v) = lx.shape().dims2()?;
         let dev = x.device();
-        let losses = losses.to_dtype(DType::F32)?.contiguous()?;
+        let losses = ce.losses.to_dtype(DType::F32)?.contiguous()?;
         let lp = cuda::with_storage(&losses, cuda::ptr)?;
         let out = cuda::new_storage(dev, x.dtype(), n * v)?;
         let name = format!(
@@ -313,6 +243,6 @@ mod gpu {
                 .arg(&ignore);
         })?;
         drop(losses);
-        Ok(out)
+        Ok((out, lx.shape().clone()))
     }
 }

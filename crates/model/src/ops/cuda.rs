@@ -4,9 +4,16 @@
 //! per-tensor event tracking on a single stream).
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::CudaFunction;
-use candle_core::cuda_backend::cudarc::driver::{sys, CudaSlice, DeviceRepr, LaunchConfig};
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
 use candle_core::{bail, CudaStorage, DType, Layout, Result};
+
+/// A kernel's input: a storage and its layout.
+pub(crate) type In<'a> = (&'a CudaStorage, &'a Layout);
+/// A kernel's output: a storage and its shape.
+pub(crate) type Out = Result<(CudaStorage, candle_core::Shape)>;
 
 /// The PTX modules of `sft-kernels`.
 #[derive(Clone, Copy)]
@@ -126,6 +133,35 @@ pub(crate) fn launch<'a>(
     // SAFETY: each caller passes the arguments its kernel declares, pointers to live storages.
     unsafe { b.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// Launches the simple kernel `name_<dtype>(inputs..., out, size)` of `module` (contiguous
+/// inputs; `out`: `out_len` elements of the first input's dtype) and returns `out`.
+pub(crate) fn launch_simple<S: DeviceRepr>(
+    module: Module,
+    name: &str,
+    inputs: &[In],
+    out_len: usize,
+    cfg: LaunchConfig,
+    size: S,
+) -> Result<CudaStorage> {
+    let dev = inputs[0].0.device();
+    let dt = inputs[0].0.dtype();
+    let mut ptrs = vec![];
+    for (s, l) in inputs {
+        contiguous(l, name)?;
+        ptrs.push(ptr(s, l)?);
+    }
+    let out = new_storage(dev, dt, out_len)?;
+    let op = base(&out)?;
+    let f = func(dev, module, &format!("{name}_{}", suffix(dt)?))?;
+    launch(&f, cfg, |b| {
+        for p in &ptrs {
+            b.arg(p);
+        }
+        b.arg(&op).arg(&size);
+    })?;
+    Ok(out)
 }
 
 /// A grid-stride launch over `n` items, 256 threads a block.

@@ -236,6 +236,53 @@ macro_rules! by_dtype {
 }
 pub(crate) use by_dtype;
 
+/// The `name`, `cpu_fwd` and `cuda_fwd` of a candle `CustomOp1/2/3` impl, from the op's two
+/// kernels: `kernels!("sft-op", "op", cpu_kernel, cuda_kernel, inputs)` with `inputs` 1, 2 or
+/// 3. `cpu_kernel::<T>(op, (storage, layout), ...)` is generic over [`Elem`] and called for the
+/// first input's dtype (`by_dtype!`, `"op"` naming it in errors); `cuda_kernel(op, (storage,
+/// layout), ...)` runs on the device. Both return the output and its shape. The impl keeps its
+/// `bwd`, so an op's wiring is one line and its kernels are plain functions.
+macro_rules! kernels {
+    ($name:literal, $label:literal, $cpu:ident, $cuda:path, 1) => {
+        $crate::ops::dispatch::kernels!(@ $name, $label, $cpu, $cuda, (s1, l1));
+    };
+    ($name:literal, $label:literal, $cpu:ident, $cuda:path, 2) => {
+        $crate::ops::dispatch::kernels!(@ $name, $label, $cpu, $cuda, (s1, l1), (s2, l2));
+    };
+    ($name:literal, $label:literal, $cpu:ident, $cuda:path, 3) => {
+        $crate::ops::dispatch::kernels!(
+            @ $name, $label, $cpu, $cuda, (s1, l1), (s2, l2), (s3, l3)
+        );
+    };
+    (@ $name:literal, $label:literal, $cpu:ident, $cuda:path,
+        ($s1:ident, $l1:ident) $(, ($s:ident, $l:ident))*) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+
+        fn cpu_fwd(
+            &self,
+            $s1: &candle_core::CpuStorage,
+            $l1: &candle_core::Layout,
+            $($s: &candle_core::CpuStorage, $l: &candle_core::Layout,)*
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            let dt = candle_core::backend::BackendStorage::dtype($s1);
+            $crate::ops::dispatch::by_dtype!(dt, $label, $cpu(self, ($s1, $l1) $(, ($s, $l))*))
+        }
+
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            $s1: &candle_core::CudaStorage,
+            $l1: &candle_core::Layout,
+            $($s: &candle_core::CudaStorage, $l: &candle_core::Layout,)*
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $cuda(self, ($s1, $l1) $(, ($s, $l))*)
+        }
+    };
+}
+pub(crate) use kernels;
+
 pub(crate) fn same_dtype(op: &str, a: DType, b: DType) -> Result<()> {
     if a != b {
         bail!("{op}: dtype mismatch, {a:?} and {b:?}");

@@ -1,12 +1,13 @@
 //! RMSNorm over the last dimension, forward and backward.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use num_traits::Float;
 
 use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
-use crate::ops::dispatch::{by_dtype, same_dtype, Elem};
+use crate::ops::cpu::{In, Out};
+use crate::ops::dispatch::{kernels, same_dtype, Elem};
 use crate::ops::route::{route, Op, Route};
 
 /// RMSNorm over the last dimension: `x / sqrt(mean(x^2) + eps) * weight`.
@@ -38,13 +39,8 @@ fn inv_rms<T: Elem>(row: &[T], eps: T::A) -> T::A {
     (ss / d + eps).sqrt().recip()
 }
 
-fn rms_fwd<T: Elem>(
-    op: &RmsNorm,
-    sx: &CpuStorage,
-    lx: &Layout,
-    sw: &CpuStorage,
-    lw: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn rms_fwd<T: Elem>(op: &RmsNorm, (sx, lx): In, (sw, lw): In) -> Out {
+    same_dtype("rms_norm", sx.dtype(), sw.dtype())?;
     let (_, d) = rms_dims("rms_norm", lx, lw)?;
     let x = cont::<T>(sx, lx, "rms_norm")?;
     let w = cont::<T>(sw, lw, "rms_norm")?;
@@ -61,33 +57,7 @@ fn rms_fwd<T: Elem>(
 }
 
 impl CustomOp2 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "sft-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        same_dtype("rms_norm", s1.dtype(), s2.dtype())?;
-        by_dtype!(s1.dtype(), "rms_norm", rms_fwd(self, s1, l1, s2, l2))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        same_dtype("rms_norm", s1.dtype(), s2.dtype())?;
-        let out = gpu::forward(self.eps, (s1, l1), (s2, l2))?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernels!("sft-rms-norm", "rms_norm", rms_fwd, gpu::forward, 2);
 
     fn bwd(
         &self,
@@ -116,15 +86,7 @@ struct RmsNormBwdX {
     eps: f64,
 }
 
-fn rms_bwd_x<T: Elem>(
-    op: &RmsNormBwdX,
-    sx: &CpuStorage,
-    lx: &Layout,
-    sw: &CpuStorage,
-    lw: &Layout,
-    sg: &CpuStorage,
-    lg: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn rms_bwd_x<T: Elem>(op: &RmsNormBwdX, (sx, lx): In, (sw, lw): In, (sg, lg): In) -> Out {
     let (_, d) = rms_dims("rms_norm bwd", lx, lw)?;
     let x = cont::<T>(sx, lx, "rms_norm bwd")?;
     let w = cont::<T>(sw, lw, "rms_norm bwd")?;
@@ -152,39 +114,13 @@ fn rms_bwd_x<T: Elem>(
 }
 
 impl CustomOp3 for RmsNormBwdX {
-    fn name(&self) -> &'static str {
-        "sft-rms-norm-bwd-x"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(
-            s1.dtype(),
-            "rms_norm bwd",
-            rms_bwd_x(self, s1, l1, s2, l2, s3, l3)
-        )
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = gpu::backward_x(self.eps, (s1, l1), (s2, l2), (s3, l3))?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernels!(
+        "sft-rms-norm-bwd-x",
+        "rms_norm bwd",
+        rms_bwd_x,
+        gpu::backward_x,
+        3
+    );
 }
 
 /// dw = sum over rows of g * xhat.
@@ -192,13 +128,7 @@ struct RmsNormBwdW {
     eps: f64,
 }
 
-fn rms_bwd_w<T: Elem>(
-    op: &RmsNormBwdW,
-    sx: &CpuStorage,
-    lx: &Layout,
-    sg: &CpuStorage,
-    lg: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn rms_bwd_w<T: Elem>(op: &RmsNormBwdW, (sx, lx): In, (sg, lg): In) -> Out {
     let d = lx.dims().last().copied().unwrap_or(1);
     let x = cont::<T>(sx, lx, "rms_norm bwd")?;
     let g = cont::<T>(sg, lg, "rms_norm bwd")?;
@@ -217,32 +147,13 @@ fn rms_bwd_w<T: Elem>(
 }
 
 impl CustomOp2 for RmsNormBwdW {
-    fn name(&self) -> &'static str {
-        "sft-rms-norm-bwd-w"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(s1.dtype(), "rms_norm bwd", rms_bwd_w(self, s1, l1, s2, l2))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = l1.dims().last().copied().unwrap_or(1);
-        let out = gpu::backward_w(self.eps, (s1, l1), (s2, l2))?;
-        Ok((out, Shape::from(d)))
-    }
+    kernels!(
+        "sft-rms-norm-bwd-w",
+        "rms_norm bwd",
+        rms_bwd_w,
+        gpu::backward_w,
+        2
+    );
 }
 
 /// The CUDA launches (kernels in `sft-kernels/src/norm.cu`).
@@ -250,13 +161,13 @@ impl CustomOp2 for RmsNormBwdW {
 mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::{CudaStorage, DType, Layout, Result};
+    use candle_core::{CudaStorage, DType, Result, Shape};
 
-    use crate::ops::cuda::{self, Module};
+    use crate::ops::cuda::{self, In, Module, Out};
+    use crate::ops::dispatch::same_dtype;
 
-    type In<'a> = (&'a CudaStorage, &'a Layout);
-
-    pub fn forward(eps: f64, (x, lx): In<'_>, (w, lw): In<'_>) -> Result<CudaStorage> {
+    pub fn forward(norm: &super::RmsNorm, (x, lx): In, (w, lw): In) -> Out {
+        same_dtype("rms_norm", x.dtype(), w.dtype())?;
         cuda::contiguous(lx, "rms_norm")?;
         let (rows, d) = super::rms_dims("rms_norm", lx, lw)?;
         let dev = x.device();
@@ -267,19 +178,14 @@ mod gpu {
             &format!("rms_norm_fwd_{}", cuda::suffix(x.dtype())?),
         )?;
         let (xp, wp, op) = (cuda::ptr(x, lx)?, cuda::ptr(w, lw)?, cuda::base(&out)?);
-        let (d32, e) = (d as i32, eps as f32);
+        let (d32, e) = (d as i32, norm.eps as f32);
         cuda::launch(&f, cuda::rows(rows, d), |b| {
             b.arg(&xp).arg(&wp).arg(&op).arg(&d32).arg(&e);
         })?;
-        Ok(out)
+        Ok((out, lx.shape().clone()))
     }
 
-    pub fn backward_x(
-        eps: f64,
-        (x, lx): In<'_>,
-        (w, lw): In<'_>,
-        (g, lg): In<'_>,
-    ) -> Result<CudaStorage> {
+    pub fn backward_x(norm: &super::RmsNormBwdX, (x, lx): In, (w, lw): In, (g, lg): In) -> Out {
         cuda::contiguous(lx, "rms_norm bwd")?;
         cuda::contiguous(lg, "rms_norm bwd")?;
         let (rows, d) = super::rms_dims("rms_norm bwd", lx, lw)?;
@@ -293,16 +199,16 @@ mod gpu {
             cuda::ptr(g, lg)?,
             cuda::base(&out)?,
         );
-        let (d32, e) = (d as i32, eps as f32);
+        let (d32, e) = (d as i32, norm.eps as f32);
         cuda::launch(&f, cuda::rows(rows, d), |b| {
             b.arg(&xp).arg(&wp).arg(&gp).arg(&op).arg(&d32).arg(&e);
         })?;
-        Ok(out)
+        Ok((out, lx.shape().clone()))
     }
 
     /// dw = sum over rows of g * x * rstd: per-row rstd, column sums over chunks of rows,
     /// then the chunks summed in a fixed order (deterministic, unlike atomics).
-    pub fn backward_w(eps: f64, (x, lx): In<'_>, (g, lg): In<'_>) -> Result<CudaStorage> {
+    pub fn backward_w(norm: &super::RmsNormBwdW, (x, lx): In, (g, lg): In) -> Out {
         cuda::contiguous(lx, "rms_norm bwd")?;
         cuda::contiguous(lg, "rms_norm bwd")?;
         let d = lx.dims().last().copied().unwrap_or(1);
@@ -311,7 +217,7 @@ mod gpu {
         let sfx = cuda::suffix(x.dtype())?;
         let rstd = cuda::new_storage(dev, DType::F32, rows)?;
         let (xp, gp, rp) = (cuda::ptr(x, lx)?, cuda::ptr(g, lg)?, cuda::base(&rstd)?);
-        let (d32, e) = (d as i32, eps as f32);
+        let (d32, e) = (d as i32, norm.eps as f32);
         let f = cuda::func(dev, Module::Norm, &format!("rms_norm_rstd_{sfx}"))?;
         cuda::launch(&f, cuda::rows(rows, d), |b| {
             b.arg(&xp).arg(&rp).arg(&d32).arg(&e);
@@ -342,6 +248,6 @@ mod gpu {
         cuda::launch(&f, cuda::grid(d), |b| {
             b.arg(&pp).arg(&op).arg(&ch32).arg(&d32);
         })?;
-        Ok(out)
+        Ok((out, Shape::from(d)))
     }
 }

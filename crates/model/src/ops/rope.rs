@@ -1,13 +1,14 @@
 //! The rotary position embedding (non-interleaved, Hugging Face LLaMA layout); its backward is
 //! the inverse rotation.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CustomOp3, Result, Shape, Tensor};
 use num_traits::One;
 
 use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
-use crate::ops::dispatch::{by_dtype, same_dtype, Elem};
+use crate::ops::cpu::{In, Out};
+use crate::ops::dispatch::{kernels, same_dtype, Elem};
 use crate::ops::route::{route, Op, Route};
 
 /// Rotary embedding, non-interleaved (GPT-NeoX / Hugging Face LLaMA layout):
@@ -38,15 +39,9 @@ struct Rope {
     inverse: bool,
 }
 
-fn rope_fwd<T: Elem>(
-    op: &Rope,
-    sx: &CpuStorage,
-    lx: &Layout,
-    sc: &CpuStorage,
-    lc: &Layout,
-    ss: &CpuStorage,
-    ls: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn rope_fwd<T: Elem>(op: &Rope, (sx, lx): In, (sc, lc): In, (ss, ls): In) -> Out {
+    same_dtype("rope", sx.dtype(), sc.dtype())?;
+    same_dtype("rope", sx.dtype(), ss.dtype())?;
     let (b, h, t, d) = match lx.dims() {
         &[b, h, t, d] => (b, h, t, d),
         dims => bail!("rope: x must be (b, heads, t, head_dim), got {dims:?}"),
@@ -98,38 +93,7 @@ fn rope_fwd<T: Elem>(
 }
 
 impl CustomOp3 for Rope {
-    fn name(&self) -> &'static str {
-        "sft-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        same_dtype("rope", s1.dtype(), s2.dtype())?;
-        same_dtype("rope", s1.dtype(), s3.dtype())?;
-        by_dtype!(s1.dtype(), "rope", rope_fwd(self, s1, l1, s2, l2, s3, l3))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        same_dtype("rope", s1.dtype(), s2.dtype())?;
-        same_dtype("rope", s1.dtype(), s3.dtype())?;
-        gpu::rope(self.inverse, (s1, l1), (s2, l2), (s3, l3))
-    }
+    kernels!("sft-rope", "rope", rope_fwd, gpu::rope, 3);
 
     fn bwd(
         &self,
@@ -161,18 +125,14 @@ impl CustomOp3 for Rope {
 mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::{bail, CudaStorage, Layout, Result, Shape};
+    use candle_core::{bail, CudaStorage, Result, Shape};
 
-    use crate::ops::cuda::{self, Module};
+    use crate::ops::cuda::{self, In, Module, Out};
+    use crate::ops::dispatch::same_dtype;
 
-    type In<'a> = (&'a CudaStorage, &'a Layout);
-
-    pub fn rope(
-        inverse: bool,
-        (x, lx): In<'_>,
-        (c, lc): In<'_>,
-        (s, ls): In<'_>,
-    ) -> Result<(CudaStorage, Shape)> {
+    pub fn rope(rope: &super::Rope, (x, lx): In, (c, lc): In, (s, ls): In) -> Out {
+        same_dtype("rope", x.dtype(), c.dtype())?;
+        same_dtype("rope", x.dtype(), s.dtype())?;
         let (b, h, t, d) = lx.shape().dims4()?;
         let st = lx.stride();
         if st[3] != 1 || d % 2 != 0 {
@@ -195,7 +155,7 @@ mod gpu {
         );
         let (b32, h32, t32, d32) = (b as i32, h as i32, t as i32, d as i32);
         let (sb, sh, stt) = (st[0] as i64, st[1] as i64, st[2] as i64);
-        let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        let sign: f32 = if rope.inverse { -1.0 } else { 1.0 };
         let f = cuda::func(
             dev,
             Module::Elementwise,

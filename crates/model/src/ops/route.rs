@@ -54,20 +54,10 @@ pub enum Route {
     Composed,
 }
 
-/// Ops with a CUDA kernel. An op missing here runs composed on CUDA: adding a kernel is a line
-/// in this table (and its `cuda_fwd`).
+/// Ops with a CUDA kernel: all of them today. An op taken out of this list runs composed on
+/// CUDA, so adding (or bisecting) a kernel is one line here (and its `cuda_fwd`).
 #[cfg(feature = "cuda")]
-const CUDA_KERNELS: &[Op] = &[
-    Op::RmsNorm,
-    Op::Softmax,
-    Op::Rope,
-    Op::SiluMul,
-    Op::FrozenLinear,
-    Op::LoraLinear,
-    Op::Attention,
-    Op::CrossEntropy,
-    Op::Dropout,
-];
+const CUDA_KERNELS: &[Op] = &Op::ALL;
 
 /// The routing table: which implementation runs `op` on `dev` for inputs of `dtype`. CPU ops
 /// all have kernels; on CUDA, the ops of `CUDA_KERNELS` for f32, bf16 and f16 (an op may still

@@ -1,12 +1,12 @@
 //! Softmax over the last dimension (a fully masked row gives zeros), forward and backward.
-use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CustomOp1, CustomOp2, Result, Tensor};
 use num_traits::{Float, Zero};
 
 use crate::ops::composed;
 use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
-use crate::ops::dispatch::{by_dtype, Acc, Elem};
+use crate::ops::cpu::{In, Out};
+use crate::ops::dispatch::{kernels, Acc, Elem};
 use crate::ops::route::{route, Op, Route};
 
 /// Softmax over the last dimension. A row that is entirely `-inf` (a fully masked query)
@@ -20,7 +20,7 @@ pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
 
 struct Softmax;
 
-fn softmax_fwd<T: Elem>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+fn softmax_fwd<T: Elem>(_: &Softmax, (s, l): In) -> Out {
     let d = l.dims().last().copied().unwrap_or(1);
     let x = cont::<T>(s, l, "softmax")?;
     let mut out = vec![T::zero(); x.len()];
@@ -58,22 +58,7 @@ fn softmax_fwd<T: Elem>(s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape
 }
 
 impl CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "sft-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(s.dtype(), "softmax", softmax_fwd(s, l))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((gpu::rows("softmax_fwd", &[(s, l)])?, l.shape().clone()))
-    }
+    kernels!("sft-softmax", "softmax", softmax_fwd, gpu::forward, 1);
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
@@ -83,12 +68,7 @@ impl CustomOp1 for Softmax {
 /// dx = y * (g - sum(g * y)).
 struct SoftmaxBwd;
 
-fn softmax_bwd<T: Elem>(
-    sy: &CpuStorage,
-    ly: &Layout,
-    sg: &CpuStorage,
-    lg: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn softmax_bwd<T: Elem>(_: &SoftmaxBwd, (sy, ly): In, (sg, lg): In) -> Out {
     let d = ly.dims().last().copied().unwrap_or(1);
     let y = cont::<T>(sy, ly, "softmax bwd")?;
     let g = cont::<T>(sg, lg, "softmax bwd")?;
@@ -105,70 +85,35 @@ fn softmax_bwd<T: Elem>(
 }
 
 impl CustomOp2 for SoftmaxBwd {
-    fn name(&self) -> &'static str {
-        "sft-softmax-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(s1.dtype(), "softmax bwd", softmax_bwd(s1, l1, s2, l2))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            gpu::rows("softmax_bwd", &[(s1, l1), (s2, l2)])?,
-            l1.shape().clone(),
-        ))
-    }
+    kernels!(
+        "sft-softmax-bwd",
+        "softmax bwd",
+        softmax_bwd,
+        gpu::backward,
+        2
+    );
 }
 
 /// The CUDA launches (kernels in `sft-kernels/src/norm.cu`).
 #[cfg(feature = "cuda")]
 mod gpu {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::{CudaStorage, Layout, Result};
+    use crate::ops::cuda::{self, In, Module, Out};
 
-    use crate::ops::cuda::{self, Module};
+    pub fn forward(_: &super::Softmax, x: In) -> Out {
+        Ok((rows("softmax_fwd", &[x])?, x.1.shape().clone()))
+    }
+
+    pub fn backward(_: &super::SoftmaxBwd, y: In, g: In) -> Out {
+        Ok((rows("softmax_bwd", &[y, g])?, y.1.shape().clone()))
+    }
 
     /// A one-block-per-row kernel `name_<dtype>(inputs..., out, d)` over the first input's
     /// rows.
-    pub fn rows(name: &str, inputs: &[(&CudaStorage, &Layout)]) -> Result<CudaStorage> {
-        let (x, lx) = inputs[0];
-        let d = lx.dims().last().copied().unwrap_or(1);
-        let n = lx.shape().elem_count();
-        let dev = x.device();
-        let mut ptrs = vec![];
-        for (s, l) in inputs {
-            cuda::contiguous(l, name)?;
-            ptrs.push(cuda::ptr(s, l)?);
-        }
-        let out = cuda::new_storage(dev, x.dtype(), n)?;
-        let op = cuda::base(&out)?;
-        let d32 = d as i32;
-        let f = cuda::func(
-            dev,
-            Module::Norm,
-            &format!("{name}_{}", cuda::suffix(x.dtype())?),
-        )?;
-        cuda::launch(&f, cuda::rows(n / d.max(1), d), |b| {
-            for p in &ptrs {
-                b.arg(p);
-            }
-            b.arg(&op).arg(&d32);
-        })?;
-        Ok(out)
+    fn rows(name: &str, inputs: &[In]) -> candle_core::Result<candle_core::CudaStorage> {
+        let l = inputs[0].1;
+        let d = l.dims().last().copied().unwrap_or(1);
+        let n = l.shape().elem_count();
+        let cfg = cuda::rows(n / d.max(1), d);
+        cuda::launch_simple(Module::Norm, name, inputs, n, cfg, d as i32)
     }
 }

@@ -1,6 +1,6 @@
 //! SwiGLU's `silu(gate) * up`, forward and backward in one pass each.
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CustomOp2, CustomOp3, Result, Shape, Tensor};
 use half::{bf16, f16};
 use num_traits::One;
 use rayon::prelude::*;
@@ -10,7 +10,8 @@ use crate::ops::cpu::cont;
 use crate::ops::cpu::par::*;
 #[cfg(target_arch = "x86_64")]
 use crate::ops::cpu::simd::has_avx2;
-use crate::ops::dispatch::{by_dtype, same_dtype, Acc, Elem};
+use crate::ops::cpu::{In, Out};
+use crate::ops::dispatch::{kernels, same_dtype, Acc, Elem};
 use crate::ops::route::{route, Op, Route};
 
 /// `silu(gate) * up`, the SwiGLU activation; `gate` and `up` have the same shape.
@@ -70,12 +71,8 @@ impl SiluMulRow for f32 {
     }
 }
 
-fn silu_mul_fwd<T: SiluMulRow>(
-    sg: &CpuStorage,
-    lg: &Layout,
-    su: &CpuStorage,
-    lu: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn silu_mul_fwd<T: SiluMulRow>(_: &SiluMul, (sg, lg): In, (su, lu): In) -> Out {
+    same_dtype("silu_mul", sg.dtype(), su.dtype())?;
     let g = cont::<T>(sg, lg, "silu_mul")?;
     let u = cont::<T>(su, lu, "silu_mul")?;
     let d = lg.dims().last().copied().unwrap_or(1);
@@ -87,33 +84,7 @@ fn silu_mul_fwd<T: SiluMulRow>(
 }
 
 impl CustomOp2 for SiluMul {
-    fn name(&self) -> &'static str {
-        "sft-silu-mul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        same_dtype("silu_mul", s1.dtype(), s2.dtype())?;
-        by_dtype!(s1.dtype(), "silu_mul", silu_mul_fwd(s1, l1, s2, l2))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        same_dtype("silu_mul", s1.dtype(), s2.dtype())?;
-        let out = gpu::elementwise("silu_mul_fwd", &[(s1, l1), (s2, l2)], 1)?;
-        Ok((out, l1.shape().clone()))
-    }
+    kernels!("sft-silu-mul", "silu_mul", silu_mul_fwd, gpu::forward, 2);
 
     fn bwd(
         &self,
@@ -133,14 +104,7 @@ impl CustomOp2 for SiluMul {
 /// d gate = grad * up * s * (1 + g (1 - s)), d up = grad * g * s, stacked as (2, ...).
 struct SiluMulBwd;
 
-fn silu_mul_bwd<T: SiluMulRow>(
-    sg: &CpuStorage,
-    lg: &Layout,
-    su: &CpuStorage,
-    lu: &Layout,
-    sd: &CpuStorage,
-    ld: &Layout,
-) -> Result<(CpuStorage, Shape)> {
+fn silu_mul_bwd<T: SiluMulRow>(_: &SiluMulBwd, (sg, lg): In, (su, lu): In, (sd, ld): In) -> Out {
     let g = cont::<T>(sg, lg, "silu_mul bwd")?;
     let u = cont::<T>(su, lu, "silu_mul bwd")?;
     let dy = cont::<T>(sd, ld, "silu_mul bwd")?;
@@ -170,41 +134,13 @@ fn silu_mul_bwd<T: SiluMulRow>(
 }
 
 impl CustomOp3 for SiluMulBwd {
-    fn name(&self) -> &'static str {
-        "sft-silu-mul-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        by_dtype!(
-            s1.dtype(),
-            "silu_mul bwd",
-            silu_mul_bwd(s1, l1, s2, l2, s3, l3)
-        )
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let out = gpu::elementwise("silu_mul_bwd", &[(s1, l1), (s2, l2), (s3, l3)], 2)?;
-        let mut dims = vec![2];
-        dims.extend_from_slice(l1.dims());
-        Ok((out, Shape::from(dims)))
-    }
+    kernels!(
+        "sft-silu-mul-bwd",
+        "silu_mul bwd",
+        silu_mul_bwd,
+        gpu::backward,
+        3
+    );
 }
 
 #[inline(always)]
@@ -258,39 +194,38 @@ pub(crate) unsafe fn silu_mul_bwd_row_avx2(
 #[cfg(feature = "cuda")]
 mod gpu {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::{CudaStorage, Layout, Result};
+    use candle_core::{CudaStorage, Result, Shape};
 
-    use crate::ops::cuda::{self, Module};
+    use crate::ops::cuda::{self, In, Module, Out};
+    use crate::ops::dispatch::same_dtype;
+
+    pub fn forward(_: &super::SiluMul, g: In, u: In) -> Out {
+        same_dtype("silu_mul", g.0.dtype(), u.0.dtype())?;
+        Ok((
+            elementwise("silu_mul_fwd", &[g, u], 1)?,
+            g.1.shape().clone(),
+        ))
+    }
+
+    /// d gate and d up stacked as (2, ...).
+    pub fn backward(_: &super::SiluMulBwd, g: In, u: In, dy: In) -> Out {
+        let out = elementwise("silu_mul_bwd", &[g, u, dy], 2)?;
+        let mut dims = vec![2];
+        dims.extend_from_slice(g.1.dims());
+        Ok((out, Shape::from(dims)))
+    }
 
     /// An element-wise kernel `name_<dtype>(inputs..., out, n)` writing `outputs * n` elements.
-    pub fn elementwise(
-        name: &str,
-        inputs: &[(&CudaStorage, &Layout)],
-        outputs: usize,
-    ) -> Result<CudaStorage> {
-        let (x, lx) = inputs[0];
-        let n = lx.shape().elem_count();
-        let dev = x.device();
-        let mut ptrs = vec![];
-        for (s, l) in inputs {
-            cuda::contiguous(l, name)?;
-            ptrs.push(cuda::ptr(s, l)?);
-        }
-        let out = cuda::new_storage(dev, x.dtype(), outputs * n)?;
-        let op = cuda::base(&out)?;
-        let n64 = n as i64;
-        let f = cuda::func(
-            dev,
+    fn elementwise(name: &str, inputs: &[In], outputs: usize) -> Result<CudaStorage> {
+        let n = inputs[0].1.shape().elem_count();
+        let cfg = cuda::grid(n);
+        cuda::launch_simple(
             Module::Elementwise,
-            &format!("{name}_{}", cuda::suffix(x.dtype())?),
-        )?;
-        cuda::launch(&f, cuda::grid(n), |b| {
-            for p in &ptrs {
-                b.arg(p);
-            }
-            b.arg(&op).arg(&n64);
-        })?;
-        Ok(out)
+            name,
+            inputs,
+            outputs * n,
+            cfg,
+            n as i64,
+        )
     }
 }

@@ -3,12 +3,12 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::{bail, CudaStorage, DType, Layout, Result};
+use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
 
 use super::cpu::AttnDims;
 use super::mask::AttnMask;
 use super::node::{Attention, AttentionBwd};
-use crate::ops::cuda::{self, Module};
+use crate::ops::cuda::{self, In, Module, Out};
 
 /// The kernels' `AttnArgs` (see attention.cu).
 #[repr(C)]
@@ -92,15 +92,8 @@ fn starts(mask: Option<&AttnMask>) -> Result<u64> {
     }
 }
 
-type In<'a> = (&'a CudaStorage, &'a Layout);
-
-pub(crate) fn forward(
-    op: &Attention,
-    d: AttnDims,
-    (q, lq): In<'_>,
-    (k, lk): In<'_>,
-    (v, lv): In<'_>,
-) -> Result<CudaStorage> {
+pub(crate) fn forward(op: &Attention, (q, lq): In, (k, lk): In, (v, lv): In) -> Out {
+    let d = Attention::dims(lq, lk)?;
     let a = args(op.mask.as_ref(), op.scale, d, [lq, lk, lv])?;
     let dev = q.device();
     let sfx = cuda::suffix(q.dtype())?;
@@ -131,16 +124,11 @@ pub(crate) fn forward(
             .arg(&a);
     })?;
     *op.lse.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
-    Ok(out)
+    Ok((out, Shape::from((d.b, d.t, d.nh * d.hd))))
 }
 
-pub(crate) fn backward(
-    op: &AttentionBwd,
-    d: AttnDims,
-    (q, lq): In<'_>,
-    (k, lk): In<'_>,
-    (v, lv): In<'_>,
-) -> Result<CudaStorage> {
+pub(crate) fn backward(op: &AttentionBwd, (q, lq): In, (k, lk): In, (v, lv): In) -> Out {
+    let d = Attention::dims(lq, lk)?;
     let a = args(op.mask.as_ref(), op.scale, d, [lq, lk, lv])?;
     let dev = q.device();
     let sfx = cuda::suffix(q.dtype())?;
@@ -198,48 +186,27 @@ pub(crate) fn backward(
         base + nq as u64 * size,
         base + (nq + nk) as u64 * size,
     );
+    // dk/dv over key blocks of each (batch, kv head), dq over query blocks of each (batch,
+    // head): both read the same seven inputs, write their gradients, then take the constants.
     let (_, kv_bytes, q_bytes) = smem(d.hd);
-    let f = cuda::func(
-        dev,
-        Module::Attention,
-        &format!("attn_bwd_dkdv_{sfx}_{}", d.hd),
-    )?;
-    cuda::allow_smem(&f, kv_bytes)?;
-    let cfg = LaunchConfig {
-        grid_dim: (d.s.div_ceil(64) as u32, (d.b * d.nkv) as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: kv_bytes as u32,
+    let inputs = [qp, kp, vp, gp, lp, dp, sp];
+    let pass = |kernel: &str, rows: usize, heads: usize, bytes: usize, outs: &[u64]| {
+        let name = format!("attn_bwd_{kernel}_{sfx}_{}", d.hd);
+        let f = cuda::func(dev, Module::Attention, &name)?;
+        cuda::allow_smem(&f, bytes)?;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(64) as u32, heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: bytes as u32,
+        };
+        cuda::launch(&f, cfg, |b| {
+            for p in inputs.iter().chain(outs) {
+                b.arg(p);
+            }
+            b.arg(&a);
+        })
     };
-    cuda::launch(&f, cfg, |b| {
-        b.arg(&qp)
-            .arg(&kp)
-            .arg(&vp)
-            .arg(&gp)
-            .arg(&lp)
-            .arg(&dp)
-            .arg(&sp);
-        b.arg(&dkp).arg(&dvp).arg(&a);
-    })?;
-    let f = cuda::func(
-        dev,
-        Module::Attention,
-        &format!("attn_bwd_dq_{sfx}_{}", d.hd),
-    )?;
-    cuda::allow_smem(&f, q_bytes)?;
-    let cfg = LaunchConfig {
-        grid_dim: (d.t.div_ceil(64) as u32, (d.b * d.nh) as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: q_bytes as u32,
-    };
-    cuda::launch(&f, cfg, |b| {
-        b.arg(&qp)
-            .arg(&kp)
-            .arg(&vp)
-            .arg(&gp)
-            .arg(&lp)
-            .arg(&dp)
-            .arg(&sp);
-        b.arg(&dqp).arg(&a);
-    })?;
-    Ok(all)
+    pass("dkdv", d.s, d.b * d.nkv, kv_bytes, &[dkp, dvp])?;
+    pass("dq", d.t, d.b * d.nh, q_bytes, &[dqp])?;
+    Ok((all, Shape::from(nq + 2 * nk)))
 }

@@ -4,9 +4,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{dot_lanes, AttnDims, RowMask, SendPtr};
-use super::full::{attention_with, check_mask, check_qkv, check_ranges, with_row_mask};
+use super::full::{acc_slices, attention_with, check_mask, check_qkv, check_ranges, with_row_mask};
 use super::mask::AttnMask;
-use crate::ops::cpu::cont;
 use crate::ops::cpu::simd::exp_shift_sum_f32;
 #[cfg(target_arch = "x86_64")]
 use crate::ops::cpu::simd::has_avx2;
@@ -113,9 +112,7 @@ where
     };
     let name = "attention_cached";
     // Direct calls are f32 or f64 (checked above), where these borrow.
-    let q = T::acc_slice(cont::<T>(sq, lq, name)?);
-    let k = T::acc_slice(cont::<T>(sk, lk, name)?);
-    let v = T::acc_slice(cont::<T>(sv, lv, name)?);
+    let [q, k, v] = acc_slices::<T>([(sq, lq), (sk, lk), (sv, lv)], name)?;
     let scale = T::a(op.scale);
     let out = with_row_mask(op.mask.as_ref(), |m| {
         decode_attention_slices(d, cap, &q, &k, &v, m, scale)

@@ -1,7 +1,6 @@
 //! Attention over whole sequences (training, scoring, prefill) as one graph node: the public
 //! entry points, the checks, and the CPU forward and backward of the nodes in `node`.
-use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CustomOp3, DType, Result, Shape, Tensor};
 
 use super::cpu::{attn_bwd, attn_fwd, AttnDims, RowMask};
 #[cfg(feature = "cuda")]
@@ -9,8 +8,8 @@ use super::cuda;
 use super::mask::{AttnMask, KeyRanges};
 use super::node::{Attention, AttentionBwd};
 use crate::ops::composed;
-use crate::ops::cpu::cont;
-use crate::ops::dispatch::{by_dtype, compute_dtype, Elem};
+use crate::ops::cpu::{cont, In, Out};
+use crate::ops::dispatch::{compute_dtype, kernels, Elem};
 use crate::ops::route::{route, Op, Route};
 
 /// Multi-head attention with grouped K/V heads as one graph node:
@@ -172,61 +171,29 @@ pub(crate) fn with_row_mask<A: candle_core::WithDType, R>(
     }
 }
 
-fn attention_cpu<T: Elem>(
-    op: &Attention,
-    d: AttnDims,
-    (sq, lq): (&CpuStorage, &Layout),
-    (sk, lk): (&CpuStorage, &Layout),
-    (sv, lv): (&CpuStorage, &Layout),
-) -> Result<CpuStorage>
+/// The storages of q, k and v as contiguous slices of the arithmetic type (borrowed for f32 and
+/// f64, converted for the half types).
+pub(super) fn acc_slices<'a, T: Elem>(
+    inputs: [In<'a>; 3],
+    op: &str,
+) -> Result<[std::borrow::Cow<'a, [T::A]>; 3]> {
+    let slice = |(s, l): In<'a>| cont::<T>(s, l, op).map(T::acc_slice);
+    Ok([slice(inputs[0])?, slice(inputs[1])?, slice(inputs[2])?])
+}
+
+fn attention_cpu<T: Elem>(op: &Attention, q: In, k: In, v: In) -> Out
 where
     T::A: candle_core::WithDType,
 {
-    let q = T::acc_slice(cont::<T>(sq, lq, "attention")?);
-    let k = T::acc_slice(cont::<T>(sk, lk, "attention")?);
-    let v = T::acc_slice(cont::<T>(sv, lv, "attention")?);
+    let d = Attention::dims(q.1, k.1)?;
+    let [q, k, v] = acc_slices::<T>([q, k, v], "attention")?;
     let scale = T::a(op.scale);
     let out = with_row_mask(op.mask.as_ref(), |m| attn_fwd(d, &q, &k, &v, m, scale))?;
-    Ok(T::store_from_a(out))
+    Ok((T::store_from_a(out), Shape::from((d.b, d.t, d.nh * d.hd))))
 }
 
 impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "sft-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sq: &CpuStorage,
-        lq: &Layout,
-        sk: &CpuStorage,
-        lk: &Layout,
-        sv: &CpuStorage,
-        lv: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = Self::dims(lq, lk)?;
-        let out = by_dtype!(
-            sq.dtype(),
-            "attention",
-            attention_cpu(self, d, (sq, lq), (sk, lk), (sv, lv))
-        )?;
-        Ok((out, Shape::from((d.b, d.t, d.nh * d.hd))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        sq: &candle_core::CudaStorage,
-        lq: &Layout,
-        sk: &candle_core::CudaStorage,
-        lk: &Layout,
-        sv: &candle_core::CudaStorage,
-        lv: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = Self::dims(lq, lk)?;
-        let out = cuda::forward(self, d, (sq, lq), (sk, lk), (sv, lv))?;
-        Ok((out, Shape::from((d.b, d.t, d.nh * d.hd))))
-    }
+    kernels! {"sft-attention", "attention", attention_cpu, cuda::forward, 3}
 
     fn bwd(
         &self,
@@ -261,77 +228,57 @@ impl CustomOp3 for Attention {
     }
 }
 
-fn attention_bwd_cpu<T: Elem>(
-    op: &AttentionBwd,
-    d: AttnDims,
-    (sq, lq): (&CpuStorage, &Layout),
-    (sk, lk): (&CpuStorage, &Layout),
-    (sv, lv): (&CpuStorage, &Layout),
-) -> Result<CpuStorage>
+fn attention_bwd_cpu<T: Elem>(op: &AttentionBwd, q: In, k: In, v: In) -> Out
 where
     T::A: candle_core::WithDType,
 {
+    let d = Attention::dims(q.1, k.1)?;
     let (gs, gl) = op.grad.storage_and_layout();
     let candle_core::Storage::Cpu(gs) = &*gs else {
         bail!("attention bwd: the gradient is not on the CPU");
     };
-    let q = T::acc_slice(cont::<T>(sq, lq, "attention bwd")?);
-    let k = T::acc_slice(cont::<T>(sk, lk, "attention bwd")?);
-    let v = T::acc_slice(cont::<T>(sv, lv, "attention bwd")?);
+    let [q, k, v] = acc_slices::<T>([q, k, v], "attention bwd")?;
     let g = T::acc_slice(cont::<T>(gs, gl, "attention bwd")?);
     let scale = T::a(op.scale);
     let (dq, dk, dv) = with_row_mask(op.mask.as_ref(), |m| attn_bwd(d, &q, &k, &v, m, scale, &g))?;
     let mut all = dq;
     all.extend(dk);
     all.extend(dv);
-    Ok(T::store_from_a(all))
+    let n = all.len();
+    Ok((T::store_from_a(all), Shape::from(n)))
 }
 
 impl CustomOp3 for AttentionBwd {
-    fn name(&self) -> &'static str {
-        "sft-attention-bwd"
-    }
-
-    fn cpu_fwd(
-        &self,
-        sq: &CpuStorage,
-        lq: &Layout,
-        sk: &CpuStorage,
-        lk: &Layout,
-        sv: &CpuStorage,
-        lv: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let d = Attention::dims(lq, lk)?;
-        let total = lq.shape().elem_count() + 2 * lk.shape().elem_count();
-        let all = by_dtype!(
-            sq.dtype(),
-            "attention bwd",
-            attention_bwd_cpu(self, d, (sq, lq), (sk, lk), (sv, lv))
-        )?;
-        Ok((all, Shape::from(total)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        sq: &candle_core::CudaStorage,
-        lq: &Layout,
-        sk: &candle_core::CudaStorage,
-        lk: &Layout,
-        sv: &candle_core::CudaStorage,
-        lv: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let d = Attention::dims(lq, lk)?;
-        let total = lq.shape().elem_count() + 2 * lk.shape().elem_count();
-        let all = cuda::backward(self, d, (sq, lq), (sk, lk), (sv, lv))?;
-        Ok((all, Shape::from(total)))
-    }
+    kernels!(
+        "sft-attention-bwd",
+        "attention bwd",
+        attention_bwd_cpu,
+        cuda::backward,
+        3
+    );
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{Device, Var};
+
+    /// The output of `f` and the gradients of q, k and v through the projection `sum(y * r)`.
+    fn value_and_grads(qkv: [&Var; 3], r: &Tensor, f: &dyn Fn() -> Tensor) -> Vec<Tensor> {
+        let y = f();
+        let g = (&y * r).unwrap().sum_all().unwrap().backward().unwrap();
+        let grads = qkv.map(|x| g.get(x.as_tensor()).unwrap().clone());
+        std::iter::once(y).chain(grads).collect()
+    }
+
+    /// The largest |a - c| over pairs of tensors.
+    fn max_diff(a: &[Tensor], c: &[Tensor]) -> f64 {
+        let diff = |(a, c): (&Tensor, &Tensor)| {
+            let d = (a - c).unwrap().abs().unwrap().flatten_all().unwrap();
+            d.max(0).unwrap().to_scalar::<f64>().unwrap()
+        };
+        a.iter().zip(c).map(diff).fold(0f64, f64::max)
+    }
 
     /// The fused attention skips the keys a causal mask rules out, block by block (64 query
     /// rows each); over several blocks, with padding, it must equal the composed graph, values
@@ -351,34 +298,17 @@ mod tests {
             }
         }
         let mask = Tensor::from_vec(m, (b, 1, t, t), &dev).unwrap();
-        let var = |h| candle_core::Var::randn(0f64, 1.0, (b, h, t, hd), &dev).unwrap();
+        let var = |h| Var::randn(0f64, 1.0, (b, h, t, hd), &dev).unwrap();
         let (q, k, v) = (var(nh), var(nkv), var(nkv));
         let r = Tensor::randn(0f64, 1.0, (b, t, nh * hd), &dev).unwrap();
-        let run = |f: &dyn Fn() -> Tensor| {
-            let y = f();
-            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let mut out = vec![y];
-            for x in [&q, &k, &v] {
-                out.push(g.get(x.as_tensor()).unwrap().clone());
-            }
-            out
-        };
+        let run = |f: &dyn Fn() -> Tensor| value_and_grads([&q, &k, &v], &r, f);
         let scale = 1.0 / (hd as f64).sqrt();
         let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
         let fused = run(&|| attention(qt, kt, vt, Some(&mask), scale).unwrap());
         let additive = AttnMask::Additive(mask.clone());
         let composed = run(&|| composed::attention(qt, kt, vt, Some(&additive), scale).unwrap());
         for (i, (a, c)) in fused.iter().zip(&composed).enumerate() {
-            let d = (a - c)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f64>()
-                .unwrap();
+            let d = max_diff(std::slice::from_ref(a), std::slice::from_ref(c));
             assert!(d < 1e-9, "output/grad {i}: max difference {d}");
         }
     }
@@ -399,36 +329,11 @@ mod tests {
             (0..t).map(|i| (i / 33) as u32).collect(),
         ];
         let packed = KeyRanges::packed(&segs, &dev).unwrap();
-        let var = |h| candle_core::Var::randn(0f64, 1.0, (b, h, t, hd), &dev).unwrap();
+        let var = |h| Var::randn(0f64, 1.0, (b, h, t, hd), &dev).unwrap();
         let (q, k, v) = (var(nh), var(nkv), var(nkv));
         let r = Tensor::randn(0f64, 1.0, (b, t, nh * hd), &dev).unwrap();
         let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
-        let run = |f: &dyn Fn() -> Tensor| {
-            let y = f();
-            let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
-            let mut out = vec![y];
-            for x in [&q, &k, &v] {
-                out.push(g.get(x.as_tensor()).unwrap().clone());
-            }
-            out
-        };
-        let max_diff = |a: &[Tensor], c: &[Tensor]| {
-            a.iter()
-                .zip(c)
-                .map(|(a, c)| {
-                    (a - c)
-                        .unwrap()
-                        .abs()
-                        .unwrap()
-                        .flatten_all()
-                        .unwrap()
-                        .max(0)
-                        .unwrap()
-                        .to_scalar::<f64>()
-                        .unwrap()
-                })
-                .fold(0f64, f64::max)
-        };
+        let run = |f: &dyn Fn() -> Tensor| value_and_grads([&q, &k, &v], &r, f);
         for ranges in [&causal, &packed] {
             let additive = AttnMask::Additive(ranges.to_additive(DType::F64, &dev).unwrap());
             let ranged = AttnMask::Ranges(ranges.clone());

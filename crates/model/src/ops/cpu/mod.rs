@@ -5,6 +5,11 @@ use candle_core::{bail, CpuStorage, Layout, Result, WithDType};
 pub(crate) mod par;
 pub(crate) mod simd;
 
+/// A kernel's input: a storage and its layout.
+pub(crate) type In<'a> = (&'a CpuStorage, &'a Layout);
+/// A kernel's output: a storage and its shape.
+pub(crate) type Out = Result<(CpuStorage, candle_core::Shape)>;
+
 /// The contiguous slice a layout describes.
 pub(crate) fn cont<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [T]> {
     let data = s.as_slice::<T>()?;
