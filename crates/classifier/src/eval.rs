@@ -118,13 +118,10 @@ mod tests {
 
     #[test]
     fn reads_labels_and_names_bad_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("x.jsonl");
-        std::fs::write(
-            &p,
+        let (_dir, p) = crate::testing::temp_file(
+            "x.jsonl",
             "{\"question\":\"q\",\"answer\":\"a\",\"label\":1,\"split\":\"test\"}\n\n{\"answer\":\"b\",\"label\":false}\n",
-        )
-        .unwrap();
+        );
         let items = read_labelled(&p, JUDGE_KEYS).unwrap();
         assert_eq!(items.len(), 2);
         assert_eq!(

@@ -37,6 +37,18 @@ pub mod recipe;
 pub mod sources;
 pub mod train;
 
+/// Helpers of this crate's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A file `name` holding `text` in a new temporary folder (removed when the guard drops).
+    pub fn temp_file(name: &str, text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+}
+
 pub use classifier::{Classifier, HeadMeta, Judge, ToneClassifier, View};
 pub use encoder::Encoder;
 pub use error::{Error, Result};

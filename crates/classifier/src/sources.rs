@@ -229,18 +229,15 @@ mod tests {
 
     #[test]
     fn reads_the_common_shapes_and_names_bad_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("a.jsonl");
-        std::fs::write(
-            &p,
+        let (_dir, p) = crate::testing::temp_file(
+            "a.jsonl",
             concat!(
                 "{\"prompt\": \"Hi?\", \"response\": \"Hello.\"}\n",
                 "\n",
                 "{\"instruction\": \"Sum\", \"input\": \"1 2\", \"output\": \"3\"}\n",
                 "{\"question\": \"Q\", \"answer\": \"\"}\n",
             ),
-        )
-        .unwrap();
+        );
         let pairs = read_pairs_jsonl(&p).unwrap();
         assert_eq!(pairs.len(), 2);
         assert_eq!(pairs[1].instruction, "Sum\n\n1 2");

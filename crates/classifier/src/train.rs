@@ -551,13 +551,10 @@ mod tests {
 
     #[test]
     fn parses_a_config_and_names_bad_fields() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.yaml");
-        std::fs::write(
-            &p,
+        let (_dir, p) = crate::testing::temp_file(
+            "c.yaml",
             "task: ifs-tone\noutput: out/h.safetensors\nfeatures: tone\nhead: {kind: logistic}\noptimizer: {steps: 10}\ntone:\n  sources:\n    - path: a.jsonl\n    - hub: OpenAssistant/oasst1\n      lang: en\n",
-        )
-        .unwrap();
+        );
         let c = TrainConfig::from_yaml_file(&p).unwrap();
         assert_eq!(c.head, HeadKind::Logistic);
         assert_eq!(c.optimizer.steps, 10);

@@ -8,10 +8,6 @@ use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
-fn config(dir: &Path, model: &Path) -> PathBuf {
-    config_file("checkpoint_safety.yaml", dir, model, &[])
-}
-
 fn sha256(p: &Path) -> String {
     use sha2::{Digest, Sha256};
     format!("{:x}", Sha256::digest(std::fs::read(p).unwrap()))
@@ -38,9 +34,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
 
 #[test]
 fn crafted_checkpoints_are_refused_and_nothing_is_trained() {
-    let t = tempfile::tempdir().unwrap();
-    let model = tiny_model(t.path());
-    let cfg = config(t.path(), &model);
+    let (t, _, cfg) = tiny_run("checkpoint_safety.yaml", &[]);
     let out = train(&cfg, &[], &[]);
     assert_ok(&out);
     let run = t.path().join("ck/r");
@@ -138,9 +132,7 @@ fn crafted_checkpoints_are_refused_and_nothing_is_trained() {
 #[test]
 fn hf_token_never_reaches_logs_or_the_run_folder() {
     const TOKEN: &str = "hf_sftTestTokenDoNotLeak0123456789";
-    let t = tempfile::tempdir().unwrap();
-    let model = tiny_model(t.path());
-    let cfg = config(t.path(), &model);
+    let (t, _, cfg) = tiny_run("checkpoint_safety.yaml", &[]);
     let out = train(
         &cfg,
         &[],

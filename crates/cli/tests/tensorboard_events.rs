@@ -137,10 +137,6 @@ fn expected(run: &Path) -> BTreeMap<String, Vec<(u64, f32)>> {
     want
 }
 
-fn config(dir: &Path, model: &Path) -> PathBuf {
-    config_file("tensorboard_events.yaml", dir, model, &[])
-}
-
 fn event_files(run: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(run)
         .unwrap()
@@ -162,9 +158,7 @@ fn event_files_hold_the_metrics_once_across_a_crash_and_a_resume() {
     let Some(python) = tensorboard_python() else {
         return;
     };
-    let t = tempfile::tempdir().unwrap();
-    let model = tiny_model(t.path());
-    let cfg = config(t.path(), &model);
+    let (t, _, cfg) = tiny_run("tensorboard_events.yaml", &[]);
     let run = t.path().join("ck/r");
 
     // A crash inside step 6's checkpoint write: steps 5 and 6 (and their evaluations) are
@@ -260,9 +254,7 @@ fn event_files_hold_the_metrics_once_across_a_crash_and_a_resume() {
 
 #[test]
 fn tensorboard_false_writes_no_event_files() {
-    let t = tempfile::tempdir().unwrap();
-    let model = tiny_model(t.path());
-    let cfg = config(t.path(), &model);
+    let (t, _, cfg) = tiny_run("tensorboard_events.yaml", &[]);
     let quick = [
         "--set",
         "train.max_steps=2",

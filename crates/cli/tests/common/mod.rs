@@ -48,6 +48,15 @@ pub fn config_file(name: &str, dir: &Path, model: &Path, vars: &[(&str, &str)]) 
     p
 }
 
+/// A temporary folder with a tiny model in it and the config `tests/configs/NAME` for it
+/// ([`config_file`]): the folder's guard, the model and the config file.
+pub fn tiny_run(name: &str, vars: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let t = tempfile::tempdir().unwrap();
+    let model = tiny_model(t.path());
+    let cfg = config_file(name, t.path(), &model, vars);
+    (t, model, cfg)
+}
+
 /// A tiny random LLaMA with SmolLM2's tokenizer, written under `dir`.
 pub fn tiny_model(dir: &Path) -> PathBuf {
     let out = dir.join("tiny-model");
