@@ -165,7 +165,7 @@ impl CustomOp3 for CrossEntropyBwd {
 mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::{bail, CudaStorage, DType, Result, Shape};
+    use candle_core::{bail, DType, Result, Shape};
 
     use crate::ops::cuda::{self, In, Module, Out};
 

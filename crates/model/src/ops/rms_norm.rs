@@ -161,7 +161,7 @@ impl CustomOp2 for RmsNormBwdW {
 mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::{CudaStorage, DType, Result, Shape};
+    use candle_core::{DType, Shape};
 
     use crate::ops::cuda::{self, In, Module, Out};
     use crate::ops::dispatch::same_dtype;

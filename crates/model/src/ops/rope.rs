@@ -125,7 +125,7 @@ impl CustomOp3 for Rope {
 mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::{bail, CudaStorage, Result, Shape};
+    use candle_core::{bail, Shape};
 
     use crate::ops::cuda::{self, In, Module, Out};
     use crate::ops::dispatch::same_dtype;

@@ -3,7 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape};
+use candle_core::{bail, DType, Layout, Result, Shape};
 
 use super::cpu::AttnDims;
 use super::mask::AttnMask;
@@ -54,7 +54,10 @@ fn smem(hd: usize) -> (usize, usize, usize) {
 /// 16 bytes at a time.
 fn strides(l: &Layout, what: &str) -> Result<[i64; 3]> {
     let st = l.stride();
-    if st[3] != 1 || st[..3].iter().any(|s| s % 8 != 0) || l.start_offset() % 8 != 0 {
+    if st[3] != 1
+        || st[..3].iter().any(|s| !s.is_multiple_of(8))
+        || !l.start_offset().is_multiple_of(8)
+    {
         bail!(
             "attention: {what} strides {st:?} (offset {}) are not 16-byte rows",
             l.start_offset()
