@@ -37,6 +37,16 @@ pub mod recipe;
 pub mod sources;
 pub mod train;
 
+pub use classifier::{Classifier, HeadMeta, Judge, ToneClassifier, View};
+pub use encoder::Encoder;
+pub use error::{Error, Result};
+pub use features::FeatureSet;
+pub use head::{Head, HeadKind, HeadTrainConfig};
+pub use metrics::Metrics;
+pub use recipe::{build_examples, Example, RecipeConfig, Shape};
+pub use sources::Pair;
+pub use train::{TrainConfig, TrainReport};
+
 /// Helpers of this crate's unit tests.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -48,13 +58,3 @@ pub(crate) mod testing {
         (dir, p)
     }
 }
-
-pub use classifier::{Classifier, HeadMeta, Judge, ToneClassifier, View};
-pub use encoder::Encoder;
-pub use error::{Error, Result};
-pub use features::FeatureSet;
-pub use head::{Head, HeadKind, HeadTrainConfig};
-pub use metrics::Metrics;
-pub use recipe::{build_examples, Example, RecipeConfig, Shape};
-pub use sources::Pair;
-pub use train::{TrainConfig, TrainReport};

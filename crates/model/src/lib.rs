@@ -18,3 +18,5 @@ pub mod ops;
 pub mod runtime;
 pub mod safe_path;
 pub mod save;
+#[cfg(test)]
+pub(crate) mod testing;

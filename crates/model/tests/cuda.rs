@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::{seeded, value_and_grads, with_big_stack};
+use common::{f32s, seeded, value_and_grads, with_big_stack};
 use sft_model::config::LlamaConfig;
 use sft_model::llama::{Activations, Inputs, Llama};
 use sft_model::lora::{self, LoraConfig, Targets};
@@ -20,17 +20,6 @@ fn gpu() -> Option<Device> {
             None
         }
     }
-}
-
-fn f32s(t: &Tensor) -> Vec<f32> {
-    t.to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
 }
 
 /// max |a - b| / max |b| (and both finite).

@@ -9,7 +9,7 @@
 //! Backward recurses over the graph: the training tests run on a thread with a large stack.
 mod common;
 
-use common::with_big_stack;
+use common::{f32s, with_big_stack};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};
@@ -74,15 +74,6 @@ fn scalar(t: &Tensor) -> f64 {
     t.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
 
-fn vals(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 fn max_rel(a: &[f32], b: &[f32]) -> f64 {
     let scale = b.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-12) as f64;
     a.iter()
@@ -105,7 +96,7 @@ fn step(m: &Llama, vars: &[(String, Var)]) -> (f64, HashMap<String, Vec<f32>>) {
                 .get(v.as_tensor())
                 .unwrap_or_else(|| panic!("{n} received no gradient"));
             assert_eq!(g.dtype(), v.dtype(), "{n}: gradient dtype");
-            (n.clone(), vals(g))
+            (n.clone(), f32s(g))
         })
         .collect();
     (scalar(&loss), g)
@@ -206,7 +197,7 @@ fn cuda_plan_scores_and_generates_on_the_cpu() {
     let f32m = model(DType::F32, Activations::Weights);
     let bf = model(DType::BF16, Activations::Weights);
     let ids = Tensor::new(&[[3u32, 17, 5, 9, 30, 11]], &Device::Cpu).unwrap();
-    let want = vals(&f32m.forward_logits(&ids, None).unwrap());
+    let want = f32s(&f32m.forward_logits(&ids, None).unwrap());
     for composed in [false, true] {
         let logits = if composed {
             ops::with_composed(|| bf.forward_logits(&ids, None))
@@ -215,7 +206,7 @@ fn cuda_plan_scores_and_generates_on_the_cpu() {
         }
         .unwrap();
         assert_eq!(logits.dtype(), DType::BF16);
-        let e = max_rel(&vals(&logits), &want);
+        let e = max_rel(&f32s(&logits), &want);
         assert!(e < 0.03, "composed {composed}: logits differ by {e}");
         let opts = GenerateConfig {
             max_new_tokens: 5,
@@ -298,7 +289,7 @@ fn packed_examples_train_as_if_alone() {
             let grads = m.backward(&out.sum).unwrap();
             let g: Vec<Vec<f32>> = vars
                 .iter()
-                .map(|(_, v)| vals(grads.get(v.as_tensor()).unwrap()))
+                .map(|(_, v)| f32s(grads.get(v.as_tensor()).unwrap()))
                 .collect();
             (scalar(&out.sum), g)
         };

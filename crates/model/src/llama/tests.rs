@@ -472,16 +472,7 @@ fn half_precision_runs_close_to_f32() {
     let cfg = tiny_config(false, false);
     let w = random_weights(&cfg, DType::F32, &Device::Cpu, 5).unwrap();
     let ids = ids_tensor(&[vec![1, 5, 9, 13, 17, 21]]);
-    let logits = |m: &Llama| -> Vec<f32> {
-        m.forward_logits(&ids, None)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap()
-    };
+    let logits = |m: &Llama| crate::testing::f32s(&m.forward_logits(&ids, None).unwrap());
     // Relative to the largest logit; bf16 keeps 8 significant bits, f16 11.
     for (dt, tol) in [(DType::BF16, TOL_BF16), (DType::F16, TOL_F16)] {
         let rounded: HashMap<String, Tensor> = w

@@ -99,3 +99,13 @@ pub fn grad_norm_sq(grads: &candle_core::backprop::GradStore, v: &Var, name: &st
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// A tensor's values as f32, from any device and dtype, flattened.
+pub fn f32s(t: &Tensor) -> Vec<f32> {
+    let t = t
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    t.flatten_all().unwrap().to_vec1().unwrap()
+}

@@ -125,14 +125,7 @@ fn packed_weights_give_the_same_products() {
             .unwrap()
             .to_dtype(dt)
             .unwrap();
-        let bits = |t: Tensor| -> Vec<f32> {
-            t.to_dtype(DType::F32)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        };
+        let bits = |t: Tensor| crate::testing::f32s(&t);
         let plain = bits(frozen_linear(&x, &w).unwrap());
         let packed = bits(frozen_linear_packed(&x, &w, (pack.as_ref(), None)).unwrap());
         assert_eq!(plain, packed, "frozen_linear {dt:?}");
