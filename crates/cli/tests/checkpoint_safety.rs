@@ -34,7 +34,7 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, std::time::SystemTime)> {
 
 #[test]
 fn crafted_checkpoints_are_refused_and_nothing_is_trained() {
-    let (t, _, cfg) = tiny_run("checkpoint_safety.yaml", &[]);
+    let (t, cfg) = tiny_run("checkpoint_safety.yaml", &[]);
     let out = train(&cfg, &[], &[]);
     assert_ok(&out);
     let run = t.path().join("ck/r");
@@ -132,7 +132,7 @@ fn crafted_checkpoints_are_refused_and_nothing_is_trained() {
 #[test]
 fn hf_token_never_reaches_logs_or_the_run_folder() {
     const TOKEN: &str = "hf_sftTestTokenDoNotLeak0123456789";
-    let (t, _, cfg) = tiny_run("checkpoint_safety.yaml", &[]);
+    let (t, cfg) = tiny_run("checkpoint_safety.yaml", &[]);
     let out = train(
         &cfg,
         &[],

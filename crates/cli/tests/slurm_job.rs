@@ -112,7 +112,7 @@ const SLOW: &[(&str, &str)] = &[("SFT_TEST_STEP_DELAY_MS", "300")];
 fn reference() -> &'static (Vec<String>, Vec<u8>) {
     static REF: std::sync::OnceLock<(Vec<String>, Vec<u8>)> = std::sync::OnceLock::new();
     REF.get_or_init(|| {
-        let (r, _, cfg) = tiny_run("slurm_job.yaml", &[]);
+        let (r, cfg) = tiny_run("slurm_job.yaml", &[]);
         assert_ok(&train(&cfg, &[], &[]));
         let run = r.path().join("ck/groovy");
         let w = std::fs::read(run.join("step-000010/adapter_model.safetensors")).unwrap();
@@ -127,7 +127,7 @@ fn final_adapter(run: &Path) -> Vec<u8> {
 #[test]
 fn the_job_survives_a_time_limit_and_a_preemption() {
     let reference = reference();
-    let (t, _, cfg) = tiny_run("slurm_job.yaml", &[]);
+    let (t, cfg) = tiny_run("slurm_job.yaml", &[]);
     let run = t.path().join("ck/groovy");
     let slurm = t.path().join("slurm-bin");
     std::fs::create_dir_all(&slurm).unwrap();
@@ -212,7 +212,7 @@ fn the_job_survives_a_time_limit_and_a_preemption() {
 
 #[test]
 fn resume_from_a_missing_checkpoint_folder_is_an_error() {
-    let (t, _, cfg) = tiny_run("slurm_job.yaml", &[]);
+    let (t, cfg) = tiny_run("slurm_job.yaml", &[]);
     let missing = t.path().join("ck/groovy/step-000099");
     let out = train(&cfg, &["--resume", &missing.display().to_string()], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -226,7 +226,7 @@ fn resume_from_a_missing_checkpoint_folder_is_an_error() {
 #[test]
 fn a_job_stopped_during_its_first_evaluations_does_not_repeat_them() {
     let reference = reference();
-    let (t, _, cfg) = tiny_run("slurm_job.yaml", &[]);
+    let (t, cfg) = tiny_run("slurm_job.yaml", &[]);
     let run = t.path().join("ck/groovy");
     // Stopped (as by SIGTERM) once the base model's evaluations are logged, before step 1.
     let (out, stderr) = finished(job(&cfg, None, &[("SFT_TEST_STOP_AT_STEP", "0")]));

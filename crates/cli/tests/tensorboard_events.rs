@@ -158,7 +158,7 @@ fn event_files_hold_the_metrics_once_across_a_crash_and_a_resume() {
     let Some(python) = tensorboard_python() else {
         return;
     };
-    let (t, _, cfg) = tiny_run("tensorboard_events.yaml", &[]);
+    let (t, cfg) = tiny_run("tensorboard_events.yaml", &[]);
     let run = t.path().join("ck/r");
 
     // A crash inside step 6's checkpoint write: steps 5 and 6 (and their evaluations) are
@@ -254,7 +254,7 @@ fn event_files_hold_the_metrics_once_across_a_crash_and_a_resume() {
 
 #[test]
 fn tensorboard_false_writes_no_event_files() {
-    let (t, _, cfg) = tiny_run("tensorboard_events.yaml", &[]);
+    let (t, cfg) = tiny_run("tensorboard_events.yaml", &[]);
     let quick = [
         "--set",
         "train.max_steps=2",

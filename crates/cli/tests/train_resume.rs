@@ -19,7 +19,7 @@ fn weights(run: &Path, kind: &str) -> Vec<u8> {
 
 /// The uninterrupted run's losses and final weights (`set`: `--set` overrides).
 fn reference(kind: &str, set: &[&str]) -> (tempfile::TempDir, Vec<String>, Vec<u8>) {
-    let (t, _, cfg) = tiny_run("train_resume.yaml", &[("kind", kind)]);
+    let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", kind)]);
     let out = train(&cfg, set, &[]);
     assert_ok(&out);
     let run = t.path().join("ck/r");
@@ -44,7 +44,7 @@ fn resumed_matches(kind: &str, overrides: &[&str]) {
     let first_loss = ref_losses[0].clone();
 
     // Interrupted by the test hook (as SIGINT would) after step 3, resumed.
-    let (t, _, cfg) = tiny_run("train_resume.yaml", &[("kind", kind)]);
+    let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", kind)]);
     let out = train(&cfg, &set, &[("SFT_TEST_STOP_AT_STEP", "3")]);
     assert_eq!(
         out.status.code(),
@@ -69,7 +69,7 @@ fn resumed_matches(kind: &str, overrides: &[&str]) {
 
     // A crash inside the checkpoint write at step 6 (after step 4's checkpoint): the torn
     // folder is never used; resuming from step 4 reproduces the run.
-    let (t, _, cfg) = tiny_run("train_resume.yaml", &[("kind", kind)]);
+    let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", kind)]);
     let out = train(&cfg, &set, &[("SFT_TEST_FAIL_CHECKPOINT_AT_STEP", "6")]);
     assert!(!out.status.success());
     let run = t.path().join("ck/r");
@@ -99,7 +99,7 @@ fn full_fine_tuning_resumes_bit_for_bit() {
 #[test]
 fn corrupted_latest_checkpoint_falls_back_to_the_previous_one() {
     let (_keep, ref_losses, ref_weights) = reference("full", &[]);
-    let (t, _, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
+    let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
     let out = train(&cfg, &[], &[("SFT_TEST_STOP_AT_STEP", "5")]);
     assert_eq!(out.status.code(), Some(130));
     let run = t.path().join("ck/r");
@@ -120,7 +120,7 @@ fn corrupted_latest_checkpoint_falls_back_to_the_previous_one() {
 #[test]
 fn sigterm_checkpoints_and_resume_continues() {
     let (_keep, ref_losses, ref_weights) = reference("full", &[]);
-    let (t, _, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
+    let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
     // The run pauses after step 2 until it is signalled (a test hook); the test waits for the
     // event "step 2 logged" on stderr, not for a time, then sends SIGTERM.
     let mut child = Command::new(env!("CARGO_BIN_EXE_sft-train"))
@@ -187,7 +187,7 @@ fn sigterm_checkpoints_and_resume_continues() {
 
 #[test]
 fn resume_refuses_a_changed_model_or_data_and_allows_more_steps() {
-    let (t, _, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
+    let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
     assert!(train(&cfg, &[], &[]).status.success());
     let out = train(&cfg, &["--resume", "--set", "data.max_length=64"], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -226,7 +226,7 @@ fn config_errors_name_the_field_and_line() {
 
 #[test]
 fn dry_run_prints_the_plan_and_memory() {
-    let (t, _, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
+    let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
     let out = train(&cfg, &["--dry-run"], &[]);
     let s = String::from_utf8_lossy(&out.stdout);
     assert_ok(&out);
@@ -268,7 +268,7 @@ fn gradient_checkpointing_trains_the_same_run() {
 #[test]
 fn packing_puts_more_examples_in_each_step() {
     let examples = |set: &[&str]| -> (u64, f64) {
-        let (t, _, cfg) = tiny_run("train_resume.yaml", &[("kind", "lora")]);
+        let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", "lora")]);
         let out = train(&cfg, set, &[]);
         assert_ok(&out);
         let text = std::fs::read_to_string(t.path().join("ck/r/metrics.jsonl")).unwrap();

@@ -6,7 +6,8 @@
 mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
-use common::{f32s, seeded, value_and_grads, with_big_stack};
+use common::testing::f32s;
+use common::{seeded, value_and_grads, with_big_stack};
 use sft_model::config::LlamaConfig;
 use sft_model::llama::{Activations, Inputs, Llama};
 use sft_model::lora::{self, LoraConfig, Targets};

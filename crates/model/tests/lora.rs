@@ -2,9 +2,8 @@
 //! differences in float64, every trainable `Var` reached, merged == unmerged, PEFT files.
 //! Backward recurses over the graph, so the training tests run on a thread with a large stack.
 mod common;
-mod gradcheck;
 
-use common::{grad_norm_sq, with_big_stack};
+use common::{grad_norm_sq, gradcheck, with_big_stack};
 
 use std::collections::HashMap;
 use std::path::Path;

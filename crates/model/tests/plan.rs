@@ -9,7 +9,8 @@
 //! Backward recurses over the graph: the training tests run on a thread with a large stack.
 mod common;
 
-use common::{f32s, with_big_stack};
+use common::testing::f32s;
+use common::with_big_stack;
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor, Var};

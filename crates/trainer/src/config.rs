@@ -225,6 +225,8 @@ impl Default for GenEvalConfig {
 
 /// `early_stopping`: the IFS plateau rule's four keys (see [`PlateauConfig`]) and `eval_loss`,
 /// patience on the held-out loss. Each becomes a [`crate::stop::StopRule`].
+/// The four keys are spelled out rather than a `#[serde(flatten)]` PlateauConfig because serde
+/// does not support `deny_unknown_fields` with `flatten`, and a misspelt key must be an error.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EarlyStoppingConfig {

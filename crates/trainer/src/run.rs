@@ -763,25 +763,27 @@ impl<'a> Run<'a> {
 /// Evaluator names key the metrics and the schedule, rule names the saved states: each must
 /// be unique (and no evaluator may take the held-out loss's name, `loss`).
 fn check_names(evaluators: &[Scheduled], rules: &[Box<dyn StopRule>]) -> Result<(), TrainError> {
-    let mut seen = vec!["loss"];
-    for e in evaluators {
-        if seen.contains(&e.name()) {
-            return Err(TrainError::Config(format!(
-                "two evaluations are named `{}`: each evaluator needs its own name",
-                e.name()
-            )));
-        }
-        seen.push(e.name());
+    /// The first of `names` that `taken` or an earlier name already has.
+    fn repeated<'a>(
+        taken: &[&'a str],
+        mut names: impl Iterator<Item = &'a str>,
+    ) -> Option<&'a str> {
+        let mut seen = taken.to_vec();
+        names.find(|&n| {
+            let again = seen.contains(&n);
+            seen.push(n);
+            again
+        })
     }
-    let mut seen = Vec::new();
-    for r in rules {
-        if seen.contains(&r.name()) {
-            return Err(TrainError::Config(format!(
-                "two stop rules are named `{}`: each needs its own name (it keys its saved state)",
-                r.name()
-            )));
-        }
-        seen.push(r.name());
+    if let Some(n) = repeated(&["loss"], evaluators.iter().map(|e| e.name())) {
+        return Err(TrainError::Config(format!(
+            "two evaluations are named `{n}`: each evaluator needs its own name"
+        )));
+    }
+    if let Some(n) = repeated(&[], rules.iter().map(|r| r.name())) {
+        return Err(TrainError::Config(format!(
+            "two stop rules are named `{n}`: each needs its own name (it keys its saved state)"
+        )));
     }
     Ok(())
 }

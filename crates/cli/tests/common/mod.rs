@@ -49,12 +49,12 @@ pub fn config_file(name: &str, dir: &Path, model: &Path, vars: &[(&str, &str)]) 
 }
 
 /// A temporary folder with a tiny model in it and the config `tests/configs/NAME` for it
-/// ([`config_file`]): the folder's guard, the model and the config file.
-pub fn tiny_run(name: &str, vars: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf, PathBuf) {
+/// ([`config_file`]): the folder's guard and the config file.
+pub fn tiny_run(name: &str, vars: &[(&str, &str)]) -> (tempfile::TempDir, PathBuf) {
     let t = tempfile::tempdir().unwrap();
     let model = tiny_model(t.path());
     let cfg = config_file(name, t.path(), &model, vars);
-    (t, model, cfg)
+    (t, cfg)
 }
 
 /// A tiny random LLaMA with SmolLM2's tokenizer, written under `dir`.

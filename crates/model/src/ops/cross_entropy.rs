@@ -89,13 +89,7 @@ fn ce_fwd<T: Elem>(op: &CrossEntropy, (sx, lx): In, (sy, ly): In) -> Out {
 }
 
 impl CustomOp2 for CrossEntropy {
-    kernels!(
-        "sft-cross-entropy",
-        "cross_entropy",
-        ce_fwd,
-        gpu::forward,
-        2
-    );
+    kernels! {"sft-cross-entropy", "cross_entropy", ce_fwd, gpu::forward, 2}
 
     fn bwd(
         &self,
@@ -151,13 +145,7 @@ fn ce_bwd<T: Elem>(op: &CrossEntropyBwd, (sx, lx): In, (sy, ly): In, (sg, lg): I
 }
 
 impl CustomOp3 for CrossEntropyBwd {
-    kernels!(
-        "sft-cross-entropy-bwd",
-        "cross_entropy bwd",
-        ce_bwd,
-        gpu::backward,
-        3
-    );
+    kernels! {"sft-cross-entropy-bwd", "cross_entropy bwd", ce_bwd, gpu::backward, 3}
 }
 
 /// The CUDA launches (kernels in `sft-kernels/src/loss.cu`).

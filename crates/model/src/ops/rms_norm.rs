@@ -57,7 +57,7 @@ fn rms_fwd<T: Elem>(op: &RmsNorm, (sx, lx): In, (sw, lw): In) -> Out {
 }
 
 impl CustomOp2 for RmsNorm {
-    kernels!("sft-rms-norm", "rms_norm", rms_fwd, gpu::forward, 2);
+    kernels! {"sft-rms-norm", "rms_norm", rms_fwd, gpu::forward, 2}
 
     fn bwd(
         &self,
@@ -114,13 +114,7 @@ fn rms_bwd_x<T: Elem>(op: &RmsNormBwdX, (sx, lx): In, (sw, lw): In, (sg, lg): In
 }
 
 impl CustomOp3 for RmsNormBwdX {
-    kernels!(
-        "sft-rms-norm-bwd-x",
-        "rms_norm bwd",
-        rms_bwd_x,
-        gpu::backward_x,
-        3
-    );
+    kernels! {"sft-rms-norm-bwd-x", "rms_norm bwd", rms_bwd_x, gpu::backward_x, 3}
 }
 
 /// dw = sum over rows of g * xhat.
@@ -147,13 +141,7 @@ fn rms_bwd_w<T: Elem>(op: &RmsNormBwdW, (sx, lx): In, (sg, lg): In) -> Out {
 }
 
 impl CustomOp2 for RmsNormBwdW {
-    kernels!(
-        "sft-rms-norm-bwd-w",
-        "rms_norm bwd",
-        rms_bwd_w,
-        gpu::backward_w,
-        2
-    );
+    kernels! {"sft-rms-norm-bwd-w", "rms_norm bwd", rms_bwd_w, gpu::backward_w, 2}
 }
 
 /// The CUDA launches (kernels in `sft-kernels/src/norm.cu`).

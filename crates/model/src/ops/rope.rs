@@ -93,7 +93,7 @@ fn rope_fwd<T: Elem>(op: &Rope, (sx, lx): In, (sc, lc): In, (ss, ls): In) -> Out
 }
 
 impl CustomOp3 for Rope {
-    kernels!("sft-rope", "rope", rope_fwd, gpu::rope, 3);
+    kernels! {"sft-rope", "rope", rope_fwd, gpu::rope, 3}
 
     fn bwd(
         &self,

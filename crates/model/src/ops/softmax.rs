@@ -58,7 +58,7 @@ fn softmax_fwd<T: Elem>(_: &Softmax, (s, l): In) -> Out {
 }
 
 impl CustomOp1 for Softmax {
-    kernels!("sft-softmax", "softmax", softmax_fwd, gpu::forward, 1);
+    kernels! {"sft-softmax", "softmax", softmax_fwd, gpu::forward, 1}
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(y.apply_op2_no_bwd(&grad.contiguous()?, &SoftmaxBwd)?))
@@ -85,13 +85,7 @@ fn softmax_bwd<T: Elem>(_: &SoftmaxBwd, (sy, ly): In, (sg, lg): In) -> Out {
 }
 
 impl CustomOp2 for SoftmaxBwd {
-    kernels!(
-        "sft-softmax-bwd",
-        "softmax bwd",
-        softmax_bwd,
-        gpu::backward,
-        2
-    );
+    kernels! {"sft-softmax-bwd", "softmax bwd", softmax_bwd, gpu::backward, 2}
 }
 
 /// The CUDA launches (kernels in `sft-kernels/src/norm.cu`).

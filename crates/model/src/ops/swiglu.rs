@@ -84,7 +84,7 @@ fn silu_mul_fwd<T: SiluMulRow>(_: &SiluMul, (sg, lg): In, (su, lu): In) -> Out {
 }
 
 impl CustomOp2 for SiluMul {
-    kernels!("sft-silu-mul", "silu_mul", silu_mul_fwd, gpu::forward, 2);
+    kernels! {"sft-silu-mul", "silu_mul", silu_mul_fwd, gpu::forward, 2}
 
     fn bwd(
         &self,
@@ -134,13 +134,7 @@ fn silu_mul_bwd<T: SiluMulRow>(_: &SiluMulBwd, (sg, lg): In, (su, lu): In, (sd, 
 }
 
 impl CustomOp3 for SiluMulBwd {
-    kernels!(
-        "sft-silu-mul-bwd",
-        "silu_mul bwd",
-        silu_mul_bwd,
-        gpu::backward,
-        3
-    );
+    kernels! {"sft-silu-mul-bwd", "silu_mul bwd", silu_mul_bwd, gpu::backward, 3}
 }
 
 #[inline(always)]

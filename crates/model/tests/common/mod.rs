@@ -1,6 +1,13 @@
 //! Helpers shared by the model's test files (each file uses some of them).
 #![allow(dead_code)]
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::{DType, Result, Tensor, Var};
+
+// The finite-difference checker and its seeded generator, and the unit tests' helpers: one
+// copy each, shared with the integration tests.
+#[path = "../gradcheck/mod.rs"]
+pub mod gradcheck;
+#[path = "../../src/testing.rs"]
+pub mod testing;
 
 /// Runs `f` on a thread with a 256 MiB stack (backward recurses over the graph) and waits.
 pub fn with_big_stack<F: FnOnce() + Send + 'static>(f: F) {
@@ -32,20 +39,11 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     max_abs(&(a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap())
 }
 
-/// Seeded values in [-scale, scale) on the CPU: the same on every run and machine (candle's
-/// CPU randn takes no seed).
+/// [`gradcheck::rand_t`]'s seeded values as an f32 tensor on the CPU.
 pub fn seeded(shape: &[usize], seed: u64, scale: f64) -> Tensor {
-    let n: usize = shape.iter().product();
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let v: Vec<f32> = (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            ((x >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * scale as f32
-        })
-        .collect();
-    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    gradcheck::rand_t(shape, seed, scale)
+        .to_dtype(DType::F32)
+        .unwrap()
 }
 
 /// The output of `f` and the gradients of its inputs `vars`, through a seeded projection of
@@ -98,14 +96,4 @@ pub fn grad_norm_sq(grads: &candle_core::backprop::GradStore, v: &Var, name: &st
         .unwrap()
         .to_scalar::<f32>()
         .unwrap()
-}
-
-/// A tensor's values as f32, from any device and dtype, flattened.
-pub fn f32s(t: &Tensor) -> Vec<f32> {
-    let t = t
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap();
-    t.flatten_all().unwrap().to_vec1().unwrap()
 }

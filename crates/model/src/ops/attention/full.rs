@@ -249,13 +249,7 @@ where
 }
 
 impl CustomOp3 for AttentionBwd {
-    kernels!(
-        "sft-attention-bwd",
-        "attention bwd",
-        attention_bwd_cpu,
-        cuda::backward,
-        3
-    );
+    kernels! {"sft-attention-bwd", "attention bwd", attention_bwd_cpu, cuda::backward, 3}
 }
 
 #[cfg(test)]

@@ -465,9 +465,7 @@ mod gpu {
     };
 
     use super::{rows_view, Dropout, LoraLinear};
-    use crate::ops::cuda::{self, Module};
-
-    type In<'a> = (&'a CudaStorage, &'a Layout);
+    use crate::ops::cuda::{self, In, Module};
 
     /// The kernels' view of a LoRA dropout: none, a Philox key, or a given f32 mask (its address;
     /// the returned tensor keeps that mask alive through the launch).
