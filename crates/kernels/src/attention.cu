@@ -116,7 +116,7 @@ __device__ __forceinline__ void scores16(float* s_w, const T* q_w, const T* k_ti
 template <typename T, int HD>
 __device__ void attn_fwd(const T* q, const T* k, const T* v, const unsigned* starts, T* out,
                          float* lse, AttnArgs a) {
-    extern __shared__ __align__(128) unsigned char smem[];
+    SFT_DYNAMIC_SMEM(smem);
     using SM = Smem<HD>;
     constexpr int LD = SM::LD, LDO = SM::LDO;
     T* sQ = reinterpret_cast<T*>(smem);
@@ -243,7 +243,7 @@ __device__ __forceinline__ void probs32(float* p, const float* s_w, int rr, int 
 template <typename T, int HD>
 __device__ void attn_bwd_dkdv(const T* q, const T* k, const T* v, const T* dout, const float* lse,
                               const float* dsum, const unsigned* starts, T* dk, T* dv, AttnArgs a) {
-    extern __shared__ __align__(128) unsigned char smem[];
+    SFT_DYNAMIC_SMEM(smem);
     using SM = Smem<HD>;
     constexpr int LD = SM::LD, LDO = SM::LDO;
     T* sK = reinterpret_cast<T*>(smem);
@@ -363,7 +363,7 @@ __device__ void attn_bwd_dkdv(const T* q, const T* k, const T* v, const T* dout,
 template <typename T, int HD>
 __device__ void attn_bwd_dq(const T* q, const T* k, const T* v, const T* dout, const float* lse,
                             const float* dsum, const unsigned* starts, T* dq, AttnArgs a) {
-    extern __shared__ __align__(128) unsigned char smem[];
+    SFT_DYNAMIC_SMEM(smem);
     using SM = Smem<HD>;
     constexpr int LD = SM::LD, LDO = SM::LDO;
     T* sQ = reinterpret_cast<T*>(smem);

@@ -1,10 +1,21 @@
 // Helpers shared by the kernels: conversions to and from the f32 arithmetic type, warp and
 // block reductions, and the Philox generator of the dropout masks (the same function as
 // crates/model/src/ops/dropout.rs, so both devices draw the same mask).
+//
+// The one place for portability macros: the same sources compile with nvcc for the GPU and
+// with the system's C++ compiler for the emulated GPU (emu/include stands in for CUDA's headers
+// there and defines SFT_EMU).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+// A kernel's dynamic shared memory (the launch's `shared_mem_bytes`).
+#ifdef SFT_EMU
+#define SFT_DYNAMIC_SMEM(name) unsigned char* name = ::sft_emu::dynamic_smem()
+#else
+#define SFT_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
 
 typedef __nv_bfloat16 bf16;
 typedef __half f16;

@@ -117,14 +117,6 @@ __device__ void lora_dx(const T* dx_base, const float* d_in, T* dx, long long n,
     }
 }
 
-// f32 copy of a T tensor (the LoRA backward's gradient in the adapters' type).
-template <typename T>
-__device__ void to_f32(const T* x, float* y, long long n) {
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        y[i] = to_f(x[i]);
-}
-
 #define EW_KERNELS(T, S)                                                                          \
     extern "C" __global__ void rope_##S(const T* x, const T* cos, const T* sin, T* out, int b,     \
                                         int h, int t, int d, long long sb, long long sh,          \
@@ -148,8 +140,7 @@ __device__ void to_f32(const T* x, float* y, long long n) {
     extern "C" __global__ void lora_dx_##S(const T* dx_base, const float* d_in, T* dx,            \
                                            long long n, MaskArg m) {                              \
         lora_dx<T>(dx_base, d_in, dx, n, m);                                                      \
-    }                                                                                             \
-    extern "C" __global__ void to_f32_##S(const T* x, float* y, long long n) { to_f32<T>(x, y, n); }
+    }
 
 EW_KERNELS(float, f32)
 EW_KERNELS(bf16, bf16)

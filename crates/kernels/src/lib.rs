@@ -1,5 +1,20 @@
-//! sft-kernels: the CUDA C++ sources of `sft_model::ops`, compiled to PTX at build time (one
-//! `&str` constant per `.cu` file: `ATTENTION`, `NORM`, ...). The model crate loads them into its
-//! CUDA device and launches them from each op's `cuda_fwd`; this crate has no Rust logic.
-//! Built only with the model's `cuda` feature (it needs nvcc).
+//! sft-kernels: the CUDA C++ sources of `sft_model::ops` (`src/*.cu`), built two ways:
+//! - with the `cuda` feature, PTX for the GPU (one `&str` constant per file: `ATTENTION`,
+//!   `NORM`, ...), which the model crate loads into its CUDA device;
+//! - always, the same sources compiled as C++ for the CPU against a CUDA compatibility layer
+//!   (`emu/`): the emulated GPU of [`emu`], which runs every kernel on host memory with real
+//!   barriers, warp-collective shuffles and WMMA, so the CUDA path is tested without a GPU.
+//!
+//! [`MODULES`] lists every kernel of every module, read off the sources at build time: a launch
+//! on either device resolves its kernel's name there. Launch sizes, arguments and buffers are
+//! computed by the model crate (`ops/launch.rs`); this crate has no op logic.
+#[cfg(feature = "cuda")]
 include!(concat!(env!("OUT_DIR"), "/ptx.rs"));
+
+pub mod emu;
+
+mod table {
+    use crate::emu::RawKernel;
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+pub use table::MODULES;

@@ -4,8 +4,16 @@
 //! per-use event records.
 use candle_core::{bail, Device, Result};
 
-/// The device named by `spec`.
+/// The device named by `spec`. Also refuses an unknown `SFT_KERNELS` (see
+/// [`crate::ops::kernels_setting`]) before anything runs.
 pub fn open(spec: &str) -> Result<Device> {
+    if crate::ops::kernels_setting()? == crate::ops::KernelsSetting::Emu && spec.trim().starts_with("cuda") {
+        bail!(
+            "SFT_KERNELS=emu runs the CUDA kernels on an emulated GPU on the CPU: the device must \
+             be `cpu` (got `{}`)",
+            spec.trim()
+        );
+    }
     let dev = match spec.trim() {
         "cpu" => return Ok(Device::Cpu),
         "auto" => Device::cuda_if_available(0)?,

@@ -124,7 +124,8 @@ impl Activations {
     /// The activations' dtype for weights of `dtype` on `device`.
     pub fn dtype(self, dtype: DType, device: &Device) -> DType {
         match self {
-            Self::Auto if dtype == DType::BF16 && device.is_cpu() => DType::F32,
+            // The CPU's plan; the emulated GPU (SFT_KERNELS=emu) takes CUDA's.
+            Self::Auto if dtype == DType::BF16 && crate::ops::cpu_kernels(device) => DType::F32,
             Self::Auto | Self::Weights => dtype,
             Self::F32 if dtype == DType::F64 => DType::F64,
             Self::F32 => DType::F32,

@@ -148,14 +148,11 @@ impl CustomOp3 for CrossEntropyBwd {
     kernels! {"sft-cross-entropy-bwd", "cross_entropy bwd", ce_bwd, gpu::backward, 3}
 }
 
-/// The CUDA launches (kernels in `sft-kernels/src/loss.cu`).
-#[cfg(feature = "cuda")]
+/// The CUDA launches (kernels in `sft-kernels/src/loss.cu`), for a GPU or the emulated one.
 mod gpu {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{bail, DType, Result, Shape};
 
-    use crate::ops::cuda::{self, In, Module, Out};
+    use crate::ops::launch::{self, GpuStorage, In, Launch, Module, Out};
 
     fn labels_suffix(dt: DType) -> Result<&'static str> {
         Ok(match dt {
@@ -166,37 +163,35 @@ mod gpu {
     }
 
     /// Per-row losses in f32.
-    pub fn forward(ce: &super::CrossEntropy, (x, lx): In, (y, ly): In) -> Out {
-        let ignore = ce.ignore_index;
-        cuda::contiguous(lx, "cross_entropy")?;
-        cuda::contiguous(ly, "cross_entropy")?;
+    pub fn forward<S: GpuStorage>(ce: &super::CrossEntropy, (x, lx): In<S>, (y, ly): In<S>) -> Out<S> {
+        launch::contiguous(lx, "cross_entropy")?;
+        launch::contiguous(ly, "cross_entropy")?;
         let (n, v) = lx.shape().dims2()?;
-        let dev = x.device();
-        let out = cuda::new_storage(dev, DType::F32, n)?;
+        let out = x.alloc(DType::F32, n)?;
         let name = format!(
             "ce_fwd_{}_{}",
-            cuda::suffix(x.dtype())?,
+            launch::suffix(x.dtype())?,
             labels_suffix(y.dtype())?
         );
-        let f = cuda::func(dev, Module::Loss, &name)?;
-        let (xp, yp, op, v32) = (
-            cuda::ptr(x, lx)?,
-            cuda::ptr(y, ly)?,
-            cuda::base(&out)?,
-            v as i32,
-        );
-        cuda::launch(&f, cuda::rows(n, v), |b| {
-            b.arg(&xp).arg(&yp).arg(&op).arg(&v32).arg(&ignore);
-        })?;
+        x.launch(
+            Launch::new(Module::Loss, name, launch::rows(n, v))
+                .args([x.ptr(lx)?, y.ptr(ly)?, out.base()?])
+                .arg(v as i32)
+                .arg(ce.ignore_index),
+        )?;
         Ok((out, Shape::from(n)))
     }
 
     /// d logits in the logits' dtype; `g` is the gradient of the per-row losses (f32).
-    pub fn backward(ce: &super::CrossEntropyBwd, (x, lx): In, (y, ly): In, (g, lg): In) -> Out {
-        let ignore = ce.ignore_index;
-        cuda::contiguous(lx, "cross_entropy bwd")?;
-        cuda::contiguous(ly, "cross_entropy bwd")?;
-        cuda::contiguous(lg, "cross_entropy bwd")?;
+    pub fn backward<S: GpuStorage>(
+        ce: &super::CrossEntropyBwd,
+        (x, lx): In<S>,
+        (y, ly): In<S>,
+        (g, lg): In<S>,
+    ) -> Out<S> {
+        launch::contiguous(lx, "cross_entropy bwd")?;
+        launch::contiguous(ly, "cross_entropy bwd")?;
+        launch::contiguous(lg, "cross_entropy bwd")?;
         if g.dtype() != DType::F32 {
             bail!(
                 "cross_entropy bwd: the loss gradient is {:?}, expected f32",
@@ -204,32 +199,20 @@ mod gpu {
             );
         }
         let (n, v) = lx.shape().dims2()?;
-        let dev = x.device();
         let losses = ce.losses.to_dtype(DType::F32)?.contiguous()?;
-        let lp = cuda::with_storage(&losses, cuda::ptr)?;
-        let out = cuda::new_storage(dev, x.dtype(), n * v)?;
+        let (lp, _keep) = x.tensor_ptr(&losses)?;
+        let out = x.alloc(x.dtype(), n * v)?;
         let name = format!(
             "ce_bwd_{}_{}",
-            cuda::suffix(x.dtype())?,
+            launch::suffix(x.dtype())?,
             labels_suffix(y.dtype())?
         );
-        let f = cuda::func(dev, Module::Loss, &name)?;
-        let (xp, yp, gp, op, v32) = (
-            cuda::ptr(x, lx)?,
-            cuda::ptr(y, ly)?,
-            cuda::ptr(g, lg)?,
-            cuda::base(&out)?,
-            v as i32,
-        );
-        cuda::launch(&f, cuda::rows(n, v), |b| {
-            b.arg(&xp)
-                .arg(&yp)
-                .arg(&lp)
-                .arg(&gp)
-                .arg(&op)
-                .arg(&v32)
-                .arg(&ignore);
-        })?;
+        x.launch(
+            Launch::new(Module::Loss, name, launch::rows(n, v))
+                .args([x.ptr(lx)?, y.ptr(ly)?, lp, g.ptr(lg)?, out.base()?])
+                .arg(v as i32)
+                .arg(ce.ignore_index),
+        )?;
         drop(losses);
         Ok((out, lx.shape().clone()))
     }

@@ -241,7 +241,10 @@ pub(crate) use by_dtype;
 /// 3. `cpu_kernel::<T>(op, (storage, layout), ...)` is generic over [`Elem`] and called for the
 /// first input's dtype (`by_dtype!`, `"op"` naming it in errors); `cuda_kernel(op, (storage,
 /// layout), ...)` runs on the device. Both return the output and its shape. The impl keeps its
-/// `bwd`, so an op's wiring is one line and its kernels are plain functions.
+/// `bwd`, so an op's wiring is one line and its kernels are plain functions. `cuda_kernel` is
+/// generic over the device's storage ([`crate::ops::launch::GpuStorage`]): it runs on a GPU
+/// from `cuda_fwd`, and on the emulated GPU from `cpu_fwd` when [`crate::ops::emu::active`]
+/// (the CPU storages copied to the emulator's memory and the result back).
 macro_rules! kernels {
     ($name:literal, $label:literal, $cpu:ident, $cuda:path, 1) => {
         $crate::ops::dispatch::kernels!(@ $name, $label, $cpu, $cuda, (s1, l1));
@@ -266,6 +269,12 @@ macro_rules! kernels {
             $l1: &candle_core::Layout,
             $($s: &candle_core::CpuStorage, $l: &candle_core::Layout,)*
         ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            if $crate::ops::emu::active() {
+                let $s1 = &$crate::ops::emu::EmuStorage::upload($s1)?;
+                $(let $s = &$crate::ops::emu::EmuStorage::upload($s)?;)*
+                let (out, shape) = $cuda(self, ($s1, $l1) $(, ($s, $l))*)?;
+                return Ok((out.to_cpu()?, shape));
+            }
             let dt = candle_core::backend::BackendStorage::dtype($s1);
             $crate::ops::dispatch::by_dtype!(dt, $label, $cpu(self, ($s1, $l1) $(, ($s, $l))*))
         }

@@ -9,6 +9,8 @@
 use candle_core::{bail, DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
+use crate::ops::emu::EmuStorage;
+use crate::ops::launch::{grid, GpuStorage, Launch, Module};
 use crate::ops::route::{route, Op, Route};
 
 /// What a mask is a function of: a 64-bit seed (the trainer mixes the run's seed, the step and
@@ -121,7 +123,13 @@ impl candle_core::CustomOp1 for DropoutMask {
         _: &candle_core::CpuStorage,
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let mut v = vec![0f32; self.shape.iter().product()];
+        let n = self.shape.iter().product();
+        if crate::ops::emu::active() {
+            let dev = EmuStorage::upload(&candle_core::CpuStorage::F32(vec![]))?;
+            let out = gpu_mask(&dev, self.key, n, self.p)?;
+            return Ok((out.to_cpu()?, self.shape.clone().into()));
+        }
+        let mut v = vec![0f32; n];
         fill_mask(&mut v, 0, self.key, self.p)?;
         Ok((candle_core::CpuStorage::F32(v), self.shape.clone().into()))
     }
@@ -133,33 +141,25 @@ impl candle_core::CustomOp1 for DropoutMask {
         _: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         let n = self.shape.iter().product();
-        let out = cuda_mask(&s.device, self.key, n, self.p)?;
+        let out = gpu_mask(s, self.key, n, self.p)?;
         Ok((out, self.shape.clone().into()))
     }
 }
 
-/// The mask as f32, drawn on a CUDA device (`dropout_mask_f32` in `sft-kernels`).
-#[cfg(feature = "cuda")]
-fn cuda_mask(
-    dev: &candle_core::cuda_backend::CudaDevice,
-    key: DropoutKey,
-    n: usize,
-    p: f64,
-) -> Result<candle_core::CudaStorage> {
-    use crate::ops::cuda::{base, func, grid, launch, new_storage, Module};
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
+/// The mask as f32, drawn on the device (`dropout_mask_f32` in `sft-kernels`): a GPU, or the
+/// emulated one.
+fn gpu_mask<S: GpuStorage>(dev: &S, key: DropoutKey, n: usize, p: f64) -> Result<S> {
     let (thr, inv) = threshold(p)?;
-    let out = new_storage(dev, DType::F32, n)?;
-    let f = func(dev, Module::Elementwise, "dropout_mask_f32")?;
-    let (o, n64, seed) = (base(&out)?, n as i64, key.seed);
-    launch(&f, grid(n.div_ceil(4)), |b| {
-        b.arg(&o)
-            .arg(&n64)
-            .arg(&seed)
-            .arg(&key.stream)
-            .arg(&thr)
-            .arg(&inv);
-    })?;
+    let out = dev.alloc(DType::F32, n)?;
+    dev.launch(
+        Launch::new(Module::Elementwise, "dropout_mask_f32", grid(n.div_ceil(4)))
+            .arg(out.base()?)
+            .arg(n as i64)
+            .arg(key.seed)
+            .arg(key.stream)
+            .arg(thr)
+            .arg(inv),
+    )?;
     Ok(out)
 }
 

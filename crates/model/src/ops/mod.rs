@@ -10,8 +10,12 @@
 //! - one file per op (`rms_norm.rs`, `rope.rs`, `swiglu.rs`, `softmax.rs`, `cross_entropy.rs`,
 //!   `linear/` for the frozen and LoRA linears, `attention/` for training and decoding
 //!   attention, `dropout.rs` for the counter-based dropout mask): the public function, the
-//!   `CustomOp` with its CPU kernel, its CUDA launch (behind the `cuda` feature; the CUDA C++
-//!   source is in the `sft-kernels` crate) and its backward;
+//!   `CustomOp` with its CPU kernel, its CUDA launch (device-neutral: the same code runs on a
+//!   GPU with the `cuda` feature and on the emulated GPU; the CUDA C++ source is in the
+//!   `sft-kernels` crate) and its backward;
+//! - `launch.rs`: the launch description both devices run and the checks made before either
+//!   does; `cuda.rs` the GPU's side, `emu.rs` the emulated GPU's (`SFT_KERNELS=emu`,
+//!   [`with_emulated`]);
 //! - [`dispatch`]: the one dtype dispatch (`by_dtype!` over [`dispatch::Elem`]: f32, f64, bf16,
 //!   f16; half types compute in f32 and round once, f64 computes in f64 for the
 //!   finite-difference tests);
@@ -48,6 +52,8 @@ mod cross_entropy;
 pub mod cuda;
 mod dispatch;
 mod dropout;
+pub mod emu;
+mod launch;
 mod linear;
 mod rms_norm;
 mod rope;
@@ -68,6 +74,7 @@ pub use linear::{
 };
 pub use rms_norm::rms_norm;
 pub use rope::rope;
-pub use route::{route, with_composed, Op, Route};
+pub use emu::{kernels_setting, with_emulated, KernelsSetting};
+pub use route::{cpu_kernels, gpu_kernels, route, with_composed, Op, Route};
 pub use softmax::softmax_last_dim;
 pub use swiglu::silu_mul;

@@ -144,98 +144,91 @@ impl CustomOp2 for RmsNormBwdW {
     kernels! {"sft-rms-norm-bwd-w", "rms_norm bwd", rms_bwd_w, gpu::backward_w, 2}
 }
 
-/// The CUDA launches (kernels in `sft-kernels/src/norm.cu`).
-#[cfg(feature = "cuda")]
+/// The CUDA launches (kernels in `sft-kernels/src/norm.cu`), for a GPU or the emulated one.
 mod gpu {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{DType, Shape};
 
-    use crate::ops::cuda::{self, In, Module, Out};
     use crate::ops::dispatch::same_dtype;
+    use crate::ops::launch::{self, Cfg, GpuStorage, In, Launch, Module, Out};
 
-    pub fn forward(norm: &super::RmsNorm, (x, lx): In, (w, lw): In) -> Out {
+    pub fn forward<S: GpuStorage>(norm: &super::RmsNorm, (x, lx): In<S>, (w, lw): In<S>) -> Out<S> {
         same_dtype("rms_norm", x.dtype(), w.dtype())?;
-        cuda::contiguous(lx, "rms_norm")?;
+        launch::contiguous(lx, "rms_norm")?;
         let (rows, d) = super::rms_dims("rms_norm", lx, lw)?;
-        let dev = x.device();
-        let out = cuda::new_storage(dev, x.dtype(), rows * d)?;
-        let f = cuda::func(
-            dev,
-            Module::Norm,
-            &format!("rms_norm_fwd_{}", cuda::suffix(x.dtype())?),
+        let out = x.alloc(x.dtype(), rows * d)?;
+        let name = format!("rms_norm_fwd_{}", launch::suffix(x.dtype())?);
+        x.launch(
+            Launch::new(Module::Norm, name, launch::rows(rows, d))
+                .args([x.ptr(lx)?, w.ptr(lw)?, out.base()?])
+                .arg(d as i32)
+                .arg(norm.eps as f32),
         )?;
-        let (xp, wp, op) = (cuda::ptr(x, lx)?, cuda::ptr(w, lw)?, cuda::base(&out)?);
-        let (d32, e) = (d as i32, norm.eps as f32);
-        cuda::launch(&f, cuda::rows(rows, d), |b| {
-            b.arg(&xp).arg(&wp).arg(&op).arg(&d32).arg(&e);
-        })?;
         Ok((out, lx.shape().clone()))
     }
 
-    pub fn backward_x(norm: &super::RmsNormBwdX, (x, lx): In, (w, lw): In, (g, lg): In) -> Out {
-        cuda::contiguous(lx, "rms_norm bwd")?;
-        cuda::contiguous(lg, "rms_norm bwd")?;
+    pub fn backward_x<S: GpuStorage>(
+        norm: &super::RmsNormBwdX,
+        (x, lx): In<S>,
+        (w, lw): In<S>,
+        (g, lg): In<S>,
+    ) -> Out<S> {
+        launch::contiguous(lx, "rms_norm bwd")?;
+        launch::contiguous(lg, "rms_norm bwd")?;
         let (rows, d) = super::rms_dims("rms_norm bwd", lx, lw)?;
-        let dev = x.device();
-        let out = cuda::new_storage(dev, x.dtype(), rows * d)?;
-        let name = format!("rms_norm_bwd_dx_{}", cuda::suffix(x.dtype())?);
-        let f = cuda::func(dev, Module::Norm, &name)?;
-        let (xp, wp, gp, op) = (
-            cuda::ptr(x, lx)?,
-            cuda::ptr(w, lw)?,
-            cuda::ptr(g, lg)?,
-            cuda::base(&out)?,
-        );
-        let (d32, e) = (d as i32, norm.eps as f32);
-        cuda::launch(&f, cuda::rows(rows, d), |b| {
-            b.arg(&xp).arg(&wp).arg(&gp).arg(&op).arg(&d32).arg(&e);
-        })?;
+        let out = x.alloc(x.dtype(), rows * d)?;
+        let name = format!("rms_norm_bwd_dx_{}", launch::suffix(x.dtype())?);
+        x.launch(
+            Launch::new(Module::Norm, name, launch::rows(rows, d))
+                .args([x.ptr(lx)?, w.ptr(lw)?, g.ptr(lg)?, out.base()?])
+                .arg(d as i32)
+                .arg(norm.eps as f32),
+        )?;
         Ok((out, lx.shape().clone()))
     }
 
     /// dw = sum over rows of g * x * rstd: per-row rstd, column sums over chunks of rows,
     /// then the chunks summed in a fixed order (deterministic, unlike atomics).
-    pub fn backward_w(norm: &super::RmsNormBwdW, (x, lx): In, (g, lg): In) -> Out {
-        cuda::contiguous(lx, "rms_norm bwd")?;
-        cuda::contiguous(lg, "rms_norm bwd")?;
+    pub fn backward_w<S: GpuStorage>(
+        norm: &super::RmsNormBwdW,
+        (x, lx): In<S>,
+        (g, lg): In<S>,
+    ) -> Out<S> {
+        launch::contiguous(lx, "rms_norm bwd")?;
+        launch::contiguous(lg, "rms_norm bwd")?;
         let d = lx.dims().last().copied().unwrap_or(1);
         let rows = lx.shape().elem_count() / d.max(1);
-        let dev = x.device();
-        let sfx = cuda::suffix(x.dtype())?;
-        let rstd = cuda::new_storage(dev, DType::F32, rows)?;
-        let (xp, gp, rp) = (cuda::ptr(x, lx)?, cuda::ptr(g, lg)?, cuda::base(&rstd)?);
-        let (d32, e) = (d as i32, norm.eps as f32);
-        let f = cuda::func(dev, Module::Norm, &format!("rms_norm_rstd_{sfx}"))?;
-        cuda::launch(&f, cuda::rows(rows, d), |b| {
-            b.arg(&xp).arg(&rp).arg(&d32).arg(&e);
-        })?;
+        let sfx = launch::suffix(x.dtype())?;
+        let rstd = x.alloc(DType::F32, rows)?;
+        let (xp, gp, rp) = (x.ptr(lx)?, g.ptr(lg)?, rstd.base()?);
+        x.launch(
+            Launch::new(Module::Norm, format!("rms_norm_rstd_{sfx}"), launch::rows(rows, d))
+                .args([xp.clone(), rp.clone()])
+                .arg(d as i32)
+                .arg(norm.eps as f32),
+        )?;
         let per_chunk = 64usize;
         let chunks = rows.div_ceil(per_chunk).max(1);
-        let partial = cuda::new_storage(dev, DType::F32, chunks * d)?;
-        let pp = cuda::base(&partial)?;
-        let (rows32, pc32, ch32) = (rows as i32, per_chunk as i32, chunks as i32);
-        let f = cuda::func(dev, Module::Norm, &format!("rms_norm_dw_partial_{sfx}"))?;
-        let cfg = LaunchConfig {
-            grid_dim: (d.div_ceil(128) as u32, chunks as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
+        let partial = x.alloc(DType::F32, chunks * d)?;
+        let pp = partial.base()?;
+        let cfg = Cfg {
+            grid: [d.div_ceil(128) as u32, chunks as u32, 1],
+            block: [128, 1, 1],
+            shared: 0,
         };
-        cuda::launch(&f, cfg, |b| {
-            b.arg(&xp)
-                .arg(&gp)
-                .arg(&rp)
-                .arg(&pp)
-                .arg(&rows32)
-                .arg(&d32)
-                .arg(&pc32);
-        })?;
-        let out = cuda::new_storage(dev, x.dtype(), d)?;
-        let op = cuda::base(&out)?;
-        let f = cuda::func(dev, Module::Norm, &format!("sum_chunks_{sfx}"))?;
-        cuda::launch(&f, cuda::grid(d), |b| {
-            b.arg(&pp).arg(&op).arg(&ch32).arg(&d32);
-        })?;
+        x.launch(
+            Launch::new(Module::Norm, format!("rms_norm_dw_partial_{sfx}"), cfg)
+                .args([xp, gp, rp, pp.clone()])
+                .arg(rows as i32)
+                .arg(d as i32)
+                .arg(per_chunk as i32),
+        )?;
+        let out = x.alloc(x.dtype(), d)?;
+        x.launch(
+            Launch::new(Module::Norm, format!("sum_chunks_{sfx}"), launch::grid(d))
+                .args([pp, out.base()?])
+                .arg(chunks as i32)
+                .arg(d as i32),
+        )?;
         Ok((out, Shape::from(d)))
     }
 }

@@ -120,17 +120,14 @@ impl CustomOp3 for Rope {
     }
 }
 
-/// The CUDA launch (kernel in `sft-kernels/src/elementwise.cu`).
-#[cfg(feature = "cuda")]
+/// The CUDA launch (kernel in `sft-kernels/src/elementwise.cu`), for a GPU or the emulated one.
 mod gpu {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
     use candle_core::{bail, Shape};
 
-    use crate::ops::cuda::{self, In, Module, Out};
     use crate::ops::dispatch::same_dtype;
+    use crate::ops::launch::{self, GpuStorage, In, Launch, Module, Out};
 
-    pub fn rope(rope: &super::Rope, (x, lx): In, (c, lc): In, (s, ls): In) -> Out {
+    pub fn rope<S: GpuStorage>(rope: &super::Rope, (x, lx): In<S>, (c, lc): In<S>, (s, ls): In<S>) -> Out<S> {
         same_dtype("rope", x.dtype(), c.dtype())?;
         same_dtype("rope", x.dtype(), s.dtype())?;
         let (b, h, t, d) = lx.shape().dims4()?;
@@ -143,29 +140,19 @@ mod gpu {
             &[cb, ct, cd] if cb == b && ct == t && cd == d / 2 => 1,
             dims => bail!("rope: cos {dims:?} does not fit x {:?}", lx.dims()),
         };
-        cuda::contiguous(lc, "rope")?;
-        cuda::contiguous(ls, "rope")?;
-        let dev = x.device();
-        let out = cuda::new_storage(dev, x.dtype(), b * h * t * d)?;
-        let (xp, cp, sp, op) = (
-            cuda::ptr(x, lx)?,
-            cuda::ptr(c, lc)?,
-            cuda::ptr(s, ls)?,
-            cuda::base(&out)?,
-        );
-        let (b32, h32, t32, d32) = (b as i32, h as i32, t as i32, d as i32);
-        let (sb, sh, stt) = (st[0] as i64, st[1] as i64, st[2] as i64);
+        launch::contiguous(lc, "rope")?;
+        launch::contiguous(ls, "rope")?;
+        let out = x.alloc(x.dtype(), b * h * t * d)?;
         let sign: f32 = if rope.inverse { -1.0 } else { 1.0 };
-        let f = cuda::func(
-            dev,
-            Module::Elementwise,
-            &format!("rope_{}", cuda::suffix(x.dtype())?),
+        let name = format!("rope_{}", launch::suffix(x.dtype())?);
+        x.launch(
+            Launch::new(Module::Elementwise, name, launch::grid(b * h * t * d / 2))
+                .args([x.ptr(lx)?, c.ptr(lc)?, s.ptr(ls)?, out.base()?])
+                .args([b, h, t, d].map(|v| (v as i32).into()))
+                .args([st[0], st[1], st[2]].map(|v| (v as i64).into()))
+                .arg(per_batch)
+                .arg(sign),
         )?;
-        cuda::launch(&f, cuda::grid(b * h * t * d / 2), |a| {
-            a.arg(&xp).arg(&cp).arg(&sp).arg(&op);
-            a.arg(&b32).arg(&h32).arg(&t32).arg(&d32);
-            a.arg(&sb).arg(&sh).arg(&stt).arg(&per_batch).arg(&sign);
-        })?;
         Ok((out, Shape::from((b, h, t, d))))
     }
 }

@@ -55,27 +55,28 @@ pub enum Route {
 }
 
 /// Ops with a CUDA kernel: all of them today. An op taken out of this list runs composed on
-/// CUDA, so adding (or bisecting) a kernel is one line here (and its `cuda_fwd`).
-#[cfg(feature = "cuda")]
+/// CUDA (and on the emulated GPU), so adding (or bisecting) a kernel is one line here (and its
+/// CUDA launch).
 const CUDA_KERNELS: &[Op] = &Op::ALL;
 
 /// The routing table: which implementation runs `op` on `dev` for inputs of `dtype`. CPU ops
 /// all have kernels; on CUDA, the ops of `CUDA_KERNELS` for f32, bf16 and f16 (an op may still
 /// send a shape its kernel does not take to the composed form, e.g. attention's head widths);
-/// elsewhere (Metal) everything is composed.
+/// elsewhere (Metal) everything is composed. Under `SFT_KERNELS=emu` (or [`crate::ops::with_emulated`])
+/// the CPU takes CUDA's row: its ops run the CUDA kernels on the emulated GPU.
 /// `SFT_OPS_COMPOSED=rms_norm,attention` (or `all`) sends ops to the composed reference on
 /// every device (to rule a kernel out when chasing a numerical difference), and tests can do
 /// the same for one thread with [`with_composed`].
-#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn route(op: Op, dev: &Device, dtype: DType) -> Route {
     if forced_composed(op) {
         return Route::Composed;
     }
+    // The CUDA kernels take f32, bf16 and f16 (f64 runs composed).
+    let cuda = CUDA_KERNELS.contains(&op) && super::launch::supported(dtype);
     let kernel = match dev {
+        Device::Cpu if super::emu::active() => cuda,
         Device::Cpu => true,
-        // The CUDA kernels take f32, bf16 and f16 (f64 runs composed).
-        #[cfg(feature = "cuda")]
-        Device::Cuda(_) => CUDA_KERNELS.contains(&op) && super::cuda::supported(dtype),
+        Device::Cuda(_) => cuda,
         _ => false,
     };
     if kernel {
@@ -83,6 +84,17 @@ pub fn route(op: Op, dev: &Device, dtype: DType) -> Route {
     } else {
         Route::Composed
     }
+}
+
+/// Whether ops on `dev` run the CUDA kernels' launches: on a GPU, or on the CPU through the
+/// emulated GPU.
+pub fn gpu_kernels(dev: &Device) -> bool {
+    dev.is_cuda() || (dev.is_cpu() && super::emu::active())
+}
+
+/// Whether ops on `dev` run the CPU kernels (the CPU, not emulating a GPU).
+pub fn cpu_kernels(dev: &Device) -> bool {
+    dev.is_cpu() && !super::emu::active()
 }
 
 thread_local! {
@@ -136,5 +148,19 @@ mod tests {
         }
         // The override ends with the closure.
         assert_eq!(route(Op::Rope, &Device::Cpu, DType::F32), Route::Kernel);
+    }
+
+    #[test]
+    fn emulated_gpu_takes_the_cuda_row() {
+        crate::ops::with_emulated(|| {
+            assert!(gpu_kernels(&Device::Cpu) && !cpu_kernels(&Device::Cpu));
+            for op in Op::ALL {
+                assert_eq!(route(op, &Device::Cpu, DType::BF16), Route::Kernel, "{op:?}");
+                // f64 has no CUDA kernel: composed, as on a GPU.
+                assert_eq!(route(op, &Device::Cpu, DType::F64), Route::Composed, "{op:?}");
+            }
+        });
+        assert!(cpu_kernels(&Device::Cpu));
+        assert_eq!(route(Op::Rope, &Device::Cpu, DType::F64), Route::Kernel);
     }
 }

@@ -88,26 +88,25 @@ impl CustomOp2 for SoftmaxBwd {
     kernels! {"sft-softmax-bwd", "softmax bwd", softmax_bwd, gpu::backward, 2}
 }
 
-/// The CUDA launches (kernels in `sft-kernels/src/norm.cu`).
-#[cfg(feature = "cuda")]
+/// The CUDA launches (kernels in `sft-kernels/src/norm.cu`), for a GPU or the emulated one.
 mod gpu {
-    use crate::ops::cuda::{self, In, Module, Out};
+    use crate::ops::launch::{self, GpuStorage, In, Module, Out};
 
-    pub fn forward(_: &super::Softmax, x: In) -> Out {
+    pub fn forward<S: GpuStorage>(_: &super::Softmax, x: In<S>) -> Out<S> {
         Ok((rows("softmax_fwd", &[x])?, x.1.shape().clone()))
     }
 
-    pub fn backward(_: &super::SoftmaxBwd, y: In, g: In) -> Out {
+    pub fn backward<S: GpuStorage>(_: &super::SoftmaxBwd, y: In<S>, g: In<S>) -> Out<S> {
         Ok((rows("softmax_bwd", &[y, g])?, y.1.shape().clone()))
     }
 
     /// A one-block-per-row kernel `name_<dtype>(inputs..., out, d)` over the first input's
     /// rows.
-    fn rows(name: &str, inputs: &[In]) -> candle_core::Result<candle_core::CudaStorage> {
+    fn rows<S: GpuStorage>(name: &str, inputs: &[In<S>]) -> candle_core::Result<S> {
         let l = inputs[0].1;
         let d = l.dims().last().copied().unwrap_or(1);
         let n = l.shape().elem_count();
-        let cfg = cuda::rows(n / d.max(1), d);
-        cuda::launch_simple(Module::Norm, name, inputs, n, cfg, d as i32)
+        let cfg = launch::rows(n / d.max(1), d);
+        launch::launch_simple(Module::Norm, name, inputs, n, cfg, (d as i32).into())
     }
 }

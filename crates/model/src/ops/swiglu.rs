@@ -184,16 +184,15 @@ pub(crate) unsafe fn silu_mul_bwd_row_avx2(
     silu_mul_bwd_row_body(dg, du, g, u, dy)
 }
 
-/// The CUDA launches (kernels in `sft-kernels/src/elementwise.cu`).
-#[cfg(feature = "cuda")]
+/// The CUDA launches (kernels in `sft-kernels/src/elementwise.cu`), for a GPU or the emulated
+/// one.
 mod gpu {
-    use candle_core::backend::BackendStorage;
-    use candle_core::{CudaStorage, Result, Shape};
+    use candle_core::{Result, Shape};
 
-    use crate::ops::cuda::{self, In, Module, Out};
     use crate::ops::dispatch::same_dtype;
+    use crate::ops::launch::{self, GpuStorage, In, Module, Out};
 
-    pub fn forward(_: &super::SiluMul, g: In, u: In) -> Out {
+    pub fn forward<S: GpuStorage>(_: &super::SiluMul, g: In<S>, u: In<S>) -> Out<S> {
         same_dtype("silu_mul", g.0.dtype(), u.0.dtype())?;
         Ok((
             elementwise("silu_mul_fwd", &[g, u], 1)?,
@@ -202,7 +201,7 @@ mod gpu {
     }
 
     /// d gate and d up stacked as (2, ...).
-    pub fn backward(_: &super::SiluMulBwd, g: In, u: In, dy: In) -> Out {
+    pub fn backward<S: GpuStorage>(_: &super::SiluMulBwd, g: In<S>, u: In<S>, dy: In<S>) -> Out<S> {
         let out = elementwise("silu_mul_bwd", &[g, u, dy], 2)?;
         let mut dims = vec![2];
         dims.extend_from_slice(g.1.dims());
@@ -210,16 +209,16 @@ mod gpu {
     }
 
     /// An element-wise kernel `name_<dtype>(inputs..., out, n)` writing `outputs * n` elements.
-    fn elementwise(name: &str, inputs: &[In], outputs: usize) -> Result<CudaStorage> {
+    fn elementwise<S: GpuStorage>(name: &str, inputs: &[In<S>], outputs: usize) -> Result<S> {
         let n = inputs[0].1.shape().elem_count();
-        let cfg = cuda::grid(n);
-        cuda::launch_simple(
+        let cfg = launch::grid(n);
+        launch::launch_simple(
             Module::Elementwise,
             name,
             inputs,
             outputs * n,
             cfg,
-            n as i64,
+            (n as i64).into(),
         )
     }
 }

@@ -1,14 +1,46 @@
-//! The CUDA launches of attention (kernels in `sft-kernels/src/attention.cu`): the forward
-//! saves the rows' log-sum-exp for the backward in the op (an `LseSlot`), never the scores.
+//! The CUDA launches of attention (kernels in `sft-kernels/src/attention.cu`), for a GPU or the
+//! emulated one: the forward saves the rows' log-sum-exp for the backward in the op (an
+//! `LseSlot`), never the scores.
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::{bail, DType, Layout, Result, Shape};
 
 use super::cpu::AttnDims;
 use super::mask::AttnMask;
-use super::node::{Attention, AttentionBwd};
-use crate::ops::cuda::{self, In, Module, Out};
+use super::node::{Attention, AttentionBwd, SavedLse};
+use crate::ops::emu::EmuStorage;
+use crate::ops::launch::{self, Arg, Cfg, GpuStorage, In, Launch, Module, Out};
+
+/// A device storage that can be kept between the forward and the backward.
+pub(crate) trait Lse: GpuStorage {
+    fn save(self) -> SavedLse;
+    fn saved(s: &SavedLse) -> Option<&Self>;
+}
+
+impl Lse for EmuStorage {
+    fn save(self) -> SavedLse {
+        SavedLse::Emu(self)
+    }
+    fn saved(s: &SavedLse) -> Option<&Self> {
+        match s {
+            SavedLse::Emu(e) => Some(e),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Lse for candle_core::CudaStorage {
+    fn save(self) -> SavedLse {
+        SavedLse::Cuda(self)
+    }
+    fn saved(s: &SavedLse) -> Option<&Self> {
+        match s {
+            SavedLse::Cuda(c) => Some(c),
+            _ => None,
+        }
+    }
+}
 
 /// The kernels' `AttnArgs` (see attention.cu).
 #[repr(C)]
@@ -26,9 +58,6 @@ struct AttnArgs {
     scale: f32,
     has_starts: i32,
 }
-
-// SAFETY: plain `repr(C)` data with the C struct's layout.
-unsafe impl DeviceRepr for AttnArgs {}
 
 /// Whether the kernels take this call: 16-bit operands (the tensor cores) and a head width
 /// of 64 or 128. Others run the composed reference.
@@ -87,56 +116,49 @@ fn args(op_mask: Option<&AttnMask>, scale: f64, d: AttnDims, ls: [&Layout; 3]) -
     })
 }
 
-/// The device address of the key starts (0 without ranges) and the tensor that holds them.
-fn starts(mask: Option<&AttnMask>) -> Result<u64> {
+/// The device address of the key starts (null without ranges), and what keeps it valid.
+fn starts<S: GpuStorage>(dev: &S, mask: Option<&AttnMask>) -> Result<(Arg, Option<S>)> {
     match mask {
-        Some(AttnMask::Ranges(r)) => cuda::with_storage(r.on_device(), cuda::ptr),
-        _ => Ok(0),
+        Some(AttnMask::Ranges(r)) => dev.tensor_ptr(r.on_device()),
+        _ => Ok((
+            Arg::Ptr {
+                addr: 0,
+                dtype: None,
+            },
+            None,
+        )),
     }
 }
 
-pub(crate) fn forward(op: &Attention, (q, lq): In, (k, lk): In, (v, lv): In) -> Out {
+pub(crate) fn forward<S: Lse>(op: &Attention, (q, lq): In<S>, (k, lk): In<S>, (v, lv): In<S>) -> Out<S> {
     let d = Attention::dims(lq, lk)?;
     let a = args(op.mask.as_ref(), op.scale, d, [lq, lk, lv])?;
-    let dev = q.device();
-    let sfx = cuda::suffix(q.dtype())?;
-    let out = cuda::new_storage(dev, q.dtype(), d.b * d.t * d.nh * d.hd)?;
-    let lse = cuda::new_storage(dev, DType::F32, d.b * d.nh * d.t)?;
-    let (qp, kp, vp, sp) = (
-        cuda::ptr(q, lq)?,
-        cuda::ptr(k, lk)?,
-        cuda::ptr(v, lv)?,
-        starts(op.mask.as_ref())?,
-    );
-    let (op_, lp) = (cuda::base(&out)?, cuda::base(&lse)?);
+    let sfx = launch::suffix(q.dtype())?;
+    let out = q.alloc(q.dtype(), d.b * d.t * d.nh * d.hd)?;
+    let lse = q.alloc(DType::F32, d.b * d.nh * d.t)?;
+    let (sp, _keep) = starts(q, op.mask.as_ref())?;
     let bytes = smem(d.hd).0;
-    let f = cuda::func(dev, Module::Attention, &format!("attn_fwd_{sfx}_{}", d.hd))?;
-    cuda::allow_smem(&f, bytes)?;
-    let cfg = LaunchConfig {
-        grid_dim: (d.t.div_ceil(64) as u32, (d.b * d.nh) as u32, 1),
-        block_dim: (128, 1, 1),
-        shared_mem_bytes: bytes as u32,
+    let cfg = Cfg {
+        grid: [d.t.div_ceil(64) as u32, (d.b * d.nh) as u32, 1],
+        block: [128, 1, 1],
+        shared: bytes as u32,
     };
-    cuda::launch(&f, cfg, |b| {
-        b.arg(&qp)
-            .arg(&kp)
-            .arg(&vp)
-            .arg(&sp)
-            .arg(&op_)
-            .arg(&lp)
-            .arg(&a);
-    })?;
-    *op.lse.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse);
+    q.launch(
+        Launch::new(Module::Attention, format!("attn_fwd_{sfx}_{}", d.hd), cfg)
+            .opt_in_smem(bytes)
+            .args([q.ptr(lq)?, k.ptr(lk)?, v.ptr(lv)?, sp, out.base()?, lse.base()?])
+            .arg(Arg::of_struct("AttnArgs", &a)),
+    )?;
+    *op.lse.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse.save());
     Ok((out, Shape::from((d.b, d.t, d.nh * d.hd))))
 }
 
-pub(crate) fn backward(op: &AttentionBwd, (q, lq): In, (k, lk): In, (v, lv): In) -> Out {
+pub(crate) fn backward<S: Lse>(op: &AttentionBwd, (q, lq): In<S>, (k, lk): In<S>, (v, lv): In<S>) -> Out<S> {
     let d = Attention::dims(lq, lk)?;
     let a = args(op.mask.as_ref(), op.scale, d, [lq, lk, lv])?;
-    let dev = q.device();
-    let sfx = cuda::suffix(q.dtype())?;
+    let sfx = launch::suffix(q.dtype())?;
     let lse_guard = op.lse.0.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(lse) = lse_guard.as_ref() else {
+    let Some(lse) = lse_guard.as_ref().and_then(S::saved) else {
         bail!("attention bwd: the forward's log-sum-exp is missing");
     };
     // The kernels read rows 16 bytes at a time: a view starting mid-row gets copied.
@@ -150,66 +172,49 @@ pub(crate) fn backward(op: &AttentionBwd, (q, lq): In, (k, lk): In, (v, lv): In)
     };
     let grad = aligned(&op.grad)?;
     let out = aligned(&op.out)?;
-    let gp = cuda::with_storage(&grad, cuda::ptr)?;
-    let outp = cuda::with_storage(&out, cuda::ptr)?;
-    let (qp, kp, vp, sp) = (
-        cuda::ptr(q, lq)?,
-        cuda::ptr(k, lk)?,
-        cuda::ptr(v, lv)?,
-        starts(op.mask.as_ref())?,
-    );
-    let lp = cuda::base(lse)?;
+    let (gp, _keep_g) = q.tensor_ptr(&grad)?;
+    let (outp, _keep_o) = q.tensor_ptr(&out)?;
+    let (sp, _keep_s) = starts(q, op.mask.as_ref())?;
+    let lp = lse.base()?;
     // D = rowsum(dO * O), one warp per row.
-    let dsum = cuda::new_storage(dev, DType::F32, d.b * d.nh * d.t)?;
-    let dp = cuda::base(&dsum)?;
+    let dsum = q.alloc(DType::F32, d.b * d.nh * d.t)?;
+    let dp = dsum.base()?;
     let rows = d.b * d.t * d.nh;
-    let f = cuda::func(dev, Module::Attention, &format!("attn_bwd_dot_{sfx}"))?;
-    let (b32, nh32, t32, hd32) = (d.b as i32, d.nh as i32, d.t as i32, d.hd as i32);
-    let cfg = LaunchConfig {
-        grid_dim: (rows.div_ceil(8) as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
+    let cfg = Cfg {
+        grid: [rows.div_ceil(8) as u32, 1, 1],
+        block: [256, 1, 1],
+        shared: 0,
     };
-    cuda::launch(&f, cfg, |b| {
-        b.arg(&gp)
-            .arg(&outp)
-            .arg(&dp)
-            .arg(&b32)
-            .arg(&nh32)
-            .arg(&t32)
-            .arg(&hd32);
-    })?;
+    q.launch(
+        Launch::new(Module::Attention, format!("attn_bwd_dot_{sfx}"), cfg)
+            .args([gp.clone(), outp, dp.clone()])
+            .args([d.b, d.nh, d.t, d.hd].map(|x| (x as i32).into())),
+    )?;
     // dq, dk, dv in one storage, in that order.
     let (nq, nk) = (d.b * d.nh * d.t * d.hd, d.b * d.nkv * d.s * d.hd);
-    let all = cuda::new_storage(dev, q.dtype(), nq + 2 * nk)?;
-    let base = cuda::base(&all)?;
-    let size = q.dtype().size_in_bytes() as u64;
-    let (dqp, dkp, dvp) = (
-        base,
-        base + nq as u64 * size,
-        base + (nq + nk) as u64 * size,
-    );
+    let all = q.alloc(q.dtype(), nq + 2 * nk)?;
+    let at = |off: usize| -> Result<Arg> { all.ptr(&Layout::contiguous_with_offset(1, off)) };
+    let (dqp, dkp, dvp) = (at(0)?, at(nq)?, at(nq + nk)?);
     // dk/dv over key blocks of each (batch, kv head), dq over query blocks of each (batch,
     // head): both read the same seven inputs, write their gradients, then take the constants.
     let (_, kv_bytes, q_bytes) = smem(d.hd);
-    let inputs = [qp, kp, vp, gp, lp, dp, sp];
-    let pass = |kernel: &str, rows: usize, heads: usize, bytes: usize, outs: &[u64]| {
-        let name = format!("attn_bwd_{kernel}_{sfx}_{}", d.hd);
-        let f = cuda::func(dev, Module::Attention, &name)?;
-        cuda::allow_smem(&f, bytes)?;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(64) as u32, heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: bytes as u32,
+    let inputs = [q.ptr(lq)?, k.ptr(lk)?, v.ptr(lv)?, gp, lp, dp, sp];
+    let pass = |kernel: &str, rows: usize, heads: usize, bytes: usize, outs: Vec<Arg>| {
+        let cfg = Cfg {
+            grid: [rows.div_ceil(64) as u32, heads as u32, 1],
+            block: [128, 1, 1],
+            shared: bytes as u32,
         };
-        cuda::launch(&f, cfg, |b| {
-            for p in inputs.iter().chain(outs) {
-                b.arg(p);
-            }
-            b.arg(&a);
-        })
+        let name = format!("attn_bwd_{kernel}_{sfx}_{}", d.hd);
+        q.launch(
+            Launch::new(Module::Attention, name, cfg)
+                .opt_in_smem(bytes)
+                .args(inputs.iter().cloned())
+                .args(outs)
+                .arg(Arg::of_struct("AttnArgs", &a)),
+        )
     };
-    pass("dkdv", d.s, d.b * d.nkv, kv_bytes, &[dkp, dvp])?;
-    pass("dq", d.t, d.b * d.nh, q_bytes, &[dqp])?;
+    pass("dkdv", d.s, d.b * d.nkv, kv_bytes, vec![dkp, dvp])?;
+    pass("dq", d.t, d.b * d.nh, q_bytes, vec![dqp])?;
     Ok((all, Shape::from(nq + 2 * nk)))
 }

@@ -49,7 +49,7 @@ pub fn attention_cached_with(
 ) -> Result<Tensor> {
     let (b, nh, t, hd) = q.dims4()?;
     let (bk, nkv, cap, hdk) = k_cache.dims4()?;
-    let direct = q.device().is_cpu()
+    let direct = crate::ops::cpu_kernels(q.device())
         && t <= DECODE_MAX_T
         && matches!(q.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
         && k_cache.dtype() == q.dtype()

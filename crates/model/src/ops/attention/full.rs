@@ -3,7 +3,6 @@
 use candle_core::{bail, CustomOp3, DType, Result, Shape, Tensor};
 
 use super::cpu::{attn_bwd, attn_fwd, AttnDims, RowMask};
-#[cfg(feature = "cuda")]
 use super::cuda;
 use super::mask::{AttnMask, KeyRanges};
 use super::node::{Attention, AttentionBwd};
@@ -59,13 +58,14 @@ pub fn attention_with(
             Some(AttnMask::Ranges(r.clone()))
         }
     };
+    let gpu = crate::ops::gpu_kernels(q.device());
     let kernel = route(Op::Attention, q.device(), q.dtype()) == Route::Kernel
-        && (q.device().is_cpu() || gpu_supports(d, q.dtype(), mask.as_ref()));
+        && (!gpu || gpu_supports(d, q.dtype(), mask.as_ref()));
     if !kernel {
         return composed::attention(q, k, v, mask.as_ref(), scale);
     }
     let op = Attention::new(mask, scale);
-    if q.device().is_cpu() {
+    if !gpu {
         q.contiguous()?
             .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
     } else {
@@ -87,15 +87,7 @@ pub fn attention_with(
 
 /// Whether the CUDA kernel takes this call (else the composed reference runs).
 fn gpu_supports(d: AttnDims, dt: DType, mask: Option<&AttnMask>) -> bool {
-    #[cfg(feature = "cuda")]
-    {
-        cuda::supports(d, dt) && !matches!(mask, Some(AttnMask::Additive(_)))
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (d, dt, mask);
-        false
-    }
+    cuda::supports(d, dt) && !matches!(mask, Some(AttnMask::Additive(_)))
 }
 
 /// The shapes of a q, k, v triple, checked.
@@ -211,7 +203,6 @@ impl CustomOp3 for Attention {
                 scale: self.scale,
                 grad: grad.contiguous()?,
                 out: res.clone(),
-                #[cfg(feature = "cuda")]
                 lse: self.lse.clone(),
             },
         )?;

@@ -1,7 +1,6 @@
 //! The graph nodes of attention and what each keeps for the backward: the training op (q, k, v
 //! in; the mask and scale as constants) and its backward. Their kernels are in `full` (CPU)
 //! and `cuda`.
-#[cfg(feature = "cuda")]
 use std::sync::{Arc, Mutex};
 
 use candle_core::{Layout, Result, Tensor};
@@ -9,10 +8,17 @@ use candle_core::{Layout, Result, Tensor};
 use super::cpu::AttnDims;
 use super::mask::AttnMask;
 
-/// The forward's log-sum-exp (b, nh, t) f32, handed to the backward.
-#[cfg(feature = "cuda")]
+/// The forward's log-sum-exp (b, nh, t) f32 on the device that ran the CUDA kernels (a GPU or
+/// the emulated one), handed to the backward.
 #[derive(Clone, Default)]
-pub(crate) struct LseSlot(pub(super) Arc<Mutex<Option<candle_core::CudaStorage>>>);
+pub(crate) struct LseSlot(pub(super) Arc<Mutex<Option<SavedLse>>>);
+
+/// A saved log-sum-exp on its device.
+pub(crate) enum SavedLse {
+    #[cfg(feature = "cuda")]
+    Cuda(candle_core::CudaStorage),
+    Emu(crate::ops::emu::EmuStorage),
+}
 
 /// The training op: q, k, v as its three inputs, the mask and scale as constants.
 pub(crate) struct Attention {
@@ -20,7 +26,6 @@ pub(crate) struct Attention {
     pub(super) mask: Option<AttnMask>,
     pub(super) scale: f64,
     /// The forward's row log-sum-exp on CUDA, which the backward reads.
-    #[cfg(feature = "cuda")]
     pub(super) lse: LseSlot,
 }
 
@@ -29,7 +34,6 @@ impl Attention {
         Self {
             mask,
             scale,
-            #[cfg(feature = "cuda")]
             lse: Default::default(),
         }
     }
@@ -56,8 +60,6 @@ pub(crate) struct AttentionBwd {
     /// d out, (b, t, heads * head_dim), contiguous.
     pub(super) grad: Tensor,
     /// The forward's output (the CUDA backward's `rowsum(dO * O)`).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(super) out: Tensor,
-    #[cfg(feature = "cuda")]
     pub(super) lse: LseSlot,
 }

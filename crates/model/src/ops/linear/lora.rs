@@ -251,6 +251,16 @@ impl CustomOp3 for LoraLinear {
         sb: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        if crate::ops::emu::active() {
+            use crate::ops::emu::EmuStorage;
+            let (x, a, b) = (
+                EmuStorage::upload(sx)?,
+                EmuStorage::upload(sa)?,
+                EmuStorage::upload(sb)?,
+            );
+            let (out, shape) = gpu::forward(self, (&x, lx), (&a, la), (&b, lb))?;
+            return Ok((out.to_cpu()?, shape));
+        }
         let (n, kw) = self.w.dims2()?;
         let (m, k, lx, shape) = rows_view(lx, n, "lora_linear")?;
         if kw != k {
@@ -345,8 +355,7 @@ impl CustomOp3 for LoraLinear {
         let (n, k) = self.w.dims2()?;
         let (need_x, need_a, need_b) = (x.track_op(), a.track_op(), b.track_op());
         let (x, a, b) = (x.detach(), a.detach(), b.detach());
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() {
+        if crate::ops::gpu_kernels(x.device()) {
             return gpu::backward(self, (&x, &a, &b), grad, (need_x, need_a, need_b));
         }
         let ct = a.dtype();
@@ -453,24 +462,21 @@ fn axpy_rows<T: Copy + Send + Sync, F: Fn(&mut T, T) + Send + Sync>(
     });
 }
 
-/// The CUDA path: cuBLAS for the products (the base in the activations' dtype, the adapter in
-/// f32 as PEFT keeps it), `sft-kernels/src/elementwise.cu` for the steps around them (the
-/// dropout drawn inside the kernels that read x, never stored).
-#[cfg(feature = "cuda")]
+/// The CUDA path, for a GPU or the emulated one: the device's matrix product for the products
+/// (cuBLAS on a GPU; the base in the activations' dtype, the adapter in f32 as PEFT keeps it),
+/// `sft-kernels/src/elementwise.cu` for the steps around them (the dropout drawn inside the
+/// kernels that read x, never stored).
 mod gpu {
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::PushKernelArg;
-    use candle_core::{
-        bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
-    };
+    use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
     use super::{rows_view, Dropout, LoraLinear};
-    use crate::ops::cuda::{self, In, Module};
+    use crate::ops::emu::EmuStorage;
+    use crate::ops::launch::{self, Arg, GpuStorage, In, Launch, MaskArg, Module};
 
-    /// The kernels' view of a LoRA dropout: none, a Philox key, or a given f32 mask (its address;
-    /// the returned tensor keeps that mask alive through the launch).
-    fn mask_arg(dropout: &Dropout) -> Result<(cuda::MaskArg, Option<Tensor>)> {
-        let none = cuda::MaskArg {
+    /// The kernels' view of a LoRA dropout: none, a Philox key, or a given f32 mask (its
+    /// address; the returned storage keeps that mask alive through the launch).
+    fn mask_arg<S: GpuStorage>(dev: &S, dropout: &Dropout) -> Result<(Arg, Option<S>, Option<Tensor>)> {
+        let none = MaskArg {
             seed: 0,
             mask: 0,
             stream: 0,
@@ -478,11 +484,11 @@ mod gpu {
             inv: 1.0,
             mode: 0,
         };
-        Ok(match dropout {
-            Dropout::Off => (none, None),
+        let (m, keep, keep_t) = match dropout {
+            Dropout::Off => (none, None, None),
             Dropout::Key { key, p } => {
                 let (thr, inv) = crate::ops::dropout::threshold(*p)?;
-                let arg = cuda::MaskArg {
+                let arg = MaskArg {
                     seed: key.seed,
                     stream: key.stream,
                     thr,
@@ -490,58 +496,61 @@ mod gpu {
                     mode: 1,
                     ..none
                 };
-                (arg, None)
+                (arg, None, None)
             }
             Dropout::Mask(m) => {
                 let m = m.to_dtype(DType::F32)?.contiguous()?;
-                let p = cuda::with_storage(&m, cuda::ptr)?;
-                let arg = cuda::MaskArg {
-                    mask: p,
+                let (p, keep) = dev.tensor_ptr(&m)?;
+                let Arg::Ptr { addr, .. } = p else {
+                    bail!("lora_linear: the mask's address")
+                };
+                let arg = MaskArg {
+                    mask: addr,
                     mode: 2,
                     ..none
                 };
-                (arg, Some(m))
+                (arg, keep, Some(m))
             }
-        })
+        };
+        Ok((Arg::of_struct("MaskArg", &m), keep, keep_t))
     }
 
     /// `xd = f32(x) * mask` into a new f32 storage.
-    fn adapter_input(dropout: &Dropout, (x, lx): In<'_>) -> Result<CudaStorage> {
-        cuda::contiguous(lx, "lora_linear")?;
+    fn adapter_input<S: GpuStorage>(dropout: &Dropout, (x, lx): In<'_, S>) -> Result<S> {
+        launch::contiguous(lx, "lora_linear")?;
         let n = lx.shape().elem_count();
-        let dev = x.device();
-        let (m, _keep) = mask_arg(dropout)?;
-        let out = cuda::new_storage(dev, DType::F32, n)?;
-        let (xp, op, n64) = (cuda::ptr(x, lx)?, cuda::base(&out)?, n as i64);
-        let name = format!("lora_input_{}", cuda::suffix(x.dtype())?);
-        let f = cuda::func(dev, Module::Elementwise, &name)?;
-        cuda::launch(&f, cuda::grid(n.div_ceil(4)), |b| {
-            b.arg(&xp).arg(&op).arg(&n64).arg(&m);
-        })?;
+        let (m, _keep, _keep_t) = mask_arg(x, dropout)?;
+        let out = x.alloc(DType::F32, n)?;
+        let name = format!("lora_input_{}", launch::suffix(x.dtype())?);
+        x.launch(
+            Launch::new(Module::Elementwise, name, launch::grid(n.div_ceil(4)))
+                .args([x.ptr(lx)?, out.base()?])
+                .arg(n as i64)
+                .arg(m),
+        )?;
         Ok(out)
     }
 
-    pub fn forward(
+    pub fn forward<S: GpuStorage>(
         op: &LoraLinear,
-        (x, lx): In<'_>,
-        (a, la): In<'_>,
-        (b, lb): In<'_>,
-    ) -> Result<(CudaStorage, Shape)> {
+        (x, lx): In<'_, S>,
+        (a, la): In<'_, S>,
+        (b, lb): In<'_, S>,
+    ) -> Result<(S, Shape)> {
         let (n, kw) = op.w.dims2()?;
         let (m, k, lxv, shape) = rows_view(lx, n, "lora_linear")?;
         if kw != k || a.dtype() != DType::F32 || b.dtype() != DType::F32 {
             bail!("lora_linear: x (.., {k}) with W (.., {kw}) and f32 adapters expected");
         }
+        if op.w.dtype() != x.dtype() {
+            bail!(
+                "lora_linear: x {:?} and W {:?} differ",
+                x.dtype(),
+                op.w.dtype()
+            );
+        }
         let r = la.dims()[0];
-        let dev = x.device();
-        let base = cuda::with_storage(&op.w, |ws, lw| {
-            if ws.dtype() != x.dtype() {
-                bail!(
-                    "lora_linear: x {:?} and W {:?} differ",
-                    x.dtype(),
-                    ws.dtype()
-                );
-            }
+        let base = x.with_tensor(&op.w, |ws, lw| {
             x.matmul(ws, (1, m, n, k), &lxv, &lw.transpose(0, 1)?)
         })?;
         let xd = adapter_input(&op.dropout, (x, &lxv))?;
@@ -557,23 +566,18 @@ mod gpu {
             &Layout::contiguous((m, r)),
             &lb.transpose(0, 1)?,
         )?;
-        let out = cuda::new_storage(dev, x.dtype(), m * n)?;
-        let (bp, dp, op_, n64, s) = (
-            cuda::base(&base)?,
-            cuda::base(&delta)?,
-            cuda::base(&out)?,
-            (m * n) as i64,
-            op.scale as f32,
-        );
-        let name = format!("lora_add_{}", cuda::suffix(x.dtype())?);
-        let f = cuda::func(dev, Module::Elementwise, &name)?;
-        cuda::launch(&f, cuda::grid(m * n), |c| {
-            c.arg(&bp).arg(&dp).arg(&op_).arg(&n64).arg(&s);
-        })?;
+        let out = x.alloc(x.dtype(), m * n)?;
+        let name = format!("lora_add_{}", launch::suffix(x.dtype())?);
+        x.launch(
+            Launch::new(Module::Elementwise, name, launch::grid(m * n))
+                .args([base.base()?, delta.base()?, out.base()?])
+                .arg((m * n) as i64)
+                .arg(op.scale as f32),
+        )?;
         Ok((out, shape))
     }
 
-    /// dx, dA, dB at the tensor level: cuBLAS products, two fused element-wise kernels.
+    /// dx, dA, dB at the tensor level: the device's products, two fused element-wise kernels.
     pub fn backward(
         op: &LoraLinear,
         (x, a, b): (&Tensor, &Tensor, &Tensor),
@@ -613,6 +617,23 @@ mod gpu {
         Ok((dx, da, db))
     }
 
+    /// `dx = dx_base + mask * d_in`, in dx_base's dtype.
+    fn lora_dx<S: GpuStorage>(dropout: &Dropout, (base, lb): In<S>, (d_in, ld): In<S>) -> Result<(S, Shape)> {
+        launch::contiguous(lb, "lora dx")?;
+        launch::contiguous(ld, "lora dx")?;
+        let n = lb.shape().elem_count();
+        let (m, _keep, _keep_t) = mask_arg(base, dropout)?;
+        let out = base.alloc(base.dtype(), n)?;
+        let name = format!("lora_dx_{}", launch::suffix(base.dtype())?);
+        base.launch(
+            Launch::new(Module::Elementwise, name, launch::grid(n.div_ceil(4)))
+                .args([base.ptr(lb)?, d_in.ptr(ld)?, out.base()?])
+                .arg(n as i64)
+                .arg(m),
+        )?;
+        Ok((out, lb.shape().clone()))
+    }
+
     /// `f32(x) * mask` as an op (the backward's adapter input).
     struct LoraInput(Dropout);
 
@@ -621,11 +642,18 @@ mod gpu {
             "sft-lora-input"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            bail!("sft-lora-input runs on the GPU only")
+        fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+            // Reached only on the emulated GPU (the CPU's backward has its own path).
+            let x = EmuStorage::upload(s)?;
+            Ok((adapter_input(&self.0, (&x, l))?.to_cpu()?, l.shape().clone()))
         }
 
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        #[cfg(feature = "cuda")]
+        fn cuda_fwd(
+            &self,
+            s: &candle_core::CudaStorage,
+            l: &Layout,
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
             Ok((adapter_input(&self.0, (s, l))?, l.shape().clone()))
         }
     }
@@ -640,39 +668,26 @@ mod gpu {
 
         fn cpu_fwd(
             &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
+            base: &CpuStorage,
+            lb: &Layout,
+            d_in: &CpuStorage,
+            ld: &Layout,
         ) -> Result<(CpuStorage, Shape)> {
-            bail!("sft-lora-dx runs on the GPU only")
+            // Reached only on the emulated GPU (the CPU's backward has its own path).
+            let (b, d) = (EmuStorage::upload(base)?, EmuStorage::upload(d_in)?);
+            let (out, shape) = lora_dx(&self.0, (&b, lb), (&d, ld))?;
+            Ok((out.to_cpu()?, shape))
         }
 
+        #[cfg(feature = "cuda")]
         fn cuda_fwd(
             &self,
-            base: &CudaStorage,
+            base: &candle_core::CudaStorage,
             lb: &Layout,
-            d_in: &CudaStorage,
+            d_in: &candle_core::CudaStorage,
             ld: &Layout,
-        ) -> Result<(CudaStorage, Shape)> {
-            cuda::contiguous(lb, "lora dx")?;
-            cuda::contiguous(ld, "lora dx")?;
-            let n = lb.shape().elem_count();
-            let dev = base.device();
-            let (m, _keep) = mask_arg(&self.0)?;
-            let out = cuda::new_storage(dev, base.dtype(), n)?;
-            let (bp, dp, op, n64) = (
-                cuda::ptr(base, lb)?,
-                cuda::ptr(d_in, ld)?,
-                cuda::base(&out)?,
-                n as i64,
-            );
-            let name = format!("lora_dx_{}", cuda::suffix(base.dtype())?);
-            let f = cuda::func(dev, Module::Elementwise, &name)?;
-            cuda::launch(&f, cuda::grid(n.div_ceil(4)), |b| {
-                b.arg(&bp).arg(&dp).arg(&op).arg(&n64).arg(&m);
-            })?;
-            Ok((out, lb.shape().clone()))
+        ) -> Result<(candle_core::CudaStorage, Shape)> {
+            lora_dx(&self.0, (base, lb), (d_in, ld))
         }
     }
 }
