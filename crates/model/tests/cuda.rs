@@ -608,3 +608,71 @@ fn greedy_generation_through_the_cuda_path_gives_the_cpu_tokens() {
         }
     });
 }
+
+/// On the emulated GPU, the order in which a block's threads run between barriers is a
+/// setting: a kernel that is missing a barrier (or reads what another thread has not written
+/// yet) gives other numbers under another order. Every kernel with shared memory or warp
+/// calls gives the same bits under forward, reverse and shuffled orders.
+#[test]
+fn emulated_kernels_give_the_same_bits_under_every_thread_order() {
+    let Target::Emu = Target::get() else {
+        return;
+    };
+    use ops::emu::{set_schedule, Schedule};
+    let causal = |dev: &Device| {
+        let valid = vec![vec![true; 150], (0..150).map(|i| i >= 20).collect::<Vec<_>>()];
+        Some(AttnMask::Ranges(
+            KeyRanges::causal(&valid, 0, 150, dev).unwrap().unwrap(),
+        ))
+    };
+    let labels = Tensor::new(&[5u32, 0, 999, 17], &Device::Cpu).unwrap();
+    let run = || -> Vec<Vec<f32>> {
+        ops::with_emulated(|| {
+            let mut out = vec![];
+            let mut keep = |(y, g): (Tensor, Vec<Tensor>)| {
+                out.push(f32s(&y));
+                out.extend(g.iter().map(f32s));
+            };
+            let dt = DType::BF16;
+            let x = seeded(&[4, 1500], 1, 2.0).to_dtype(dt).unwrap();
+            let w = (seeded(&[1500], 2, 0.5) + 1.0).unwrap().to_dtype(dt).unwrap();
+            keep(value_and_grads(
+                &|t| ops::rms_norm(&t[0], &t[1], 1e-5),
+                &[x.clone(), w],
+                &[0, 1],
+                7,
+            ));
+            keep(value_and_grads(&|t| ops::softmax_last_dim(&t[0]), &[x.clone()], &[0], 7));
+            let lab = labels.clone();
+            keep(value_and_grads(
+                &move |t| ops::cross_entropy(&t[0], &lab, -100),
+                &[seeded(&[4, 1000], 3, 6.0).to_dtype(dt).unwrap()],
+                &[0],
+                7,
+            ));
+            let mask = causal(&Device::Cpu);
+            let qkv = [
+                seeded(&[2, 4, 150, 64], 4, 1.0).to_dtype(dt).unwrap(),
+                seeded(&[2, 2, 150, 64], 5, 1.0).to_dtype(dt).unwrap(),
+                seeded(&[2, 2, 150, 64], 6, 1.0).to_dtype(dt).unwrap(),
+            ];
+            keep(value_and_grads(
+                &|t| ops::attention_with(&t[0], &t[1], &t[2], mask.as_ref(), 0.125),
+                &qkv,
+                &[0, 1, 2],
+                7,
+            ));
+            out
+        })
+    };
+    let forward = run();
+    for s in [Schedule::Reverse, Schedule::Shuffle(1), Schedule::Shuffle(2)] {
+        set_schedule(s);
+        let other = run();
+        set_schedule(Schedule::Forward);
+        for (i, (a, b)) in other.iter().zip(&forward).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(same, "{s:?}: result {i} differs from the forward order's");
+        }
+    }
+}
