@@ -49,7 +49,9 @@ pub enum LoadError {
         path: PathBuf,
         cause: crate::gguf::GgufError,
     },
-    #[error("`{spec}` is neither a model folder, a .gguf file nor a hub id (org/name)")]
+    #[error(
+        "`{spec}` is neither a model folder, a .gguf file, cache:NAME nor a hub id (org/name)"
+    )]
     Spec { spec: String },
 }
 
@@ -68,8 +70,27 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// Reads a `--model` value: an existing folder, a `.gguf` file, or `org/name[@revision]`.
+    /// Reads a `--model` value: an existing folder, a `.gguf` file, `cache:NAME` (the folder
+    /// `$SFT_CACHE/models/NAME`, as scripts/fetch-test-models.sh fills it) or
+    /// `org/name[@revision]`.
     pub fn parse(spec: &str) -> Result<Self> {
+        if let Some(name) = spec.strip_prefix("cache:") {
+            let models = sft_cache_dir().join("models");
+            crate::safe_path::plain_relative(name).map_err(|msg| LoadError::Invalid {
+                path: models.clone(),
+                msg,
+            })?;
+            let dir = models.join(name);
+            if dir.is_dir() {
+                return Ok(Self::Dir(dir));
+            }
+            return Err(LoadError::Invalid {
+                path: dir,
+                msg: "no such folder in the sft cache ($SFT_CACHE, which \
+                      scripts/fetch-test-models.sh fills)"
+                    .to_string(),
+            });
+        }
         let path = Path::new(spec);
         if path.is_dir() {
             return Ok(Self::Dir(path.to_path_buf()));
@@ -192,30 +213,63 @@ pub fn resolve(source: &ModelSource, hub: &HubOptions, dtype: DType) -> Result<P
     }
 }
 
-fn import_gguf_cached(path: &Path, dtype: DType) -> Result<PathBuf> {
-    let io = |source| LoadError::Io {
+/// The import cache's folder name for a GGUF file: its model name and a hash of its content
+/// (file size, header and tensor index, and the dtype written), so one file imported under two
+/// names, paths or modification times is imported once. The tensor data is not read: the index
+/// already fixes every tensor's name, shape, type and offset.
+fn gguf_cache_name(path: &Path, dtype: DType) -> Result<String> {
+    use std::io::{Read, Seek};
+    let io = |cause| LoadError::Io {
         path: path.to_path_buf(),
-        cause: source,
+        cause,
     };
-    let meta = std::fs::metadata(path).map_err(io)?;
-    let canon = std::fs::canonicalize(path).map_err(io)?;
-    let mtime = sft_common::mtime_nanos(&meta);
-    // FNV-1a: a stable key for (file, size, mtime, dtype); the import is redone if any changes.
-    let key = format!("{}|{}|{}|{:?}", canon.display(), meta.len(), mtime, dtype);
-    let mut h: u64 = 0xcbf29ce484222325;
-    for b in key.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x100000001b3);
-    }
-    let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    let dir = sft_cache_dir()
-        .join("models")
-        .join("gguf")
-        .join(format!("{stem}-{h:016x}"));
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let size = file.metadata().map_err(io)?.len();
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file).map_err(|e| {
+        LoadError::Invalid {
+            path: path.to_path_buf(),
+            msg: format!("not a readable GGUF file: {e}"),
+        }
+    })?;
+    let mut head = format!("sft-gguf-import-v1|{size}|{dtype:?}|").into_bytes();
+    file.rewind().map_err(io)?;
+    (&mut file)
+        .take(content.tensor_data_offset)
+        .read_to_end(&mut head)
+        .map_err(io)?;
+    let name: String = match content.metadata.get("general.name") {
+        Some(candle_core::quantized::gguf_file::Value::String(s)) => s
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(48)
+            .collect(),
+        _ => String::new(),
+    };
+    let name = name.trim_matches(['-', '.']);
+    let name = if name.is_empty() { "model" } else { name };
+    Ok(format!("{name}-{}", &sft_common::sha256_hex(&head)[..16]))
+}
+
+fn import_gguf_cached(path: &Path, dtype: DType) -> Result<PathBuf> {
+    let name = gguf_cache_name(path, dtype)?;
+    let root = sft_cache_dir().join("models").join("gguf");
+    let dir = root.join(&name);
     if dir.join(".complete").is_file() {
+        tracing::info!(
+            "{}: imported before, into {}",
+            path.display(),
+            dir.display()
+        );
         return Ok(dir);
     }
     tracing::info!("importing {} into {}", path.display(), dir.display());
-    let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
+    let tmp = root.join(format!(".{name}.tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     crate::gguf::import_gguf(path, &tmp, dtype).map_err(|source| LoadError::Gguf {
         path: path.to_path_buf(),
