@@ -74,6 +74,10 @@ pub struct DataConfig {
     /// Keep tokenized data on disk (`$SFT_CACHE/data/`) keyed by everything that shapes it.
     #[serde(default = "yes")]
     pub cache: bool,
+    /// The folder relative `path` sources are read from (the run config's folder); `None`: the
+    /// working folder. Not a key of the YAML.
+    #[serde(skip)]
+    pub base_dir: Option<std::path::PathBuf>,
 }
 
 fn default_max_length() -> usize {
@@ -87,7 +91,7 @@ fn yes() -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
-    /// A file or a glob (`data/*.jsonl`), relative to the working directory.
+    /// A file or a glob (`data/*.jsonl`); a relative one is read from [`DataConfig::base_dir`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// A dataset repository on the Hugging Face hub, `org/name`.

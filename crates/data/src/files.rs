@@ -19,7 +19,7 @@ pub fn resolve_files(cfg: &DataConfig, hub_opts: &HubOptions) -> Result<Vec<Reso
     let mut out = Vec::new();
     for (i, s) in cfg.sources.iter().enumerate() {
         let paths = match s.kind()? {
-            SourceKind::Path(p) => source::expand_glob(p)?,
+            SourceKind::Path(p) => source::expand_glob(p, cfg.base_dir.as_deref())?,
             SourceKind::Hub {
                 repo,
                 revision,

@@ -13,9 +13,23 @@ use crate::error::{DataError, Result};
 pub use crate::origin::{Loc, Origin};
 use crate::record::{reason, BadRow};
 
-/// Expands a path or glob (sorted, so the row order is stable).
-pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
-    let paths = glob::glob(pattern)
+/// Expands a path or glob (sorted, so the row order is stable); a relative one is read from
+/// `base` (a config's folder), else from the working folder. Finding nothing is an error that
+/// names the folder searched.
+pub fn expand_glob(pattern: &str, base: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let relative = Path::new(pattern).is_relative();
+    let full = match base {
+        // The folder's own characters are no pattern: `[` in a folder name is literal.
+        Some(b) if relative => match b.to_str() {
+            Some(s) => format!(
+                "{}/{pattern}",
+                glob::Pattern::escape(s.trim_end_matches('/'))
+            ),
+            None => b.join(pattern).display().to_string(),
+        },
+        _ => pattern.to_string(),
+    };
+    let paths = glob::glob(&full)
         .map_err(|e| DataError::Config(format!("data.sources: bad glob `{pattern}`: {e}")))?;
     let mut out = Vec::new();
     for p in paths {
@@ -28,8 +42,15 @@ pub fn expand_glob(pattern: &str) -> Result<Vec<PathBuf>> {
     }
     out.sort();
     if out.is_empty() {
+        let searched = match base {
+            Some(b) if relative => format!(" in {} (the config's folder)", b.display()),
+            _ if relative => std::env::current_dir()
+                .map(|d| format!(" in {} (the working folder)", d.display()))
+                .unwrap_or_default(),
+            _ => String::new(),
+        };
         return Err(DataError::Config(format!(
-            "data.sources: no file matches `{pattern}`"
+            "data.sources: no file matches `{pattern}`{searched}"
         )));
     }
     Ok(out)

@@ -4,6 +4,12 @@
 //! line (`train.lr: invalid type: string "fast", expected f64 at line 12 column 7`); values are
 //! checked for sense before anything is loaded. `--set key.path=value` overrides apply on top,
 //! each value parsed as YAML.
+//!
+//! Relative paths that a config file reads (`data.sources` paths, a `model.source` folder or
+//! `.gguf` file, `eval.*.items` and `eval.*.classifier`) are taken from the config file's folder,
+//! so a config works from any working folder; those given with `--set` are taken from the
+//! working folder, where the shell typed them. What a run writes (`checkpoint.dir`) goes under
+//! the working folder.
 use serde::{Deserialize, Serialize};
 use sft_model::lora::LLAMA_PROJECTIONS;
 use std::path::{Path, PathBuf};
@@ -39,6 +45,10 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub logging: LoggingConfig,
+    /// The folder the config's relative input paths are read from (its file's folder); `None`:
+    /// the working folder. Not a key of the YAML.
+    #[serde(skip)]
+    pub base_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -326,25 +336,48 @@ impl Default for LoggingConfig {
 }
 
 impl Config {
-    /// Read, override, parse and validate a config file.
+    /// Read, override, parse and validate a config file. Its relative input paths are read from
+    /// its folder (see the module documentation).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             file: file.clone(),
             cause: source,
         })?;
-        Self::from_yaml(&text, &file, overrides)
+        let folder = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        // Absolute, so that errors name the folder searched whatever the working folder.
+        let folder = std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
+        Self::from_yaml_in(&text, &file, overrides, Some(&folder))
     }
 
-    /// Parse from YAML text; `file` names the source in errors.
+    /// Parse from YAML text; `file` names the source in errors. Relative paths stay relative to
+    /// the working folder.
     pub fn from_yaml(text: &str, file: &str, overrides: &[String]) -> Result<Config, ConfigError> {
+        Self::from_yaml_in(text, file, overrides, None)
+    }
+
+    /// [`Config::from_yaml`], the relative input paths of `text` read from `base` (those of
+    /// `--set` overrides stay relative to the working folder).
+    pub fn from_yaml_in(
+        text: &str,
+        file: &str,
+        overrides: &[String],
+        base: Option<&Path>,
+    ) -> Result<Config, ConfigError> {
         let invalid = |message: String| ConfigError::Invalid {
             file: file.to_string(),
             message,
         };
         if overrides.is_empty() {
-            let cfg = parse_with_path(serde_yaml::Deserializer::from_str(text)).map_err(invalid)?;
+            let mut cfg =
+                parse_with_path(serde_yaml::Deserializer::from_str(text)).map_err(invalid)?;
             cfg.validate().map_err(invalid)?;
+            if let Some(b) = base {
+                cfg.rebase(b, &[]);
+            }
             return Ok(cfg);
         }
         let mut value: serde_yaml::Value =
@@ -366,26 +399,91 @@ impl Config {
             })?;
             touched.push((key.to_string(), arg.clone()));
         }
+        // The override that set the field a message starts with, if one did.
+        let blamed = |message: &str| {
+            touched
+                .iter()
+                .rev()
+                .find(|(k, _)| {
+                    message.starts_with(k.as_str())
+                        && message[k.len()..].starts_with([':', '.', '[', '/'])
+                })
+                .map(|(_, arg)| arg.clone())
+        };
         match parse_with_path(value) {
-            Ok(cfg) => {
-                cfg.validate().map_err(invalid)?;
+            Ok(mut cfg) => {
+                if let Err(messages) = cfg.validate() {
+                    // Each broken value is blamed on the --set that gave it, else on the file.
+                    let (from_set, from_file): (Vec<&str>, Vec<&str>) =
+                        messages.lines().partition(|m| blamed(m).is_some());
+                    if let Some(first) = from_set.first() {
+                        let arg = blamed(first).unwrap_or_default();
+                        let mut message = from_set.join("\n");
+                        if !from_file.is_empty() {
+                            message = format!("{message}\n{file}: {}", from_file.join("\n"));
+                        }
+                        return Err(ConfigError::Override { arg, message });
+                    }
+                    return Err(invalid(messages));
+                }
+                if let Some(b) = base {
+                    let keys: Vec<&str> = touched.iter().map(|(k, _)| k.as_str()).collect();
+                    cfg.rebase(b, &keys);
+                }
                 Ok(cfg)
             }
             Err(message) => {
                 // Name the override when the broken field came from one; otherwise re-read the
                 // file alone, whose error carries the line number.
-                if let Some((_, arg)) = touched
-                    .iter()
-                    .find(|(k, _)| message.starts_with(k.as_str()))
-                {
-                    return Err(ConfigError::Override {
-                        arg: arg.clone(),
-                        message,
-                    });
+                if let Some(arg) = blamed(&message) {
+                    return Err(ConfigError::Override { arg, message });
                 }
                 match parse_with_path(serde_yaml::Deserializer::from_str(text)) {
                     Err(with_line) => Err(invalid(with_line)),
                     Ok(_) => Err(invalid(message)),
+                }
+            }
+        }
+    }
+
+    /// Reads the file's relative input paths from `base`, except those under a key an override
+    /// set (`overridden`: `--set` keys), which stay relative to the working folder.
+    fn rebase(&mut self, base: &Path, overridden: &[&str]) {
+        let from_file = |key: &str| {
+            !overridden.iter().any(|k| {
+                k == &key
+                    || key.strip_prefix(k).is_some_and(|r| r.starts_with('.'))
+                    || k.strip_prefix(key).is_some_and(|r| r.starts_with('.'))
+            })
+        };
+        self.base_dir = Some(base.to_path_buf());
+        if from_file("data.sources") {
+            self.data.base_dir = Some(base.to_path_buf());
+        }
+        // A relative source is a path when it is one there (or plainly says so: `./m`,
+        // `m.gguf`); else it stays a hub id (`org/name`).
+        let source = Path::new(&self.model.source);
+        let a_path = base.join(source).exists()
+            || self.model.source.starts_with('.')
+            || source
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        if from_file("model.source")
+            && !self.model.source.starts_with("cache:")
+            && source.is_relative()
+            && a_path
+        {
+            self.model.source = base.join(source).display().to_string();
+        }
+        for (name, e) in [
+            ("ifs", &mut self.eval.ifs),
+            ("objecqa", &mut self.eval.objecqa),
+        ] {
+            for (key, path) in [("items", &mut e.items), ("classifier", &mut e.classifier)] {
+                if let Some(p) = path.as_mut().filter(|p| p.is_relative()) {
+                    if from_file(&format!("eval.{name}.{key}")) {
+                        *p = base.join(&*p);
+                    }
                 }
             }
         }
@@ -512,11 +610,20 @@ where
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner().to_string();
-        // serde_yaml already names the path in most messages.
         if path == "." || path.is_empty() || inner.starts_with(&path) {
-            inner
-        } else {
-            format!("{path}: {inner}")
+            return inner;
+        }
+        // serde_yaml names a location too, often the section around the field (`train:
+        // unknown field ...` for `train.grad_acum`): say the field's path once.
+        let mut at = path.as_str();
+        loop {
+            if let Some(rest) = inner.strip_prefix(at).and_then(|r| r.strip_prefix(": ")) {
+                return format!("{path}: {rest}");
+            }
+            match at.rfind(['.', '[']) {
+                Some(i) => at = &at[..i],
+                None => return format!("{path}: {inner}"),
+            }
         }
     })
 }

@@ -7,7 +7,8 @@ pub enum TrainError {
     Config(String),
     #[error("model: {0}")]
     Model(String),
-    #[error("data: {0}")]
+    // The data crate's messages name their part already (`data config: data.sources: ...`).
+    #[error("{0}")]
     Data(sft_data::DataError),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

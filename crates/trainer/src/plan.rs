@@ -49,6 +49,8 @@ pub fn estimate(cfg: &Config, m: &LlamaConfig, batch: u64, seq: u64) -> MemoryEs
 
 pub struct DryRun {
     pub config_yaml: String,
+    /// The folder the config's relative input paths are read from.
+    pub base_dir: Option<std::path::PathBuf>,
     pub model: LlamaConfig,
     pub train_examples: u64,
     pub eval_examples: u64,
@@ -59,6 +61,31 @@ pub struct DryRun {
     pub memory: MemoryEstimate,
 }
 
+impl DryRun {
+    /// The plan and the estimate (in bytes) as one JSON object, what `--dry-run` prints on
+    /// stdout.
+    pub fn numbers(&self) -> serde_json::Value {
+        let m = &self.memory;
+        serde_json::json!({
+            "train_examples": self.train_examples,
+            "eval_examples": self.eval_examples,
+            "steps": self.steps,
+            "examples": self.examples,
+            "micro_batch": self.batch,
+            "seq": self.seq,
+            "memory_bytes": {
+                "weights": m.weights,
+                "trainable": m.trainable,
+                "gradients": m.gradients,
+                "optimizer": m.optimizer,
+                "activations": m.activations,
+                "total": m.total(),
+            },
+            "trainable_params": m.trainable_params,
+        })
+    }
+}
+
 fn gib(b: u64) -> String {
     format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64)
 }
@@ -66,6 +93,13 @@ fn gib(b: u64) -> String {
 impl fmt::Display for DryRun {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(f, "# resolved config\n{}", self.config_yaml)?;
+        if let Some(dir) = &self.base_dir {
+            writeln!(
+                f,
+                "# its relative input paths are read from {}",
+                dir.display()
+            )?;
+        }
         writeln!(f, "# plan")?;
         writeln!(f, "train examples   {}", self.train_examples)?;
         writeln!(f, "held-out         {}", self.eval_examples)?;
@@ -119,6 +153,7 @@ pub fn dry_run(cfg: &Config) -> Result<DryRun, TrainError> {
     let seq = cfg.data.max_length as u64;
     Ok(DryRun {
         config_yaml: serde_yaml::to_string(cfg).unwrap_or_default(),
+        base_dir: cfg.base_dir.clone(),
         memory: estimate(cfg, &m, batch, seq),
         model: m,
         train_examples: ds.train.len() as u64,

@@ -146,3 +146,62 @@ fn tensorboard_is_on_by_default_and_takes_a_boolean() {
         "{e}"
     );
 }
+
+/// A config file's relative input paths are read from its folder; `--set` paths from the
+/// working folder; what a run writes stays under the working folder.
+#[test]
+fn relative_paths_are_read_from_the_config_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("exp");
+    std::fs::create_dir_all(folder.join("model")).unwrap();
+    let text = BASE.replace("some/folder", "model")
+        + "eval:\n  ifs:\n    items: items.jsonl\n    classifier: /abs/head\n";
+    let cfg_path = folder.join("c.yaml");
+    std::fs::write(&cfg_path, &text).unwrap();
+    let cfg = Config::load(&cfg_path, &[]).unwrap();
+    assert_eq!(cfg.base_dir.as_deref(), Some(folder.as_path()));
+    assert_eq!(cfg.data.base_dir.as_deref(), Some(folder.as_path()));
+    assert_eq!(Path::new(&cfg.model.source), folder.join("model"));
+    assert_eq!(cfg.eval.ifs.items, Some(folder.join("items.jsonl")));
+    assert_eq!(
+        cfg.eval.ifs.classifier.as_deref(),
+        Some(Path::new("/abs/head"))
+    );
+    assert_eq!(cfg.checkpoint.dir, Path::new("checkpoints"));
+    // What the file says stays as written (a resume compares it).
+    assert_eq!(cfg.data.sources[0].path.as_deref(), Some("data.jsonl"));
+
+    let o = [
+        "data.sources=[{path: d.jsonl}]",
+        "eval.ifs.items=mine.jsonl",
+    ]
+    .map(String::from);
+    let cfg = Config::load(&cfg_path, &o).unwrap();
+    assert_eq!(cfg.data.base_dir, None);
+    assert_eq!(cfg.eval.ifs.items.as_deref(), Some(Path::new("mine.jsonl")));
+    assert_eq!(Path::new(&cfg.model.source), folder.join("model"));
+}
+
+/// An invalid value is blamed on the `--set` that gave it, not on the file.
+#[test]
+fn invalid_override_values_name_the_override() {
+    let e = err(BASE, &["train.lr=-1"]);
+    assert!(
+        e.starts_with("--set train.lr=-1: train.lr: expected a number > 0"),
+        "{e}"
+    );
+    // The file's own mistakes still name the file.
+    let e = err(&BASE.replace("lr: 0.001", "lr: -1"), &["train.max_steps=3"]);
+    assert!(e.starts_with("cfg.yaml: train.lr"), "{e}");
+}
+
+/// A misspelt key names its path once, with the line.
+#[test]
+fn a_typo_names_its_path_once() {
+    let e = err(&BASE.replace("  lr: 0.001", "  grad_acum: 2"), &[]);
+    assert!(
+        e.starts_with("cfg.yaml: train.grad_acum: unknown field `grad_acum`"),
+        "{e}"
+    );
+    assert!(e.contains("line 10"), "{e}");
+}
