@@ -1,5 +1,5 @@
-//! `sft data inspect`: counts, the trained tokens marked, and the JSON last line, on a run
-//! config over a small file with bad rows, with SmolLM2's tokenizer.
+//! `sft data inspect`: counts, the trained tokens marked (on stderr), and the counts as JSON on
+//! stdout, on a run config over a small file with bad rows, with SmolLM2's tokenizer.
 mod common;
 use common::*;
 use std::path::PathBuf;
@@ -49,7 +49,9 @@ fn inspect_prints_counts_examples_and_a_json_line() {
         .output()
         .unwrap();
     let last = json_last(&out);
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    // The JSON on stdout, the report for people on stderr.
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 1);
+    let text = String::from_utf8(out.stderr).unwrap();
     let keys: Vec<&str> = last
         .as_object()
         .unwrap()
@@ -83,7 +85,7 @@ fn inspect_prints_counts_examples_and_a_json_line() {
     )
     .unwrap();
     let mut lens = Vec::new();
-    for block in stdout.split("\n--- example ").skip(1) {
+    for block in text.split("\n--- example ").skip(1) {
         let (head, body) = block.split_once('\n').unwrap();
         let printed: usize = head
             .split("; ")
@@ -98,7 +100,7 @@ fn inspect_prints_counts_examples_and_a_json_line() {
         assert_eq!(n, printed, "{head}: {prompt:?} + {trained:?}");
         lens.push(n);
     }
-    assert_eq!(lens.len(), 2, "{stdout}");
+    assert_eq!(lens.len(), 2, "{text}");
     assert_eq!(
         lens.iter().sum::<usize>() as u64,
         last["tokens"].as_u64().unwrap()
@@ -116,16 +118,16 @@ fn inspect_prints_counts_examples_and_a_json_line() {
     );
     // The examples: the prompt as the template renders it, the response and EOS marked.
     assert!(
-        stdout.contains("Name a colour.### Response:⟦Blue.<|im_end|>⟧"),
-        "{stdout}"
+        text.contains("Name a colour.### Response:⟦Blue.<|im_end|>⟧"),
+        "{text}"
     );
     assert!(
-        stdout.contains("Count to three.### Response:⟦One, two, three.<|im_end|>⟧"),
-        "{stdout}"
+        text.contains("Count to three.### Response:⟦One, two, three.<|im_end|>⟧"),
+        "{text}"
     );
     assert!(
-        stdout.contains(&format!("{}:2: not_json", data.display())),
-        "{stdout}"
+        text.contains(&format!("{}:2: not_json", data.display())),
+        "{text}"
     );
 
     // Under `on_bad_row: fail` the command stops at line 2 and says where.

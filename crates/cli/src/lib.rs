@@ -1,2 +1,3 @@
 //! The subcommands of the `sft` binary, shared with `sft-train` (which runs `train` alone).
 pub mod cmd;
+pub mod output;

@@ -57,8 +57,5 @@ fn main() {
         Command::Runs(a) => cmd::runs::run(a),
         Command::InitRandom(a) => cmd::init_random::run(a),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
-    }
+    sft_cli::output::finish(result);
 }

@@ -228,8 +228,11 @@ fn config_errors_name_the_field_and_line() {
 fn dry_run_prints_the_plan_and_memory() {
     let (t, cfg) = tiny_run("train_resume.yaml", &[("kind", "full")]);
     let out = train(&cfg, &["--dry-run"], &[]);
-    let s = String::from_utf8_lossy(&out.stdout);
-    assert_ok(&out);
+    // The text for people on stderr, the numbers as JSON on stdout.
+    let s = String::from_utf8_lossy(&out.stderr);
+    let numbers = json_last(&out);
+    assert_eq!(numbers["steps"], 8, "{numbers}");
+    assert_eq!(numbers["trainable_params"], 3219776, "{numbers}");
     assert!(s.contains("optimizer steps  8"), "{s}");
     // 3,219,776 f32 parameters: 12.3 MiB of weights, 8 bytes each of moments.
     assert!(

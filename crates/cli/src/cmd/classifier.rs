@@ -2,8 +2,8 @@
 //! or the ObjecQA judge) on the frozen MiniLM encoder and writes it with its metadata.
 //! `sft classifier eval --input FILE.jsonl [--classifier PATH]`: scores a head (default: the
 //! shipped tone classifier) on labelled lines `{"instruction", "response", "label"}` (a judge
-//! head reads `{"question", "answer", "label"}`) and prints accuracy, precision, recall and F1,
-//! as JSON on the last line.
+//! head reads `{"question", "answer", "label"}`): accuracy, precision, recall and F1 as JSON on
+//! stdout, a line for people on stderr.
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -12,6 +12,9 @@ use candle_core::Device;
 use clap::{Args, Subcommand};
 use sft_classifier::eval::{evaluate, read_labelled, JUDGE_KEYS, TONE_KEYS};
 use sft_classifier::{train, Classifier, Encoder, Judge, ToneClassifier, TrainConfig};
+
+use crate::output;
+use crate::say;
 
 #[derive(Args, Debug)]
 pub struct ClassifierArgs {
@@ -27,7 +30,7 @@ pub enum ClassifierCommand {
         #[arg(long)]
         config: PathBuf,
     },
-    /// Score a head on labelled JSONL; the last line is JSON.
+    /// Score a head on labelled JSONL (JSON on stdout).
     Eval {
         /// Lines `{"instruction", "response", "label": 0|1}` (1 = answer-like).
         #[arg(long)]
@@ -51,7 +54,7 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             let report = train::run(&cfg, &Device::Cpu)
                 .with_context(|| format!("training from {}", config.display()))?;
             let heldout = report.heldout.as_ref();
-            println!(
+            say!(
                 "{}: {} training / {} held-out examples; held-out accuracy {} F1 {}; wrote {}",
                 report.task,
                 report.n_train,
@@ -60,7 +63,7 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
                 heldout.map_or("-".into(), |m| format!("{:.4}", m.f1)),
                 report.output.display()
             );
-            println!("{}", serde_json::to_string(&report)?);
+            output::json(&report)?;
         }
         ClassifierCommand::Eval {
             input,
@@ -89,7 +92,7 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             let items = sft_classifier::eval::select_split(items, split.as_deref());
             anyhow::ensure!(!items.is_empty(), "{}: no labelled lines", input.display());
             let (m, _) = evaluate(&c, &items)?;
-            println!(
+            say!(
                 "{} on {} lines: accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}  (tp {} fp {} tn {} fn {})",
                 c.meta().task,
                 m.n,
@@ -102,7 +105,7 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
                 m.tn,
                 m.fn_
             );
-            println!("{}", serde_json::to_string(&m)?);
+            output::json(&m)?;
         }
     }
     Ok(())

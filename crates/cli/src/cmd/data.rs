@@ -16,6 +16,9 @@ use clap::{Args, Subcommand};
 use sft_data::{build_dataset, BuildOptions, HubOptions, TokenizerFiles};
 use sft_trainer::config::Config;
 
+use crate::output;
+use crate::say;
+
 #[derive(Args, Debug)]
 pub struct DataArgs {
     #[command(subcommand)]
@@ -36,7 +39,7 @@ pub struct InspectArgs {
     /// How many examples to show.
     #[arg(long, default_value_t = 3)]
     pub n: usize,
-    /// End with one JSON line of the counts.
+    /// Print the counts as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
     /// Micro-batch size for the padding ratio (default: the config's train.micro_batch_size).
@@ -54,7 +57,7 @@ pub fn run(args: DataArgs) -> anyhow::Result<()> {
 }
 
 /// The tokenizer files of `model.source` without loading any weights.
-fn tokenizer_files(cfg: &Config, config_path: &Path) -> anyhow::Result<TokenizerFiles> {
+fn tokenizer_files(cfg: &Config) -> anyhow::Result<TokenizerFiles> {
     let spec = sft_trainer::model::resolve_model_spec(&cfg.model.source);
     let path = Path::new(&spec);
     if path
@@ -70,14 +73,14 @@ fn tokenizer_files(cfg: &Config, config_path: &Path) -> anyhow::Result<Tokenizer
     Ok(TokenizerFiles::from_model_source(
         &spec,
         cfg.model.revision.as_deref(),
-        config_path.parent(),
+        cfg.base_dir.as_deref(),
         &HubOptions::from_env(),
     )?)
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let cfg = Config::load(&args.config, &args.overrides)?;
-    let tok = tokenizer_files(&cfg, &args.config)
+    let tok = tokenizer_files(&cfg)
         .with_context(|| format!("the tokenizer of model.source `{}`", cfg.model.source))?;
     let ds = build_dataset(&cfg.data, &tok, &BuildOptions::default())?;
     let (encoder, _) = sft_data::load_encoder_and_template(&cfg.data, &tok)?;
@@ -92,25 +95,29 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     };
     let r = &ds.report;
 
-    println!("data: {}", args.config.display());
+    say!("data: {}", args.config.display());
     for f in &r.files {
-        println!("  file {f}");
+        say!("  file {f}");
     }
-    println!("rows read:   {}", r.rows_read);
-    println!("skipped:     {}", r.skipped.values().sum::<u64>());
+    say!("rows read:   {}", r.rows_read);
+    say!("skipped:     {}", r.skipped.values().sum::<u64>());
     for (why, n) in &r.skipped {
-        println!("  {why}: {n}");
+        say!("  {why}: {n}");
     }
-    println!(
+    say!(
         "truncated:   {} (over max_length {}, {:?})",
-        r.truncated, data.max_length, data.truncation
+        r.truncated,
+        data.max_length,
+        data.truncation
     );
-    println!(
+    say!(
         "kept:        {} ({} train, {} held out)",
-        r.kept, r.train_examples, r.eval_examples
+        r.kept,
+        r.train_examples,
+        r.eval_examples
     );
-    println!("tokens:      {} ({} trained)", r.tokens, r.trained_tokens);
-    println!(
+    say!("tokens:      {} ({} trained)", r.tokens, r.trained_tokens);
+    say!(
         "padding:     {:.4} of the batch slots (micro-batch {micro_batch}{}{})",
         padding_ratio,
         bopts
@@ -120,46 +127,45 @@ fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         if data.pack { ", packed" } else { "" }
     );
     if r.boundary_retokenized > 0 {
-        println!(
+        say!(
             "boundary:    {} examples had a token across the prompt/response boundary",
             r.boundary_retokenized
         );
     }
     if r.from_cache {
-        println!("(tokenized data from the cache, key {})", r.cache_key);
+        say!("(tokenized data from the cache, key {})", r.cache_key);
     }
     for s in &r.bad_row_samples {
-        println!("  bad row: {s}");
+        say!("  bad row: {s}");
     }
 
     let shown = args.n.min(ds.train.len());
     if shown > 0 {
-        println!("\nthe first {shown} training examples; the text between ⟦ and ⟧ trains:");
+        say!("\nthe first {shown} training examples; the text between ⟦ and ⟧ trains:");
     }
     for i in 0..shown {
         let e = ds.train.get(i);
         let prompt = encoder.decode(&e.ids[..e.prompt_len])?;
         let trained = encoder.decode(e.trained())?;
-        println!(
+        say!(
             "\n--- example {} ({}; {} tokens, {} trained) ---",
             i + 1,
             ds.origin(e.origin),
             e.ids.len(),
             e.trained().len()
         );
-        println!("{prompt}⟦{trained}⟧");
+        say!("{prompt}⟦{trained}⟧");
     }
 
     if args.json {
-        let line = serde_json::json!({
+        output::json(&serde_json::json!({
             "rows_read": r.rows_read,
             "kept": r.kept,
             "skipped": r.skipped,
             "truncated": r.truncated,
             "tokens": r.tokens,
             "padding_ratio": padding_ratio,
-        });
-        println!("{line}");
+        }))?;
     }
     Ok(())
 }

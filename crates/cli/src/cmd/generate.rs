@@ -1,7 +1,8 @@
 //! `sft generate --model M --input FILE.jsonl --max-new-tokens N [--greedy | --temperature T
 //! --top-p P --seed S] [--batch-size B]`: for each line `{"prompt": "..."}`, in order, one JSON
-//! line `{"prompt": ..., "output_ids": [...], "text": ...}`. `output_ids` include the EOS token
-//! when generation stopped on it; `text` is the decoded output without special tokens.
+//! line `{"prompt": ..., "output_ids": [...], "text": ...}`. The prompt is used as it is, no
+//! template applied. `output_ids` include the EOS token when generation stopped on it; `text`
+//! is the decoded output without special tokens.
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -15,7 +16,8 @@ use super::score::{read_prompts, ModelArgs};
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// JSONL file, one `{"prompt": "..."}` object per line (blank lines are skipped).
+    /// JSONL file, one `{"prompt": "..."}` object per line (blank lines are skipped); the
+    /// prompt is used as it is, with no template.
     #[arg(long)]
     pub input: PathBuf,
     /// New tokens at most per prompt.

@@ -6,6 +6,8 @@ use anyhow::Context;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 
+use crate::output;
+
 #[derive(Args, Debug)]
 pub struct ImportGgufArgs {
     /// The GGUF file to convert.
@@ -38,14 +40,10 @@ pub fn run(args: ImportGgufArgs) -> anyhow::Result<()> {
                 args.out_dir.display()
             )
         })?;
-    println!(
-        "{}",
-        serde_json::json!({
-            "out_dir": summary.out_dir,
-            "tensors": summary.tensor_names.len(),
-            "parameters": summary.n_params,
-            "seconds": (start.elapsed().as_secs_f64() * 100.0).round() / 100.0,
-        })
-    );
-    Ok(())
+    output::json(&serde_json::json!({
+        "out_dir": summary.out_dir,
+        "tensors": summary.tensor_names.len(),
+        "parameters": summary.n_params,
+        "seconds": (start.elapsed().as_secs_f64() * 100.0).round() / 100.0,
+    }))
 }

@@ -1,9 +1,13 @@
 //! `sft init-random`: a Hugging Face folder with random weights for a `config.json`, for tests
 //! and for benchmarks on machines without real checkpoints (transformers loads the same folder).
+//! What it wrote as JSON on stdout.
 use anyhow::{Context, Result};
 use clap::Args;
 use sft_model::config::LlamaConfig;
 use std::path::PathBuf;
+
+use crate::output;
+use crate::say;
 
 #[derive(Args, Debug)]
 pub struct InitRandomArgs {
@@ -16,6 +20,7 @@ pub struct InitRandomArgs {
     /// f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Seed of the random weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// A model folder whose tokenizer files to copy (tokenizer.json, tokenizer_config.json...).
@@ -51,11 +56,15 @@ pub fn run(args: InitRandomArgs) -> Result<()> {
             }
         }
     }
-    eprintln!(
+    say!(
         "wrote {} ({} tensors, {:?})",
         args.out.display(),
         weights.len(),
         dtype
     );
-    Ok(())
+    output::json(&serde_json::json!({
+        "out": args.out,
+        "tensors": weights.len(),
+        "dtype": format!("{dtype:?}").to_lowercase(),
+    }))
 }

@@ -1,16 +1,22 @@
 //! `sft merge-lora`: fold a LoRA adapter (ours or PEFT's) into a base model's weights and write
-//! a plain Hugging Face folder (config, tokenizer files, safetensors shards).
+//! a plain Hugging Face folder (config, tokenizer files, safetensors shards). What it wrote as
+//! JSON on stdout.
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+
+use super::run_folder::adapter_dir;
+use crate::output;
+use crate::say;
 
 #[derive(Args, Debug)]
 pub struct MergeLoraArgs {
     /// The base model: a Hugging Face folder (config.json, tokenizer, safetensors).
     #[arg(long)]
     pub base: PathBuf,
-    /// The adapter folder (adapter_config.json + adapter_model.safetensors).
+    /// The adapter folder (adapter_config.json + adapter_model.safetensors); a run folder
+    /// stands for its chosen checkpoint (format-infusion, else latest).
     #[arg(long)]
     pub adapter: PathBuf,
     /// Where to write the merged model (created; existing weight files are replaced).
@@ -22,25 +28,32 @@ pub struct MergeLoraArgs {
 }
 
 pub fn run(args: MergeLoraArgs) -> anyhow::Result<()> {
+    let adapter = adapter_dir(&args.adapter)?;
     let report = sft_model::lora::merge_adapter_folder(
         &args.base,
-        &args.adapter,
+        &adapter,
         &args.out,
         args.max_shard_bytes,
     )
     .with_context(|| {
         format!(
             "merging adapter {} into {}",
-            args.adapter.display(),
+            adapter.display(),
             args.base.display()
         )
     })?;
-    println!(
+    say!(
         "merged {} modules into {} tensors; wrote {} files to {}",
         report.merged_modules,
         report.tensors,
         report.files.len(),
         args.out.display()
     );
-    Ok(())
+    output::json(&serde_json::json!({
+        "out": args.out,
+        "adapter": adapter,
+        "merged_modules": report.merged_modules,
+        "tensors": report.tensors,
+        "files": report.files,
+    }))
 }

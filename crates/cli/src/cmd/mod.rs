@@ -7,11 +7,12 @@ pub mod import_gguf;
 pub mod init_random;
 pub mod merge_lora;
 pub mod objecqa;
+pub mod run_folder;
 pub mod runs;
 pub mod score;
 pub mod train;
 
-/// Process-wide setup, before any tensor is made: logging, and the CPU runtime settings of
+/// Process-wide setup, before any tensor is made: logging (coloured only on a terminal), and the CPU runtime settings of
 /// `sft_model::runtime::tune_cpu_runtime` (element-wise ops on the calling thread unless the
 /// user sets `CANDLE_NUM_THREADS`; large blocks kept in the heap instead of mapped and
 /// unmapped per step), the same ones the benchmarks measured.
@@ -22,5 +23,6 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(crate::output::colour_logs())
         .try_init();
 }

@@ -1,10 +1,15 @@
-//! `sft runs list` and `sft runs show RUN`: what the runs in a checkpoints folder did.
+//! `sft runs list` and `sft runs show RUN`: what the runs in a checkpoints folder did, as a
+//! table on stderr, or with `--json` as JSON on stdout.
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
+use serde::Serialize;
 use serde_json::Value;
 use sft_trainer::checkpoint::Checkpoints;
 use sft_trainer::metrics::MetricsLog;
 use std::path::{Path, PathBuf};
+
+use crate::output;
+use crate::say;
 
 #[derive(Args, Debug)]
 pub struct RunsArgs {
@@ -16,22 +21,27 @@ pub struct RunsArgs {
 pub enum RunsCommand {
     /// One line per run: status, steps, examples, last loss, last IFS.
     List {
-        /// The checkpoints folder.
+        /// The checkpoints folder (a config's checkpoint.dir).
         #[arg(long, default_value = "checkpoints")]
         dir: PathBuf,
+        /// Print the runs as a JSON array on stdout instead of the table.
+        #[arg(long)]
+        json: bool,
     },
     /// A run's summary (or, while it runs, its latest metrics) and checkpoints.
     Show {
         /// A run name under --dir, or a run folder.
         run: String,
+        /// The checkpoints folder the run name is looked up in (a config's checkpoint.dir).
         #[arg(long, default_value = "checkpoints")]
         dir: PathBuf,
-        /// Print the raw summary.json.
+        /// Print the raw summary.json on stdout.
         #[arg(long)]
         json: bool,
     },
 }
 
+#[derive(Serialize)]
 struct RunInfo {
     name: String,
     status: String,
@@ -72,9 +82,14 @@ fn fmt_opt(v: Option<f64>) -> String {
     v.map_or_else(|| "-".into(), |x| format!("{x:.4}"))
 }
 
+/// A label and its value, the labels in one column wide enough for the longest.
+fn row(label: &str, value: impl std::fmt::Display) {
+    say!("{label:<28} {value}");
+}
+
 pub fn run(args: RunsArgs) -> Result<()> {
     match args.command {
-        RunsCommand::List { dir } => {
+        RunsCommand::List { dir, json } => {
             let mut runs: Vec<RunInfo> = std::fs::read_dir(&dir)
                 .with_context(|| format!("cannot read the checkpoints folder {}", dir.display()))?
                 .filter_map(|e| e.ok())
@@ -82,12 +97,20 @@ pub fn run(args: RunsArgs) -> Result<()> {
                 .filter_map(|e| info(&e.path()))
                 .collect();
             runs.sort_by(|a, b| a.name.cmp(&b.name));
-            println!(
+            if json {
+                return output::json(&runs);
+            }
+            say!(
                 "{:<24} {:<18} {:>7} {:>9} {:>8} {:>7}",
-                "run", "status", "steps", "examples", "loss", "ifs"
+                "run",
+                "status",
+                "steps",
+                "examples",
+                "loss",
+                "ifs"
             );
             for r in runs {
-                println!(
+                say!(
                     "{:<24} {:<18} {:>7} {:>9} {:>8} {:>7}",
                     r.name,
                     r.status,
@@ -109,17 +132,15 @@ pub fn run(args: RunsArgs) -> Result<()> {
                 info(&path).with_context(|| format!("{} is not a run folder", path.display()))?;
             let summary = std::fs::read_to_string(path.join("summary.json")).ok();
             if json {
-                println!("{}", summary.context("this run has no summary.json yet")?);
-                return Ok(());
+                let text = summary.context("this run has no summary.json yet")?;
+                return Ok(output::line(text.trim_end())?);
             }
-            println!("run        {}", i.name);
-            println!("status     {}", i.status);
-            println!("steps      {}   examples {}", i.steps, i.examples);
-            println!(
-                "last loss  {}   last IFS {}",
-                fmt_opt(i.loss),
-                fmt_opt(i.ifs)
-            );
+            row("run", &i.name);
+            row("status", &i.status);
+            row("steps", i.steps);
+            row("examples", i.examples);
+            row("last loss", fmt_opt(i.loss));
+            row("last IFS", fmt_opt(i.ifs));
             if let Some(s) = summary.and_then(|s| serde_json::from_str::<Value>(&s).ok()) {
                 for key in [
                     "stop_reason",
@@ -127,20 +148,17 @@ pub fn run(args: RunsArgs) -> Result<()> {
                     "chosen_checkpoint",
                 ] {
                     if let Some(v) = s.get(key).filter(|v| !v.is_null()) {
-                        println!(
-                            "{key:<11}{}",
-                            v.as_str().map_or(v.to_string(), String::from)
-                        );
+                        row(key, v.as_str().map_or(v.to_string(), String::from));
                     }
                 }
             }
             let cps = Checkpoints::new(&path).list();
-            println!(
-                "checkpoints {}",
+            row(
+                "checkpoints",
                 cps.iter()
                     .map(|(s, _)| format!("step-{s:06}"))
                     .collect::<Vec<_>>()
-                    .join(" ")
+                    .join(" "),
             );
             Ok(())
         }

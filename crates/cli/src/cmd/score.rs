@@ -1,8 +1,9 @@
 //! `sft score --model M --input FILE.jsonl`: for each line `{"prompt": "..."}`, one JSON line
 //! `{"input_ids": [...], "mean_next_token_loss": x, "last_logits_top10": {"ids", "values"}}`.
-//! The prompt is tokenized without special tokens; the loss is the mean next-token
-//! cross-entropy over the prompt (null for a one-token prompt). `--adapter DIR` applies a LoRA
-//! adapter (ours or PEFT's) unmerged.
+//! The prompt is taken as it is, no template applied, and tokenized without special tokens;
+//! the loss is the mean next-token cross-entropy over the prompt (null for a one-token
+//! prompt). `--adapter DIR` applies a LoRA adapter (ours or PEFT's, or a run folder's chosen
+//! checkpoint) unmerged.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -11,18 +12,22 @@ use candle_core::{DType, IndexOp, Tensor};
 use clap::{Args, ValueEnum};
 use sft_model::load::{load_model, LoadedModel};
 
+use super::run_folder::adapter_dir;
+
 /// How to load the model, shared by `score` and `generate`.
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// A Hugging Face folder, a hub id (`org/name`, optionally `@revision`), or a `.gguf` file
-    /// (imported into the sft cache on first use). Hub access honours HF_TOKEN, HF_HOME and
-    /// HF_HUB_OFFLINE.
-    #[arg(long)]
-    pub model: String,
+    /// A Hugging Face folder, a hub id (`org/name`, optionally `@revision`), a `.gguf` file
+    /// (imported into the sft cache on first use) or `cache:NAME` ($SFT_CACHE/models/NAME).
+    /// Hub access honours HF_TOKEN, HF_HOME and HF_HUB_OFFLINE.
+    // An Option that clap requires: `sft objecqa judge eval` shares the arguments and has none.
+    #[arg(long, required = true)]
+    pub model: Option<String>,
     /// dtype the weights are computed in.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
-    /// A LoRA adapter folder (ours or PEFT's `save_pretrained`), applied unmerged.
+    /// A LoRA adapter folder (ours or PEFT's `save_pretrained`), applied unmerged; a run
+    /// folder stands for its chosen checkpoint (format-infusion, else latest).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// cpu, cuda, cuda:N, or auto (the first GPU of a CUDA build, else the CPU).
@@ -48,20 +53,28 @@ impl DtypeArg {
 }
 
 impl ModelArgs {
+    /// `--model` (clap makes it required).
+    pub fn spec(&self) -> anyhow::Result<&str> {
+        self.model.as_deref().context("give --model M")
+    }
+
     pub fn load(&self) -> anyhow::Result<LoadedModel> {
+        let spec = self.spec()?;
         let device = sft_model::device::open(&self.device)
             .with_context(|| format!("--device {}", self.device))?;
         let start = std::time::Instant::now();
-        let mut m = load_model(&self.model, self.dtype.dtype(), &device)
-            .with_context(|| format!("loading the model `{}`", self.model))?;
-        if let Some(dir) = &self.adapter {
+        // A run folder given as the adapter: found before the model is loaded.
+        let adapter = self.adapter.as_deref().map(adapter_dir).transpose()?;
+        let mut m = load_model(spec, self.dtype.dtype(), &device)
+            .with_context(|| format!("loading the model `{spec}`"))?;
+        if let Some(dir) = &adapter {
             sft_model::lora::load_adapter(&mut m.model, dir)
                 .with_context(|| format!("applying the adapter {}", dir.display()))?;
             tracing::info!("applied the LoRA adapter {}", dir.display());
         }
         tracing::info!(
             "loaded {} ({:?}) from {} in {:.1}s",
-            self.model,
+            spec,
             self.dtype.dtype(),
             m.dir.display(),
             start.elapsed().as_secs_f64()
@@ -85,13 +98,15 @@ pub fn out_dir(out: Option<PathBuf>, m: &LoadedModel, prefix: &str) -> PathBuf {
 pub struct ScoreArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// JSONL file, one `{"prompt": "..."}` object per line (blank lines are skipped).
+    /// JSONL file, one `{"prompt": "..."}` object per line (blank lines are skipped); the
+    /// prompt is used as it is, with no template.
     #[arg(long)]
     pub input: PathBuf,
 }
 
 /// The prompts of a JSONL file of `{"prompt": "..."}` objects (other keys are ignored).
-/// Errors name the file and the 1-based line.
+/// Errors name the file and the 1-based line; a file without a prompt is an error too, before
+/// any model is loaded.
 pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -108,6 +123,12 @@ pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
             Some(_) => bail!("{}: `prompt` must be a string", at()),
             None => bail!("{}: expected an object with a string `prompt`", at()),
         }
+    }
+    if prompts.is_empty() {
+        bail!(
+            "{}: no prompts (expected one {{\"prompt\": \"...\"}} object per line)",
+            path.display()
+        );
     }
     Ok(prompts)
 }

@@ -2,6 +2,8 @@
 //! time limit) and SIGHUP finish the current step, checkpoint and exit with status 130. A second
 //! Ctrl-C exits at once; a repeated SIGTERM or SIGHUP does not (a scheduler may deliver SIGTERM
 //! more than once: Slurm signals every process of a preempted job, the batch script forwards it).
+use crate::output;
+use crate::say;
 use anyhow::{Context, Result};
 use clap::Parser;
 use sft_trainer::config::Config;
@@ -12,42 +14,73 @@ use std::sync::Arc;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-/// The quickstart config, compiled in: `sft-train` with no `--config` runs it.
+/// The quickstart config and the data it names, compiled in: `sft-train` with no `--config`
+/// runs it from any folder.
 const QUICKSTART: &str = include_str!("../../../../configs/quickstart.yaml");
+const QUICKSTART_DATA: &[u8] = include_bytes!("../../../../configs/data/bundled.jsonl");
+/// Where the quickstart names its data, relative to its folder (`configs/`).
+const QUICKSTART_DATA_PATH: &str = "data/bundled.jsonl";
 
 #[derive(Parser, Debug)]
 #[command(
     name = "sft-train",
+    version,
     about = "Fine-tune a LLaMA-family model from a YAML config"
 )]
 pub struct TrainArgs {
-    /// The YAML config (default: the embedded quickstart, configs/quickstart.yaml).
+    /// The YAML config (default: the embedded quickstart, configs/quickstart.yaml). Relative
+    /// paths in it are read from its folder.
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Override a config value: `--set train.lr=1e-4` (the value is YAML; repeatable).
+    /// Override a config value: `--set train.lr=1e-4` (the value is YAML; repeatable; a
+    /// relative path is read from the working folder).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
     /// Resume the run: from its latest checkpoint, or from the checkpoint folder given.
     #[arg(long, num_args = 0..=1, default_missing_value = "latest", value_name = "PATH")]
     pub resume: Option<String>,
-    /// Print the resolved config, the plan and a memory estimate, then exit.
+    /// Print the resolved config, the plan and a memory estimate (on stderr; the numbers as
+    /// JSON on stdout), then exit.
     #[arg(long)]
     pub dry_run: bool,
+}
+
+/// The embedded quickstart, its data written once into `$SFT_CACHE/embedded/` (a folder named
+/// by the data's hash) so that its relative `data/bundled.jsonl` is found from any folder.
+fn quickstart(overrides: &[String]) -> Result<Config> {
+    let hash = sft_common::sha256_hex(QUICKSTART_DATA);
+    let base = sft_model::load::sft_cache_dir()
+        .join("embedded")
+        .join(format!("quickstart-{}", &hash[..16]));
+    let data = base.join(QUICKSTART_DATA_PATH);
+    let present = std::fs::read(&data).is_ok_and(|b| b == QUICKSTART_DATA);
+    if !present {
+        let folder = data.parent().unwrap_or(&base);
+        std::fs::create_dir_all(folder)
+            .with_context(|| format!("cannot create {}", folder.display()))?;
+        // Written beside and renamed, so a run started alongside never reads half a file.
+        let tmp = folder.join(format!(".bundled.jsonl.tmp{}", std::process::id()));
+        std::fs::write(&tmp, QUICKSTART_DATA)
+            .and_then(|()| std::fs::rename(&tmp, &data))
+            .with_context(|| format!("cannot write the quickstart's data to {}", data.display()))?;
+    }
+    Ok(Config::from_yaml_in(
+        QUICKSTART,
+        "configs/quickstart.yaml (embedded)",
+        overrides,
+        Some(&base),
+    )?)
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
     let cfg = match &args.config {
         Some(path) => Config::load(path, &args.overrides)?,
-        None => Config::from_yaml(
-            QUICKSTART,
-            "configs/quickstart.yaml (embedded)",
-            &args.overrides,
-        )?,
+        None => quickstart(&args.overrides)?,
     };
     if args.dry_run {
         let plan = sft_trainer::plan::dry_run(&cfg).context("dry run")?;
-        println!("{plan}");
-        return Ok(());
+        say!("{plan}");
+        return output::json(&plan.numbers());
     }
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone())?;
@@ -72,7 +105,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
     let (outcome, summary) = handle
         .join()
         .map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
-    println!("{}", serde_json::to_string(&summary)?);
+    output::json(&summary)?;
     if outcome == Outcome::Interrupted {
         std::process::exit(130);
     }
@@ -93,15 +126,15 @@ fn stop_on_signals(stop: Arc<AtomicBool>) -> Result<()> {
                     _ => "SIGHUP",
                 };
                 if !stop.swap(true, Ordering::SeqCst) {
-                    eprintln!(
+                    say!(
                         "{name}: finishing the current step, then checkpointing (Ctrl-C again to \
                          exit now)"
                     );
                 } else if sig == SIGINT {
-                    eprintln!("second interrupt: exiting without a checkpoint");
+                    say!("second interrupt: exiting without a checkpoint");
                     std::process::exit(130);
                 } else {
-                    eprintln!("{name} again: still finishing the step and checkpointing");
+                    say!("{name} again: still finishing the step and checkpointing");
                 }
             }
         })
