@@ -57,5 +57,5 @@ fn main() {
         Command::Runs(a) => cmd::runs::run(a),
         Command::InitRandom(a) => cmd::init_random::run(a),
     };
-    sft_cli::output::finish(result);
+    sft_cli::cmd::output::finish(result);
 }

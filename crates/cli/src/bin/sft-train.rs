@@ -5,5 +5,5 @@ use sft_cli::cmd;
 fn main() {
     cmd::init_logging();
     let args = cmd::train::TrainArgs::parse();
-    sft_cli::output::finish(cmd::train::run(args));
+    sft_cli::cmd::output::finish(cmd::train::run(args));
 }

@@ -13,8 +13,7 @@ use clap::{Args, Subcommand};
 use sft_classifier::eval::{evaluate, read_labelled, JUDGE_KEYS, TONE_KEYS};
 use sft_classifier::{train, Classifier, Encoder, Judge, ToneClassifier, TrainConfig};
 
-use crate::output;
-use crate::say;
+use super::output;
 
 #[derive(Args, Debug)]
 pub struct ClassifierArgs {

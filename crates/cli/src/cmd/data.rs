@@ -16,8 +16,7 @@ use clap::{Args, Subcommand};
 use sft_data::{build_dataset, BuildOptions, HubOptions, TokenizerFiles};
 use sft_trainer::config::Config;
 
-use crate::output;
-use crate::say;
+use super::output;
 
 #[derive(Args, Debug)]
 pub struct DataArgs {

@@ -6,7 +6,7 @@ use anyhow::Context;
 use candle_core::DType;
 use clap::{Args, ValueEnum};
 
-use crate::output;
+use super::output;
 
 #[derive(Args, Debug)]
 pub struct ImportGgufArgs {

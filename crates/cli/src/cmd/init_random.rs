@@ -6,8 +6,7 @@ use clap::Args;
 use sft_model::config::LlamaConfig;
 use std::path::PathBuf;
 
-use crate::output;
-use crate::say;
+use super::output;
 
 #[derive(Args, Debug)]
 pub struct InitRandomArgs {

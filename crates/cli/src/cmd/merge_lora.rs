@@ -6,9 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 
+use super::output;
 use super::run_folder::adapter_dir;
-use crate::output;
-use crate::say;
 
 #[derive(Args, Debug)]
 pub struct MergeLoraArgs {

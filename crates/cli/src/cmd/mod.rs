@@ -1,4 +1,8 @@
 //! One module per subcommand; each owns its clap `Args` and a `run` returning `anyhow::Result`.
+//! `output` (first, so that its `say!` is in scope in the others) says where output goes.
+#[macro_use]
+pub mod output;
+
 pub mod classifier;
 pub mod data;
 pub mod generate;
@@ -23,6 +27,6 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(crate::output::colour_logs())
+        .with_ansi(output::colour_logs())
         .try_init();
 }

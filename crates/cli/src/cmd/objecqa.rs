@@ -10,9 +10,8 @@ use sft_trainer::answer::ModelAnswer;
 use sft_trainer::config::GenEvalConfig;
 use std::path::PathBuf;
 
+use super::output;
 use super::score::{out_dir, ModelArgs};
-use crate::output;
-use crate::say;
 
 // The score's arguments sit beside the subcommand; `--model` is required only without one.
 #[derive(Args, Debug)]

@@ -8,8 +8,7 @@ use sft_trainer::checkpoint::Checkpoints;
 use sft_trainer::metrics::MetricsLog;
 use std::path::{Path, PathBuf};
 
-use crate::output;
-use crate::say;
+use super::output;
 
 #[derive(Args, Debug)]
 pub struct RunsArgs {

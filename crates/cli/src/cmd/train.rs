@@ -2,8 +2,7 @@
 //! time limit) and SIGHUP finish the current step, checkpoint and exit with status 130. A second
 //! Ctrl-C exits at once; a repeated SIGTERM or SIGHUP does not (a scheduler may deliver SIGTERM
 //! more than once: Slurm signals every process of a preempted job, the batch script forwards it).
-use crate::output;
-use crate::say;
+use super::output;
 use anyhow::{Context, Result};
 use clap::Parser;
 use sft_trainer::config::Config;

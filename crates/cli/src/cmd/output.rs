@@ -16,8 +16,8 @@ pub fn json(value: &impl serde::Serialize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Text for people, on stderr; a closed stderr is no reason to stop a command.
-#[macro_export]
+/// Text for people, on stderr; a closed stderr is no reason to stop a command. (In scope in
+/// every module declared after this one in `cmd/mod.rs`.)
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
