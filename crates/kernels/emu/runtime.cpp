@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdarg>
@@ -164,7 +165,7 @@ struct Worker {
     int bar_arrived = 0, bar_or = 0, bar_and = 1, bar_count = 0;
     const char* bar_file = nullptr;
     int bar_line = 0;
-    std::vector<unsigned char> smem_buf;
+    unsigned char* smem_buf = nullptr;  // SMEM_REGION bytes, 256-aligned
     unsigned char* smem = nullptr;
     size_t smem_bytes = 0;
     const Job* job = nullptr;
@@ -196,6 +197,7 @@ struct Worker {
         warps.resize(32);
     }
     ~Worker() {
+        std::free(smem_buf);
         for (auto& l : lanes)
             if (l.stack) munmap(l.stack, l.stack_size + page_size());
     }
@@ -515,7 +517,8 @@ uint64_t mix(uint64_t x) {
     return x ^ (x >> 31);
 }
 
-constexpr size_t GUARD = 256;
+// The most dynamic shared memory a block may have on an H100, and guard bytes past it.
+constexpr size_t SMEM_REGION = 227 * 1024 + 4096;
 
 #ifdef SFT_EMU_ASAN
 constexpr bool ASAN = true;
@@ -529,8 +532,9 @@ bool run_block(Worker& w, const Job& job, uint64_t linear) {
               static_cast<unsigned>((linear / job.grid.x) % job.grid.y),
               static_cast<unsigned>(linear / (static_cast<uint64_t>(job.grid.x) * job.grid.y))};
     int n = static_cast<int>(job.block.x * job.block.y * job.block.z);
-    if (n < 1 || n > 1024) {
-        w.error = format("a block of %d threads (1 to 1024 run on a GPU)", n);
+    if (n < 1 || n > 1024 || job.smem > 227 * 1024) {
+        w.error = format("a block of %d threads and %zu bytes of shared memory (a GPU runs 1 to "
+                         "1024 threads, at most 227 KiB)", n, job.smem);
         return false;
     }
     w.job = &job;
@@ -540,17 +544,28 @@ bool run_block(Worker& w, const Job& job, uint64_t linear) {
     w.error.clear();
     w.bar_arrived = 0;
     for (auto& wp : w.warps) wp.arrived = 0;
-    // Dynamic shared memory: exactly the bytes asked for (under AddressSanitizer, a heap block
-    // of that size; otherwise guard bytes after it), filled with 0xFF.
+    // Dynamic shared memory: exactly the bytes asked for, filled with 0xFF. Under
+    // AddressSanitizer a heap block of that size; otherwise the rest of the most a block can
+    // have (227 KiB) and some guard bytes follow it, also 0xFF, checked after the block, so an
+    // overrun is reported instead of corrupting the emulator.
+    // Aligned as `extern __shared__ __align__(128)` is (and as WMMA needs).
     unsigned char* asan_smem = nullptr;
     if (ASAN) {
-        asan_smem = static_cast<unsigned char*>(std::malloc(job.smem ? job.smem : 1));
+        void* p = nullptr;
+        if (posix_memalign(&p, 256, job.smem ? job.smem : 1) != 0) std::abort();
+        asan_smem = static_cast<unsigned char*>(p);
         std::memset(asan_smem, 0xff, job.smem);
         w.smem = job.smem ? asan_smem : nullptr;
+    } else if (job.smem) {
+        if (!w.smem_buf) {
+            void* p = nullptr;
+            if (posix_memalign(&p, 256, SMEM_REGION) != 0) std::abort();
+            w.smem_buf = static_cast<unsigned char*>(p);
+        }
+        std::memset(w.smem_buf, 0xff, SMEM_REGION);
+        w.smem = w.smem_buf;
     } else {
-        w.smem_buf.resize(job.smem + GUARD);
-        std::memset(w.smem_buf.data(), 0xff, job.smem + GUARD);
-        w.smem = job.smem ? w.smem_buf.data() : nullptr;
+        w.smem = nullptr;
     }
     w.smem_bytes = job.smem;
 #ifdef SFT_EMU_TSAN
@@ -571,22 +586,38 @@ bool run_block(Worker& w, const Job& job, uint64_t linear) {
         l.grid_dim = job.grid;
         start_fiber(l);
     }
-    std::vector<int> order(n);
-    int sched = g_schedule.load();
-    for (int i = 0; i < n; ++i) order[i] = sched == 1 ? n - 1 - i : i;
-    if (sched == 2) {
-        uint64_t s = mix(g_seed.load() ^ mix(linear));
-        for (int i = n - 1; i > 0; --i) {
-            s = mix(s);
-            std::swap(order[i], order[s % static_cast<uint64_t>(i + 1)]);
+    // Warp by warp: a warp runs until each of its lanes waits at a block barrier or has
+    // exited (its lanes meet at shuffles and WMMA calls on the way), then the next warp runs.
+    // Warps drift apart as on a GPU, so a read of shared memory that another warp has not
+    // written yet (a missing barrier) reads 0xFF bytes or a stale tile.
+    int nwarps = (n + 31) / 32, sched = g_schedule.load();
+    std::vector<int> warp_order(nwarps);
+    uint64_t rng = mix(g_seed.load() ^ mix(linear));
+    auto shuffle = [&](std::vector<int>& v) {
+        for (int i = static_cast<int>(v.size()) - 1; i > 0; --i) {
+            rng = mix(rng);
+            std::swap(v[i], v[rng % static_cast<uint64_t>(i + 1)]);
         }
-    }
+    };
+    for (int i = 0; i < nwarps; ++i) warp_order[i] = sched == 1 ? nwarps - 1 - i : i;
+    std::vector<int> lane_order;
     while (!w.failed && w.live > 0) {
         bool progress = false;
-        for (int i : order) {
-            if (w.lanes[i].state != READY) continue;
-            progress = true;
-            resume(w, w.lanes[i]);
+        if (sched == 2) shuffle(warp_order);
+        for (int wi : warp_order) {
+            int first = wi * 32, count = std::min(32, n - first);
+            lane_order.resize(count);
+            for (int i = 0; i < count; ++i) lane_order[i] = first + (sched == 1 ? count - 1 - i : i);
+            if (sched == 2) shuffle(lane_order);
+            for (bool again = true; again && !w.failed;) {
+                again = false;
+                for (int i : lane_order) {
+                    if (w.lanes[i].state != READY) continue;
+                    progress = again = true;
+                    resume(w, w.lanes[i]);
+                    if (w.failed) break;
+                }
+            }
             if (w.failed) break;
         }
         if (w.failed || w.live == 0) break;
@@ -608,13 +639,13 @@ bool run_block(Worker& w, const Job& job, uint64_t linear) {
             w.error = m;
         }
     }
-    if (!w.failed && !ASAN) {
-        for (size_t i = 0; i < GUARD; ++i)
-            if (w.smem_buf[job.smem + i] != 0xff) {
+    if (!w.failed && !ASAN && job.smem) {
+        for (size_t i = job.smem; i < SMEM_REGION; ++i)
+            if (w.smem_buf[i] != 0xff) {
                 w.failed = true;
                 w.error = format("block (%u,%u,%u) wrote past the %zu bytes of dynamic shared memory "
                                  "its launch asked for (at byte %zu)",
-                                 bid.x, bid.y, bid.z, job.smem, job.smem + i);
+                                 bid.x, bid.y, bid.z, job.smem, i);
                 break;
             }
     }
@@ -694,7 +725,7 @@ struct Pool {
         work(j);
         std::unique_lock<std::mutex> g(m);
         // Every worker that took this job has left it before the job goes out of scope.
-        done_cv.wait(g, [&] { return busy == 0 && next.load() >= total; });
+        done_cv.wait(g, [&] { return busy == 0 && (next.load() >= total || stop.load()); });
         next.store(total);
         return error;
     }

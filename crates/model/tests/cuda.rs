@@ -114,7 +114,8 @@ fn elementwise_and_row_ops_match_the_cpu() {
     for dt in [DType::F32, DType::BF16, DType::F16] {
         let t = tol(dt);
         // Rows of 4096 and 3000: longer than one block's threads (1024), so each thread loops.
-        for (rows, d) in [(21usize, 4096usize), (5, 3000), (4, 40)] {
+        // 130 rows: the weight gradient sums three chunks of 64 rows.
+        for (rows, d) in [(21usize, 4096usize), (5, 3000), (130, 40)] {
             let w = (seeded(&[d], 2, 0.5) + 1.0).unwrap();
             same(
                 &format!("rms_norm ({rows} x {d})"),
@@ -302,6 +303,14 @@ fn attention_case(
     }
 }
 
+/// Causal ranges over `t` positions, the second row padded at its start.
+fn padded_ranges(t: usize) -> impl Fn(&Device) -> Option<AttnMask> {
+    move |dev: &Device| {
+        let valid = vec![(0..t).map(|i| i >= 7).collect::<Vec<_>>()];
+        Some(AttnMask::Ranges(KeyRanges::causal(&valid, 0, t, dev).unwrap().unwrap()))
+    }
+}
+
 /// The flash kernels: GQA, several and partial tiles (t a multiple of 64 and not), head widths
 /// 64 and 128, padded causal ranges (padding rows), packed ranges, keys longer than queries
 /// (a chunk after a cached past, with and without ranges), and a decoding step.
@@ -341,6 +350,8 @@ fn attention_kernels_match_the_cpu() {
             };
             attention_case(&g, "after a past", dt, (b, nh, nkv, t, past + t, hd), &chunk);
             attention_case(&g, "unmasked", dt, (b, nh, nkv, t, past + t, hd), &|_| None);
+            // As many K/V heads as query heads (no grouping).
+            attention_case(&g, "ungrouped", dt, (1, 3, 3, 65, 65, hd), &padded_ranges(65));
             // A decoding step: one query over 137 cached keys, no mask.
             let q = seeded(&[3, nh_of(hd), 1, hd], 4, 1.0).to_dtype(dt).unwrap();
             let k = seeded(&[3, 2, 137, hd], 5, 1.0).to_dtype(dt).unwrap();

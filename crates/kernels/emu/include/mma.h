@@ -43,7 +43,9 @@ struct Mem {
     int col_major;
 };
 
-inline bool uniform(void** p, const char* file, int line) {
+// Every lane passed the same pointer, stride and layout, and both are what the hardware needs:
+// a 256-bit aligned pointer and a stride of a multiple of 16 bytes.
+inline bool uniform(void** p, size_t elem_bytes, const char* file, int line) {
     const Mem* first = nullptr;
     for (int l = 0; l < 32; ++l) {
         if (!p[l]) continue;
@@ -52,6 +54,10 @@ inline bool uniform(void** p, const char* file, int line) {
         if (m->ptr != first->ptr || m->ldm != first->ldm || m->col_major != first->col_major)
             ::sft_emu::fail(file, line, "wmma: lanes passed different pointers or strides");
     }
+    if (first && reinterpret_cast<uintptr_t>(first->ptr) % 32 != 0)
+        ::sft_emu::fail(file, line, "wmma: the pointer is not 256-bit aligned");
+    if (first && (first->ldm * elem_bytes) % 16 != 0)
+        ::sft_emu::fail(file, line, "wmma: the stride is not a multiple of 16 bytes");
     return true;
 }
 
@@ -140,7 +146,7 @@ inline void load_matrix_sync(fragment<Use, 16, 16, 16, T, L>& f, const T* p, uns
     static_assert(!std::is_same<Use, accumulator>::value, "an accumulator load takes a layout");
     detail::Mem m{f.x, p, ldm, std::is_same<L, col_major>::value ? 1 : 0};
     ::sft_emu::warp_meet(0xffffffffu, "wmma::load_matrix_sync", file, line, &m, [](void** pp, unsigned mk) {
-        detail::uniform(pp, __FILE__, __LINE__);
+        detail::uniform(pp, sizeof(T), nullptr, 0);
         detail::load_action<T>(pp, mk);
     });
 }
@@ -151,7 +157,7 @@ inline void load_matrix_sync(fragment<accumulator, 16, 16, 16, T>& f, const T* p
                              int line = __builtin_LINE()) {
     detail::Mem m{f.x, p, ldm, layout == mem_col_major ? 1 : 0};
     ::sft_emu::warp_meet(0xffffffffu, "wmma::load_matrix_sync", file, line, &m, [](void** pp, unsigned mk) {
-        detail::uniform(pp, __FILE__, __LINE__);
+        detail::uniform(pp, sizeof(T), nullptr, 0);
         detail::load_action<T>(pp, mk);
     });
 }
@@ -162,7 +168,7 @@ inline void store_matrix_sync(T* p, const fragment<accumulator, 16, 16, 16, T>& 
                               int line = __builtin_LINE()) {
     detail::Mem m{const_cast<T*>(f.x), p, ldm, layout == mem_col_major ? 1 : 0};
     ::sft_emu::warp_meet(0xffffffffu, "wmma::store_matrix_sync", file, line, &m, [](void** pp, unsigned mk) {
-        detail::uniform(pp, __FILE__, __LINE__);
+        detail::uniform(pp, sizeof(T), nullptr, 0);
         detail::store_action<T>(pp, mk);
     });
 }
