@@ -34,7 +34,9 @@ fn main() -> Res<()> {
 
 /// The module's name: the file stem (`attention.cu` -> `attention`).
 fn module(p: &Path) -> String {
-    p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+    p.file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 fn base_build() -> cc::Build {
@@ -65,16 +67,25 @@ fn scan(path: &Path) -> Res<Vec<(String, u32)>> {
     let mut rest: &str = &text;
     while let Some(i) = rest.find("SFT_EMU_KERNEL") {
         rest = &rest[i + "SFT_EMU_KERNEL".len()..];
-        let t = rest.trim_start().strip_prefix("void").ok_or("a kernel not returning void")?;
+        let t = rest
+            .trim_start()
+            .strip_prefix("void")
+            .ok_or("a kernel not returning void")?;
         let mut t = t.trim_start();
         let mut bound = 0;
         if let Some(b) = t.strip_prefix("SFT_EMU_LAUNCH_BOUNDS") {
-            let b = b.trim_start().strip_prefix('(').ok_or("__launch_bounds__")?;
+            let b = b
+                .trim_start()
+                .strip_prefix('(')
+                .ok_or("__launch_bounds__")?;
             let close = b.find(')').ok_or("__launch_bounds__")?;
             bound = b[..close].trim().parse()?;
             t = b[close + 1..].trim_start();
         }
-        let name: String = t.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let name: String = t
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_')
+            .collect();
         if name.is_empty() {
             return Err(format!("{}: a kernel without a name", path.display()).into());
         }

@@ -49,13 +49,23 @@ fn a_short_run_with_ifs_runs_to_its_end_on_the_emulated_gpu() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let losses: Vec<f64> = recs.iter().filter_map(|r| r.get("loss")?.as_f64()).collect();
+    let losses: Vec<f64> = recs
+        .iter()
+        .filter_map(|r| r.get("loss")?.as_f64())
+        .collect();
     assert_eq!(losses.len(), 4, "{metrics}");
-    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{losses:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite() && *l > 0.0),
+        "{losses:?}"
+    );
     // IFS at the start and after every 4 examples, each over 6 answered prompts.
     let ifs: Vec<&serde_json::Value> = recs.iter().filter(|r| r["eval"] == "ifs").collect();
     assert!(ifs.len() >= 3, "{metrics}");
-    assert!(recs.iter().any(|r| r.get("eval_loss").is_some_and(|v| v.is_f64())), "{metrics}");
+    assert!(
+        recs.iter()
+            .any(|r| r.get("eval_loss").is_some_and(|v| v.is_f64())),
+        "{metrics}"
+    );
     // The summary says the run finished.
     let summary: serde_json::Value =
         serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();

@@ -63,7 +63,9 @@ impl std::fmt::Display for Param {
             Param::Ptr { elem, is_const } => {
                 write!(f, "{}{elem:?}*", if *is_const { "const " } else { "" })
             }
-            Param::Int { signed, bytes } => write!(f, "{}{}", if *signed { "i" } else { "u" }, bytes * 8),
+            Param::Int { signed, bytes } => {
+                write!(f, "{}{}", if *signed { "i" } else { "u" }, bytes * 8)
+            }
             Param::Float { bytes } => write!(f, "f{}", bytes * 8),
             Param::Struct { bytes } => write!(f, "struct of {bytes} bytes"),
         }
@@ -109,7 +111,9 @@ pub fn kernels() -> &'static [Kernel] {
                 let params = unsafe { std::slice::from_raw_parts(k.params, k.nparams as usize) };
                 all.push(Kernel {
                     module,
-                    name: unsafe { CStr::from_ptr(k.name) }.to_string_lossy().into_owned(),
+                    name: unsafe { CStr::from_ptr(k.name) }
+                        .to_string_lossy()
+                        .into_owned(),
                     params: params
                         .iter()
                         .map(|p| match p.kind {

@@ -15,21 +15,40 @@ fn table_lists_every_module_and_parameter_types() {
     assert_eq!(
         k.params,
         vec![
-            Param::Ptr { elem: Elem::BF16, is_const: true },
-            Param::Ptr { elem: Elem::BF16, is_const: true },
-            Param::Ptr { elem: Elem::BF16, is_const: false },
-            Param::Int { signed: true, bytes: 4 },
+            Param::Ptr {
+                elem: Elem::BF16,
+                is_const: true
+            },
+            Param::Ptr {
+                elem: Elem::BF16,
+                is_const: true
+            },
+            Param::Ptr {
+                elem: Elem::BF16,
+                is_const: false
+            },
+            Param::Int {
+                signed: true,
+                bytes: 4
+            },
             Param::Float { bytes: 4 },
         ]
     );
-    assert_eq!(emu::kernel("attention", "attn_fwd_bf16_64").unwrap().max_threads, 128);
+    assert_eq!(
+        emu::kernel("attention", "attn_fwd_bf16_64")
+            .unwrap()
+            .max_threads,
+        128
+    );
     assert!(emu::kernel("norm", "no_such_kernel").is_none());
 }
 
 #[test]
 fn rms_norm_runs_on_host_memory() {
     let (rows, d) = (3usize, 300usize);
-    let x: Vec<f32> = (0..rows * d).map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0).collect();
+    let x: Vec<f32> = (0..rows * d)
+        .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
+        .collect();
     let w: Vec<f32> = (0..d).map(|i| 1.0 + i as f32 / d as f32).collect();
     let mut y = vec![f32::NAN; rows * d];
     let k = emu::kernel("norm", "rms_norm_fwd_f32").unwrap();

@@ -7,7 +7,9 @@ use candle_core::{bail, Device, Result};
 /// The device named by `spec`. Also refuses an unknown `SFT_KERNELS` (see
 /// [`crate::ops::kernels_setting`]) before anything runs.
 pub fn open(spec: &str) -> Result<Device> {
-    if crate::ops::kernels_setting()? == crate::ops::KernelsSetting::Emu && spec.trim().starts_with("cuda") {
+    if crate::ops::kernels_setting()? == crate::ops::KernelsSetting::Emu
+        && spec.trim().starts_with("cuda")
+    {
         bail!(
             "SFT_KERNELS=emu runs the CUDA kernels on an emulated GPU on the CPU: the device must \
              be `cpu` (got `{}`)",

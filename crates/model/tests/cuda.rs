@@ -187,7 +187,10 @@ fn elementwise_and_row_ops_match_the_cpu() {
             for labels in [labels_u32, labels_i64] {
                 let lab = labels.clone();
                 same(
-                    &format!("cross_entropy (vocabulary {v}, {:?} labels)", labels.dtype()),
+                    &format!(
+                        "cross_entropy (vocabulary {v}, {:?} labels)",
+                        labels.dtype()
+                    ),
                     &g,
                     dt,
                     &move |x| {
@@ -230,8 +233,8 @@ fn lora_linear_matches_the_cpu_with_each_dropout() {
     };
     for dt in [DType::F32, DType::BF16, DType::F16] {
         for rows in [37usize, 40] {
-            let given = ops::dropout_mask(key, &[2, rows, 256], 0.2, DType::F32, &Device::Cpu)
-                .unwrap();
+            let given =
+                ops::dropout_mask(key, &[2, rows, 256], 0.2, DType::F32, &Device::Cpu).unwrap();
             let modes = [
                 ("off", LoraDropout::Off),
                 ("key", LoraDropout::Key { key, p: 0.1 }),
@@ -254,7 +257,10 @@ fn lora_linear_matches_the_cpu_with_each_dropout() {
                     ops::lora_linear_with(&t[0], &t[1], &t[2], &t[3], 2.0, dropout, (None, None))
                 };
                 let cpu = [x.clone(), w.clone(), a.clone(), b.clone()];
-                let dev: Vec<Tensor> = cpu.iter().map(|t| t.to_device(&g.device()).unwrap()).collect();
+                let dev: Vec<Tensor> = cpu
+                    .iter()
+                    .map(|t| t.to_device(&g.device()).unwrap())
+                    .collect();
                 let (yc, gc) = value_and_grads(&f, &cpu, &[0, 2, 3], 77);
                 let (yg, gg) = g.run(|| value_and_grads(&f, &dev, &[0, 2, 3], 77));
                 let what = format!("lora_linear {dt:?} rows {rows} dropout {mode}");
@@ -289,7 +295,10 @@ fn attention_case(
     let fc = |x: &[Tensor]| ops::attention_with(&x[0], &x[1], &x[2], mc.as_ref(), scale);
     let fg = |x: &[Tensor]| ops::attention_with(&x[0], &x[1], &x[2], mg.as_ref(), scale);
     let cpu = [q, k, v];
-    let dev: Vec<Tensor> = cpu.iter().map(|x| x.to_device(&g.device()).unwrap()).collect();
+    let dev: Vec<Tensor> = cpu
+        .iter()
+        .map(|x| x.to_device(&g.device()).unwrap())
+        .collect();
     let (yc, gc) = value_and_grads(&fc, &cpu, &[0, 1, 2], 77);
     let (yg, gg) = g.run(|| value_and_grads(&fg, &dev, &[0, 1, 2], 77));
     let what = format!("attention {what} hd {hd} {dt:?} (b {b}, heads {nh}/{nkv}, t {t}, s {s})");
@@ -307,7 +316,9 @@ fn attention_case(
 fn padded_ranges(t: usize) -> impl Fn(&Device) -> Option<AttnMask> {
     move |dev: &Device| {
         let valid = vec![(0..t).map(|i| i >= 7).collect::<Vec<_>>()];
-        Some(AttnMask::Ranges(KeyRanges::causal(&valid, 0, t, dev).unwrap().unwrap()))
+        Some(AttnMask::Ranges(
+            KeyRanges::causal(&valid, 0, t, dev).unwrap().unwrap(),
+        ))
     }
 }
 
@@ -323,7 +334,9 @@ fn attention_kernels_match_the_cpu() {
                 let (b, nh, nkv) = (2, 8, 2);
                 let padded = |dev: &Device| {
                     let valid = vec![vec![true; t], (0..t).map(|i| i >= 77).collect::<Vec<_>>()];
-                    Some(AttnMask::Ranges(KeyRanges::causal(&valid, 0, t, dev).unwrap().unwrap()))
+                    Some(AttnMask::Ranges(
+                        KeyRanges::causal(&valid, 0, t, dev).unwrap().unwrap(),
+                    ))
                 };
                 attention_case(&g, "padded", dt, (b, nh, nkv, t, t, hd), &padded);
                 let packed = |dev: &Device| {
@@ -343,15 +356,30 @@ fn attention_kernels_match_the_cpu() {
             // with a past, and without a mask (every query sees every key).
             let (b, nh, nkv, t, past) = (2, 4, 2, 70, 60);
             let chunk = |dev: &Device| {
-                let valid = vec![vec![true; past + t], (0..past + t).map(|i| i >= 9).collect()];
+                let valid = vec![
+                    vec![true; past + t],
+                    (0..past + t).map(|i| i >= 9).collect(),
+                ];
                 Some(AttnMask::Ranges(
                     KeyRanges::causal(&valid, past, t, dev).unwrap().unwrap(),
                 ))
             };
-            attention_case(&g, "after a past", dt, (b, nh, nkv, t, past + t, hd), &chunk);
+            attention_case(
+                &g,
+                "after a past",
+                dt,
+                (b, nh, nkv, t, past + t, hd),
+                &chunk,
+            );
             attention_case(&g, "unmasked", dt, (b, nh, nkv, t, past + t, hd), &|_| None);
             // As many K/V heads as query heads (no grouping).
-            attention_case(&g, "ungrouped", dt, (1, 3, 3, 65, 65, hd), &padded_ranges(65));
+            attention_case(
+                &g,
+                "ungrouped",
+                dt,
+                (1, 3, 3, 65, 65, hd),
+                &padded_ranges(65),
+            );
             // A decoding step: one query over 137 cached keys, no mask.
             let q = seeded(&[3, nh_of(hd), 1, hd], 4, 1.0).to_dtype(dt).unwrap();
             let k = seeded(&[3, 2, 137, hd], 5, 1.0).to_dtype(dt).unwrap();
@@ -608,8 +636,8 @@ fn greedy_generation_through_the_cuda_path_gives_the_cpu_tokens() {
             (0..70).map(|i| (i * 13 % 900) as u32 + 3).collect(),
             vec![42],
         ];
-        let cpu = sft_model::generate::generate_ids(&build(&Device::Cpu), None, &prompts, &opts)
-            .unwrap();
+        let cpu =
+            sft_model::generate::generate_ids(&build(&Device::Cpu), None, &prompts, &opts).unwrap();
         let dev = g.device();
         let got = g
             .run(|| sft_model::generate::generate_ids(&build(&dev), None, &prompts, &opts))
@@ -631,7 +659,10 @@ fn emulated_kernels_give_the_same_bits_under_every_thread_order() {
     };
     use ops::emu::{set_schedule, Schedule};
     let causal = |dev: &Device| {
-        let valid = vec![vec![true; 150], (0..150).map(|i| i >= 20).collect::<Vec<_>>()];
+        let valid = vec![
+            vec![true; 150],
+            (0..150).map(|i| i >= 20).collect::<Vec<_>>(),
+        ];
         Some(AttnMask::Ranges(
             KeyRanges::causal(&valid, 0, 150, dev).unwrap().unwrap(),
         ))
@@ -646,14 +677,22 @@ fn emulated_kernels_give_the_same_bits_under_every_thread_order() {
             };
             let dt = DType::BF16;
             let x = seeded(&[4, 1500], 1, 2.0).to_dtype(dt).unwrap();
-            let w = (seeded(&[1500], 2, 0.5) + 1.0).unwrap().to_dtype(dt).unwrap();
+            let w = (seeded(&[1500], 2, 0.5) + 1.0)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
             keep(value_and_grads(
                 &|t| ops::rms_norm(&t[0], &t[1], 1e-5),
                 &[x.clone(), w],
                 &[0, 1],
                 7,
             ));
-            keep(value_and_grads(&|t| ops::softmax_last_dim(&t[0]), &[x.clone()], &[0], 7));
+            keep(value_and_grads(
+                &|t| ops::softmax_last_dim(&t[0]),
+                &[x.clone()],
+                &[0],
+                7,
+            ));
             let lab = labels.clone();
             keep(value_and_grads(
                 &move |t| ops::cross_entropy(&t[0], &lab, -100),
@@ -677,7 +716,11 @@ fn emulated_kernels_give_the_same_bits_under_every_thread_order() {
         })
     };
     let forward = run();
-    for s in [Schedule::Reverse, Schedule::Shuffle(1), Schedule::Shuffle(2)] {
+    for s in [
+        Schedule::Reverse,
+        Schedule::Shuffle(1),
+        Schedule::Shuffle(2),
+    ] {
         set_schedule(s);
         let other = run();
         set_schedule(Schedule::Forward);

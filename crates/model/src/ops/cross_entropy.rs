@@ -163,7 +163,11 @@ mod gpu {
     }
 
     /// Per-row losses in f32.
-    pub fn forward<S: GpuStorage>(ce: &super::CrossEntropy, (x, lx): In<S>, (y, ly): In<S>) -> Out<S> {
+    pub fn forward<S: GpuStorage>(
+        ce: &super::CrossEntropy,
+        (x, lx): In<S>,
+        (y, ly): In<S>,
+    ) -> Out<S> {
         launch::contiguous(lx, "cross_entropy")?;
         launch::contiguous(ly, "cross_entropy")?;
         let (n, v) = lx.shape().dims2()?;

@@ -218,7 +218,10 @@ impl GpuStorage for EmuStorage {
     fn ptr(&self, l: &Layout) -> Result<Arg> {
         let off = l.start_offset();
         if off > self.len {
-            bail!("emulated GPU: offset {off} past a buffer of {} elements", self.len);
+            bail!(
+                "emulated GPU: offset {off} past a buffer of {} elements",
+                self.len
+            );
         }
         Ok(Arg::Ptr {
             // SAFETY: within the allocation (checked above).
@@ -263,13 +266,7 @@ impl GpuStorage for EmuStorage {
         // SAFETY: the arguments were checked against the kernel's parameters, and every pointer
         // among them points into a live allocation of this module.
         unsafe {
-            sft_kernels::emu::launch(
-                k,
-                &mut ptrs,
-                l.cfg.grid,
-                l.cfg.block,
-                l.cfg.shared as u64,
-            )
+            sft_kernels::emu::launch(k, &mut ptrs, l.cfg.grid, l.cfg.block, l.cfg.shared as u64)
         }
         .map_err(|e| candle_core::Error::Msg(format!("emulated GPU: {e}")))?;
         check_guards(&l.name)

@@ -31,14 +31,21 @@ impl Module {
 /// One kernel argument: a value, or a device address with the element type it points to.
 #[derive(Clone, Debug)]
 pub(crate) enum Arg {
-    Ptr { addr: u64, dtype: Option<DType> },
+    Ptr {
+        addr: u64,
+        dtype: Option<DType>,
+    },
     I32(i32),
     I64(i64),
     U32(u32),
     U64(u64),
     F32(f32),
     /// A `repr(C)` struct, as 8-byte words (so the kernel reads it aligned).
-    Struct { name: &'static str, words: Vec<u64>, bytes: usize },
+    Struct {
+        name: &'static str,
+        words: Vec<u64>,
+        bytes: usize,
+    },
 }
 
 impl Arg {
@@ -92,10 +99,34 @@ impl Arg {
                 None => true,
                 Some(d) => elem_of(*d) == elem,
             },
-            (Arg::I32(_), Param::Int { signed: true, bytes: 4 }) => true,
-            (Arg::I64(_), Param::Int { signed: true, bytes: 8 }) => true,
-            (Arg::U32(_), Param::Int { signed: false, bytes: 4 }) => true,
-            (Arg::U64(_), Param::Int { signed: false, bytes: 8 }) => true,
+            (
+                Arg::I32(_),
+                Param::Int {
+                    signed: true,
+                    bytes: 4,
+                },
+            ) => true,
+            (
+                Arg::I64(_),
+                Param::Int {
+                    signed: true,
+                    bytes: 8,
+                },
+            ) => true,
+            (
+                Arg::U32(_),
+                Param::Int {
+                    signed: false,
+                    bytes: 4,
+                },
+            ) => true,
+            (
+                Arg::U64(_),
+                Param::Int {
+                    signed: false,
+                    bytes: 8,
+                },
+            ) => true,
             (Arg::F32(_), Param::Float { bytes: 4 }) => true,
             (Arg::Struct { bytes, .. }, Param::Struct { bytes: b }) => *bytes == b as usize,
             _ => false,

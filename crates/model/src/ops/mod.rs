@@ -66,6 +66,7 @@ pub use attention::{
 };
 pub use cross_entropy::cross_entropy;
 pub use dropout::{dropout_mask, DropoutKey};
+pub use emu::{kernels_setting, with_emulated, KernelsSetting};
 #[cfg(test)]
 pub(crate) use linear::packed_gemm;
 pub use linear::{
@@ -74,7 +75,6 @@ pub use linear::{
 };
 pub use rms_norm::rms_norm;
 pub use rope::rope;
-pub use emu::{kernels_setting, with_emulated, KernelsSetting};
 pub use route::{cpu_kernels, gpu_kernels, route, with_composed, Op, Route};
 pub use softmax::softmax_last_dim;
 pub use swiglu::silu_mul;

@@ -201,10 +201,14 @@ mod gpu {
         let rstd = x.alloc(DType::F32, rows)?;
         let (xp, gp, rp) = (x.ptr(lx)?, g.ptr(lg)?, rstd.base()?);
         x.launch(
-            Launch::new(Module::Norm, format!("rms_norm_rstd_{sfx}"), launch::rows(rows, d))
-                .args([xp.clone(), rp.clone()])
-                .arg(d as i32)
-                .arg(norm.eps as f32),
+            Launch::new(
+                Module::Norm,
+                format!("rms_norm_rstd_{sfx}"),
+                launch::rows(rows, d),
+            )
+            .args([xp.clone(), rp.clone()])
+            .arg(d as i32)
+            .arg(norm.eps as f32),
         )?;
         let per_chunk = 64usize;
         let chunks = rows.div_ceil(per_chunk).max(1);

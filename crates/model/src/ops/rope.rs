@@ -127,7 +127,12 @@ mod gpu {
     use crate::ops::dispatch::same_dtype;
     use crate::ops::launch::{self, GpuStorage, In, Launch, Module, Out};
 
-    pub fn rope<S: GpuStorage>(rope: &super::Rope, (x, lx): In<S>, (c, lc): In<S>, (s, ls): In<S>) -> Out<S> {
+    pub fn rope<S: GpuStorage>(
+        rope: &super::Rope,
+        (x, lx): In<S>,
+        (c, lc): In<S>,
+        (s, ls): In<S>,
+    ) -> Out<S> {
         same_dtype("rope", x.dtype(), c.dtype())?;
         same_dtype("rope", x.dtype(), s.dtype())?;
         let (b, h, t, d) = lx.shape().dims4()?;

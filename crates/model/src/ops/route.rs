@@ -155,9 +155,17 @@ mod tests {
         crate::ops::with_emulated(|| {
             assert!(gpu_kernels(&Device::Cpu) && !cpu_kernels(&Device::Cpu));
             for op in Op::ALL {
-                assert_eq!(route(op, &Device::Cpu, DType::BF16), Route::Kernel, "{op:?}");
+                assert_eq!(
+                    route(op, &Device::Cpu, DType::BF16),
+                    Route::Kernel,
+                    "{op:?}"
+                );
                 // f64 has no CUDA kernel: composed, as on a GPU.
-                assert_eq!(route(op, &Device::Cpu, DType::F64), Route::Composed, "{op:?}");
+                assert_eq!(
+                    route(op, &Device::Cpu, DType::F64),
+                    Route::Composed,
+                    "{op:?}"
+                );
             }
         });
         assert!(cpu_kernels(&Device::Cpu));

@@ -130,7 +130,12 @@ fn starts<S: GpuStorage>(dev: &S, mask: Option<&AttnMask>) -> Result<(Arg, Optio
     }
 }
 
-pub(crate) fn forward<S: Lse>(op: &Attention, (q, lq): In<S>, (k, lk): In<S>, (v, lv): In<S>) -> Out<S> {
+pub(crate) fn forward<S: Lse>(
+    op: &Attention,
+    (q, lq): In<S>,
+    (k, lk): In<S>,
+    (v, lv): In<S>,
+) -> Out<S> {
     let d = Attention::dims(lq, lk)?;
     let a = args(op.mask.as_ref(), op.scale, d, [lq, lk, lv])?;
     let sfx = launch::suffix(q.dtype())?;
@@ -146,14 +151,26 @@ pub(crate) fn forward<S: Lse>(op: &Attention, (q, lq): In<S>, (k, lk): In<S>, (v
     q.launch(
         Launch::new(Module::Attention, format!("attn_fwd_{sfx}_{}", d.hd), cfg)
             .opt_in_smem(bytes)
-            .args([q.ptr(lq)?, k.ptr(lk)?, v.ptr(lv)?, sp, out.base()?, lse.base()?])
+            .args([
+                q.ptr(lq)?,
+                k.ptr(lk)?,
+                v.ptr(lv)?,
+                sp,
+                out.base()?,
+                lse.base()?,
+            ])
             .arg(Arg::of_struct("AttnArgs", &a)),
     )?;
     *op.lse.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(lse.save());
     Ok((out, Shape::from((d.b, d.t, d.nh * d.hd))))
 }
 
-pub(crate) fn backward<S: Lse>(op: &AttentionBwd, (q, lq): In<S>, (k, lk): In<S>, (v, lv): In<S>) -> Out<S> {
+pub(crate) fn backward<S: Lse>(
+    op: &AttentionBwd,
+    (q, lq): In<S>,
+    (k, lk): In<S>,
+    (v, lv): In<S>,
+) -> Out<S> {
     let d = Attention::dims(lq, lk)?;
     let a = args(op.mask.as_ref(), op.scale, d, [lq, lk, lv])?;
     let sfx = launch::suffix(q.dtype())?;

@@ -467,7 +467,9 @@ fn axpy_rows<T: Copy + Send + Sync, F: Fn(&mut T, T) + Send + Sync>(
 /// `sft-kernels/src/elementwise.cu` for the steps around them (the dropout drawn inside the
 /// kernels that read x, never stored).
 mod gpu {
-    use candle_core::{bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        bail, CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor,
+    };
 
     use super::{rows_view, Dropout, LoraLinear};
     use crate::ops::emu::EmuStorage;
@@ -475,7 +477,10 @@ mod gpu {
 
     /// The kernels' view of a LoRA dropout: none, a Philox key, or a given f32 mask (its
     /// address; the returned storage keeps that mask alive through the launch).
-    fn mask_arg<S: GpuStorage>(dev: &S, dropout: &Dropout) -> Result<(Arg, Option<S>, Option<Tensor>)> {
+    fn mask_arg<S: GpuStorage>(
+        dev: &S,
+        dropout: &Dropout,
+    ) -> Result<(Arg, Option<S>, Option<Tensor>)> {
         let none = MaskArg {
             seed: 0,
             mask: 0,
@@ -618,7 +623,11 @@ mod gpu {
     }
 
     /// `dx = dx_base + mask * d_in`, in dx_base's dtype.
-    fn lora_dx<S: GpuStorage>(dropout: &Dropout, (base, lb): In<S>, (d_in, ld): In<S>) -> Result<(S, Shape)> {
+    fn lora_dx<S: GpuStorage>(
+        dropout: &Dropout,
+        (base, lb): In<S>,
+        (d_in, ld): In<S>,
+    ) -> Result<(S, Shape)> {
         launch::contiguous(lb, "lora dx")?;
         launch::contiguous(ld, "lora dx")?;
         let n = lb.shape().elem_count();
@@ -645,7 +654,10 @@ mod gpu {
         fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
             // Reached only on the emulated GPU (the CPU's backward has its own path).
             let x = EmuStorage::upload(s)?;
-            Ok((adapter_input(&self.0, (&x, l))?.to_cpu()?, l.shape().clone()))
+            Ok((
+                adapter_input(&self.0, (&x, l))?.to_cpu()?,
+                l.shape().clone(),
+            ))
         }
 
         #[cfg(feature = "cuda")]
