@@ -252,7 +252,7 @@ fn lora_linear_matches_the_cpu_with_each_dropout() {
                             moved = m.to_device(t[0].device())?;
                             LoraDropout::Mask(&moved)
                         }
-                        d => d.clone(),
+                        d => *d,
                     };
                     ops::lora_linear_with(&t[0], &t[1], &t[2], &t[3], 2.0, dropout, (None, None))
                 };
@@ -689,7 +689,7 @@ fn emulated_kernels_give_the_same_bits_under_every_thread_order() {
             ));
             keep(value_and_grads(
                 &|t| ops::softmax_last_dim(&t[0]),
-                &[x.clone()],
+                std::slice::from_ref(&x),
                 &[0],
                 7,
             ));
