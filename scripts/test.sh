@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run): fetch and import the test models (cached),
 # make the cached venv whose TensorBoard reads back the event files training writes, build the
-# binaries the CLI tests run, then every test in release mode.
+# binaries the CLI tests run, then every test in release mode (the CUDA kernels among them, on
+# the emulated GPU), then the kernel tests under the sanitizers (scripts/kernel-sanitize; not
+# when test arguments are given).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +25,8 @@ scripts/fetch-tensorboard-venv.sh >/dev/null
 export SFT_REQUIRE_TENSORBOARD=1
 cargo build --release -p sft-cli --bins
 cargo test --release --workspace "$@"
+# The emulated GPU's kernels under AddressSanitizer and ThreadSanitizer (about 6 minutes), last:
+# they rebuild the kernels and the model crate in the same target folder.
+if (($# == 0)); then
+  SANITIZE_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target} scripts/kernel-sanitize
+fi

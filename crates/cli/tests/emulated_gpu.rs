@@ -5,7 +5,6 @@
 mod common;
 use common::*;
 use std::path::Path;
-use std::process::Command;
 
 /// A tiny random LLaMA with 64-wide heads (2 query heads over 1 K/V head) and SmolLM2's
 /// tokenizer, under `dir`.
@@ -21,18 +20,7 @@ fn tiny_model_hd64(dir: &Path) -> std::path::PathBuf {
             "eos_token_id": 2, "torch_dtype": "float32"}"#,
     )
     .unwrap();
-    let out = dir.join("tiny-hd64");
-    let st = Command::new(env!("CARGO_BIN_EXE_sft"))
-        .args(["init-random", "--config-json"])
-        .arg(&cfg)
-        .arg("--out")
-        .arg(&out)
-        .arg("--tokenizer")
-        .arg(smollm2())
-        .status()
-        .unwrap();
-    assert!(st.success());
-    out
+    random_model(&cfg, &dir.join("tiny-hd64"))
 }
 
 #[test]

@@ -59,18 +59,22 @@ pub fn tiny_run(name: &str, vars: &[(&str, &str)]) -> (tempfile::TempDir, PathBu
 
 /// A tiny random LLaMA with SmolLM2's tokenizer, written under `dir`.
 pub fn tiny_model(dir: &Path) -> PathBuf {
-    let out = dir.join("tiny-model");
+    random_model(&repo().join("tests/data/tiny-llama-config.json"), &dir.join("tiny-model"))
+}
+
+/// A random LLaMA of the config `config_json` with SmolLM2's tokenizer, written to `out`.
+pub fn random_model(config_json: &Path, out: &Path) -> PathBuf {
     let st = Command::new(env!("CARGO_BIN_EXE_sft"))
         .args(["init-random", "--config-json"])
-        .arg(repo().join("tests/data/tiny-llama-config.json"))
+        .arg(config_json)
         .arg("--out")
-        .arg(&out)
+        .arg(out)
         .arg("--tokenizer")
         .arg(smollm2())
         .status()
         .unwrap();
     assert!(st.success());
-    out
+    out.to_path_buf()
 }
 
 /// Asserts that a command succeeded, showing its stderr where it did not.
