@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Collects the real model responses behind crates/classifier/data/real_outputs/ (see the README
+# there): SmolLM2-135M-Instruct, greedy, through `sft ifs` and the quickstart's own IFS
+# evaluations. Writes raw, unlabelled responses under OUT (default real-outputs/); labelling is
+# by hand. Needs scripts/fetch-test-models.sh. About 15 minutes on 2 cores.
+#
+# The split is by instruction, fixed before any response was read:
+#   test:  ifs-0031 ... ifs-0068 (lines 31-68 of crates/ifs/assets/instructions.jsonl)
+#   train: ifs-0001 ... ifs-0016 (the quickstart's IFS instructions)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-real-outputs}
+mkdir -p "$out"
+cargo build --release -q -p sft-cli --bins
+bin=$(scripts/target-dir)/release
+model=cache:smollm2-135m-instruct
+sed -n 31,68p crates/ifs/assets/instructions.jsonl >"$out/test-items.jsonl"
+
+# 1. The base model under each template, full and fragment prompts, 64 new tokens (test).
+mkdir -p "$out/test"
+for t in raw alpaca_modified alpaca_modified_nl chat_template; do
+  "$bin/sft" ifs --model "$model" --template "$t" --items "$out/test-items.jsonl" \
+    --out "$out/test/base-$t" >"$out/test/base-$t.json"
+done
+
+# 2. The quickstart pushed past its plateau: early stopping off, every checkpoint kept, so it
+#    trains its whole 480 examples (61 steps, 486 examples); each IFS evaluation (ifs-0001 ...
+#    ifs-0016, 32 new tokens) writes evals/step-*/ifs-responses.jsonl: the train split.
+"$bin/sft-train" --set run.name=past-plateau --set checkpoint.dir="$out/checkpoints" \
+  --set early_stopping.enabled=false --set checkpoint.keep_last=100 --set checkpoint.every_steps=8
+
+# 3. Its checkpoints at the plateau (128 examples: step 16) and at the end (486 examples: step
+#    61) on the test instructions, under the template it was tuned with.
+for step in 000016 000061; do
+  "$bin/sft" ifs --model "$model" --adapter "$out/checkpoints/past-plateau/step-$step" \
+    --template alpaca_modified --items "$out/test-items.jsonl" \
+    --out "$out/test/quickstart-step-$step" >"$out/test/quickstart-step-$step.json"
+done
