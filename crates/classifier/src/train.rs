@@ -275,6 +275,9 @@ fn to_labelled(examples: &[Example]) -> Vec<Labelled> {
             text: e.text.clone(),
             label: e.label,
             split: None,
+            id: None,
+            template: None,
+            kind: None,
         })
         .collect()
 }

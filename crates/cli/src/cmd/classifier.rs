@@ -2,15 +2,19 @@
 //! or the ObjecQA judge) on the frozen MiniLM encoder and writes it with its metadata.
 //! `sft classifier eval --input FILE.jsonl [--classifier PATH]`: scores a head (default: the
 //! shipped tone classifier) on labelled lines `{"instruction", "response", "label"}` (a judge
-//! head reads `{"question", "answer", "label"}`): accuracy, precision, recall and F1 as JSON on
-//! stdout, a line for people on stderr.
+//! head reads `{"question", "answer", "label"}`): accuracy (with its 95% Wilson interval),
+//! precision, recall and F1, the confusion per `template` and per `kind` (full / partial) when
+//! the lines name them, and the misclassified lines, as JSON on stdout; the same for people on
+//! stderr.
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Args, Subcommand};
-use sft_classifier::eval::{evaluate, read_labelled, JUDGE_KEYS, TONE_KEYS};
+use sft_classifier::eval::{
+    breakdown, evaluate, read_labelled, Breakdown, GroupScore, JUDGE_KEYS, TONE_KEYS,
+};
 use sft_classifier::{train, Classifier, Encoder, Judge, ToneClassifier, TrainConfig};
 
 use super::output;
@@ -90,12 +94,16 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
             let items = read_labelled(&input, keys)?;
             let items = sft_classifier::eval::select_split(items, split.as_deref());
             anyhow::ensure!(!items.is_empty(), "{}: no labelled lines", input.display());
-            let (m, _) = evaluate(&c, &items)?;
+            let (_, preds) = evaluate(&c, &items)?;
+            let b = breakdown(&items, &preds);
+            let m = &b.all.metrics;
             say!(
-                "{} on {} lines: accuracy {:.4}  precision {:.4}  recall {:.4}  F1 {:.4}  (tp {} fp {} tn {} fn {})",
+                "{} on {} lines: accuracy {:.4} (95% Wilson {:.3}-{:.3})  precision {:.4}  recall {:.4}  F1 {:.4}  (tp {} fp {} tn {} fn {})",
                 c.meta().task,
                 m.n,
                 m.accuracy,
+                b.all.accuracy_ci95.0,
+                b.all.accuracy_ci95.1,
                 m.precision,
                 m.recall,
                 m.f1,
@@ -104,8 +112,65 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
                 m.tn,
                 m.fn_
             );
-            output::json(&m)?;
+            say_breakdown(&b);
+            output::json(&b)?;
         }
     }
     Ok(())
+}
+
+/// The confusion per template and per kind, and the misclassified lines, for people.
+fn say_breakdown(b: &Breakdown) {
+    let groups: Vec<(&str, &String, &GroupScore)> = b
+        .by_template
+        .iter()
+        .map(|(k, g)| ("template", k, g))
+        .chain(b.by_kind.iter().map(|(k, g)| ("kind", k, g)))
+        .collect();
+    if !groups.is_empty() {
+        say!(
+            "{:<8} {:<20} {:>5} {:>8}  {:<13} {:>4} {:>4} {:>4} {:>4}",
+            "by",
+            "group",
+            "n",
+            "accuracy",
+            "95% Wilson",
+            "tp",
+            "fp",
+            "tn",
+            "fn"
+        );
+        for (by, name, g) in groups {
+            let m = &g.metrics;
+            say!(
+                "{by:<8} {name:<20} {:>5} {:>8.4}  {:.3}-{:.3}   {:>4} {:>4} {:>4} {:>4}",
+                m.n,
+                m.accuracy,
+                g.accuracy_ci95.0,
+                g.accuracy_ci95.1,
+                m.tp,
+                m.fp,
+                m.tn,
+                m.fn_
+            );
+        }
+    }
+    say!("{} misclassified:", b.misclassified.len());
+    for x in &b.misclassified {
+        let text: String = x.text.chars().take(160).collect();
+        let more = if x.text.chars().count() > 160 {
+            "..."
+        } else {
+            ""
+        };
+        say!(
+            "  #{} {} {} {}: label {}, p(1) {:.2}: {text:?}{more}",
+            x.index,
+            x.id.as_deref().unwrap_or("-"),
+            x.template.as_deref().unwrap_or("-"),
+            x.kind.as_deref().unwrap_or("-"),
+            x.label,
+            x.prob
+        );
+    }
 }
