@@ -30,7 +30,7 @@ fn ptr(s: &CudaStorage, l: &Layout) -> Result<u64> {
         S::U32(v) => (v.device_ptr(&stream).0, 4),
         S::I64(v) => (v.device_ptr(&stream).0, 8),
         S::F64(v) => (v.device_ptr(&stream).0, 8),
-        _ => bail!("no CUDA kernel for {:?}", s.dtype()),
+        _ => bail!("no CUDA kernel for {:?}", BackendStorage::dtype(s)),
     };
     Ok(base + (l.start_offset() * size) as u64)
 }
