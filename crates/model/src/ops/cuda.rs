@@ -68,7 +68,7 @@ impl GpuStorage for CudaStorage {
     }
 
     fn tensor_ptr(&self, t: &Tensor) -> Result<(Arg, Option<Self>)> {
-        let a = with_storage(t, |s, l| GpuStorage::ptr(s, l))?;
+        let a = with_storage(t, GpuStorage::ptr)?;
         Ok((a, None))
     }
 
