@@ -8,7 +8,7 @@
 //!   unset: H100, H200), written to `ptx.rs` as one `&str` constant per file.
 //!
 //! `SFT_EMU_SANITIZE=address` or `thread` (scripts/kernel-sanitize) builds the emulated kernels
-//! with AddressSanitizer or ThreadSanitizer.
+//! with AddressSanitizer or ThreadSanitizer; `SFT_EMU_UCONTEXT=1` the portable fiber switch.
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -19,6 +19,7 @@ fn main() -> Res<()> {
     println!("cargo::rerun-if-changed=src");
     println!("cargo::rerun-if-changed=emu");
     println!("cargo::rerun-if-env-changed=SFT_EMU_SANITIZE");
+    println!("cargo::rerun-if-env-changed=SFT_EMU_UCONTEXT");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let src = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("src");
     let mut sources: Vec<PathBuf> = std::fs::read_dir(&src)?
@@ -165,6 +166,10 @@ fn emulator(out: &Path, sources: &[PathBuf]) -> Res<()> {
     // The runtime is never instrumented: only the kernels' own accesses are checked.
     let mut runtime = base_build();
     runtime.file("emu/runtime.cpp").opt_level(2);
+    // The portable fiber switch (ucontext) that CPUs other than x86-64 use, forced here.
+    if std::env::var_os("SFT_EMU_UCONTEXT").is_some() {
+        runtime.define("SFT_EMU_UCONTEXT", None);
+    }
     if let Some(d) = define {
         runtime.define(d, None);
     }

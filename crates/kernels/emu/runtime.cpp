@@ -56,7 +56,8 @@ void __asan_unpoison_memory_region(void const volatile* addr, size_t size);
 }
 #endif
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(SFT_EMU_UCONTEXT)
+// (SFT_EMU_UCONTEXT forces the portable ucontext path, as on other CPUs.)
 // Saves the callee-saved registers, the SSE and x87 control words and the stack pointer of the
 // running context into *from, and resumes the context saved at `to`.
 asm(R"(
@@ -103,6 +104,21 @@ extern "C" void sft_emu_fiber_start();
 #include <ucontext.h>
 #endif
 
+namespace {
+// A suspended context (a fiber or a worker's scheduler), and the switch between two.
+#if defined(__x86_64__) && !defined(SFT_EMU_UCONTEXT)
+struct Ctx {
+    void* sp = nullptr;
+};
+inline void jump(Ctx& from, Ctx& to) { sft_emu_switch(&from.sp, to.sp); }
+#else
+struct Ctx {
+    ucontext_t uc;
+};
+inline void jump(Ctx& from, Ctx& to) { swapcontext(&from.uc, &to.uc); }
+#endif
+}  // namespace
+
 namespace sft_emu {
 thread_local Lane* cur = nullptr;
 
@@ -118,11 +134,7 @@ struct LaneState : Lane {
     int bar_result = 0;
     char* stack = nullptr;
     size_t stack_size = 0;
-#if defined(__x86_64__)
-    void* sp = nullptr;
-#else
-    ucontext_t ctx;
-#endif
+    Ctx ctx;
 #ifdef SFT_EMU_TSAN
     void* tsan = nullptr;
 #endif
@@ -174,11 +186,7 @@ struct Worker {
     // where the current meeting is (for errors raised by a collective's action)
     const char* site_file = nullptr;
     int site_line = 0;
-#if defined(__x86_64__)
-    void* sched_sp = nullptr;
-#else
-    ucontext_t sched_ctx;
-#endif
+    Ctx sched;
 #ifdef SFT_EMU_TSAN
     void* sched_tsan = nullptr;
     char bar_sync = 0;
@@ -245,11 +253,7 @@ void to_scheduler(LaneState& l, bool exiting) {
     __sanitizer_start_switch_fiber(nullptr, w.main_bottom, w.main_size);
 #endif
     (void)exiting;
-#if defined(__x86_64__)
-    sft_emu_switch(&l.sp, w.sched_sp);
-#else
-    swapcontext(&l.ctx, &w.sched_ctx);
-#endif
+    jump(l.ctx, w.sched);
 #ifdef SFT_EMU_ASAN
     __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
 #endif
@@ -442,7 +446,7 @@ extern "C" void sft_emu_lane_main(LaneState* l) {
 
 namespace {
 
-#if !defined(__x86_64__)
+#if !defined(__x86_64__) || defined(SFT_EMU_UCONTEXT)
 void ucontext_entry(unsigned lo, unsigned hi) {
     auto* l = reinterpret_cast<LaneState*>((static_cast<uintptr_t>(hi) << 32) | lo);
     sft_emu_lane_main(l);
@@ -466,7 +470,7 @@ void start_fiber(LaneState& l) {
 #ifdef SFT_EMU_ASAN
     __asan_unpoison_memory_region(bottom, l.stack_size);
 #endif
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(SFT_EMU_UCONTEXT)
     auto top = reinterpret_cast<uintptr_t>(bottom + l.stack_size) & ~uintptr_t(15);
     auto* s = reinterpret_cast<uint64_t*>(top);
     s[-1] = reinterpret_cast<uint64_t>(&sft_emu_fiber_start);  // ret
@@ -475,14 +479,14 @@ void start_fiber(LaneState& l) {
     s[-4] = s[-5] = s[-6] = s[-7] = 0;                         // r12..r15
     uint32_t ctl[2] = {0x1f80u, 0x037fu};                      // mxcsr, x87 control word
     std::memcpy(&s[-8], ctl, 8);
-    l.sp = &s[-8];
+    l.ctx.sp = &s[-8];
 #else
-    getcontext(&l.ctx);
-    l.ctx.uc_stack.ss_sp = bottom;
-    l.ctx.uc_stack.ss_size = l.stack_size;
-    l.ctx.uc_link = nullptr;
+    getcontext(&l.ctx.uc);
+    l.ctx.uc.uc_stack.ss_sp = bottom;
+    l.ctx.uc.uc_stack.ss_size = l.stack_size;
+    l.ctx.uc.uc_link = nullptr;
     auto p = reinterpret_cast<uintptr_t>(&l);
-    makecontext(&l.ctx, reinterpret_cast<void (*)()>(ucontext_entry), 2,
+    makecontext(&l.ctx.uc, reinterpret_cast<void (*)()>(ucontext_entry), 2,
                 static_cast<unsigned>(p & 0xffffffffu), static_cast<unsigned>(p >> 32));
 #endif
 #ifdef SFT_EMU_TSAN
@@ -499,11 +503,7 @@ void resume(Worker& w, LaneState& l) {
     void* fake = nullptr;
     __sanitizer_start_switch_fiber(&fake, l.stack + page_size(), l.stack_size);
 #endif
-#if defined(__x86_64__)
-    sft_emu_switch(&w.sched_sp, l.sp);
-#else
-    swapcontext(&w.sched_ctx, &l.ctx);
-#endif
+    jump(w.sched, l.ctx);
 #ifdef SFT_EMU_ASAN
     __sanitizer_finish_switch_fiber(fake, nullptr, nullptr);
 #endif
