@@ -59,7 +59,10 @@ pub fn tiny_run(name: &str, vars: &[(&str, &str)]) -> (tempfile::TempDir, PathBu
 
 /// A tiny random LLaMA with SmolLM2's tokenizer, written under `dir`.
 pub fn tiny_model(dir: &Path) -> PathBuf {
-    random_model(&repo().join("tests/data/tiny-llama-config.json"), &dir.join("tiny-model"))
+    random_model(
+        &repo().join("tests/data/tiny-llama-config.json"),
+        &dir.join("tiny-model"),
+    )
 }
 
 /// A random LLaMA of the config `config_json` with SmolLM2's tokenizer, written to `out`.
