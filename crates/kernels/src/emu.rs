@@ -140,9 +140,17 @@ pub fn kernels() -> &'static [Kernel] {
 
 /// The kernel `name` of `module`, if the sources define it.
 pub fn kernel(module: &str, name: &str) -> Option<&'static Kernel> {
-    kernels()
-        .iter()
-        .find(|k| k.module == module && k.name == name)
+    type Index = std::collections::HashMap<(&'static str, &'static str), &'static Kernel>;
+    static INDEX: OnceLock<Index> = OnceLock::new();
+    INDEX
+        .get_or_init(|| {
+            kernels()
+                .iter()
+                .map(|k| ((k.module, k.name.as_str()), k))
+                .collect()
+        })
+        .get(&(module, name))
+        .copied()
 }
 
 /// The order in which a block's threads run between barriers: a correct kernel gives the same

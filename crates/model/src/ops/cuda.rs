@@ -76,7 +76,7 @@ impl GpuStorage for CudaStorage {
         with_storage(t, f)
     }
 
-    fn launch(&self, l: Launch) -> Result<()> {
+    fn launch(&self, mut l: Launch) -> Result<()> {
         l.check()?;
         let dev = &self.device;
         let (m, code) = ptx(l.module);
@@ -90,8 +90,7 @@ impl GpuStorage for CudaStorage {
             )
             .w()?;
         }
-        let mut args = l.args.clone();
-        let mut params: Vec<*mut std::ffi::c_void> = args.iter_mut().map(Arg::value_ptr).collect();
+        let mut params = l.params();
         let stream = dev.cuda_stream();
         stream.context().bind_to_thread().w()?;
         let [gx, gy, gz] = l.cfg.grid;

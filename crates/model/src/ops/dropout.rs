@@ -125,7 +125,7 @@ impl candle_core::CustomOp1 for DropoutMask {
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let n = self.shape.iter().product();
         if crate::ops::emu::active() {
-            let dev = EmuStorage::upload(&candle_core::CpuStorage::F32(vec![]))?;
+            let dev = EmuStorage::device()?;
             let out = gpu_mask(&dev, self.key, n, self.p)?;
             return Ok((out.to_cpu()?, self.shape.clone().into()));
         }

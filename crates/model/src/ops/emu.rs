@@ -134,6 +134,11 @@ impl EmuStorage {
         })
     }
 
+    /// An empty storage: the emulated device, for an op that reads no input.
+    pub(crate) fn device() -> Result<EmuStorage> {
+        EmuStorage::new(DType::F32, 0)
+    }
+
     /// A copy of a CPU storage in the emulator's memory (a host-to-device copy).
     pub(crate) fn upload(s: &CpuStorage) -> Result<EmuStorage> {
         fn copy<T: Copy>(v: &[T], dt: DType) -> Result<EmuStorage> {
@@ -247,7 +252,7 @@ impl GpuStorage for EmuStorage {
         f(&EmuStorage::upload(s)?, l)
     }
 
-    fn launch(&self, l: Launch) -> Result<()> {
+    fn launch(&self, mut l: Launch) -> Result<()> {
         let k = l.check()?;
         for (i, a) in l.args.iter().enumerate() {
             if let Arg::Ptr { addr, .. } = a {
@@ -260,8 +265,7 @@ impl GpuStorage for EmuStorage {
                 }
             }
         }
-        let mut args = l.args.clone();
-        let mut ptrs: Vec<*mut std::ffi::c_void> = args.iter_mut().map(Arg::value_ptr).collect();
+        let mut ptrs = l.params();
         let _serial = LAUNCH.lock().unwrap_or_else(|e| e.into_inner());
         // SAFETY: the arguments were checked against the kernel's parameters, and every pointer
         // among them points into a live allocation of this module.

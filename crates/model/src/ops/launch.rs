@@ -65,7 +65,7 @@ impl Arg {
     }
 
     /// A pointer to this argument's value (as `cuLaunchKernel`'s kernelParams take it).
-    pub(crate) fn value_ptr(&mut self) -> *mut std::ffi::c_void {
+    fn value_ptr(&mut self) -> *mut std::ffi::c_void {
         match self {
             Arg::Ptr { addr, .. } => addr as *mut u64 as *mut _,
             Arg::I32(v) => v as *mut i32 as *mut _,
@@ -233,6 +233,12 @@ impl Launch {
     pub(crate) fn args(mut self, a: impl IntoIterator<Item = Arg>) -> Launch {
         self.args.extend(a);
         self
+    }
+
+    /// The arguments as `cuLaunchKernel`'s kernelParams: a pointer to each value (valid while
+    /// `self` is borrowed).
+    pub(crate) fn params(&mut self) -> Vec<*mut std::ffi::c_void> {
+        self.args.iter_mut().map(Arg::value_ptr).collect()
     }
 
     /// The kernel this launch names, after the checks a GPU would make (and the argument
