@@ -14,6 +14,7 @@ pub mod load;
 pub mod lora;
 pub mod memory;
 pub mod ops;
+pub mod quant;
 
 pub mod runtime;
 pub mod safe_path;
