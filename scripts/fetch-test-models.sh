@@ -34,7 +34,7 @@ fi
 # The GGUF that the fixtures in tests/fixtures were computed from (scripts/make-fixtures).
 smol_gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 # Bump when `sft import-gguf` writes something different, so that cached folders are re-imported.
-smol_import_stamp=import-gguf-v1
+smol_import_stamp=import-gguf-v2
 smol=$models/smollm2-135m-instruct
 if [[ "$(cat "$smol/.complete" 2>/dev/null)" != "$smol_import_stamp" ]]; then
   gguf=$dl/SmolLM2-135M-Instruct.Q4_1.gguf

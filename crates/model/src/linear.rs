@@ -5,6 +5,9 @@
 //!   computes only the input gradient: no dW is ever built for it.
 //! - A trainable base weight (a candle `Var`, full fine-tuning) uses a plain matmul, so its
 //!   gradient flows (and a tied `lm_head` shares its embedding's `Var`).
+//! - A quantized base weight (QLoRA: [`crate::quant`]) goes through [`ops::quant_linear`],
+//!   dequantized tile by tile inside the product; `weight` is then a zero-stride stand-in that
+//!   carries only the shape, dtype and device (no dense copy exists).
 //! - LoRA's A (r, in) and B (out, r) are `Var`s in f32 (f64 for an f64 model) whatever the base
 //!   dtype, as PEFT keeps adapters of half-precision models in float32; the adapter's output is
 //!   cast to the base output's dtype before the sum.
@@ -20,6 +23,8 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<LoraLayer>,
+    /// The base weight's quantized blocks (QLoRA); `weight` is then a stand-in.
+    pub quant: Option<crate::quant::SharedQuant>,
     pack: PackCache,
 }
 
@@ -57,8 +62,26 @@ impl Linear {
             weight,
             bias,
             lora: None,
+            quant: None,
             pack: PackCache::default(),
         }
+    }
+
+    /// A frozen base layer over quantized blocks. `weight` becomes a zero-stride stand-in of
+    /// shape (out, in) in the model's dtype on `device`: it allocates nothing.
+    pub fn quantized(
+        q: crate::quant::SharedQuant,
+        bias: Option<Tensor>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let weight = Tensor::zeros((), q.dtype(), device)?.broadcast_as(q.dims())?;
+        Ok(Self {
+            weight,
+            bias,
+            lora: None,
+            quant: Some(q),
+            pack: PackCache::default(),
+        })
     }
 
     /// The packed copies of a frozen weight on a CPU that runs the kernels, made on first use
@@ -113,7 +136,9 @@ impl Linear {
 
     /// The base layer alone (no adapter).
     pub fn forward_base(&self, x: &Tensor) -> Result<Tensor> {
-        let y = if self.weight.is_variable() {
+        let y = if let Some(q) = &self.quant {
+            ops::quant_linear(x, q)?
+        } else if self.weight.is_variable() {
             // A differentiable cast when activations are f32 and weights bf16 (CPU).
             let w = if self.weight.dtype() == x.dtype() {
                 self.weight.clone()
@@ -147,9 +172,19 @@ impl Linear {
     /// `W + scale * B A` in the base weight's dtype (computed in f32 or f64), or `W` itself
     /// without an adapter.
     pub fn merged_weight(&self) -> Result<Tensor> {
+        let base = self.dense_weight()?;
         match &self.lora {
+            None => Ok(base),
+            Some(l) => merge_weight(&base, l.a.as_tensor(), l.b.as_tensor(), l.scale),
+        }
+    }
+
+    /// The base weight as a dense tensor: `weight`, or the quantized blocks dequantized in the
+    /// model's dtype (a whole copy: for merging and saving, never in a product).
+    pub fn dense_weight(&self) -> Result<Tensor> {
+        match &self.quant {
+            Some(q) => q.dequantize(self.weight.device()),
             None => Ok(self.weight.clone()),
-            Some(l) => merge_weight(&self.weight, l.a.as_tensor(), l.b.as_tensor(), l.scale),
         }
     }
 }
@@ -159,6 +194,24 @@ impl Module for Linear {
         let Some(l) = &self.lora else {
             return self.forward_base(x);
         };
+        if let Some(q) = &self.quant {
+            // QLoRA: one fused node over the blocks (f32 adapters, the usual case).
+            if l.a.dtype() == DType::F32 {
+                let y = ops::lora_linear_quant(
+                    x,
+                    &self.weight,
+                    q,
+                    l.a.as_tensor(),
+                    l.b.as_tensor(),
+                    l.scale,
+                    l.dropout(),
+                )?;
+                return add_bias(y, self.bias.as_ref());
+            }
+            let y = self.forward_base(x)?;
+            let d = l.forward(x)?.to_dtype(y.dtype())?;
+            return y + d;
+        }
         // One fused graph node for a frozen base whose dtype matches the input: adapters in
         // the same f32/f64, or f32 adapters on a bf16/f16 base (on the CPU also with f32
         // activations on a bf16 base).

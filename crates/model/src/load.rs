@@ -5,7 +5,7 @@
 //! or as shards listed by `model.safetensors.index.json` (memory-mapped while loading).
 //! PyTorch pickle checkpoints (`pytorch_model.bin`) are refused: unpickling runs arbitrary
 //! code, and safetensors conversions exist for every public LLaMA.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -13,6 +13,7 @@ use tokenizers::Tokenizer;
 
 use crate::config::{ConfigError, LlamaConfig};
 use crate::llama::Llama;
+use crate::quant::{QuantWeight, Quantize, SharedQuant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
@@ -556,7 +557,27 @@ pub fn load_safetensors(
     dtype: DType,
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut out = HashMap::new();
+    Ok(load_parts(
+        files,
+        dtype,
+        device,
+        &QuantOptions::default(),
+        &HashSet::new(),
+    )?
+    .0)
+}
+
+/// The tensors of safetensors files, the base linears quantized one at a time as they are read
+/// (the dense copy of each is dropped before the next is read), those named in `skip` left out.
+fn load_parts(
+    files: &[PathBuf],
+    dtype: DType,
+    device: &Device,
+    q: &QuantOptions,
+    skip: &HashSet<String>,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, SharedQuant>)> {
+    let mut dense = HashMap::new();
+    let mut quant = HashMap::new();
     for f in files {
         let candle = |source| LoadError::Candle {
             path: f.clone(),
@@ -566,19 +587,142 @@ pub fn load_safetensors(
         // every memory-mapped checkpoint loader.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(candle)?;
         for (name, _) in st.tensors() {
-            let t = st.load(&name, device).map_err(candle)?;
+            if skip.contains(&name) {
+                continue;
+            }
+            let quantize = matches!(q.how, Quantize::Nf4 | Quantize::Q8_0)
+                && crate::quant::is_quantized_linear(&name);
+            let at = if quantize { &Device::Cpu } else { device };
+            let t = st.load(&name, at).map_err(candle)?;
             let t = if t.dtype() == dtype {
                 t
             } else {
                 t.to_dtype(dtype).map_err(candle)?
             };
-            if out.insert(name.clone(), t).is_some() {
+            let dup = if quantize {
+                let w = QuantWeight::quantize(&t, q.how, q.double_quant, dtype).map_err(|e| {
+                    LoadError::Invalid {
+                        path: f.clone(),
+                        msg: format!("quantizing `{name}` to {}: {e}", q.how.name()),
+                    }
+                })?;
+                drop(t);
+                quant.insert(name.clone(), std::sync::Arc::new(w)).is_some()
+            } else {
+                dense.insert(name.clone(), t).is_some()
+            };
+            if dup {
                 return Err(LoadError::Invalid {
                     path: f.clone(),
                     msg: format!("tensor `{name}` appears in more than one shard"),
                 });
             }
         }
+    }
+    Ok((dense, quant))
+}
+
+/// How a model's frozen base linears are held: dense, or quantized for QLoRA
+/// (`model.quantize`, `model.double_quant`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QuantOptions {
+    pub how: Quantize,
+    /// NF4 only: quantize the absmax too (bitsandbytes' `bnb_4bit_use_double_quant`).
+    pub double_quant: bool,
+}
+
+/// The GGUF file an imported folder came from (its `gguf_source.json`), checked to be there
+/// with the size it had.
+pub fn gguf_source(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join(crate::gguf::GGUF_SOURCE);
+    let invalid = |msg: String| LoadError::Invalid {
+        path: path.clone(),
+        msg,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|_| {
+        invalid(
+            "model.quantize: gguf keeps a GGUF file's own blocks, and this folder was not \
+             imported from one (no gguf_source.json): give the .gguf file as the model source"
+                .into(),
+        )
+    })?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    let file = PathBuf::from(v["path"].as_str().unwrap_or_default());
+    let size = v["size"].as_u64();
+    match std::fs::metadata(&file) {
+        Ok(m) if Some(m.len()) == size => Ok(file),
+        Ok(m) => Err(invalid(format!(
+            "the GGUF it names, {}, is {} bytes, not the {} it was imported from",
+            file.display(),
+            m.len(),
+            size.unwrap_or(0)
+        ))),
+        Err(e) => Err(invalid(format!(
+            "the GGUF it names, {}, cannot be read: {e}",
+            file.display()
+        ))),
+    }
+}
+
+/// The base linears of a GGUF file kept in its own quantized blocks, by hub name (q and k rows
+/// un-permuted as whole rows of blocks). Tensors stored unquantized (F32, F16) are not listed:
+/// they load dense from the imported folder.
+fn gguf_linears(
+    gguf: &Path,
+    cfg: &LlamaConfig,
+    dtype: DType,
+) -> Result<HashMap<String, SharedQuant>> {
+    use candle_core::quantized::GgmlDType;
+    let err = |msg: String| LoadError::Invalid {
+        path: gguf.to_path_buf(),
+        msg,
+    };
+    let mut file = std::fs::File::open(gguf).map_err(|cause| LoadError::Io {
+        path: gguf.to_path_buf(),
+        cause,
+    })?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)
+        .map_err(|e| err(format!("not a readable GGUF file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, info) in &content.tensor_infos {
+        let Some(hub) = crate::gguf::hub_tensor_name(name) else {
+            continue;
+        };
+        if !crate::quant::is_quantized_linear(&hub)
+            || matches!(
+                info.ggml_dtype,
+                GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+            )
+        {
+            continue;
+        }
+        let q = content
+            .tensor(&mut file, name, &Device::Cpu)
+            .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        let heads = if name.contains(".attn_q.") {
+            Some(cfg.num_attention_heads)
+        } else if name.contains(".attn_k.") {
+            Some(cfg.num_key_value_heads)
+        } else {
+            None
+        };
+        let order = match heads {
+            Some(h) => {
+                let rows = q.shape().dims()[0];
+                let idx = Tensor::arange(0u32, rows as u32, &Device::Cpu)
+                    .and_then(|t| t.to_dtype(DType::F32))
+                    .and_then(|t| t.reshape((rows, 1)))
+                    .and_then(|t| crate::gguf::unpermute_rope_rows(&t, h))
+                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+                Some(idx.into_iter().map(|v| v as usize).collect::<Vec<_>>())
+            }
+            None => None,
+        };
+        let w = QuantWeight::from_qtensor(&q, order.as_deref(), dtype)
+            .map_err(|e| err(format!("tensor `{name}`: {e}")))?;
+        out.insert(hub, std::sync::Arc::new(w));
     }
     Ok(out)
 }
@@ -641,6 +785,18 @@ pub struct LoadedModel {
 
 /// Loads config, weights and tokenizer from a local model folder.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    load_dir_with(dir, dtype, device, &QuantOptions::default(), None)
+}
+
+/// [`load_dir`] with the base linears quantized as `q` says (QLoRA). For `gguf`, the blocks
+/// come from `gguf` (else from the GGUF the folder was imported from).
+pub fn load_dir_with(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+    q: &QuantOptions,
+    gguf: Option<&Path>,
+) -> Result<LoadedModel> {
     let config_path = dir.join("config.json");
     let config_path = if present(&config_path) {
         checked_file(dir, "config.json")?
@@ -649,8 +805,26 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel
     };
     let config = LlamaConfig::from_file(config_path)?;
     let files = weight_files(dir)?;
-    let weights = load_safetensors(&files, dtype, device)?;
-    let model = Llama::from_weights(&config, weights).map_err(|source| LoadError::Candle {
+    let kept = match q.how {
+        Quantize::Gguf => {
+            let src = match gguf {
+                Some(p) => p.to_path_buf(),
+                None => gguf_source(dir)?,
+            };
+            gguf_linears(&src, &config, dtype)?
+        }
+        _ => HashMap::new(),
+    };
+    let skip: HashSet<String> = kept.keys().cloned().collect();
+    let (weights, mut quant) = load_parts(&files, dtype, device, q, &skip)?;
+    quant.extend(kept);
+    if !q.how.is_none() && !device.is_cpu() {
+        tracing::warn!(
+            "model.quantize on {device:?}: the quantized product has no GPU kernel yet; each \
+             layer is dequantized on the device for each product"
+        );
+    }
+    let model = Llama::from_parts(&config, weights, quant).map_err(|source| LoadError::Candle {
         path: dir.to_path_buf(),
         cause: source,
     })?;
@@ -668,9 +842,23 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<LoadedModel
 /// Loads a model from a `--model` value (folder, `.gguf` file or hub id), reading hub settings
 /// from the environment.
 pub fn load_model(spec: &str, dtype: DType, device: &Device) -> Result<LoadedModel> {
+    load_model_with(spec, dtype, device, &QuantOptions::default())
+}
+
+/// [`load_model`] with the base linears quantized as `q` says (QLoRA).
+pub fn load_model_with(
+    spec: &str,
+    dtype: DType,
+    device: &Device,
+    q: &QuantOptions,
+) -> Result<LoadedModel> {
     let source = ModelSource::parse(spec)?;
     let hub = HubOptions::from_env();
     tracing::debug!("model {source:?}, hub {hub:?}");
     let dir = resolve(&source, &hub, dtype)?;
-    load_dir(&dir, dtype, device)
+    let gguf = match &source {
+        ModelSource::Gguf(p) => Some(p.as_path()),
+        _ => None,
+    };
+    load_dir_with(&dir, dtype, device, q, gguf)
 }

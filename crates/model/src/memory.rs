@@ -16,6 +16,9 @@ use crate::config::LlamaConfig;
 pub struct Setup {
     /// Bytes per weight element (2 for bf16).
     pub weight_bytes: u64,
+    /// QLoRA: the bits each weight of a base linear takes as stored (codes and scales: 4.5 for
+    /// NF4, 4.127 with double quantization, 8.5 for Q8_0); `None` for dense.
+    pub linear_bits: Option<f64>,
     /// Bytes per activation element (the activation plan's dtype).
     pub activation_bytes: u64,
     /// `None` for full fine-tuning, else the LoRA parameter count.
@@ -61,6 +64,15 @@ pub fn parameter_count(m: &LlamaConfig) -> u64 {
     v * h + m.num_hidden_layers as u64 * layer + h + head
 }
 
+/// Parameters of the base linears (the seven projections of every layer): what QLoRA keeps
+/// quantized.
+pub fn linear_parameter_count(m: &LlamaConfig) -> u64 {
+    let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
+    let q = (m.num_attention_heads * m.head_dim) as u64;
+    let kv = (m.num_key_value_heads * m.head_dim) as u64;
+    m.num_hidden_layers as u64 * (2 * h * q + 2 * h * kv + 3 * h * i)
+}
+
 /// LoRA parameters: r * (in + out) per targeted projection per layer (`all-linear`: all seven).
 pub fn lora_parameter_count(m: &LlamaConfig, r: usize, targets: &[String]) -> u64 {
     let (h, i) = (m.hidden_size as u64, m.intermediate_size as u64);
@@ -87,7 +99,13 @@ pub fn lora_parameter_count(m: &LlamaConfig, r: usize, targets: &[String]) -> u6
 /// The estimate of one training step.
 pub fn estimate(m: &LlamaConfig, s: &Setup) -> MemoryEstimate {
     let params = parameter_count(m);
-    let weights = params * s.weight_bytes;
+    let weights = match s.linear_bits {
+        None => params * s.weight_bytes,
+        Some(bits) => {
+            let linear = linear_parameter_count(m);
+            (params - linear) * s.weight_bytes + (linear as f64 * bits / 8.0).ceil() as u64
+        }
+    };
     let (trainable_params, trainable, gradients, optimizer) = match s.lora_params {
         Some(n) => (n, n * 4, n * 4, n * 8),
         None => {
@@ -151,6 +169,7 @@ mod tests {
         let lora = 32 * 16 * (4 * (4096 + 4096) + 3 * (4096 + 11008)) as u64;
         let s = Setup {
             weight_bytes: 2,
+            linear_bits: None,
             activation_bytes: 2,
             lora_params: Some(lora),
             master_weights: true,
@@ -178,5 +197,16 @@ mod tests {
         let act = |x: &MemoryEstimate| x.activations as f64 / 1e9;
         assert!((act(&plain) - 21.339).abs() < 0.001, "{}", act(&plain));
         assert!((act(&e) - 2.567).abs() < 0.001, "{}", act(&e));
+        // QLoRA, NF4: the 6.48e9 projection weights at 4.5 bits (3.645 GB) and the embeddings
+        // and head in bf16 (0.524 GB): 4.169 GB, 3.88 GiB.
+        let nf4 = estimate(
+            &cfg,
+            &Setup {
+                linear_bits: Some(4.5),
+                ..s
+            },
+        );
+        let w = nf4.weights as f64 / 1e9;
+        assert!((w - 4.169).abs() < 0.001, "{w}");
     }
 }

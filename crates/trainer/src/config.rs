@@ -76,6 +76,13 @@ pub struct ModelConfig {
     /// and loss; CPU: f32), `weights` (CUDA's plan on any device) or `f32`.
     #[serde(default)]
     pub activations: sft_model::llama::Activations,
+    /// QLoRA: keep the frozen base linears quantized: `none`, `nf4` (bitsandbytes' NF4),
+    /// `q8_0` (GGML's Q8_0) or `gguf` (a GGUF source's own blocks). LoRA only.
+    #[serde(default)]
+    pub quantize: sft_model::quant::Quantize,
+    /// With `nf4`: quantize the absmax too (bitsandbytes' double quantization).
+    #[serde(default)]
+    pub double_quant: bool,
 }
 
 fn default_dtype() -> String {
@@ -550,6 +557,17 @@ impl Config {
                     ));
                 }
             }
+        }
+        use sft_model::quant::Quantize;
+        if self.model.quantize != Quantize::None && self.adapter.kind == AdapterKind::Full {
+            errs.push(format!(
+                "model.quantize: {} keeps the base weights frozen and quantized, and full \
+                 fine-tuning trains them; use adapter.kind: lora (QLoRA), or model.quantize: none",
+                self.model.quantize.name()
+            ));
+        }
+        if self.model.double_quant && self.model.quantize != Quantize::Nf4 {
+            errs.push("model.double_quant: only NF4 (model.quantize: nf4) double-quantizes".into());
         }
         if !["f32", "bf16", "f16"].contains(&self.model.dtype.as_str()) {
             errs.push(format!(

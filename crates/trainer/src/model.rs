@@ -48,7 +48,11 @@ impl TrainModel {
         let device = parse_device(&cfg.model.device)?;
         let dtype = parse_dtype(&cfg.model.dtype)?;
         let spec = resolve_model_spec(&cfg.model.source);
-        let loaded = sft_model::load::load_model(&spec, dtype, &device)
+        let quant = sft_model::load::QuantOptions {
+            how: cfg.model.quantize,
+            double_quant: cfg.model.double_quant,
+        };
+        let loaded = sft_model::load::load_model_with(&spec, dtype, &device, &quant)
             .map_err(|e| TrainError::Model(format!("model.source {spec}: {e}")))?;
         let mut llama = loaded.model;
         // `auto` leaves the plan the loader chose (SFT_ACTIVATIONS or the device's default).
@@ -71,11 +75,32 @@ impl TrainModel {
     }
 
     pub fn total_params(&self) -> usize {
-        self.llama
+        let dense: usize = self
+            .llama
             .named_weights()
             .iter()
             .map(|(_, t)| t.elem_count())
-            .sum()
+            .sum();
+        let quantized: usize = self
+            .llama
+            .quantized_weights()
+            .iter()
+            .map(|(_, q)| q.rows() * q.cols())
+            .sum();
+        dense + quantized
+    }
+
+    /// The quantized base linears: how many, their formats, and the bytes they hold (QLoRA).
+    pub fn quantized_summary(&self) -> Option<(usize, String, usize)> {
+        let q = self.llama.quantized_weights();
+        if q.is_empty() {
+            return None;
+        }
+        let mut formats: Vec<String> = q.iter().map(|(_, w)| w.format()).collect();
+        formats.sort();
+        formats.dedup();
+        let bytes = q.iter().map(|(_, w)| w.stored_bytes()).sum();
+        Some((q.len(), formats.join(", "), bytes))
     }
 
     /// The optimizer's view of the trainable parameters.

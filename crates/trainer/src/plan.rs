@@ -7,6 +7,7 @@ use crate::error::TrainError;
 use sft_model::config::LlamaConfig;
 use sft_model::llama::Activations;
 use sft_model::memory::{self, MemoryEstimate};
+use sft_model::quant::Quantize;
 use std::fmt;
 
 /// The memory a micro-batch of `batch` sequences of `seq` tokens needs (see
@@ -32,6 +33,16 @@ pub fn estimate(cfg: &Config, m: &LlamaConfig, batch: u64, seq: u64) -> MemoryEs
         m,
         &memory::Setup {
             weight_bytes,
+            linear_bits: match cfg.model.quantize {
+                Quantize::None => None,
+                Quantize::Nf4 if cfg.model.double_quant => {
+                    Some(4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0))
+                }
+                Quantize::Nf4 => Some(4.5),
+                Quantize::Q8_0 => Some(8.5),
+                // The file's own types vary; Q4_1 and Q4_K take 5 and 4.5 bits.
+                Quantize::Gguf => Some(4.5),
+            },
             activation_bytes,
             lora_params,
             master_weights: cfg.train.master_weights,

@@ -261,6 +261,12 @@ impl<'a> Run<'a> {
             model.trainable.params.len(),
             cfg.adapter.kind,
         );
+        if let Some((n, formats, bytes)) = model.quantized_summary() {
+            tracing::info!(
+                "QLoRA: {n} base linears kept quantized ({formats}), {:.1} MiB as stored",
+                bytes as f64 / (1u64 << 20) as f64
+            );
+        }
 
         // The data.
         let t_data = Instant::now();

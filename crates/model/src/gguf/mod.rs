@@ -62,6 +62,9 @@ pub enum GgufError {
 
 pub type Result<T> = std::result::Result<T, GgufError>;
 
+/// The file in an imported folder that names the GGUF it came from (`path`, `size`).
+pub const GGUF_SOURCE: &str = "gguf_source.json";
+
 /// What [`import_gguf`] wrote.
 #[derive(Debug, Clone)]
 pub struct ImportSummary {
@@ -105,6 +108,13 @@ pub fn import_gguf(gguf_path: &Path, out_dir: &Path, dtype: DType) -> Result<Imp
         })?;
     write_json(&out_dir.join("tokenizer_config.json"), &tokenizer_config)?;
     write_json(&out_dir.join("generation_config.json"), &generation_config)?;
+    // Where the blocks are, for `model.quantize: gguf` (training over the file's own blocks).
+    let source = std::fs::canonicalize(gguf_path).unwrap_or_else(|_| gguf_path.to_path_buf());
+    let size = std::fs::metadata(gguf_path).map(|m| m.len()).unwrap_or(0);
+    write_json(
+        &out_dir.join(GGUF_SOURCE),
+        &json!({ "path": source.display().to_string(), "size": size }),
+    )?;
     write_json(&out_dir.join("config.json"), &config)?;
     let mut tensor_names: Vec<String> = plan.iter().map(|p| p.hub_name.clone()).collect();
     tensor_names.sort();

@@ -78,6 +78,8 @@ pub struct Llama {
     lm_head: Linear,
     /// The tensors the model was built from, by hub name (the tied lm_head is not listed).
     weights: Vec<(String, Tensor)>,
+    /// The base linears kept quantized (QLoRA), by hub name.
+    quantized: Vec<(String, crate::quant::SharedQuant)>,
     inv_freq: Vec<f32>,
     dtype: DType,
     device: Device,
@@ -238,11 +240,36 @@ impl Llama {
     /// one dtype and device, which become the model's. With tied embeddings an `lm_head.weight`
     /// entry is ignored; rotary `inv_freq` buffers of old checkpoints are ignored; any other
     /// unexpected tensor is an error.
-    pub fn from_weights(cfg: &LlamaConfig, mut weights: HashMap<String, Tensor>) -> Result<Self> {
+    pub fn from_weights(cfg: &LlamaConfig, weights: HashMap<String, Tensor>) -> Result<Self> {
+        Self::from_parts(cfg, weights, HashMap::new())
+    }
+
+    /// [`Llama::from_weights`] with some base linears kept quantized (QLoRA): `quant` holds
+    /// their blocks by hub name (`model.layers.N.self_attn.q_proj.weight`, ...), `weights` the
+    /// rest. A quantized weight is not in [`Llama::named_weights`].
+    pub fn from_parts(
+        cfg: &LlamaConfig,
+        mut weights: HashMap<String, Tensor>,
+        mut quant: HashMap<String, crate::quant::SharedQuant>,
+    ) -> Result<Self> {
         let shapes = weight_shapes(cfg);
         let mut ordered = Vec::with_capacity(shapes.len());
+        let mut quantized = Vec::new();
         for (name, shape) in &shapes {
+            if let Some(q) = quant.remove(name) {
+                let (r, c) = q.dims();
+                if [r, c] != shape[..] {
+                    candle_core::bail!(
+                        "quantized tensor `{name}` has shape ({r}, {c}), expected {shape:?} for this config"
+                    );
+                }
+                quantized.push((name.clone(), q));
+                continue;
+            }
             ordered.push((name.clone(), take(&mut weights, name, shape)?));
+        }
+        if let Some(extra) = quant.keys().min() {
+            candle_core::bail!("quantized tensor `{extra}` is not a base linear of this config");
         }
         if cfg.tie_word_embeddings {
             weights.remove("lm_head.weight");
@@ -267,6 +294,14 @@ impl Llama {
                 candle_core::bail!("tensor `{name}` is on another device than the embeddings");
             }
         }
+        for (name, q) in &quantized {
+            if q.dtype() != dtype {
+                candle_core::bail!(
+                    "quantized tensor `{name}` dequantizes to {:?}, the embeddings are {dtype:?}",
+                    q.dtype()
+                );
+            }
+        }
         let mut map: HashMap<String, Tensor> = ordered.iter().cloned().collect();
         // Every name below is in `weight_shapes`, so it was checked and inserted above.
         let mut get = |name: String| -> Result<Tensor> {
@@ -279,13 +314,16 @@ impl Llama {
         for l in 0..cfg.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let mut linear = |name: &str, bias: bool| -> Result<Linear> {
-                let w = get(format!("{p}.{name}.weight"))?;
                 let b = if bias {
                     Some(get(format!("{p}.{name}.bias"))?)
                 } else {
                     None
                 };
-                Ok(Linear::new(w, b))
+                let wname = format!("{p}.{name}.weight");
+                if let Some((_, q)) = quantized.iter().find(|(n, _)| *n == wname) {
+                    return Linear::quantized(q.clone(), b, &device);
+                }
+                Ok(Linear::new(get(wname)?, b))
             };
             let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
             let self_attn = Attention {
@@ -324,6 +362,7 @@ impl Llama {
             norm,
             lm_head,
             weights: ordered,
+            quantized,
             dtype,
             device,
             activations: Activations::Auto,
@@ -405,6 +444,11 @@ impl Llama {
     /// `lm_head` is not listed: it is `model.embed_tokens.weight`).
     pub fn named_weights(&self) -> &[(String, Tensor)] {
         &self.weights
+    }
+
+    /// The base linears kept quantized, by hub name (empty without `quantize`).
+    pub fn quantized_weights(&self) -> &[(String, crate::quant::SharedQuant)] {
+        &self.quantized
     }
 
     /// Every projection by hub module name (`model.layers.3.self_attn.q_proj`,

@@ -32,6 +32,7 @@
 //! | [`rope`] | x (b, h, t, d), cos/sin (t or b·t, d/2) | nothing (cos/sin) | dx |
 //! | [`silu_mul`] | gate, up | gate, up | dgate, dup |
 //! | [`frozen_linear`] | x, W (frozen) | W | dx only (never a dW) |
+//! | [`quant_linear`] | x, W (quantized, frozen) | W's blocks | dx only, tile by tile |
 //! | [`lora_linear`] | x, W (frozen), A, B, dropout | x, A, B (the mask is redrawn) | dx, dA, dB |
 //! | [`attention`] | q, k, v, mask | q, k, v (the probabilities are recomputed) | dq, dk, dv |
 //! | [`cross_entropy`] | logits (n, V), labels (n) | logits, the per-row losses | dlogits |
@@ -70,8 +71,9 @@ pub use emu::{kernels_setting, with_emulated, KernelsSetting};
 #[cfg(test)]
 pub(crate) use linear::packed_gemm;
 pub use linear::{
-    frozen_linear, frozen_linear_packed, lora_linear, lora_linear_packed, lora_linear_with,
-    LoraDropout, Packs, WeightPack, PACKED_F32_MAX_ROWS,
+    frozen_linear, frozen_linear_packed, lora_linear, lora_linear_packed, lora_linear_quant,
+    lora_linear_with, quant_linear, quant_linear_composed, LoraDropout, Packs, WeightPack,
+    PACKED_F32_MAX_ROWS,
 };
 pub use rms_norm::rms_norm;
 pub use rope::rope;

@@ -14,10 +14,11 @@ pub enum Op {
     Attention,
     CrossEntropy,
     Dropout,
+    QuantLinear,
 }
 
 impl Op {
-    pub const ALL: [Op; 9] = [
+    pub const ALL: [Op; 10] = [
         Op::RmsNorm,
         Op::Softmax,
         Op::Rope,
@@ -27,6 +28,7 @@ impl Op {
         Op::Attention,
         Op::CrossEntropy,
         Op::Dropout,
+        Op::QuantLinear,
     ];
 
     /// The name used by `SFT_OPS_COMPOSED` (`rms_norm`, `attention`, ...).
@@ -41,6 +43,7 @@ impl Op {
             Op::Attention => "attention",
             Op::CrossEntropy => "cross_entropy",
             Op::Dropout => "dropout",
+            Op::QuantLinear => "quant_linear",
         }
     }
 }
@@ -54,10 +57,21 @@ pub enum Route {
     Composed,
 }
 
-/// Ops with a CUDA kernel: all of them today. An op taken out of this list runs composed on
-/// CUDA (and on the emulated GPU), so adding (or bisecting) a kernel is one line here (and its
-/// CUDA launch).
-const CUDA_KERNELS: &[Op] = &Op::ALL;
+/// Ops with a CUDA kernel: all but the quantized linear, whose CUDA tile path is not written
+/// (on a GPU it runs composed: the layer dequantized for each product, then cuBLAS). An op
+/// taken out of this list runs composed on CUDA (and on the emulated GPU), so adding (or
+/// bisecting) a kernel is one line here (and its CUDA launch).
+const CUDA_KERNELS: &[Op] = &[
+    Op::RmsNorm,
+    Op::Softmax,
+    Op::Rope,
+    Op::SiluMul,
+    Op::FrozenLinear,
+    Op::LoraLinear,
+    Op::Attention,
+    Op::CrossEntropy,
+    Op::Dropout,
+];
 
 /// The routing table: which implementation runs `op` on `dev` for inputs of `dtype`. CPU ops
 /// all have kernels; on CUDA, the ops of `CUDA_KERNELS` for f32, bf16 and f16 (an op may still
@@ -154,7 +168,7 @@ mod tests {
     fn emulated_gpu_takes_the_cuda_row() {
         crate::ops::with_emulated(|| {
             assert!(gpu_kernels(&Device::Cpu) && !cpu_kernels(&Device::Cpu));
-            for op in Op::ALL {
+            for &op in CUDA_KERNELS {
                 assert_eq!(
                     route(op, &Device::Cpu, DType::BF16),
                     Route::Kernel,

@@ -11,6 +11,7 @@ use crate::ops::composed;
 use crate::ops::dropout::dropout_mask;
 use crate::ops::dropout::DropoutKey;
 use crate::ops::route::{route, Op, Route};
+use crate::quant::SharedQuant;
 
 /// LoRA on a frozen linear layer as one graph node:
 /// `y = x W^T + scale * (x A^T) B^T`, with `W` (out, in) frozen, `A` (r, in) and `B` (out, r)
@@ -75,6 +76,43 @@ pub fn lora_linear_with(
     dropout: LoraDropout<'_>,
     packs: Packs<'_>,
 ) -> Result<Tensor> {
+    lora_linear_base(x, w, None, a, b, scale, dropout, packs)
+}
+
+/// QLoRA: [`lora_linear_with`] over a quantized base (`w` is the layer's stand-in for its
+/// shape and dtype). On the CPU one fused node, whose base product and input gradient run
+/// tile by tile over the blocks (no dropout mask or adapter input is kept for the backward);
+/// elsewhere the composed reference over the dequantized weight.
+pub fn lora_linear_quant(
+    x: &Tensor,
+    w: &Tensor,
+    q: &SharedQuant,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: LoraDropout<'_>,
+) -> Result<Tensor> {
+    if q.dims() != w.dims2()? {
+        bail!(
+            "lora_linear: blocks of {:?} for a layer of {:?}",
+            q.dims(),
+            w.dims()
+        );
+    }
+    lora_linear_base(x, w, Some(q), a, b, scale, dropout, (None, None))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn lora_linear_base(
+    x: &Tensor,
+    w: &Tensor,
+    quant: Option<&SharedQuant>,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+    dropout: LoraDropout<'_>,
+    packs: Packs<'_>,
+) -> Result<Tensor> {
     if w.is_variable() {
         bail!("lora_linear: the base weight is a Var; LoRA needs a frozen base");
     }
@@ -127,15 +165,30 @@ pub fn lora_linear_with(
             Dropout::Key { key, p }
         }
     };
-    if route(Op::LoraLinear, x.device(), x.dtype()) == Route::Composed {
+    let quant_composed =
+        quant.is_some() && (!crate::ops::cpu_kernels(x.device()) || ct != DType::F32);
+    if route(Op::LoraLinear, x.device(), x.dtype()) == Route::Composed || quant_composed {
         let mask = dropout.mask(x.dims(), ct, x.device())?;
+        let dense;
+        let w = match quant {
+            Some(q) => {
+                dense = q.dequantize(x.device())?.to_dtype(x.dtype())?;
+                &dense
+            }
+            None => w,
+        };
         return composed::lora_linear(x, w, a, b, scale, mask.as_ref());
     }
     x.contiguous()?.apply_op3(
         &a.contiguous()?,
         &b.contiguous()?,
         LoraLinear {
-            w: w.contiguous()?,
+            w: if quant.is_some() {
+                w.clone()
+            } else {
+                w.contiguous()?
+            },
+            quant: quant.cloned(),
             scale,
             dropout,
             pack: packs.0.cloned(),
@@ -169,8 +222,10 @@ impl Dropout {
 }
 
 struct LoraLinear {
-    /// The frozen base weight (out, in), contiguous.
+    /// The frozen base weight (out, in), contiguous; with `quant`, the layer's stand-in.
     w: Tensor,
+    /// QLoRA: the base weight's blocks (the CPU kernel only).
+    quant: Option<SharedQuant>,
     scale: f64,
     /// The adapter input's dropout.
     pub(crate) dropout: Dropout,
@@ -201,6 +256,14 @@ impl LoraLinear {
         ct: DType,
         (m, n, k): (usize, usize, usize),
     ) -> Result<CpuStorage> {
+        if let Some(q) = &self.quant {
+            let CpuStorage::F32(x) = xc else {
+                bail!("lora_linear: a quantized base needs f32 adapters");
+            };
+            let mut y = vec![0f32; m * n];
+            super::quantized::product(q, x, m, false, &mut y)?;
+            return Ok(CpuStorage::F32(y));
+        }
         let (ws, lw) = self.w.storage_and_layout();
         let candle_core::Storage::Cpu(ws) = &*ws else {
             bail!("lora_linear: the base weight is not on the CPU");
@@ -378,7 +441,9 @@ impl CustomOp3 for LoraLinear {
                 Some(mk) => zip_par(&d_in, mk, Zip::Mul)?,
                 None => d_in,
             };
-            let base = if !g.device().is_cpu() {
+            let base = if let Some(q) = &self.quant {
+                super::quantized::quant_linear_t(&gc, q)?
+            } else if !g.device().is_cpu() {
                 // The device's matmul in the base's dtype (cuBLAS: f32 accumulation).
                 g.matmul(&self.w)?.to_dtype(ct)?
             } else if g.dtype() == DType::BF16 || self.w.dtype() == DType::BF16 {
