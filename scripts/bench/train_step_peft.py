@@ -21,7 +21,19 @@ alpha = float(os.environ.get("TRAIN_STEP_ALPHA", "16"))
 if os.environ.get("TORCH_THREADS"):
     torch.set_num_threads(int(os.environ["TORCH_THREADS"]))
 torch.manual_seed(0)
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt)
+# QLoRA: TRAIN_STEP_QUANTIZE=nf4 (or nf4-dq) loads the base through bitsandbytes' 4-bit Linear.
+quantize = os.environ.get("TRAIN_STEP_QUANTIZE", "none")
+if quantize.startswith("nf4"):
+    from transformers import BitsAndBytesConfig
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                             bnb_4bit_use_double_quant=quantize.endswith("-dq"),
+                             bnb_4bit_compute_dtype=dt)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt, quantization_config=bnb,
+                                                 device_map="cpu")
+elif quantize != "none":
+    sys.exit(f"TRAIN_STEP_QUANTIZE={quantize}: the PyTorch side runs none, nf4 or nf4-dq")
+else:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dt)
 model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0,
                                          target_modules=targets, task_type="CAUSAL_LM"))
 model.train()
@@ -46,7 +58,8 @@ for step in range(steps + 1):
         rows.append((t3 - t0, t1 - t0, t2 - t1, t3 - t2))
 med = lambda k: statistics.median(r[k] for r in rows)
 print(json.dumps({
-    "impl": f"PyTorch {torch.__version__} + PEFT",
+    "impl": f"PyTorch {torch.__version__} + PEFT" + (" + bitsandbytes" if quantize != "none" else ""),
+    "quantize": quantize,
     "dtype": dtype, "batch": b, "seq_len": t, "steps": steps,
     "median_step_s": med(0), "tokens_per_s": b * t / med(0),
     "median_forward_s": med(1), "median_backward_s": med(2), "median_optimizer_s": med(3),

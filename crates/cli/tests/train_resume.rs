@@ -250,6 +250,17 @@ fn lora_with_dropout_resumes_bit_for_bit() {
     resumed_matches("lora", &[]);
 }
 
+/// QLoRA: LoRA over NF4 (double-quantized) and Q8_0 blocks resumes as LoRA does.
+#[test]
+fn qlora_resumes_bit_for_bit() {
+    resumed_matches("lora", &["model.quantize=nf4", "model.double_quant=true"]);
+    resumed_matches("lora", &["model.quantize=q8_0"]);
+    // The setting takes effect: NF4 trains other losses than the dense base.
+    let (_a, dense, _) = reference("lora", &[]);
+    let (_b, nf4, _) = reference("lora", &["--set", "model.quantize=nf4"]);
+    assert_ne!(dense[1..], nf4[1..], "NF4 trained the dense run's losses");
+}
+
 #[test]
 fn packed_lora_resumes_bit_for_bit() {
     resumed_matches("lora", &["data.pack=true"]);

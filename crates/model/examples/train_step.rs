@@ -10,7 +10,7 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
-use sft_model::load::load_dir;
+use sft_model::load::{load_dir_with, QuantOptions};
 use sft_model::lora::{self, LoraConfig, Targets};
 use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, Grads, ParamSpec};
 
@@ -47,13 +47,19 @@ fn main() {
         .collect();
     let r: usize = env("TRAIN_STEP_RANK", "8").parse().unwrap();
     let alpha: f64 = env("TRAIN_STEP_ALPHA", "16").parse().unwrap();
+    // QLoRA: TRAIN_STEP_QUANTIZE=nf4|nf4-dq|q8_0|gguf keeps the base linears quantized.
+    let qname = env("TRAIN_STEP_QUANTIZE", "none");
+    let quant = QuantOptions {
+        how: serde_json::from_value(serde_json::json!(qname.trim_end_matches("-dq"))).unwrap(),
+        double_quant: qname.ends_with("-dq"),
+    };
 
     // Backward recurses over the graph: a 30-layer model needs a large stack.
     let child = std::thread::Builder::new()
         .stack_size(512 << 20)
         .spawn(move || {
             let dev = Device::Cpu;
-            let mut m = load_dir(&dir, dtype, &dev).unwrap();
+            let mut m = load_dir_with(&dir, dtype, &dev, &quant, None).unwrap();
             let vocab = m.config.vocab_size;
             let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
             let ids = Tensor::from_vec(ids, (b, t), &dev).unwrap();
@@ -104,6 +110,7 @@ fn main() {
                 "{}",
                 serde_json::json!({
                     "impl": "sft (candle)",
+                    "quantize": qname,
                     "dtype": format!("{dtype:?}").to_lowercase(),
                     "batch": b, "seq_len": t, "steps": steps,
                     "median_step_s": median,
