@@ -199,6 +199,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         &cfg,
         &sft_model::memory::Setup {
             weight_bytes: a.dtype.size_in_bytes() as u64,
+            linear_bits: None,
             activation_bytes: a.dtype.size_in_bytes() as u64,
             lora_params: (!full).then_some(trainable as u64),
             master_weights: false,

@@ -265,7 +265,7 @@ fn bytes_mut(data: &mut [u64], len: usize) -> &mut [u8] {
 /// candle's dequantizer of one block type over a byte run of whole blocks.
 fn blocks_to_float<B: GgmlType>(src: &[u8], out: &mut [f32]) -> Result<()> {
     let size = std::mem::size_of::<B>();
-    if src.len() % size != 0 || out.len() != src.len() / size * B::BLCK_SIZE {
+    if !src.len().is_multiple_of(size) || out.len() != src.len() / size * B::BLCK_SIZE {
         bail!(
             "{:?}: {} bytes for {} values",
             B::DTYPE,
@@ -273,7 +273,7 @@ fn blocks_to_float<B: GgmlType>(src: &[u8], out: &mut [f32]) -> Result<()> {
             out.len()
         );
     }
-    if (src.as_ptr() as usize) % std::mem::align_of::<B>() != 0 {
+    if !(src.as_ptr() as usize).is_multiple_of(std::mem::align_of::<B>()) {
         bail!("{:?}: misaligned blocks", B::DTYPE);
     }
     // SAFETY: the blocks are `repr(C)` plain data written by GGML's layout (candle reads GGUF
