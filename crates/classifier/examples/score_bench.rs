@@ -29,7 +29,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if items.is_empty() {
         return Err(format!("{path}: no responses").into());
     }
-    let texts: Vec<String> = items.iter().cycle().take(n).map(|l| l.text.clone()).collect();
+    let texts: Vec<String> = items
+        .iter()
+        .cycle()
+        .take(n)
+        .map(|l| l.text.clone())
+        .collect();
 
     let t = Instant::now();
     let mut enc = Encoder::load_default(&Device::Cpu)?;
