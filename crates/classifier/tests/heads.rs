@@ -53,7 +53,9 @@ fn tone_head_reaches_its_goal_on_the_held_out_split() {
     assert!(ds.heldout.len() > 1000);
     let (m, _) = evaluate(tone.classifier(), &ds.heldout).unwrap();
     eprintln!("tone held-out: {m:?}");
-    assert!(m.accuracy >= 0.95, "{m:?}");
+    // The paper's classifier reports 0.970; the head shipped before real outputs joined its
+    // training data reached 0.972, and no retraining may fall below that.
+    assert!(m.accuracy >= 0.972, "{m:?}");
     // The metadata reports what the head does.
     let recorded = tone.classifier().meta().metrics["heldout"];
     assert_eq!(
@@ -261,8 +263,10 @@ fn real_output_test_split_is_complete_and_split_by_instruction() {
 }
 
 /// A regression guard on the shipped tone head over the real test split: 428/456 = 0.939
-/// (95% Wilson 0.913-0.957) when the split was written (the README's table); two more errors
-/// than measured still pass, three fail. Never lower it to make a change pass.
+/// (95% Wilson 0.913-0.957) when the split was written (the README's table); 433/456 = 0.950
+/// (0.925-0.966) with the head retrained on the recipe plus the real train split (its settings
+/// chosen on the validation split). Two more errors than measured still pass, three fail.
+/// Never lower it to make a change pass.
 #[test]
 fn tone_head_on_the_real_output_test_split() {
     let tone = ToneClassifier::default_embedded(common::encoder()).unwrap();
@@ -287,7 +291,7 @@ fn tone_head_on_the_real_output_test_split() {
 /// The size of the real test split and the shipped head's correct answers on it, as measured.
 /// A retrained head that does better raises `REAL_TEST_CORRECT`.
 const REAL_TEST_N: usize = 456;
-const REAL_TEST_CORRECT: usize = 428;
+const REAL_TEST_CORRECT: usize = 433;
 
 #[test]
 fn judge_head_reaches_its_goal_on_the_test_split() {
