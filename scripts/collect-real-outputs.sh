@@ -2,11 +2,12 @@
 # Collects the real model responses behind crates/classifier/data/real_outputs/ (see the README
 # there): SmolLM2-135M-Instruct, greedy, through `sft ifs` and the quickstart's own IFS
 # evaluations. Writes raw, unlabelled responses under OUT (default real-outputs/); labelling is
-# by hand. Needs scripts/fetch-test-models.sh. About 15 minutes on 2 cores.
+# by hand. Needs scripts/fetch-test-models.sh. About 20 minutes on 2 cores.
 #
 # The split is by instruction, fixed before any response was read:
 #   test:  ifs-0031 ... ifs-0068 (lines 31-68 of crates/ifs/assets/instructions.jsonl)
-#   train: ifs-0001 ... ifs-0016 (the quickstart's IFS instructions)
+#   train: ifs-0001 ... ifs-0016 (the quickstart's IFS instructions) and ifs-0069 ... ifs-0082
+#   validation: ifs-0083 ... ifs-0088 (and the older set's ifs-0017 ... ifs-0030)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-real-outputs}
@@ -36,3 +37,16 @@ for step in 000016 000061; do
     --template alpaca_modified --items "$out/test-items.jsonl" \
     --out "$out/test/quickstart-step-$step" >"$out/test/quickstart-step-$step.json"
 done
+
+# 4. Train side, added later (lines 69-88 of instructions.jsonl; 69-82 go to the train split,
+#    83-88 to the validation split): the base model under each template and the run's last
+#    checkpoint (step 61, past the plateau), 64 new tokens.
+sed -n 69,88p crates/ifs/assets/instructions.jsonl >"$out/train-items.jsonl"
+mkdir -p "$out/train"
+for t in raw alpaca_modified alpaca_modified_nl chat_template; do
+  "$bin/sft" ifs --model "$model" --template "$t" --items "$out/train-items.jsonl" \
+    --out "$out/train/base-$t" >"$out/train/base-$t.json"
+done
+"$bin/sft" ifs --model "$model" --adapter "$out/checkpoints/past-plateau/step-000061" \
+  --template alpaca_modified --items "$out/train-items.jsonl" \
+  --out "$out/train/quickstart-step-000061" >"$out/train/quickstart-step-000061.json"

@@ -15,7 +15,7 @@ use crate::classifier::{
 };
 use crate::encoder::{default_encoder_dir, Encoder};
 use crate::error::{Error, Result};
-use crate::eval::{read_labelled, select_split, Labelled, JUDGE_KEYS};
+use crate::eval::{read_labelled, select_split, Labelled, JUDGE_KEYS, TONE_KEYS};
 use crate::features::FeatureSet;
 use crate::head::{Head, HeadKind, HeadTrainConfig};
 use crate::metrics::Metrics;
@@ -79,6 +79,57 @@ pub struct ToneData {
     /// Also write the held-out examples here as `{"instruction","response","label","shape"}`.
     #[serde(default)]
     pub heldout_out: Option<PathBuf>,
+    /// Hand-labelled responses (`{"instruction","response","label"}` lines, as
+    /// `crates/classifier/data/real_outputs/`) added to the training examples as they are.
+    #[serde(default)]
+    pub labelled: Vec<LabelledSource>,
+    /// Hand-labelled responses scored after training (metrics key `validation`): the data
+    /// for choosing steps, weights and threshold, never the test split.
+    #[serde(default)]
+    pub validation: Vec<LabelledSource>,
+}
+
+/// A labelled JSONL file, optionally only the lines of one `"split"`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelledSource {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub split: Option<String>,
+    /// How many times each line is added (a weight against the recipe's many examples);
+    /// validation sources take 1.
+    #[serde(default = "default_repeat")]
+    pub repeat: usize,
+}
+
+fn default_repeat() -> usize {
+    1
+}
+
+impl LabelledSource {
+    fn read(&self) -> Result<(Vec<Labelled>, DataMeta)> {
+        let bytes = std::fs::read(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        let items = select_split(read_labelled(&self.path, TONE_KEYS)?, self.split.as_deref());
+        if items.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{}: no labelled lines{}",
+                self.path.display(),
+                match &self.split {
+                    Some(s) => format!(" with split `{s}`"),
+                    None => String::new(),
+                }
+            )));
+        }
+        let meta = DataMeta {
+            source: match &self.split {
+                Some(s) => format!("{} (split {s})", self.path.display()),
+                None => self.path.display().to_string(),
+            },
+            sha256: sha256_hex(&bytes),
+            rows: items.len(),
+        };
+        Ok((items, meta))
+    }
 }
 
 fn default_heldout() -> f64 {
@@ -195,6 +246,19 @@ impl TrainConfig {
                         "tone.sources: give at least one source".into(),
                     ));
                 }
+                if let Some(l) = t.labelled.iter().find(|l| l.repeat == 0) {
+                    return Err(Error::Invalid(format!(
+                        "tone.labelled: `{}` has repeat 0 (give 1 or more, or leave it out)",
+                        l.path.display()
+                    )));
+                }
+                if let Some(v) = t.validation.iter().find(|v| v.repeat != 1) {
+                    return Err(Error::Invalid(format!(
+                        "tone.validation: `{}` has repeat {} (validation lines count once)",
+                        v.path.display(),
+                        v.repeat
+                    )));
+                }
                 if !(0.0..1.0).contains(&t.heldout_fraction) {
                     return Err(Error::Invalid(format!(
                         "tone.heldout_fraction must be in [0, 1), got {}",
@@ -247,14 +311,17 @@ pub struct TrainReport {
     pub n_heldout: usize,
     pub train: Metrics,
     pub heldout: Option<Metrics>,
+    pub validation: Option<Metrics>,
     pub seconds_embedding: f64,
     pub seconds_training: f64,
 }
 
-/// Labelled items ready for a head: train and held-out, plus provenance.
+/// Labelled items ready for a head: train, held-out and validation, plus provenance.
 pub struct Dataset {
     pub train: Vec<Labelled>,
     pub heldout: Vec<Labelled>,
+    /// Scored after training under the metrics key `validation` (empty: none).
+    pub validation: Vec<Labelled>,
     pub data: Vec<DataMeta>,
     pub counts: BTreeMap<String, usize>,
     pub heldout_examples: Vec<Example>,
@@ -335,9 +402,11 @@ pub fn load_pairs(sources: &[PairSource]) -> Result<(Vec<Pair>, Vec<DataMeta>)> 
     Ok((pairs, meta))
 }
 
-/// The tone classifier's data: pairs → split → recipe.
+/// The tone classifier's data: pairs → split → recipe (train and held-out), then the
+/// hand-labelled lines (each `repeat` times) after the recipe's training examples, and the
+/// validation lines.
 pub fn tone_dataset(tone: &ToneData) -> Result<Dataset> {
-    let (pairs, data) = load_pairs(&tone.sources)?;
+    let (pairs, mut data) = load_pairs(&tone.sources)?;
     let (train_pairs, heldout_pairs) = split_pairs(&pairs, tone.recipe.seed, tone.heldout_fraction);
     let train = build_examples(&train_pairs, &tone.recipe);
     let heldout = build_examples(&heldout_pairs, &tone.recipe);
@@ -349,9 +418,37 @@ pub fn tone_dataset(tone: &ToneData) -> Result<Dataset> {
                 .or_insert(0) += 1;
         }
     }
+    let mut train_items = to_labelled(&train);
+    for src in &tone.labelled {
+        let (items, meta) = src.read()?;
+        for l in &items {
+            *counts
+                .entry(format!("train/labelled_{}", l.label))
+                .or_insert(0) += src.repeat;
+        }
+        for _ in 0..src.repeat {
+            train_items.extend(items.iter().cloned());
+        }
+        data.push(meta);
+    }
+    let mut validation = Vec::new();
+    for src in &tone.validation {
+        let (items, meta) = src.read()?;
+        for l in &items {
+            *counts
+                .entry(format!("validation/labelled_{}", l.label))
+                .or_insert(0) += 1;
+        }
+        validation.extend(items);
+        data.push(DataMeta {
+            source: format!("validation: {}", meta.source),
+            ..meta
+        });
+    }
     Ok(Dataset {
-        train: to_labelled(&train),
+        train: train_items,
         heldout: to_labelled(&heldout),
+        validation,
         data,
         counts,
         heldout_examples: heldout,
@@ -383,6 +480,7 @@ pub fn judge_dataset(judge: &JudgeData) -> Result<Dataset> {
     Ok(Dataset {
         train,
         heldout,
+        validation: Vec::new(),
         data: vec![DataMeta {
             source: judge.path.display().to_string(),
             sha256: sha256_hex(&bytes),
@@ -433,10 +531,11 @@ pub fn train_on(
             .map(|l| (l.context.clone(), l.text.clone()))
             .collect()
     };
-    let (tr, ho) = (refs(&ds.train), refs(&ds.heldout));
+    let (tr, ho, va) = (refs(&ds.train), refs(&ds.heldout), refs(&ds.validation));
     let t0 = std::time::Instant::now();
     let x_train = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&tr))?;
     let x_heldout = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&ho))?;
+    let x_validation = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&va))?;
     let seconds_embedding = t0.elapsed().as_secs_f64();
     tracing::info!(
         "embedded {} + {} texts in {seconds_embedding:.1}s",
@@ -445,6 +544,7 @@ pub fn train_on(
     );
     let y_train: Vec<u8> = ds.train.iter().map(|l| l.label).collect();
     let y_heldout: Vec<u8> = ds.heldout.iter().map(|l| l.label).collect();
+    let y_validation: Vec<u8> = ds.validation.iter().map(|l| l.label).collect();
     let head_cfg = cfg.head_config();
     let t1 = std::time::Instant::now();
     let (head, losses) = Head::train(&x_train, &y_train, &head_cfg)?;
@@ -460,9 +560,17 @@ pub fn train_on(
     } else {
         Some(score(&x_heldout, &y_heldout)?)
     };
+    let validation_m = if y_validation.is_empty() {
+        None
+    } else {
+        Some(score(&x_validation, &y_validation)?)
+    };
     let mut metrics = BTreeMap::from([("train".to_string(), train_m)]);
     if let Some(m) = heldout_m {
         metrics.insert("heldout".to_string(), m);
+    }
+    if let Some(m) = validation_m {
+        metrics.insert("validation".to_string(), m);
     }
     let (positive, negative) = cfg.task.labels();
     let options = match cfg.task {
@@ -500,6 +608,7 @@ pub fn train_on(
         n_heldout: ds.heldout.len(),
         train: train_m,
         heldout: heldout_m,
+        validation: validation_m,
         seconds_embedding,
         seconds_training,
     };
@@ -573,6 +682,21 @@ mod tests {
         .unwrap();
         let e = TrainConfig::from_yaml_file(&p).unwrap_err().to_string();
         assert!(e.contains("c.yaml") && e.contains("bogus"), "{e}");
+        for (bad, field) in [
+            ("labelled: [{path: r.jsonl, repeat: 0}]", "repeat 0"),
+            ("validation: [{path: r.jsonl, repeat: 3}]", "repeat 3"),
+            ("labelled: [{path: r.jsonl, weight: 2}]", "weight"),
+        ] {
+            std::fs::write(
+                &p,
+                format!(
+                    "task: ifs-tone\noutput: x\ntone:\n  sources: [{{path: a.jsonl}}]\n  {bad}\n"
+                ),
+            )
+            .unwrap();
+            let e = TrainConfig::from_yaml_file(&p).unwrap_err().to_string();
+            assert!(e.contains("c.yaml") && e.contains(field), "{e}");
+        }
         std::fs::write(&p, "task: objecqa-judge\noutput: x\n").unwrap();
         let e = TrainConfig::from_yaml_file(&p).unwrap_err().to_string();
         assert!(e.contains("judge"), "{e}");

@@ -34,7 +34,8 @@ fn sha256(path: &std::path::Path) -> String {
 fn assert_fresh(c: &Classifier) {
     let training = c.meta().training.as_ref().unwrap();
     for d in &training.data {
-        let path = d.source.split(" (split").next().unwrap();
+        let source = d.source.strip_prefix("validation: ").unwrap_or(&d.source);
+        let path = source.split(" (split").next().unwrap();
         assert_eq!(
             sha256(&common::workspace().join(path)),
             d.sha256,
@@ -53,7 +54,9 @@ fn tone_head_reaches_its_goal_on_the_held_out_split() {
     assert!(ds.heldout.len() > 1000);
     let (m, _) = evaluate(tone.classifier(), &ds.heldout).unwrap();
     eprintln!("tone held-out: {m:?}");
-    assert!(m.accuracy >= 0.95, "{m:?}");
+    // The paper's classifier reports 0.970; the head shipped before real outputs joined its
+    // training data reached 0.972, and no retraining may fall below that.
+    assert!(m.accuracy >= 0.972, "{m:?}");
     // The metadata reports what the head does.
     let recorded = tone.classifier().meta().metrics["heldout"];
     assert_eq!(
@@ -76,9 +79,12 @@ fn json_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The real-output set is what its README says it is, and stays out of the tone classifier's
-/// training data: it is no source of the config, and no source file (every line, whatever its
-/// split) holds its full instructions or its responses.
+/// The real-output set is what its README says it is, and stays out of the recipe's data: it
+/// is no source of the config, and no source file (every line, whatever its split) holds its
+/// full instructions or its responses. Its instructions `ifs-0001` ... `ifs-0016` are those of
+/// the hand-labelled train split (the quickstart's responses, 32 tokens; a short one can be the
+/// same text, as a rewrite both runs gave), so it is no longer held out from the head as a
+/// whole; the file itself is no labelled source.
 #[test]
 fn real_output_set_is_complete_and_held_out() {
     let items = json_lines(&common::workspace().join(REAL_OUTPUTS));
@@ -129,6 +135,12 @@ fn real_output_set_is_complete_and_held_out() {
         }
     }
     assert!(sources.len() > 100_000, "the sources were not read");
+    for src in &cfg.tone.as_ref().unwrap().labelled {
+        assert!(
+            !src.path.ends_with(REAL_OUTPUTS),
+            "the labelled set is a training source"
+        );
+    }
     for it in items.iter().filter(|it| it["kind"] == "full") {
         let inst = it["instruction"].as_str().unwrap();
         assert!(!sources.contains(inst), "{inst:?} is in the training data");
@@ -163,9 +175,11 @@ fn tone_head_on_real_smollm2_outputs() {
 /// checkpoints, labelled by hand.
 const REAL_TEST: &str = "crates/classifier/data/real_outputs/test.jsonl";
 const REAL_TRAIN: &str = "crates/classifier/data/real_outputs/train.jsonl";
+const REAL_VALIDATION: &str = "crates/classifier/data/real_outputs/validation.jsonl";
 
 /// The test split is what its README says: every template and both kinds, at least 300
-/// responses, and no instruction of it in the train split.
+/// responses; no instruction is in two of the test, train and validation splits; the tone
+/// config trains on the train split and validates on the validation split, never the test.
 #[test]
 fn real_output_test_split_is_complete_and_split_by_instruction() {
     let test = json_lines(&common::workspace().join(REAL_TEST));
@@ -203,18 +217,40 @@ fn real_output_test_split_is_complete_and_split_by_instruction() {
             assert!(n >= Some(38), "{t} {k}: {n:?}");
         }
     }
-    let train = json_lines(&common::workspace().join(REAL_TRAIN));
-    assert!(!train.is_empty());
-    for it in &train {
-        assert_eq!(it["split"], "train", "{it}");
-        let id = it["id"].as_str().unwrap();
-        assert!(!test_ids.contains(id), "{id} is in both splits");
+    let ids_of = |path: &str, split: &str| {
+        let lines = json_lines(&common::workspace().join(path));
+        assert!(!lines.is_empty(), "{path}");
+        lines
+            .iter()
+            .map(|it| {
+                assert_eq!(it["split"], split, "{it}");
+                it["id"].as_str().unwrap().to_string()
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+    };
+    let train_ids = ids_of(REAL_TRAIN, "train");
+    let validation_ids = ids_of(REAL_VALIDATION, "validation");
+    for (a, b, ids_a, ids_b) in [
+        ("test", "train", &test_ids, &train_ids),
+        ("test", "validation", &test_ids, &validation_ids),
+        ("train", "validation", &train_ids, &validation_ids),
+    ] {
+        let both: Vec<_> = ids_a.intersection(ids_b).collect();
+        assert!(both.is_empty(), "in both {a} and {b}: {both:?}");
     }
+    let tone = config("tone.yaml").tone.unwrap();
+    let paths = |v: &[train::LabelledSource]| -> Vec<String> {
+        v.iter().map(|s| s.path.display().to_string()).collect()
+    };
+    assert_eq!(paths(&tone.labelled), [REAL_TRAIN]);
+    assert_eq!(paths(&tone.validation), [REAL_VALIDATION]);
 }
 
 /// A regression guard on the shipped tone head over the real test split: 428/456 = 0.939
-/// (95% Wilson 0.913-0.957) when the split was written (the README's table); two more errors
-/// than measured still pass, three fail. Never lower it to make a change pass.
+/// (95% Wilson 0.913-0.957) when the split was written (the README's table); 433/456 = 0.950
+/// (0.925-0.966) with the head retrained on the recipe plus the real train split (its settings
+/// chosen on the validation split). Two more errors than measured still pass, three fail.
+/// Never lower it to make a change pass.
 #[test]
 fn tone_head_on_the_real_output_test_split() {
     let tone = ToneClassifier::default_embedded(common::encoder()).unwrap();
@@ -239,7 +275,7 @@ fn tone_head_on_the_real_output_test_split() {
 /// The size of the real test split and the shipped head's correct answers on it, as measured.
 /// A retrained head that does better raises `REAL_TEST_CORRECT`.
 const REAL_TEST_N: usize = 456;
-const REAL_TEST_CORRECT: usize = 428;
+const REAL_TEST_CORRECT: usize = 433;
 
 #[test]
 fn judge_head_reaches_its_goal_on_the_test_split() {
@@ -334,6 +370,38 @@ fn a_small_tone_run_writes_a_loadable_head_and_its_held_out_split() {
     assert_eq!(cfg.task, Task::IfsTone);
     let report = train::run(&cfg, &Device::Cpu).unwrap();
     assert!(report.train.accuracy > 0.9, "{report:?}");
+    assert!(report.validation.is_none());
+
+    // Hand-labelled lines join the training examples `repeat` times; validation lines are
+    // scored apart and recorded.
+    let labelled: String = (0..3)
+        .map(|i| format!("{{\"instruction\": \"Name a colour.\", \"response\": \"Blue, number {i}.\", \"label\": 1, \"split\": \"train\"}}\n"))
+        .chain(std::iter::once("{\"instruction\": \"x\", \"response\": \"held\", \"label\": 0, \"split\": \"other\"}\n".to_string()))
+        .collect();
+    std::fs::write(dir.path().join("real.jsonl"), labelled).unwrap();
+    let mut with_real = cfg.clone();
+    with_real.output = dir.path().join("h2.safetensors");
+    let tone = with_real.tone.as_mut().unwrap();
+    let real = dir.path().join("real.jsonl");
+    tone.labelled = vec![train::LabelledSource {
+        path: real.clone(),
+        split: Some("train".into()),
+        repeat: 2,
+    }];
+    tone.validation = vec![train::LabelledSource {
+        path: real,
+        split: None,
+        repeat: 1,
+    }];
+    let report2 = train::run(&with_real, &Device::Cpu).unwrap();
+    assert_eq!(report2.n_train, report.n_train + 6);
+    assert_eq!(report2.n_heldout, report.n_heldout);
+    assert_eq!(report2.validation.unwrap().n, 4);
+    let c2 = Classifier::load(Arc::clone(&common::encoder()), &report2.output).unwrap();
+    assert_eq!(c2.meta().metrics["validation"].n, 4);
+    let counts = &c2.meta().training.as_ref().unwrap().counts;
+    assert_eq!(counts["train/labelled_1"], 6);
+    assert_eq!(counts["validation/labelled_0"], 1);
     let c = Classifier::load(Arc::clone(&common::encoder()), &report.output).unwrap();
     assert_eq!(c.meta().training.as_ref().unwrap().n_train, report.n_train);
     let heldout = sft_classifier::eval::read_labelled(

@@ -58,12 +58,21 @@ pub fn run(args: ClassifierArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("training from {}", config.display()))?;
             let heldout = report.heldout.as_ref();
             say!(
-                "{}: {} training / {} held-out examples; held-out accuracy {} F1 {}; wrote {}",
+                "{}: {} training / {} held-out examples; held-out accuracy {} F1 {}{}; wrote {}",
                 report.task,
                 report.n_train,
                 report.n_heldout,
                 heldout.map_or("-".into(), |m| format!("{:.4}", m.accuracy)),
                 heldout.map_or("-".into(), |m| format!("{:.4}", m.f1)),
+                report
+                    .validation
+                    .as_ref()
+                    .map_or(String::new(), |m| format!(
+                        "; validation accuracy {:.4} ({}/{})",
+                        m.accuracy,
+                        m.tp + m.tn,
+                        m.n
+                    )),
                 report.output.display()
             );
             output::json(&report)?;
