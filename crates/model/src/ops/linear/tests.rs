@@ -66,10 +66,7 @@ fn f32_packs_serve_short_products() {
     let a = Tensor::randn(0f32, 0.1, (4, 64), &dev).unwrap();
     let b = Tensor::randn(0f32, 0.1, (40, 4), &dev).unwrap();
     let pack = WeightPack::new(&w).unwrap();
-    assert_eq!(
-        pack.is_some(),
-        crate::ops::linear::packed_gemm::available_f32()
-    );
+    assert_eq!(pack.is_some(), WeightPack::supported(DType::F32));
     assert!(WeightPack::new_for_grad(&w).unwrap().is_none());
     let vals = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
     let close = |x: &[f32], y: &[f32], what: &str| {
@@ -119,7 +116,7 @@ fn packed_weights_give_the_same_products() {
     let a = Tensor::randn(0f32, 0.1, (4, 64), &dev).unwrap();
     let b = Tensor::randn(0f32, 0.1, (40, 4), &dev).unwrap();
     let pack = WeightPack::new(&w).unwrap();
-    assert_eq!(pack.is_some(), crate::ops::linear::packed_gemm::available());
+    assert_eq!(pack.is_some(), WeightPack::supported(DType::BF16));
     for dt in [DType::F32, DType::BF16] {
         let x = Tensor::randn(0f32, 1.0, (2, 5, 64), &dev)
             .unwrap()
