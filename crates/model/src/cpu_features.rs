@@ -320,9 +320,32 @@ pub fn selected() -> Result<(Path, Kernels), CpuKernelsError> {
     .clone()
 }
 
-/// The kernels every GEMM call site runs (see [`selected`]).
+/// The kernels every GEMM call site runs: those of [`with_kernels`] inside it on this thread,
+/// else [`selected`].
 pub fn kernels() -> Result<Kernels, CpuKernelsError> {
+    if let Some(k) = FORCED.with(std::cell::Cell::get) {
+        return Ok(k);
+    }
     selected().map(|(_, k)| k)
+}
+
+thread_local! {
+    static FORCED: std::cell::Cell<Option<Kernels>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the products started on this thread in `k` (what `SFT_CPU_KERNELS` sets for
+/// the whole process; tests use this to run every path without racing on the environment).
+/// `k` must come from [`Kernels::for_path`] or [`Kernels::all_on`] for this CPU's
+/// [`features`]: a pack for a kernel the CPU lacks is not made (the product goes to candle).
+pub fn with_kernels<R>(k: Kernels, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Kernels>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            FORCED.with(|c| c.set(self.0));
+        }
+    }
+    let _restore = Restore(FORCED.with(|c| c.replace(Some(k))));
+    f()
 }
 
 /// One line: the chosen path, its kernels, the CPU's model and the flags that matter, e.g.
