@@ -1,14 +1,24 @@
 //! GFLOP/s of the linear layers' products `x W^T` on the CPU, SmolLM2's shapes, one JSON line
-//! per (rows, shape, path): bf16 through the packed AVX512-BF16 kernel, f32 through candle's
+//! per (rows, shape, path): bf16 through the packed bf16 kernel, f32 through candle's
 //! gemm (what an unpacked f32 weight gets) and through the packed f32 kernel (what a kept f32
 //! pack serves). `scripts/bench/generate` runs it for the machine's GEMM rate beside PyTorch's `F.linear`.
 //!
 //!   cargo run --release -p sft-model --example linear_gemm_bench [ROWS ...]   (default 32 1024)
+//!   GEMM_SHAPES="576:576,192:576" (n:k of W, default SmolLM2's) SFT_CPU_KERNELS=avx2 (a path)
+//!
+//! Prints the CPU-kernels line (`sft_model::cpu_features::describe`) on stderr.
 use candle_core::{DType, Device, Tensor};
 use sft_model::ops;
 
 fn main() {
     sft_model::runtime::tune_cpu_runtime();
+    match sft_model::cpu_features::describe() {
+        Ok(line) => eprintln!("{line}"),
+        Err(e) => {
+            eprintln!("linear_gemm_bench: {e}");
+            std::process::exit(2);
+        }
+    }
     let rows: Vec<usize> = std::env::args()
         .skip(1)
         .filter_map(|a| a.parse().ok())
@@ -18,14 +28,28 @@ fn main() {
     } else {
         rows
     };
-    for m in rows {
-        for (n, k) in [
-            (576usize, 576usize),
+    // GEMM_SHAPES="n:k,n:k" replaces SmolLM2's forward shapes.
+    let shapes: Vec<(usize, usize)> = match std::env::var("GEMM_SHAPES") {
+        Ok(s) => s
+            .split(',')
+            .map(|p| {
+                let (n, k) = p.split_once(':').expect("GEMM_SHAPES: n:k,n:k");
+                (
+                    n.trim().parse().expect("GEMM_SHAPES: n"),
+                    k.trim().parse().expect("GEMM_SHAPES: k"),
+                )
+            })
+            .collect(),
+        Err(_) => vec![
+            (576, 576),
             (192, 576),
             (1536, 576),
             (576, 1536),
             (49152, 576),
-        ] {
+        ],
+    };
+    for m in rows {
+        for &(n, k) in &shapes {
             for (path, dt, packed) in [
                 ("bf16 packed", DType::BF16, true),
                 ("f32 candle", DType::F32, false),

@@ -30,6 +30,17 @@ fn peak_rss_mib() -> f64 {
 fn main() {
     // One element-wise thread and allocator thresholds for reuse (see sft_model::runtime).
     sft_model::runtime::tune_cpu_runtime();
+    let kernels = match sft_model::cpu_features::describe() {
+        Ok(line) => line,
+        Err(e) => {
+            eprintln!("train_step: {e}");
+            std::process::exit(2);
+        }
+    };
+    eprintln!("{kernels}");
+    let path = sft_model::cpu_features::selected()
+        .map(|(p, _)| p.name())
+        .unwrap_or("refused");
     let args: Vec<String> = std::env::args().collect();
     let dir = std::path::PathBuf::from(&args[1]);
     let dtype = match args.get(2).map(String::as_str).unwrap_or("f32") {
@@ -121,6 +132,7 @@ fn main() {
                     "peak_rss_mib": peak_rss_mib(),
                     "candle_threads": std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
                     "threads": candle_core::utils::get_num_threads(),
+                    "cpu_kernels": path,
                 })
             );
         })

@@ -5,6 +5,7 @@
 //! response-only loss, LoRA adapters in PEFT's format, fused ops that carry a backward, and
 //! batched generation with a KV cache. It knows nothing of datasets, optimizers or evaluators.
 pub mod config;
+pub mod cpu_features;
 pub mod device;
 pub mod generate;
 pub mod gguf;

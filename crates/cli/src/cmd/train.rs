@@ -81,6 +81,9 @@ pub fn run(args: TrainArgs) -> Result<()> {
         say!("{plan}");
         return output::json(&plan.numbers());
     }
+    // Which CPU GEMM kernels run (SFT_CPU_KERNELS on this CPU); a refused setting stops here.
+    let kernels = sft_model::cpu_features::describe().context("choosing the CPU GEMM kernels")?;
+    tracing::info!("{kernels}");
     let stop = Arc::new(AtomicBool::new(false));
     stop_on_signals(stop.clone())?;
     let opts = RunOptions {

@@ -68,8 +68,6 @@ pub use attention::{
 pub use cross_entropy::cross_entropy;
 pub use dropout::{dropout_mask, DropoutKey};
 pub use emu::{kernels_setting, with_emulated, KernelsSetting};
-#[cfg(test)]
-pub(crate) use linear::packed_gemm;
 pub use linear::{
     frozen_linear, frozen_linear_packed, lora_linear, lora_linear_packed, lora_linear_quant,
     lora_linear_with, quant_linear, quant_linear_composed, LoraDropout, Packs, WeightPack,

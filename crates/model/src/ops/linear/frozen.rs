@@ -23,7 +23,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// The forward and backward packs of a frozen bf16 weight, when there are.
 pub type Packs<'a> = (Option<&'a WeightPack>, Option<&'a WeightPack>);
 
-/// A frozen weight `W` (n, k) packed once for the CPU's AVX-512 kernels, for
+/// A frozen weight `W` (n, k) packed once for the CPU's GEMM kernels (`cpu_features`), for
 /// [`frozen_linear_packed`] and [`lora_linear_packed`]: when decoding, packing `W` on every
 /// call costs as much as the product itself. bf16 weights serve every product; f32 weights
 /// serve products of at most [`PACKED_F32_MAX_ROWS`] rows (decoding and prefill), where
@@ -38,33 +38,40 @@ pub struct WeightPack(std::sync::Arc<crate::ops::linear::packed_gemm::PackedB>);
 pub const PACKED_F32_MAX_ROWS: usize = 4096;
 
 impl WeightPack {
-    /// Whether a weight of this dtype can be packed on this CPU (its kernel runs here).
+    /// Whether a weight of this dtype can be packed on this CPU (the chosen kernels have one
+    /// for it; false where `SFT_CPU_KERNELS` is refused, which the products then report).
     pub fn supported(dtype: DType) -> bool {
+        use crate::cpu_features::{Bf16Kernel, F32Kernel};
+        let Ok(k) = crate::cpu_features::kernels() else {
+            return false;
+        };
         match dtype {
-            DType::BF16 => crate::ops::linear::packed_gemm::available(),
-            DType::F32 => crate::ops::linear::packed_gemm::available_f32(),
+            DType::BF16 => k.bf16 != Bf16Kernel::Portable,
+            DType::F32 => k.f32 != F32Kernel::Portable,
             _ => false,
         }
     }
 
     /// `None` unless `w` is a bf16 (or f32) matrix on a CPU that runs the bf16 (or f32) kernel.
     pub fn new(w: &Tensor) -> Result<Option<Self>> {
+        let kernels = crate::ops::linear::packed_gemm::kernels()?;
         // x · W^T: B[kk, j] = W[j, kk].
         if w.dtype() == DType::F32 {
             return Self::pack::<f32>(w, |wv, n, k| {
-                crate::ops::linear::packed_gemm::PackedB::new_f32(wv, k, n, 1, k)
+                crate::ops::linear::packed_gemm::PackedB::new_f32(wv, k, n, 1, k, kernels)
             });
         }
         Self::pack::<bf16>(w, |wv, n, k| {
-            crate::ops::linear::packed_gemm::PackedB::new(wv, k, n, 1, k)
+            crate::ops::linear::packed_gemm::PackedB::new(wv, k, n, 1, k, kernels)
         })
     }
 
     /// The pack of the backward's product `grad · W` (B = W itself) for a bf16 `W`, `None` as
     /// in [`Self::new`] (and for f32: a backward has as many rows as the forward's batch).
     pub fn new_for_grad(w: &Tensor) -> Result<Option<Self>> {
+        let kernels = crate::ops::linear::packed_gemm::kernels()?;
         Self::pack::<bf16>(w, |wv, n, k| {
-            crate::ops::linear::packed_gemm::PackedB::new(wv, n, k, k, 1)
+            crate::ops::linear::packed_gemm::PackedB::new(wv, n, k, k, 1, kernels)
         })
     }
 
@@ -101,20 +108,22 @@ pub(super) fn packed_f32_matmul_t(
 }
 
 /// B (k × n, `B[kk, j] = w[kk * rs + j * cs]`) for the bf16 kernel: `pack` when it was made
-/// for this product, else `w` packed for this call; `None` where the kernel does not run.
+/// for this product, else `w` packed for this call; `None` where the chosen kernels have no
+/// bf16 kernel (an error where `SFT_CPU_KERNELS` is refused).
 pub(super) fn packed_b<'a>(
     pack: Option<&'a WeightPack>,
     w: &[bf16],
     (k, n): (usize, usize),
     (rs, cs): (usize, usize),
-) -> Option<std::borrow::Cow<'a, crate::ops::linear::packed_gemm::PackedB>> {
-    match pack {
+) -> Result<Option<std::borrow::Cow<'a, crate::ops::linear::packed_gemm::PackedB>>> {
+    let kernels = crate::ops::linear::packed_gemm::kernels()?;
+    Ok(match pack {
         Some(p) if !p.0.is_f32() && p.0.k() == k && p.0.n() == n => {
             Some(std::borrow::Cow::Borrowed(&*p.0))
         }
-        _ => crate::ops::linear::packed_gemm::PackedB::new(w, k, n, rs, cs)
+        _ => crate::ops::linear::packed_gemm::PackedB::new(w, k, n, rs, cs, kernels)
             .map(std::borrow::Cow::Owned),
-    }
+    })
 }
 
 /// [`frozen_linear`] with `W` already packed (`packs` must come from this `w`: the forward's
@@ -196,7 +205,7 @@ pub(super) fn cpu_matmul_t(
     let x = cont::<bf16>(sx, lx, "matmul")?;
     let w = cont::<bf16>(sw, lw, "matmul")?;
     // x · W^T: B[kk, j] = W[j, kk].
-    if let Some(y) = packed_b(pack, w, (k, n), (1, k))
+    if let Some(y) = packed_b(pack, w, (k, n), (1, k))?
         .and_then(|b| crate::ops::linear::packed_gemm::matmul_to_bf16(x, m, k, &b))
     {
         return Ok(CpuStorage::BF16(y));
@@ -221,12 +230,12 @@ pub(super) fn mixed_matmul_t(
     pack: Option<&WeightPack>,
 ) -> Result<Vec<f32>> {
     let xb = crate::ops::linear::packed_gemm::to_bf16(&x[..m * k]);
-    if let Some(y) = packed_b(pack, w, (k, n), (1, k))
+    if let Some(y) = packed_b(pack, w, (k, n), (1, k))?
         .and_then(|b| crate::ops::linear::packed_gemm::matmul(&xb, m, k, &b))
     {
         return Ok(y);
     }
-    // No AVX512-BF16 here: the same rounding of x, then candle's f32 gemm.
+    // No bf16 kernel chosen (portable): the same rounding of x, then candle's f32 gemm.
     let xf = CpuStorage::F32(xb.iter().map(|v| v.to_f32()).collect());
     let wf = CpuStorage::F32(w[..n * k].iter().map(|v| v.to_f32()).collect());
     let lwt = Layout::contiguous((n, k)).transpose(0, 1)?;
@@ -371,7 +380,7 @@ impl CustomOp1 for CastBf16 {
     }
 }
 
-/// `g (m, n) · W (n, k)` for bf16 on the CPU through the AVX512-BF16 kernel, when it runs here.
+/// `g (m, n) · W (n, k)` for bf16 on the CPU through the bf16 kernel, when one was chosen.
 fn bf16_times_w(g: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -> Result<Option<Tensor>> {
     let Some(t) = bf16_times_w_f32(g, w, pack)? else {
         return Ok(None);
@@ -379,7 +388,7 @@ fn bf16_times_w(g: &Tensor, w: &Tensor, pack: Option<&WeightPack>) -> Result<Opt
     Ok(Some(cast_from_f32(&t, DType::BF16)?))
 }
 
-/// `g (m, n) · W (n, k)` for bf16 through the AVX512-BF16 kernel, as f32 (not rounded).
+/// `g (m, n) · W (n, k)` for bf16 through the bf16 kernel, as f32 (not rounded).
 pub(super) fn bf16_times_w_f32(
     g: &Tensor,
     w: &Tensor,
@@ -399,7 +408,7 @@ pub(super) fn bf16_times_w_f32(
     let gv = cont::<bf16>(gs, gl, "frozen_linear bwd")?;
     let wv = cont::<bf16>(ws, wl, "frozen_linear bwd")?;
     // B[kk, j] = W[kk, j]: row stride k.
-    let Some(dx) = packed_b(pack, wv, (n, k), (k, 1))
+    let Some(dx) = packed_b(pack, wv, (n, k), (k, 1))?
         .and_then(|b| crate::ops::linear::packed_gemm::matmul(gv, m, n, &b))
     else {
         return Ok(None);

@@ -271,7 +271,7 @@ impl LoraLinear {
         if sx.dtype() == DType::BF16 {
             let x = cont::<bf16>(sx, lx, "lora_linear")?;
             let w = cont::<bf16>(ws, lw, "lora_linear")?;
-            if let Some(y) = packed_b(self.pack.as_ref(), w, (k, n), (1, k))
+            if let Some(y) = packed_b(self.pack.as_ref(), w, (k, n), (1, k))?
                 .and_then(|b| crate::ops::linear::packed_gemm::matmul(x, m, k, &b))
             {
                 return Ok(CpuStorage::F32(y));

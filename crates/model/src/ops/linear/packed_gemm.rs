@@ -1,61 +1,106 @@
-//! Matrix products against a packed B on x86-64 CPUs with AVX-512, for the linear layers:
-//! - bf16 × bf16 → f32 with AVX512-BF16 (`vdpbf16ps`): twice the multiply throughput of f32 FMA
-//!   on such CPUs, where candle widens bf16 to f32 and runs an f32 GEMM;
-//! - f32 × f32 → f32 with AVX-512 FMA, for frozen f32 weights packed once: the general GEMM
-//!   candle calls packs both operands on every call, which at the few rows of a decoding step
-//!   took as long as the multiply-adds.
+//! Matrix products against a packed B on x86-64 CPUs, for the linear layers, in the kernels
+//! [`crate::cpu_features`] chose for this CPU (`SFT_CPU_KERNELS`):
+//! - bf16 × bf16 → f32: AMX tiles (`tdpbf16ps`), AVX512-BF16 (`vdpbf16ps`: twice the multiply
+//!   throughput of f32 FMA), or bf16 widened to f32 in registers with AVX-512F or AVX2 + FMA
+//!   (candle widens bf16 to f32 in memory and runs an f32 GEMM);
+//! - f32 × f32 → f32 with AVX-512F or AVX2 FMA, for frozen f32 weights packed once: the
+//!   general GEMM candle calls packs both operands on every call, which at the few rows of a
+//!   decoding step took as long as the multiply-adds.
 //!
 //! `C (m × n) = A (m × k) · B (k × n)`: A is row-major with contiguous rows (an activation), B
 //! is any strided matrix (a weight or its transpose), packed by [`PackedB::new`] (bf16: 32-column
-//! panels of k-pairs, the layout `vdpbf16ps` consumes) or [`PackedB::new_f32`] (32-column panels
-//! of single k). Products of bf16 values are exact in f32; sums are accumulated in f32, as
-//! PyTorch does. Where the CPU lacks the instructions (or for odd `k` in bf16) the constructors
-//! return `None` and the caller falls back to candle.
+//! panels of k-pairs, the layout `vdpbf16ps` consumes and the AMX tiles load as B tiles of 16
+//! columns) or [`PackedB::new_f32`] (32-column panels of single k). Products of bf16 values are
+//! exact in f32; sums are accumulated in f32, as PyTorch does. Where the chosen kernels are
+//! `portable` (or for odd `k` in bf16) the constructors return `None` and the caller falls back
+//! to candle.
+//!
+//! The AMX kernel's data movement (tile configuration, padding of row and k tails, partial sums
+//! between k-blocks) is tested here through an emulation of the tile instructions; the tile
+//! instructions themselves run only on a CPU with AMX.
 use half::bf16;
 use rayon::prelude::*;
 
+pub use crate::cpu_features::{Bf16Kernel, F32Kernel, Kernels};
+
+/// Calls `$kernel::<R, ..>(args)` with the row count `R` = `$mr` (1 to 8) as a constant.
+macro_rules! by_rows {
+    ($mr:expr, $kernel:ident::<R $(, $c:ident)*>($($arg:expr),*)) => {
+        match $mr {
+            8 => $kernel::<8 $(, $c)*>($($arg),*),
+            7 => $kernel::<7 $(, $c)*>($($arg),*),
+            6 => $kernel::<6 $(, $c)*>($($arg),*),
+            5 => $kernel::<5 $(, $c)*>($($arg),*),
+            4 => $kernel::<4 $(, $c)*>($($arg),*),
+            3 => $kernel::<3 $(, $c)*>($($arg),*),
+            2 => $kernel::<2 $(, $c)*>($($arg),*),
+            _ => $kernel::<1 $(, $c)*>($($arg),*),
+        }
+    };
+}
+
 /// Columns per packed panel: two 16-lane registers.
 const NR: usize = 32;
-/// Rows per micro-kernel call.
-const MR: usize = 8;
 /// k-pairs per block (k = 512): a packed panel block is 32 KiB.
 const KP_BLOCK: usize = 256;
-/// Rows per parallel task.
+/// Rows per parallel task (a multiple of every kernel's row step, AMX's 16 included).
 const MC: usize = 64;
 
-/// Whether this CPU runs the bf16 kernel.
-pub fn available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| available_f32() && is_x86_feature_detected!("avx512bf16"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+/// The kernels of this process (`SFT_CPU_KERNELS` on this CPU), as a candle error when the
+/// setting is refused.
+pub fn kernels() -> candle_core::Result<Kernels> {
+    crate::cpu_features::kernels().map_err(candle_core::Error::wrap)
 }
 
-/// Whether this CPU runs the f32 kernel.
-pub fn available_f32() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *OK.get_or_init(|| is_x86_feature_detected!("avx512f"))
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// What a packed panel holds per k-step.
+/// How a pack's products run (fixed when packing).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    /// 32 lanes of (B[2p, j], B[2p + 1, j]) bf16 pairs per k-pair p.
-    Bf16Pairs,
-    /// 32 lanes of B[kk, j] as f32 bits per kk.
-    F32,
+enum Exec {
+    /// bf16 pairs, `vdpbf16ps`.
+    Avx512Bf16,
+    /// bf16 pairs widened to f32, AVX-512F.
+    Avx512Widen,
+    /// bf16 pairs widened to f32, AVX2 + FMA.
+    Avx2Widen,
+    /// bf16 pairs on the AMX tiles.
+    Amx,
+    /// bf16 pairs through the same tiling as `Amx`, the tile instructions emulated (tests).
+    #[cfg(test)]
+    AmxEmulated,
+    /// f32, AVX-512F.
+    F32Avx512,
+    /// f32, AVX2 + FMA.
+    F32Avx2,
+}
+
+impl Exec {
+    /// Whether this CPU runs the kernel (the AMX one only once Linux granted the tiles).
+    fn runs_here(self) -> bool {
+        let f = crate::cpu_features::features();
+        match self {
+            Exec::Avx512Bf16 => f.avx512bf16,
+            Exec::Avx512Widen | Exec::F32Avx512 => f.avx512f,
+            Exec::Avx2Widen | Exec::F32Avx2 => f.avx2_fma,
+            Exec::Amx => f.amx_bf16 && crate::cpu_features::tile_permission().is_ok(),
+            #[cfg(test)]
+            Exec::AmxEmulated => true,
+        }
+    }
+
+    fn is_f32(self) -> bool {
+        matches!(self, Exec::F32Avx512 | Exec::F32Avx2)
+    }
+
+    /// Rows per micro-kernel call.
+    fn rows(self) -> usize {
+        match self {
+            Exec::Avx512Bf16 | Exec::Avx512Widen | Exec::F32Avx512 => 8,
+            Exec::F32Avx2 => 6,
+            Exec::Avx2Widen => 4,
+            Exec::Amx => 16,
+            #[cfg(test)]
+            Exec::AmxEmulated => 16,
+        }
+    }
 }
 
 /// B packed into 32-column panels; a frozen weight is packed once and kept (see
@@ -64,15 +109,39 @@ enum Kind {
 pub struct PackedB {
     k: usize,
     n: usize,
-    kind: Kind,
+    exec: Exec,
     data: Vec<u32>,
 }
 
 impl PackedB {
-    /// `B[kk, j] = b[kk * b_rs + j * b_cs]` (k × n) packed for the bf16 kernel, or `None` when
-    /// it cannot run here (no AVX512-BF16, odd or zero `k`, zero `n`).
-    pub fn new(b: &[bf16], k: usize, n: usize, b_rs: usize, b_cs: usize) -> Option<Self> {
-        if !available() || !k.is_multiple_of(2) || n == 0 || k == 0 {
+    /// `B[kk, j] = b[kk * b_rs + j * b_cs]` (k × n) packed for the bf16 kernel of `kernels`, or
+    /// `None` when there is none (portable, odd or zero `k`, zero `n`).
+    pub fn new(
+        b: &[bf16],
+        k: usize,
+        n: usize,
+        b_rs: usize,
+        b_cs: usize,
+        kernels: Kernels,
+    ) -> Option<Self> {
+        let exec = match kernels.bf16 {
+            Bf16Kernel::Portable => return None,
+            Bf16Kernel::Avx2 => Exec::Avx2Widen,
+            Bf16Kernel::Avx512 => Exec::Avx512Widen,
+            Bf16Kernel::Avx512Bf16 => Exec::Avx512Bf16,
+            Bf16Kernel::Amx => Exec::Amx,
+        };
+        Self::new_exec(b, k, n, (b_rs, b_cs), exec)
+    }
+
+    fn new_exec(
+        b: &[bf16],
+        k: usize,
+        n: usize,
+        (b_rs, b_cs): (usize, usize),
+        exec: Exec,
+    ) -> Option<Self> {
+        if !exec.runs_here() || !k.is_multiple_of(2) || n == 0 || k == 0 {
             return None;
         }
         assert!(
@@ -82,15 +151,27 @@ impl PackedB {
         Some(Self {
             k,
             n,
-            kind: Kind::Bf16Pairs,
+            exec,
             data: pack_b(b, k, n, b_rs, b_cs),
         })
     }
 
-    /// The f32 kernel's packing of `B[kk, j] = b[kk * b_rs + j * b_cs]`, or `None` when it
-    /// cannot run here (no AVX-512, zero `k` or `n`).
-    pub fn new_f32(b: &[f32], k: usize, n: usize, b_rs: usize, b_cs: usize) -> Option<Self> {
-        if !available_f32() || n == 0 || k == 0 {
+    /// The f32 kernel's packing of `B[kk, j] = b[kk * b_rs + j * b_cs]`, or `None` when
+    /// `kernels` have no f32 kernel (portable) or `k` or `n` is zero.
+    pub fn new_f32(
+        b: &[f32],
+        k: usize,
+        n: usize,
+        b_rs: usize,
+        b_cs: usize,
+        kernels: Kernels,
+    ) -> Option<Self> {
+        let exec = match kernels.f32 {
+            F32Kernel::Portable => return None,
+            F32Kernel::Avx2 => Exec::F32Avx2,
+            F32Kernel::Avx512 => Exec::F32Avx512,
+        };
+        if !exec.runs_here() || n == 0 || k == 0 {
             return None;
         }
         assert!(
@@ -109,17 +190,12 @@ impl PackedB {
             }
         };
         data.par_chunks_mut(k * NR).enumerate().for_each(pack_panel);
-        Some(Self {
-            k,
-            n,
-            kind: Kind::F32,
-            data,
-        })
+        Some(Self { k, n, exec, data })
     }
 
     /// Whether this is an f32 pack ([`Self::new_f32`]).
     pub fn is_f32(&self) -> bool {
-        self.kind == Kind::F32
+        self.exec.is_f32()
     }
 
     pub fn k(&self) -> usize {
@@ -134,19 +210,20 @@ impl PackedB {
 /// `A (m × k, row stride lda) · B` as f32 (m × n) for a bf16 pack, or `None` for an empty A or
 /// an f32 pack.
 pub fn matmul(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<f32>> {
-    (b.kind == Kind::Bf16Pairs).then(|| run::<false, f32, bf16>(a, m, lda, b))?
+    (!b.is_f32()).then(|| run::<false, f32, bf16>(a, m, lda, b))?
 }
 
 /// [`matmul`] rounded to bf16 as it is stored (no f32 result is materialised). Rounding is to
-/// nearest even; results below bf16's normal range become zero.
+/// nearest even; results below bf16's normal range become zero with `vdpbf16ps` (the other
+/// kernels keep them).
 pub fn matmul_to_bf16(a: &[bf16], m: usize, lda: usize, b: &PackedB) -> Option<Vec<bf16>> {
-    (b.kind == Kind::Bf16Pairs).then(|| run::<true, bf16, bf16>(a, m, lda, b))?
+    (!b.is_f32()).then(|| run::<true, bf16, bf16>(a, m, lda, b))?
 }
 
 /// `A (m × k, row stride lda) · B` in f32 for an f32 pack, or `None` for an empty A or a bf16
 /// pack.
 pub fn matmul_f32(a: &[f32], m: usize, lda: usize, b: &PackedB) -> Option<Vec<f32>> {
-    (b.kind == Kind::F32).then(|| run::<false, f32, f32>(a, m, lda, b))?
+    b.is_f32().then(|| run::<false, f32, f32>(a, m, lda, b))?
 }
 
 fn run<const BF: bool, O: Copy, A: Copy + Sync>(
@@ -162,10 +239,8 @@ fn run<const BF: bool, O: Copy, A: Copy + Sync>(
     assert_eq!(std::mem::size_of::<O>(), if BF { 2 } else { 4 });
     assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
     // k-steps: pairs for bf16, single k for f32 (a panel's step is 32 u32 either way).
-    let kp = match b.kind {
-        Kind::Bf16Pairs => k / 2,
-        Kind::F32 => k,
-    };
+    let kp = if b.is_f32() { k } else { k / 2 };
+    let mr_step = b.exec.rows();
     // Every element is written exactly once (at the last k-block), so no zeroing.
     let mut out: Vec<std::mem::MaybeUninit<O>> = Vec::with_capacity(m * n);
     // SAFETY: MaybeUninit needs no initialisation.
@@ -196,15 +271,16 @@ fn run<const BF: bool, O: Copy, A: Copy + Sync>(
             let cols = NR.min(n - j0);
             for p0 in (0..kp).step_by(KP_BLOCK) {
                 let p1 = (p0 + KP_BLOCK).min(kp);
-                for rb in (0..rows).step_by(MR) {
-                    let mr = MR.min(rows - rb);
+                for rb in (0..rows).step_by(mr_step) {
+                    let mr = mr_step.min(rows - rb);
                     let a_ptr = a[(r0 + rb) * lda..].as_ptr();
                     let elem = (r0 + rb) * n + j0;
-                    // SAFETY: the pack exists only where its kernel runs (`available()` for
-                    // bf16 pairs, `available_f32()` for f32, checked when packing); the pointers
-                    // cover `mr` rows of A (row stride lda, k-steps p0..p1), of the scratch tile
-                    // (stride NR) and of the output (stride n, `cols` columns), which no other
-                    // task writes; the panel holds kp * NR packed steps.
+                    // SAFETY: a pack exists only for kernels this CPU runs (`Kernels` come
+                    // from `cpu_features`, which checked the CPU, and the AMX tile permission
+                    // for the AMX kernel); the pointers cover `mr` rows of A (row stride lda,
+                    // k-steps p0..p1), of the scratch tile (stride NR, rows up to MC) and of
+                    // the output (stride n, `cols` columns), which no other task writes; the
+                    // panel holds kp * NR packed steps.
                     unsafe {
                         let o = out_ptr.get().add(elem * std::mem::size_of::<O>());
                         let tile = Tile {
@@ -215,24 +291,35 @@ fn run<const BF: bool, O: Copy, A: Copy + Sync>(
                             ldo: n,
                             cols,
                         };
-                        match b.kind {
-                            Kind::Bf16Pairs => kernel_dispatch::<BF>(
+                        let (pa, pp) = (a_ptr as *const u16, panel.as_ptr());
+                        let pf = pp as *const f32;
+                        #[cfg(not(target_arch = "x86_64"))]
+                        let _ = (mr, pa, pp, pf, tile);
+                        #[cfg(not(target_arch = "x86_64"))]
+                        unreachable!("packs exist only on x86-64");
+                        #[cfg(target_arch = "x86_64")]
+                        match b.exec {
+                            Exec::Avx512Bf16 => {
+                                by_rows!(mr, kernel::<R, BF>(pa, lda, pp, p0, p1, tile))
+                            }
+                            Exec::Avx512Widen => {
+                                by_rows!(mr, kernel_widen::<R, BF>(pa, lda, pp, p0, p1, tile))
+                            }
+                            Exec::Avx2Widen => {
+                                by_rows!(mr, kernel_widen_avx2::<R, BF>(pa, lda, pp, p0, p1, tile))
+                            }
+                            Exec::Amx => amx::block::<amx::Hw, BF>(mr, pa, lda, pp, (p0, p1), tile),
+                            #[cfg(test)]
+                            Exec::AmxEmulated => {
+                                amx::block::<amx::Emulated, BF>(mr, pa, lda, pp, (p0, p1), tile)
+                            }
+                            Exec::F32Avx512 => by_rows!(
                                 mr,
-                                a_ptr as *const u16,
-                                lda,
-                                panel.as_ptr(),
-                                p0,
-                                p1,
-                                tile,
+                                kernel_f32::<R>(a_ptr as *const f32, lda, pf, p0, p1, tile)
                             ),
-                            Kind::F32 => kernel_f32_dispatch(
+                            Exec::F32Avx2 => by_rows!(
                                 mr,
-                                a_ptr as *const f32,
-                                lda,
-                                panel.as_ptr() as *const f32,
-                                p0,
-                                p1,
-                                tile,
+                                kernel_f32_avx2::<R>(a_ptr as *const f32, lda, pf, p0, p1, tile)
                             ),
                         }
                     }
@@ -353,40 +440,6 @@ fn pack_b(b: &[bf16], k: usize, n: usize, b_rs: usize, b_cs: usize) -> Vec<u32> 
     out
 }
 
-/// Calls `$kernel::<R, ..>(args)` with the row count `R` = `$mr` (1 to 8) as a constant.
-macro_rules! by_rows {
-    ($mr:expr, $kernel:ident::<R $(, $c:ident)*>($($arg:expr),*)) => {
-        match $mr {
-            8 => $kernel::<8 $(, $c)*>($($arg),*),
-            7 => $kernel::<7 $(, $c)*>($($arg),*),
-            6 => $kernel::<6 $(, $c)*>($($arg),*),
-            5 => $kernel::<5 $(, $c)*>($($arg),*),
-            4 => $kernel::<4 $(, $c)*>($($arg),*),
-            3 => $kernel::<3 $(, $c)*>($($arg),*),
-            2 => $kernel::<2 $(, $c)*>($($arg),*),
-            _ => $kernel::<1 $(, $c)*>($($arg),*),
-        }
-    };
-}
-
-unsafe fn kernel_dispatch<const BF: bool>(
-    mr: usize,
-    a: *const u16,
-    lda: usize,
-    panel: *const u32,
-    p0: usize,
-    p1: usize,
-    tile: Tile,
-) {
-    #[cfg(target_arch = "x86_64")]
-    by_rows!(mr, kernel::<R, BF>(a, lda, panel, p0, p1, tile));
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (mr, a, lda, panel, p0, p1, tile);
-        unreachable!("packed_gemm runs only on x86-64");
-    }
-}
-
 /// `tile[0..R, 0..cols] (+)= A[0..R, pairs p0..p1] · panel[p0..p1]`, accumulators in
 /// registers; partial sums go through the scratch tile, the last k-block writes the output.
 #[cfg(target_arch = "x86_64")]
@@ -412,16 +465,49 @@ unsafe fn kernel<const R: usize, const BF: bool>(
             acc_r[1] = _mm512_dpbf16_ps(acc_r[1], av, b1);
         }
     }
-    store_tile::<R, BF>(&mut acc, tile);
+    store_tile::<R, BF, true>(&mut acc, tile);
+}
+
+/// [`kernel`] for an AVX-512 CPU without AVX512-BF16: each bf16 pair is widened to two f32
+/// (a shift and a mask: bf16 is the top half of an f32) and multiplied with two FMAs.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn kernel_widen<const R: usize, const BF: bool>(
+    a: *const u16,
+    lda: usize,
+    panel: *const u32,
+    p0: usize,
+    p1: usize,
+    tile: Tile,
+) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; R];
+    let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
+    for p in p0..p1 {
+        let v0 = _mm512_loadu_si512(panel.add(p * NR) as *const _);
+        let v1 = _mm512_loadu_si512(panel.add(p * NR + 16) as *const _);
+        let b0l = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v0));
+        let b0h = _mm512_castsi512_ps(_mm512_and_si512(v0, hi));
+        let b1l = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v1));
+        let b1h = _mm512_castsi512_ps(_mm512_and_si512(v1, hi));
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let pair = (a.add(r * lda + 2 * p) as *const u32).read_unaligned();
+            let al = _mm512_set1_ps(f32::from_bits(pair << 16));
+            let ah = _mm512_set1_ps(f32::from_bits(pair & 0xffff_0000));
+            acc_r[0] = _mm512_fmadd_ps(ah, b0h, _mm512_fmadd_ps(al, b0l, acc_r[0]));
+            acc_r[1] = _mm512_fmadd_ps(ah, b1h, _mm512_fmadd_ps(al, b1l, acc_r[1]));
+        }
+    }
+    store_tile::<R, BF, false>(&mut acc, tile);
 }
 
 /// Adds earlier k-blocks' partial sums from the scratch tile, then keeps the sums there (not
-/// the last k-block) or writes them to the output as f32 or (`BF`, only from the bf16 kernel)
-/// rounded to bf16. AVX-512F alone, so it inlines into the f32 kernel too.
+/// the last k-block) or writes them to the output as f32 or (`BF`) rounded to bf16: with
+/// `vcvtneps2bf16` (`NATIVE`, only from the AVX512-BF16 kernel) or in scalar code.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn store_tile<const R: usize, const BF: bool>(
+unsafe fn store_tile<const R: usize, const BF: bool, const NATIVE: bool>(
     acc: &mut [[std::arch::x86_64::__m512; 2]; R],
     tile: Tile,
 ) {
@@ -448,8 +534,16 @@ unsafe fn store_tile<const R: usize, const BF: bool>(
         if !tile.last {
             _mm512_storeu_ps(sc, acc_r[0]);
             _mm512_storeu_ps(sc.add(16), acc_r[1]);
-        } else if BF {
+        } else if BF && NATIVE {
             store_bf16_row((tile.out as *mut u16).add(r * tile.ldo), acc_r, (m0, m1));
+        } else if BF {
+            let mut v = [0f32; NR];
+            _mm512_storeu_ps(v.as_mut_ptr(), acc_r[0]);
+            _mm512_storeu_ps(v.as_mut_ptr().add(16), acc_r[1]);
+            let row = (tile.out as *mut u16).add(r * tile.ldo);
+            for (j, x) in v[..cols].iter().enumerate() {
+                *row.add(j) = round_bf16(x.to_bits());
+            }
         } else {
             let row = (tile.out as *mut f32).add(r * tile.ldo);
             _mm512_mask_storeu_ps(row, m0, acc_r[0]);
@@ -478,24 +572,6 @@ unsafe fn store_bf16_row(
     }
 }
 
-unsafe fn kernel_f32_dispatch(
-    mr: usize,
-    a: *const f32,
-    lda: usize,
-    panel: *const f32,
-    p0: usize,
-    p1: usize,
-    tile: Tile,
-) {
-    #[cfg(target_arch = "x86_64")]
-    by_rows!(mr, kernel_f32::<R>(a, lda, panel, p0, p1, tile));
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = (mr, a, lda, panel, p0, p1, tile);
-        unreachable!("packed_gemm runs only on x86-64");
-    }
-}
-
 /// The f32 twin of [`kernel`]: `tile (+)= A[0..R, p0..p1] · panel[p0..p1]` with one FMA per
 /// (row, 16 columns, k).
 #[cfg(target_arch = "x86_64")]
@@ -519,117 +595,535 @@ unsafe fn kernel_f32<const R: usize>(
             acc_r[1] = _mm512_fmadd_ps(av, b1, acc_r[1]);
         }
     }
-    store_tile::<R, false>(&mut acc, tile);
+    store_tile::<R, false, false>(&mut acc, tile);
+}
+
+/// The AVX2 f32 kernel: a 32-column panel in two halves of 16 columns (two 8-lane
+/// accumulators per row; at most 6 rows keep the 12 accumulators, 2 B vectors and the
+/// broadcast A in the 16 registers).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_f32_avx2<const R: usize>(
+    a: *const f32,
+    lda: usize,
+    panel: *const f32,
+    p0: usize,
+    p1: usize,
+    tile: Tile,
+) {
+    use std::arch::x86_64::*;
+    for half in 0..2 {
+        if half * 16 >= tile.cols {
+            break;
+        }
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let panel = panel.add(half * 16);
+        for p in p0..p1 {
+            let b0 = _mm256_loadu_ps(panel.add(p * NR));
+            let b1 = _mm256_loadu_ps(panel.add(p * NR + 8));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av = _mm256_set1_ps(*a.add(r * lda + p));
+                acc_r[0] = _mm256_fmadd_ps(av, b0, acc_r[0]);
+                acc_r[1] = _mm256_fmadd_ps(av, b1, acc_r[1]);
+            }
+        }
+        store_half_avx2::<R, false>(&acc, tile, half);
+    }
+}
+
+/// The AVX2 bf16 kernel: pairs widened to f32 as in [`kernel_widen`], 16 columns at a time, at
+/// most 4 rows (8 accumulators, 4 widened B vectors, 2 broadcasts).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn kernel_widen_avx2<const R: usize, const BF: bool>(
+    a: *const u16,
+    lda: usize,
+    panel: *const u32,
+    p0: usize,
+    p1: usize,
+    tile: Tile,
+) {
+    use std::arch::x86_64::*;
+    let hi = _mm256_set1_epi32(0xffff_0000u32 as i32);
+    for half in 0..2 {
+        if half * 16 >= tile.cols {
+            break;
+        }
+        let mut acc = [[_mm256_setzero_ps(); 2]; R];
+        let panel = panel.add(half * 16);
+        for p in p0..p1 {
+            let v0 = _mm256_loadu_si256(panel.add(p * NR) as *const _);
+            let v1 = _mm256_loadu_si256(panel.add(p * NR + 8) as *const _);
+            let b0l = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v0));
+            let b0h = _mm256_castsi256_ps(_mm256_and_si256(v0, hi));
+            let b1l = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(v1));
+            let b1h = _mm256_castsi256_ps(_mm256_and_si256(v1, hi));
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let pair = (a.add(r * lda + 2 * p) as *const u32).read_unaligned();
+                let al = _mm256_set1_ps(f32::from_bits(pair << 16));
+                let ah = _mm256_set1_ps(f32::from_bits(pair & 0xffff_0000));
+                acc_r[0] = _mm256_fmadd_ps(ah, b0h, _mm256_fmadd_ps(al, b0l, acc_r[0]));
+                acc_r[1] = _mm256_fmadd_ps(ah, b1h, _mm256_fmadd_ps(al, b1l, acc_r[1]));
+            }
+        }
+        store_half_avx2::<R, BF>(&acc, tile, half);
+    }
+}
+
+/// [`store_tile`] for one 16-column half of the AVX2 kernels' tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn store_half_avx2<const R: usize, const BF: bool>(
+    acc: &[[std::arch::x86_64::__m256; 2]; R],
+    tile: Tile,
+    half: usize,
+) {
+    use std::arch::x86_64::*;
+    let c0 = half * 16;
+    let cols = (tile.cols - c0).min(16);
+    for (r, acc_r) in acc.iter().enumerate() {
+        let sc = tile.scratch.add(r * NR + c0);
+        let (mut x0, mut x1) = (acc_r[0], acc_r[1]);
+        if !tile.first {
+            x0 = _mm256_add_ps(x0, _mm256_loadu_ps(sc));
+            x1 = _mm256_add_ps(x1, _mm256_loadu_ps(sc.add(8)));
+        }
+        if !tile.last {
+            _mm256_storeu_ps(sc, x0);
+            _mm256_storeu_ps(sc.add(8), x1);
+            continue;
+        }
+        if !BF && cols == 16 {
+            let row = (tile.out as *mut f32).add(r * tile.ldo + c0);
+            _mm256_storeu_ps(row, x0);
+            _mm256_storeu_ps(row.add(8), x1);
+            continue;
+        }
+        let mut v = [0f32; 16];
+        _mm256_storeu_ps(v.as_mut_ptr(), x0);
+        _mm256_storeu_ps(v.as_mut_ptr().add(8), x1);
+        if BF {
+            let row = (tile.out as *mut u16).add(r * tile.ldo + c0);
+            for (j, x) in v[..cols].iter().enumerate() {
+                *row.add(j) = round_bf16(x.to_bits());
+            }
+        } else {
+            let row = (tile.out as *mut f32).add(r * tile.ldo + c0);
+            std::ptr::copy_nonoverlapping(v.as_ptr(), row, cols);
+        }
+    }
+}
+
+/// The AMX-BF16 kernel: 16 rows × 32 columns per call, in two C tiles of 16 × 16 f32; per 16
+/// k-pairs one A tile (16 rows × 16 pairs, loaded straight from A) and two B tiles (16 pairs ×
+/// 16 columns, loaded straight from the packed panel: a panel's 32-column rows are the VNNI
+/// layout `tdpbf16ps` reads). Row and k tails go through zero-padded copies; partial sums of
+/// earlier k-blocks are loaded into the C tiles from the scratch tile.
+mod amx {
+    use super::{round_bf16, Tile, NR};
+
+    /// The tile instructions used, as methods on the tile state.
+    pub(super) trait Tiles {
+        /// `ldtilecfg`: every later instruction uses this configuration.
+        unsafe fn start(cfg: &[u8; 64]) -> Self;
+        unsafe fn zero<const T: u8>(&mut self);
+        unsafe fn load<const T: u8>(&mut self, p: *const u8, stride: usize);
+        unsafe fn store<const T: u8>(&mut self, p: *mut u8, stride: usize);
+        /// `tdpbf16ps tmm{C}, tmm{A}, tmm{B}`.
+        unsafe fn dp<const C: u8, const A: u8, const B: u8>(&mut self);
+        unsafe fn release(self);
+    }
+
+    /// The CPU's tiles (`asm!`; the permission was asked by `cpu_features` before any pack for
+    /// this kernel was made).
+    pub(super) struct Hw;
+
+    #[cfg(target_arch = "x86_64")]
+    impl Tiles for Hw {
+        unsafe fn start(cfg: &[u8; 64]) -> Self {
+            std::arch::asm!("ldtilecfg [{}]", in(reg) cfg.as_ptr(), options(nostack, readonly));
+            Hw
+        }
+        unsafe fn zero<const T: u8>(&mut self) {
+            std::arch::asm!("tilezero tmm{t}", t = const T, options(nostack, nomem));
+        }
+        unsafe fn load<const T: u8>(&mut self, p: *const u8, stride: usize) {
+            std::arch::asm!(
+                "tileloadd tmm{t}, [{p} + {s} * 1]",
+                t = const T,
+                p = in(reg) p,
+                s = in(reg) stride,
+                options(nostack, readonly)
+            );
+        }
+        unsafe fn store<const T: u8>(&mut self, p: *mut u8, stride: usize) {
+            std::arch::asm!(
+                "tilestored [{p} + {s} * 1], tmm{t}",
+                t = const T,
+                p = in(reg) p,
+                s = in(reg) stride,
+                options(nostack)
+            );
+        }
+        unsafe fn dp<const C: u8, const A: u8, const B: u8>(&mut self) {
+            std::arch::asm!(
+                "tdpbf16ps tmm{c}, tmm{a}, tmm{b}",
+                c = const C,
+                a = const A,
+                b = const B,
+                options(nostack, nomem)
+            );
+        }
+        unsafe fn release(self) {
+            std::arch::asm!("tilerelease", options(nostack, nomem));
+        }
+    }
+
+    #[cfg(not(target_arch = "x86_64"))]
+    impl Tiles for Hw {
+        unsafe fn start(_: &[u8; 64]) -> Self {
+            unreachable!("AMX exists only on x86-64")
+        }
+        unsafe fn zero<const T: u8>(&mut self) {}
+        unsafe fn load<const T: u8>(&mut self, _: *const u8, _: usize) {}
+        unsafe fn store<const T: u8>(&mut self, _: *mut u8, _: usize) {}
+        unsafe fn dp<const C: u8, const A: u8, const B: u8>(&mut self) {}
+        unsafe fn release(self) {}
+    }
+
+    /// The tile instructions in plain code, from Intel's description: 8 tiles of up to 16 rows
+    /// of 64 bytes, shaped by the configuration; `tdpbf16ps` checks the shapes agree as the
+    /// CPU does (it faults otherwise).
+    #[cfg(test)]
+    pub(super) struct Emulated {
+        rows: [usize; 8],
+        colsb: [usize; 8],
+        t: Box<[[u8; 1024]; 8]>,
+    }
+
+    #[cfg(test)]
+    impl Tiles for Emulated {
+        unsafe fn start(cfg: &[u8; 64]) -> Self {
+            assert_eq!(cfg[0], 1, "palette 1");
+            let mut e = Emulated {
+                rows: [0; 8],
+                colsb: [0; 8],
+                t: Box::new([[0; 1024]; 8]),
+            };
+            for i in 0..8 {
+                e.colsb[i] = u16::from_le_bytes([cfg[16 + 2 * i], cfg[17 + 2 * i]]) as usize;
+                e.rows[i] = cfg[48 + i] as usize;
+                assert!(e.rows[i] <= 16 && e.colsb[i] <= 64, "tile {i} too large");
+            }
+            e
+        }
+        unsafe fn zero<const T: u8>(&mut self) {
+            self.t[T as usize] = [0; 1024];
+        }
+        unsafe fn load<const T: u8>(&mut self, p: *const u8, stride: usize) {
+            let (rows, cb) = (self.rows[T as usize], self.colsb[T as usize]);
+            assert!(rows > 0, "tile {T} is not configured");
+            for r in 0..rows {
+                let src = std::slice::from_raw_parts(p.add(r * stride), cb);
+                self.t[T as usize][r * 64..r * 64 + cb].copy_from_slice(src);
+            }
+        }
+        unsafe fn store<const T: u8>(&mut self, p: *mut u8, stride: usize) {
+            let (rows, cb) = (self.rows[T as usize], self.colsb[T as usize]);
+            for r in 0..rows {
+                let dst = std::slice::from_raw_parts_mut(p.add(r * stride), cb);
+                dst.copy_from_slice(&self.t[T as usize][r * 64..r * 64 + cb]);
+            }
+        }
+        unsafe fn dp<const C: u8, const A: u8, const B: u8>(&mut self) {
+            let (c, a, b) = (C as usize, A as usize, B as usize);
+            let (m, kp, n) = (self.rows[c], self.colsb[a] / 4, self.colsb[c] / 4);
+            assert!(
+                self.rows[a] == m && self.rows[b] == kp && self.colsb[b] == n * 4,
+                "tdpbf16ps: tile shapes disagree"
+            );
+            let word = |t: usize, r: usize, i: usize| {
+                let o = r * 64 + 2 * i;
+                let bits = u16::from_le_bytes([self.t[t][o], self.t[t][o + 1]]);
+                f32::from_bits((bits as u32) << 16)
+            };
+            let mut out = self.t[c];
+            for i in 0..m {
+                for j in 0..n {
+                    let o = i * 64 + 4 * j;
+                    let mut acc = f32::from_le_bytes(out[o..o + 4].try_into().expect("4"));
+                    for p in 0..kp {
+                        acc += word(a, i, 2 * p + 1) * word(b, p, 2 * j + 1)
+                            + word(a, i, 2 * p) * word(b, p, 2 * j);
+                    }
+                    out[o..o + 4].copy_from_slice(&acc.to_le_bytes());
+                }
+            }
+            self.t[c] = out;
+        }
+        unsafe fn release(self) {}
+    }
+
+    /// `tile (+)= A[0..mr, pairs p0..p1] · panel[p0..p1]` for `mr` <= 16 rows.
+    pub(super) unsafe fn block<T: Tiles, const BF: bool>(
+        mr: usize,
+        a: *const u16,
+        lda: usize,
+        panel: *const u32,
+        (p0, p1): (usize, usize),
+        tile: Tile,
+    ) {
+        // Tiles 0, 1: C (16 rows x 16 f32); 2: A (16 rows x 16 pairs); 3, 4: B (16 pairs x
+        // 16 columns of pairs). Every tile 16 rows of 64 bytes.
+        let mut cfg = [0u8; 64];
+        cfg[0] = 1;
+        for t in 0..5 {
+            cfg[16 + 2 * t..18 + 2 * t].copy_from_slice(&64u16.to_le_bytes());
+            cfg[48 + t] = 16;
+        }
+        let row_b = NR * 4;
+        let mut tl = T::start(&cfg);
+        let sc = tile.scratch as *mut u8;
+        if tile.first {
+            tl.zero::<0>();
+            tl.zero::<1>();
+        } else {
+            tl.load::<0>(sc, row_b);
+            tl.load::<1>(sc.add(64), row_b);
+        }
+        let mut abuf = [0u16; 16 * 32];
+        let mut bbuf = [0u32; 16 * NR];
+        let mut q = p0;
+        while q < p1 {
+            let np = (p1 - q).min(16);
+            if mr == 16 && np == 16 {
+                tl.load::<2>(a.add(2 * q) as *const u8, lda * 2);
+            } else {
+                abuf.fill(0);
+                for r in 0..mr {
+                    let src = std::slice::from_raw_parts(a.add(r * lda + 2 * q), 2 * np);
+                    abuf[r * 32..r * 32 + 2 * np].copy_from_slice(src);
+                }
+                tl.load::<2>(abuf.as_ptr() as *const u8, 64);
+            }
+            let bp = if np == 16 {
+                panel.add(q * NR)
+            } else {
+                bbuf.fill(0);
+                let src = std::slice::from_raw_parts(panel.add(q * NR), np * NR);
+                bbuf[..np * NR].copy_from_slice(src);
+                bbuf.as_ptr()
+            };
+            tl.load::<3>(bp as *const u8, row_b);
+            tl.load::<4>((bp as *const u8).add(64), row_b);
+            tl.dp::<0, 2, 3>();
+            tl.dp::<1, 2, 4>();
+            q += np;
+        }
+        if !tile.last {
+            tl.store::<0>(sc, row_b);
+            tl.store::<1>(sc.add(64), row_b);
+            tl.release();
+            return;
+        }
+        let mut cbuf = [0f32; 16 * NR];
+        tl.store::<0>(cbuf.as_mut_ptr() as *mut u8, row_b);
+        tl.store::<1>((cbuf.as_mut_ptr() as *mut u8).add(64), row_b);
+        tl.release();
+        for r in 0..mr {
+            let src = &cbuf[r * NR..r * NR + tile.cols];
+            if BF {
+                let row = (tile.out as *mut u16).add(r * tile.ldo);
+                for (j, x) in src.iter().enumerate() {
+                    *row.add(j) = round_bf16(x.to_bits());
+                }
+            } else {
+                let row = (tile.out as *mut f32).add(r * tile.ldo);
+                std::ptr::copy_nonoverlapping(src.as_ptr(), row, tile.cols);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cpu_features::{features, Features};
     use rand::{Rng, SeedableRng};
 
-    fn reference(
-        a: &[bf16],
-        m: usize,
-        k: usize,
-        b: &[bf16],
-        n: usize,
-        rs: usize,
-        cs: usize,
+    /// Every bf16 kernel this CPU runs, with the AMX tiling through the emulated tiles (on any
+    /// CPU) and through the CPU's tiles where it has them.
+    fn bf16_execs(f: &Features) -> Vec<Exec> {
+        let mut v = vec![Exec::AmxEmulated];
+        for e in [
+            Exec::Avx2Widen,
+            Exec::Avx512Widen,
+            Exec::Avx512Bf16,
+            Exec::Amx,
+        ] {
+            if e.runs_here() {
+                v.push(e);
+            }
+        }
+        if f.avx512bf16 {
+            assert!(v.contains(&Exec::Avx512Bf16), "AVX512-BF16 left untested");
+        }
+        v
+    }
+
+    fn f32_execs() -> Vec<Exec> {
+        [Exec::F32Avx2, Exec::F32Avx512]
+            .into_iter()
+            .filter(|e| e.runs_here())
+            .collect()
+    }
+
+    /// f64 products of bf16 or f32 values: `A (m × k) · B[kk, j] = b[kk * rs + j * cs]`.
+    fn reference<T: Copy + Into<f64>>(
+        a: &[T],
+        (m, k, n): (usize, usize, usize),
+        b: &[T],
+        (rs, cs): (usize, usize),
     ) -> Vec<f64> {
         let mut c = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
                 c[i * n + j] = (0..k)
-                    .map(|kk| a[i * k + kk].to_f64() * b[kk * rs + j * cs].to_f64())
+                    .map(|kk| a[i * k + kk].into() * b[kk * rs + j * cs].into())
                     .sum();
             }
         }
         c
     }
 
-    #[test]
-    fn gemm_bf16_matches_f64_reference_on_odd_shapes() {
-        if !available() {
-            eprintln!("skipping: this CPU has no AVX512-BF16");
-            return;
-        }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
-        for &(m, k, n) in &[(1, 2, 1), (9, 6, 33), (70, 1030, 45), (131, 64, 96)] {
-            let a: Vec<bf16> = (0..m * k)
-                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
-                .collect();
-            let b: Vec<bf16> = (0..k * n)
-                .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
-                .collect();
-            // B row-major (k × n), then the same values seen as the transpose of (n × k).
-            let bt: Vec<bf16> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            for (bb, rs, cs) in [(&b, n, 1), (&bt, 1, k)] {
-                let packed = PackedB::new(bb, k, n, rs, cs).unwrap();
-                let got = matmul(&a, m, k, &packed).unwrap();
-                let want = reference(&a, m, k, bb, n, rs, cs);
-                let got_bf = matmul_to_bf16(&a, m, k, &packed).unwrap();
-                for (h, g) in got_bf.iter().zip(&got) {
-                    assert_eq!(
-                        h.to_bits(),
-                        bf16::from_f32(*g).to_bits(),
-                        "bf16 output of {g}"
-                    );
-                }
-                let scale = want.iter().fold(1f64, |x, v| x.max(v.abs()));
-                for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (*g as f64 - w).abs() < 1e-5 * scale * (k as f64).sqrt(),
-                        "({m}, {k}, {n}): {g} vs {w}"
-                    );
-                }
-            }
-        }
-        assert!(PackedB::new(&[bf16::ONE; 3], 3, 1, 1, 1).is_none());
-    }
+    /// Shapes with row tails for every kernel's row step (1-16), column tails of 16 and 32,
+    /// k over 512 (several k-blocks: partial sums through the scratch tile) and k-pair tails
+    /// of the AMX tile's 16, and the linears' shapes: SmolLM2's x W^T (576 -> 192, LoRA's
+    /// rank 8 products, the backward's grad · W (192 -> 576).
+    const SHAPES: &[(usize, usize, usize)] = &[
+        (1, 2, 1),
+        (9, 6, 33),
+        (17, 34, 16),
+        (70, 1030, 45),
+        (131, 64, 96),
+        (5, 576, 8),
+        (37, 8, 576),
+        (64, 576, 192),
+        (33, 192, 576),
+        (3, 600, 17),
+    ];
 
     #[test]
-    fn gemm_f32_matches_f64_reference_on_odd_shapes() {
-        if !available_f32() {
-            eprintln!("skipping: this CPU has no AVX-512");
-            return;
-        }
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
-        // k over 256 crosses k-blocks (partial sums through the scratch tile); n not a
-        // multiple of 16 or 32 exercises the masked stores; m over 64 splits row chunks.
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (9, 7, 33),
-            (70, 700, 45),
-            (131, 64, 96),
-            (3, 576, 17),
-        ] {
-            let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
-            for (bb, rs, cs) in [(&b, n, 1), (&bt, 1, k)] {
-                let packed = PackedB::new_f32(bb, k, n, rs, cs).unwrap();
-                assert!(packed.is_f32());
-                // An f32 pack never serves the bf16 entry points, nor the reverse.
-                assert!(matmul(&[bf16::ONE; 4096], 1, k, &packed).is_none());
-                let got = matmul_f32(&a, m, k, &packed).unwrap();
-                for i in 0..m {
-                    for j in 0..n {
-                        let want: f64 = (0..k)
-                            .map(|kk| a[i * k + kk] as f64 * bb[kk * rs + j * cs] as f64)
-                            .sum();
-                        let g = got[i * n + j] as f64;
+    fn gemm_bf16_every_kernel_matches_f64_reference_on_odd_shapes() {
+        let f = features();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        for exec in bf16_execs(&f) {
+            for &(m, k, n) in SHAPES {
+                let a: Vec<bf16> = (0..m * k)
+                    .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+                    .collect();
+                let b: Vec<bf16> = (0..k * n)
+                    .map(|_| bf16::from_f32(rng.random_range(-1.0..1.0)))
+                    .collect();
+                // B row-major (k × n), then the same values seen as the transpose of (n × k).
+                let bt: Vec<bf16> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+                for (bb, rs, cs) in [(&b, n, 1), (&bt, 1, k)] {
+                    let packed = PackedB::new_exec(bb, k, n, (rs, cs), exec).unwrap();
+                    let got = matmul(&a, m, k, &packed).unwrap();
+                    let want = reference(&a, (m, k, n), bb, (rs, cs));
+                    let got_bf = matmul_to_bf16(&a, m, k, &packed).unwrap();
+                    for (h, g) in got_bf.iter().zip(&got) {
+                        assert_eq!(
+                            h.to_bits(),
+                            bf16::from_f32(*g).to_bits(),
+                            "{exec:?}: bf16 output of {g}"
+                        );
+                    }
+                    let scale = want.iter().fold(1f64, |x, v| x.max(v.abs()));
+                    for (g, w) in got.iter().zip(&want) {
                         assert!(
-                            (g - want).abs() < 1e-5 * (k as f64).sqrt(),
-                            "({m}, {k}, {n}) at ({i}, {j}): {g} vs {want}"
+                            (*g as f64 - w).abs() < 1e-5 * scale * (k as f64).sqrt(),
+                            "{exec:?} ({m}, {k}, {n}): {g} vs {w}"
                         );
                     }
                 }
             }
         }
-        if available() {
-            let bfp = PackedB::new(&[bf16::ONE; 4], 2, 2, 2, 1).unwrap();
-            assert!(matmul_f32(&[1.0; 2], 1, 2, &bfp).is_none());
+        let k = Kernels::for_path(crate::cpu_features::Path::Avx512, &f);
+        if let Ok(k) = k {
+            assert!(PackedB::new(&[bf16::ONE; 3], 3, 1, 1, 1, k).is_none());
         }
+    }
+
+    #[test]
+    fn gemm_f32_every_kernel_matches_f64_reference_on_odd_shapes() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        let execs = f32_execs();
+        if features().avx2_fma {
+            assert!(execs.contains(&Exec::F32Avx2), "AVX2 left untested");
+        }
+        for exec in execs {
+            for &(m, k, n) in SHAPES.iter().chain(&[(1, 1, 1), (9, 7, 33), (3, 576, 17)]) {
+                let a: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let b: Vec<f32> = (0..k * n).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+                for (bb, rs, cs) in [(&b, n, 1), (&bt, 1, k)] {
+                    let kernels = Kernels {
+                        f32: if exec == Exec::F32Avx2 {
+                            F32Kernel::Avx2
+                        } else {
+                            F32Kernel::Avx512
+                        },
+                        bf16: Bf16Kernel::Portable,
+                    };
+                    let packed = PackedB::new_f32(bb, k, n, rs, cs, kernels).unwrap();
+                    assert_eq!(packed.exec, exec);
+                    assert!(packed.is_f32());
+                    // An f32 pack never serves the bf16 entry points, nor the reverse.
+                    assert!(matmul(&[bf16::ONE; 4096], 1, k, &packed).is_none());
+                    let got = matmul_f32(&a, m, k, &packed).unwrap();
+                    let want = reference(&a, (m, k, n), bb, (rs, cs));
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-5 * (k as f64).sqrt(),
+                            "{exec:?} ({m}, {k}, {n}) at {i}: {g} vs {w}"
+                        );
+                    }
+                }
+            }
+        }
+        let bfp = PackedB::new_exec(&[bf16::ONE; 4], 2, 2, (2, 1), Exec::AmxEmulated).unwrap();
+        assert!(matmul_f32(&[1.0; 2], 1, 2, &bfp).is_none());
+        assert!(PackedB::new_f32(&[1.0; 4], 2, 2, 2, 1, Kernels::PORTABLE).is_none());
+        assert!(PackedB::new(&[bf16::ONE; 4], 2, 2, 2, 1, Kernels::PORTABLE).is_none());
+    }
+
+    /// A kernel this CPU lacks is never packed for, whatever `Kernels` a caller builds.
+    #[test]
+    fn packs_refuse_kernels_this_cpu_lacks() {
+        let f = features();
+        let amx = Kernels {
+            f32: F32Kernel::Avx512,
+            bf16: Bf16Kernel::Amx,
+        };
+        let p = PackedB::new(&[bf16::ONE; 4], 2, 2, 2, 1, amx);
+        assert_eq!(
+            p.is_some(),
+            f.amx_bf16 && crate::cpu_features::tile_permission().is_ok()
+        );
+        let avx512 = Kernels {
+            f32: F32Kernel::Avx512,
+            bf16: Bf16Kernel::Avx512Bf16,
+        };
+        assert_eq!(
+            PackedB::new(&[bf16::ONE; 4], 2, 2, 2, 1, avx512).is_some(),
+            f.avx512bf16
+        );
+        assert_eq!(
+            PackedB::new_f32(&[1.0; 4], 2, 2, 2, 1, avx512).is_some(),
+            f.avx512f
+        );
     }
 
     #[test]

@@ -66,10 +66,7 @@ fn f32_packs_serve_short_products() {
     let a = Tensor::randn(0f32, 0.1, (4, 64), &dev).unwrap();
     let b = Tensor::randn(0f32, 0.1, (40, 4), &dev).unwrap();
     let pack = WeightPack::new(&w).unwrap();
-    assert_eq!(
-        pack.is_some(),
-        crate::ops::linear::packed_gemm::available_f32()
-    );
+    assert_eq!(pack.is_some(), WeightPack::supported(DType::F32));
     assert!(WeightPack::new_for_grad(&w).unwrap().is_none());
     let vals = |t: Tensor| -> Vec<f32> { t.flatten_all().unwrap().to_vec1().unwrap() };
     let close = |x: &[f32], y: &[f32], what: &str| {
@@ -119,7 +116,7 @@ fn packed_weights_give_the_same_products() {
     let a = Tensor::randn(0f32, 0.1, (4, 64), &dev).unwrap();
     let b = Tensor::randn(0f32, 0.1, (40, 4), &dev).unwrap();
     let pack = WeightPack::new(&w).unwrap();
-    assert_eq!(pack.is_some(), crate::ops::linear::packed_gemm::available());
+    assert_eq!(pack.is_some(), WeightPack::supported(DType::BF16));
     for dt in [DType::F32, DType::BF16] {
         let x = Tensor::randn(0f32, 1.0, (2, 5, 64), &dev)
             .unwrap()
@@ -150,5 +147,114 @@ fn packed_weights_give_the_same_products() {
         let packed =
             bits(lora_linear_packed(&x, &w, &a, &b, 2.0, None, (pack.as_ref(), None)).unwrap());
         assert_eq!(plain, packed, "lora_linear {dt:?}");
+    }
+}
+
+/// Every CPU kernel path this machine has (what `SFT_CPU_KERNELS` chooses, set per thread
+/// through `with_kernels`) runs the frozen and the LoRA linear, forward and backward, in f32,
+/// bf16 and mixed (f32 x, bf16 W), within rounding of an f64 reference, with the weight packed
+/// once and per call.
+#[test]
+fn every_cpu_kernel_path_runs_the_linears_forward_and_backward() {
+    use crate::cpu_features::{features, with_kernels, Kernels};
+    let dev = candle_core::Device::Cpu;
+    // Odd sizes: row, column and k tails for every kernel.
+    let (m, k, n, r) = (2 * 13, 70, 45, 4);
+    let x = Tensor::randn(0f64, 1.0, (2, m / 2, k), &dev).unwrap();
+    let w = Tensor::randn(0f64, 0.1, (n, k), &dev).unwrap();
+    let a = Tensor::randn(0f64, 0.1, (r, k), &dev).unwrap();
+    let b = Tensor::randn(0f64, 0.1, (n, r), &dev).unwrap();
+    let probe = Tensor::randn(0f64, 1.0, (2, m / 2, n), &dev).unwrap();
+    let f64s = |t: &Tensor| -> Vec<f64> {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    // y, then the gradients of sum(y * probe) for x (frozen: only x), A and B.
+    let run = |x: &Tensor, w: &Tensor, lora: bool, packs: Packs<'_>| -> Vec<Vec<f64>> {
+        let xv = candle_core::Var::from_tensor(x).unwrap();
+        // f32 adapters, f64 for the f64 reference.
+        let adt = if x.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let av = candle_core::Var::from_tensor(&a.to_dtype(adt).unwrap()).unwrap();
+        let bv = candle_core::Var::from_tensor(&b.to_dtype(adt).unwrap()).unwrap();
+        let (xt, at, bt) = (xv.as_tensor(), av.as_tensor(), bv.as_tensor());
+        let y = if lora {
+            lora_linear_packed(xt, w, at, bt, 2.0, None, packs).unwrap()
+        } else {
+            frozen_linear_packed(xt, w, packs).unwrap()
+        };
+        let loss = (y.to_dtype(DType::F32).unwrap() * probe.to_dtype(DType::F32).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let g = loss.backward().unwrap();
+        let mut out = vec![f64s(&y), f64s(g.get(xt).unwrap())];
+        if lora {
+            out.push(f64s(g.get(at).unwrap()));
+            out.push(f64s(g.get(bt).unwrap()));
+        }
+        out
+    };
+    let paths = Kernels::all_on(&features());
+    assert!(paths.len() >= 2 || !features().avx2_fma);
+    for kernels in paths {
+        for (xdt, wdt) in [
+            (DType::F32, DType::F32),
+            (DType::BF16, DType::BF16),
+            (DType::F32, DType::BF16),
+        ] {
+            let (xd, wd) = (x.to_dtype(xdt).unwrap(), w.to_dtype(wdt).unwrap());
+            // The reference sees the inputs as rounded to their dtypes (and x to bf16 where
+            // the weight is bf16: the products round it).
+            let xr = xd.to_dtype(wdt).unwrap().to_dtype(DType::F64).unwrap();
+            let wr = wd.to_dtype(DType::F64).unwrap();
+            let want = {
+                let want_run = |lora| run(&xr, &wr, lora, (None, None));
+                [want_run(false), want_run(true)]
+            };
+            let tol = if xdt == DType::F32 && wdt == DType::F32 {
+                1e-4
+            } else {
+                2e-2
+            };
+            for packed in [false, true] {
+                let got = with_kernels(kernels, || {
+                    let fwd = WeightPack::new(&wd).unwrap();
+                    let bwd = WeightPack::new_for_grad(&wd).unwrap();
+                    // The forced kernels are the ones that run: a pack exactly where they have
+                    // a kernel for the weight's dtype.
+                    let has = match wdt {
+                        DType::F32 => kernels.f32 != crate::cpu_features::F32Kernel::Portable,
+                        _ => kernels.bf16 != crate::cpu_features::Bf16Kernel::Portable,
+                    };
+                    assert_eq!(fwd.is_some(), has, "{kernels:?} {wdt:?}");
+                    let packs = if packed {
+                        (fwd.as_ref(), bwd.as_ref())
+                    } else {
+                        (None, None)
+                    };
+                    [run(&xd, &wd, false, packs), run(&xd, &wd, true, packs)]
+                });
+                for (lora, (g, w)) in got.iter().zip(&want).enumerate() {
+                    for (what, (gv, wv)) in g.iter().zip(w).enumerate() {
+                        let scale = wv.iter().fold(1f64, |s, v| s.max(v.abs()));
+                        for (p, q) in gv.iter().zip(wv) {
+                            assert!(
+                                (p - q).abs() < tol * scale,
+                                "{kernels:?} x {xdt:?} W {wdt:?} packed {packed} lora {lora} \
+                                 output {what}: {p} vs {q}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }
