@@ -163,20 +163,36 @@ impl Nf4 {
     /// Values `start..start + out.len()` dequantized as bitsandbytes does to `dtype` (f32,
     /// bf16 or f16; the result is left in f32, holding values of that dtype).
     pub fn dequantize_to(&self, dtype: DType, start: usize, out: &mut [f32]) {
-        let mut i = start;
         let end = start + out.len();
+        let mut i = start;
         let mut o = 0;
         while i < end {
             let b = i / BLOCK;
             let a = self.block_absmax(b);
+            // The block's 16 values, each computed once (the same f32 product and rounding).
+            let table: [f32; 16] = NF4.map(|c| round(dtype, c * a));
             let stop = ((b + 1) * BLOCK).min(end);
-            for j in i..stop {
-                let byte = self.packed[j / 2];
-                let c = if j % 2 == 0 { byte >> 4 } else { byte & 15 };
-                out[o] = round(dtype, NF4[c as usize] * a);
+            // An odd start takes its low nibble alone; then whole bytes, two values each.
+            if i % 2 == 1 {
+                out[o] = table[(self.packed[i / 2] & 15) as usize];
+                i += 1;
                 o += 1;
             }
-            i = stop;
+            let pairs = (stop - i) / 2;
+            for (byte, dst) in self.packed[i / 2..i / 2 + pairs]
+                .iter()
+                .zip(out[o..o + 2 * pairs].chunks_exact_mut(2))
+            {
+                dst[0] = table[(byte >> 4) as usize];
+                dst[1] = table[(byte & 15) as usize];
+            }
+            i += 2 * pairs;
+            o += 2 * pairs;
+            if i < stop {
+                out[o] = table[(self.packed[i / 2] >> 4) as usize];
+                i += 1;
+                o += 1;
+            }
         }
     }
 

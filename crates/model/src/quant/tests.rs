@@ -86,3 +86,27 @@ fn only_the_projections_of_the_decoder_layers_are_quantized() {
     assert!(!is_quantized_linear("model.embed_tokens.weight"));
     assert!(!is_quantized_linear("lm_head.weight"));
 }
+
+/// Any range of values (odd starts and ends, across blocks) dequantizes as the whole does.
+#[test]
+fn nf4_ranges_dequantize_as_the_whole() {
+    let w = random(3, 100, 3);
+    let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let q = nf4::Nf4::quantize(&v, true);
+    let mut all = vec![0f32; 300];
+    q.dequantize_to(DType::BF16, 0, &mut all);
+    for (s, e) in [
+        (0, 1),
+        (1, 2),
+        (1, 64),
+        (63, 130),
+        (64, 128),
+        (127, 300),
+        (5, 6),
+        (299, 300),
+    ] {
+        let mut part = vec![0f32; e - s];
+        q.dequantize_to(DType::BF16, s, &mut part);
+        assert_eq!(part, all[s..e], "{s}..{e}");
+    }
+}
