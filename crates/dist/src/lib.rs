@@ -126,6 +126,16 @@ pub fn launcher_world() -> Option<(usize, &'static str)> {
     })
 }
 
+/// This process's rank as the launcher announced it (0 without a launcher): known before
+/// MPI starts, for the logging set up first.
+pub fn launcher_rank() -> usize {
+    ["OMPI_COMM_WORLD_RANK", "PMI_RANK", "SLURM_PROCID"]
+        .iter()
+        .find_map(|var| std::env::var(var).ok()?.trim().parse::<usize>().ok())
+        .filter(|_| launcher_world().is_some_and(|(n, _)| n > 1))
+        .unwrap_or(0)
+}
+
 /// This process's view of the run: an MPI process when a launcher started several (and the
 /// build has MPI), else the single process of a plain run. MPI is initialised only when a
 /// launcher started more than one process, so a plain run never touches MPI.

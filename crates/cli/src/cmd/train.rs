@@ -72,12 +72,17 @@ fn quickstart(overrides: &[String]) -> Result<Config> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let cfg = match &args.config {
+    let mut cfg = match &args.config {
         Some(path) => Config::load(path, &args.overrides)?,
         None => quickstart(&args.overrides)?,
     };
     if args.dry_run {
-        let plan = sft_trainer::plan::dry_run(&cfg).context("dry run")?;
+        // Under mpirun every rank would print the same plan: rank 0 does.
+        let world = sft_dist::launcher_world().map_or(1, |(n, _)| n.max(1));
+        if sft_dist::launcher_rank() != 0 {
+            return Ok(());
+        }
+        let plan = sft_trainer::plan::dry_run(&cfg, world).context("dry run")?;
         say!("{plan}");
         return output::json(&plan.numbers());
     }
@@ -95,16 +100,37 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ..Default::default()
     }
     .with_test_hooks_from_env();
-    // candle's backward recurses over the graph: give the run a deep stack.
+    // candle's backward recurses over the graph: give the run a deep stack. MPI (a run started
+    // by mpirun or srun) is started, used and finished on this thread.
     let handle = std::thread::Builder::new()
         .name("train".into())
         .stack_size(1 << 30)
-        .spawn(move || sft_trainer::train(&cfg, &opts))
+        .spawn(move || -> Result<_> {
+            let comm = sft_dist::connect()?;
+            if comm.world() == 1 {
+                return Ok((sft_trainer::train(&cfg, &opts)?, true));
+            }
+            let _rank = tracing::error_span!("rank", n = comm.rank()).entered();
+            // `cuda`: this rank's GPU, by its rank on the node.
+            if cfg.model.device.trim() == "cuda" {
+                cfg.model.device = format!("cuda:{}", comm.local_rank());
+            }
+            match sft_trainer::train_on(&*comm, &cfg, &opts) {
+                Ok(done) => Ok((done, comm.is_root())),
+                Err(e) => {
+                    // The other ranks may be waiting for this one: end them all.
+                    tracing::error!("{e}; aborting all {} ranks", comm.world());
+                    comm.abort(1)
+                }
+            }
+        })
         .context("cannot start the training thread")?;
-    let (outcome, summary) = handle
+    let ((outcome, summary), root) = handle
         .join()
         .map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
-    output::json(&summary)?;
+    if root {
+        output::json(&summary)?;
+    }
     if outcome == Outcome::Interrupted {
         std::process::exit(130);
     }
