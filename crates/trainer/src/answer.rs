@@ -118,11 +118,7 @@ impl ModelAnswer<'_> {
     }
 
     /// This rank's answers to its share, as (index, text) pairs in JSON.
-    fn answer_share(
-        &self,
-        request: &Request,
-        comm: &dyn Comm,
-    ) -> Result<Vec<u8>, BoxError> {
+    fn answer_share(&self, request: &Request, comm: &dyn Comm) -> Result<Vec<u8>, BoxError> {
         let (indices, prompts) = self.my_share(&request.instructions, comm)?;
         let texts = self.generate(&prompts, request.max_new_tokens)?;
         let pairs: Vec<(usize, String)> = indices.into_iter().zip(texts).collect();
@@ -161,17 +157,21 @@ pub struct SplitAnswer<'a, 'c> {
 impl SplitAnswer<'_, '_> {
     /// Tell the serving ranks that this evaluation is over.
     pub fn done(&self) -> Result<(), TrainError> {
-        send(self.comm, &Request {
-            instructions: Vec::new(),
-            max_new_tokens: 0,
-            done: true,
-        })
+        send(
+            self.comm,
+            &Request {
+                instructions: Vec::new(),
+                max_new_tokens: 0,
+                done: true,
+            },
+        )
     }
 }
 
 fn send(comm: &dyn Comm, req: &Request) -> Result<(), TrainError> {
     let mut bytes = serde_json::to_vec(req).map_err(|e| TrainError::eval(Box::new(e)))?;
-    comm.broadcast_bytes(&mut bytes, 0).map_err(TrainError::dist)
+    comm.broadcast_bytes(&mut bytes, 0)
+        .map_err(TrainError::dist)
 }
 
 impl Answer for SplitAnswer<'_, '_> {
@@ -212,7 +212,8 @@ impl Answer for SplitAnswer<'_, '_> {
 pub fn serve(model: &ModelAnswer<'_>, comm: &dyn Comm) -> Result<(), TrainError> {
     loop {
         let mut bytes = Vec::new();
-        comm.broadcast_bytes(&mut bytes, 0).map_err(TrainError::dist)?;
+        comm.broadcast_bytes(&mut bytes, 0)
+            .map_err(TrainError::dist)?;
         let req: Request =
             serde_json::from_slice(&bytes).map_err(|e| TrainError::eval(Box::new(e)))?;
         if req.done {

@@ -24,10 +24,10 @@ use crate::schedule::lr_at;
 use crate::state::{differences, identity, EvalRecord, TrainerState};
 use crate::stop::{Decision, StopRule};
 use crate::summary::Summary;
+use candle_core::DType;
 use serde_json::{Map, Value};
 use sft_data::{Batcher, Dataset};
 use sft_dist::{Comm, ReduceStats, Single};
-use candle_core::DType;
 use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, Grads, ParamSpec};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -138,7 +138,11 @@ pub fn train_in(
     let mut interrupted = false;
     while stop.is_none() && !run.reached_limit() {
         // A signal on any rank stops every rank, before the same step.
-        if run.comm.any(opts.stop.load(Ordering::SeqCst)).map_err(TrainError::dist)? {
+        if run
+            .comm
+            .any(opts.stop.load(Ordering::SeqCst))
+            .map_err(TrainError::dist)?
+        {
             interrupted = true;
             break;
         }
@@ -727,7 +731,8 @@ impl<'a> Run<'a> {
         };
         self.st.evals.push(rec.clone());
         if let Some(log) = &mut self.log {
-            log.write(&line).map_err(|e| TrainError::io(log.path(), e))?;
+            log.write(&line)
+                .map_err(|e| TrainError::io(log.path(), e))?;
         }
         Ok(rec)
     }
@@ -997,8 +1002,7 @@ pub fn total_steps(cfg: &Config, world: usize, batches_per_epoch: u64, train_exa
     let per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * world.max(1)) as u64;
     let mut limit = u64::MAX;
     if let Some(e) = cfg.train.epochs {
-        limit =
-            limit.min(((batches_per_epoch as f64 * e) / accum).ceil() as u64);
+        limit = limit.min(((batches_per_epoch as f64 * e) / accum).ceil() as u64);
     }
     if let Some(s) = cfg.train.max_steps {
         limit = limit.min(s);
