@@ -232,6 +232,21 @@ fn signal_rank_one(cfg: &Path, run: &Path, signal: &str, extra: &[&str]) -> (Out
         .unwrap();
     assert!(st.success());
     let t = Instant::now();
+    // Never hang the suite: a run still going two minutes after the signal has failed.
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        if t.elapsed() > Duration::from_secs(120) {
+            let pids = ranks.iter().map(|r| r.1.to_string());
+            let _ = Command::new("kill").arg("-9").args(pids).status();
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "mpirun still running 2 minutes after {signal} to rank 1:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let out = child.wait_with_output().unwrap();
     (out, t.elapsed())
 }

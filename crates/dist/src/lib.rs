@@ -7,8 +7,10 @@
 //! (launched by mpirun or srun): MPI_Allreduce, MPI_Bcast, MPI_Gatherv, MPI_Barrier, MPI_Abort.
 //! [`connect`] picks one at run time from the launcher's environment.
 //!
-//! [`allreduce_tensors`] sums a list of tensors over the ranks in fixed-size buckets, in the
-//! list's order, so that every rank ends with the same bits.
+//! [`Reducer`] sums a list of tensors over the ranks in fixed-size buckets, in the list's
+//! order, so that every rank ends with the same bits: MPI for CPU tensors
+//! ([`allreduce_tensors`]), NCCL for CUDA tensors (the `cuda` feature: [`Nccl`], its unique id
+//! broadcast over MPI).
 use candle_core::{DType, Tensor};
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,10 @@ use std::time::{Duration, Instant};
 mod mpi_comm;
 #[cfg(feature = "mpi")]
 pub use mpi_comm::MpiComm;
+#[cfg(feature = "cuda")]
+mod nccl;
+#[cfg(feature = "cuda")]
+pub use nccl::Nccl;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DistError {
@@ -164,7 +170,26 @@ pub struct ReduceStats {
     pub total: Duration,
 }
 
-/// Sums `tensors` over every rank, in place: flattened to f32 in the slice's order into
+/// The buckets of `tensors`: consecutive runs of at most `bucket_elements` elements (a tensor
+/// larger than that is a bucket of its own), in order.
+fn buckets(tensors: &[Tensor], bucket_elements: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < tensors.len() {
+        let (mut end, mut elements) = (start, 0);
+        while end < tensors.len()
+            && (end == start || elements + tensors[end].elem_count() <= bucket_elements)
+        {
+            elements += tensors[end].elem_count();
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// Sums `tensors` over every rank by MPI, in place: flattened to f32 in the slice's order into
 /// buckets of at most `bucket_elements` (a tensor larger than that is a bucket of its own),
 /// each bucket one all-reduce. Every rank must pass tensors of the same shapes in the same
 /// order; every rank ends with the same values. Tensors keep their dtype and device (an f64
@@ -179,19 +204,9 @@ pub fn allreduce_tensors(
         return Ok(stats);
     }
     let t0 = Instant::now();
-    let mut start = 0;
-    while start < tensors.len() {
-        // The bucket: tensors start..end.
-        let mut end = start;
-        let mut elements = 0;
-        while end < tensors.len()
-            && (end == start || elements + tensors[end].elem_count() <= bucket_elements)
-        {
-            elements += tensors[end].elem_count();
-            end += 1;
-        }
-        let mut flat = Vec::with_capacity(elements);
-        for t in &tensors[start..end] {
+    for bucket in buckets(tensors, bucket_elements) {
+        let mut flat = Vec::new();
+        for t in &tensors[bucket.clone()] {
             flat.extend(t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?);
         }
         let tr = Instant::now();
@@ -200,13 +215,84 @@ pub fn allreduce_tensors(
         stats.bytes += 4 * flat.len() as u64;
         stats.buckets += 1;
         let mut offset = 0;
-        for t in &mut tensors[start..end] {
+        for t in &mut tensors[bucket] {
             let n = t.elem_count();
             let summed = Tensor::from_slice(&flat[offset..offset + n], t.shape(), t.device())?;
             *t = summed.to_dtype(t.dtype())?;
             offset += n;
         }
-        start = end;
+    }
+    stats.total = t0.elapsed();
+    Ok(stats)
+}
+
+/// Sums the gradients of a step over the ranks: MPI for CPU tensors; NCCL for CUDA tensors
+/// (the `cuda` feature, on a CUDA device with more than one rank).
+pub struct Reducer<'c> {
+    comm: &'c dyn Comm,
+    #[cfg(feature = "cuda")]
+    nccl: Option<Nccl>,
+}
+
+impl<'c> Reducer<'c> {
+    /// Every rank calls this together, with the device its gradients live on.
+    pub fn new(comm: &'c dyn Comm, device: &candle_core::Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let nccl = if comm.world() > 1 && device.is_cuda() {
+            Some(Nccl::connect(comm, device)?)
+        } else {
+            None
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(Self {
+            comm,
+            #[cfg(feature = "cuda")]
+            nccl,
+        })
+    }
+
+    /// `tensors` summed over the ranks, in place, in `bucket_elements` buckets in their order.
+    pub fn allreduce(&self, tensors: &mut [Tensor], bucket_elements: usize) -> Result<ReduceStats> {
+        #[cfg(feature = "cuda")]
+        if let Some(nccl) = &self.nccl {
+            return allreduce_on_gpus(nccl, tensors, bucket_elements);
+        }
+        allreduce_tensors(self.comm, tensors, bucket_elements)
+    }
+}
+
+/// [`allreduce_tensors`] for CUDA tensors by NCCL: each bucket concatenated on the GPU, summed
+/// by ncclAllReduce, cut back into the tensors.
+#[cfg(feature = "cuda")]
+fn allreduce_on_gpus(
+    nccl: &Nccl,
+    tensors: &mut [Tensor],
+    bucket_elements: usize,
+) -> Result<ReduceStats> {
+    let mut stats = ReduceStats::default();
+    let t0 = Instant::now();
+    for bucket in buckets(tensors, bucket_elements) {
+        let flat: Vec<Tensor> = tensors[bucket.clone()]
+            .iter()
+            .map(|t| t.flatten_all()?.to_dtype(DType::F32))
+            .collect::<candle_core::Result<_>>()?;
+        let flat = Tensor::cat(&flat, 0)?;
+        let tr = Instant::now();
+        let summed = nccl.allreduce_sum(&flat)?;
+        summed.device().synchronize()?;
+        stats.reduce += tr.elapsed();
+        stats.bytes += 4 * flat.elem_count() as u64;
+        stats.buckets += 1;
+        let mut offset = 0;
+        for t in &mut tensors[bucket] {
+            let n = t.elem_count();
+            *t = summed
+                .narrow(0, offset, n)?
+                .reshape(t.shape())?
+                .to_dtype(t.dtype())?;
+            offset += n;
+        }
     }
     stats.total = t0.elapsed();
     Ok(stats)

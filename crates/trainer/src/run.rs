@@ -27,7 +27,7 @@ use crate::summary::Summary;
 use candle_core::DType;
 use serde_json::{Map, Value};
 use sft_data::{Batcher, Dataset};
-use sft_dist::{Comm, ReduceStats, Single};
+use sft_dist::{Comm, ReduceStats, Reducer, Single};
 use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, Grads, ParamSpec};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -212,8 +212,10 @@ enum Opened<'a> {
 /// Everything a run holds between its steps.
 struct Run<'a> {
     cfg: &'a Config,
-    /// The ranks of a data-parallel run ([`Single`] for one process).
+    /// The ranks of a data-parallel run ([`Single`] for one process), and how they sum
+    /// gradients (MPI; NCCL for CUDA tensors).
     comm: &'a dyn Comm,
+    reducer: Reducer<'a>,
     /// This segment continues a checkpoint (whose state already holds the evaluations it ran).
     resuming: bool,
     run_dir: PathBuf,
@@ -280,6 +282,7 @@ impl<'a> Run<'a> {
         // The model, its trainable parameters and the optimizer.
         let mut model = TrainModel::load(cfg)?;
         let specs = model.param_specs();
+        let reducer = Reducer::new(comm, &model.device).map_err(TrainError::dist)?;
         let mut optim = AdamW::new(
             specs.clone(),
             AdamWConfig {
@@ -409,6 +412,7 @@ impl<'a> Run<'a> {
         Ok(Opened::Ready(Box::new(Run {
             cfg,
             comm,
+            reducer,
             resuming,
             run_dir,
             ckpts,
@@ -484,7 +488,7 @@ impl<'a> Run<'a> {
                 .allreduce_sum_f64(&mut sums)
                 .map_err(TrainError::dist)?;
             (loss_sum, tokens) = (sums[0], sums[1] as usize);
-            reduced = allreduce_grads(self.comm, &self.specs, &mut grads)?;
+            reduced = allreduce_grads(&self.reducer, &self.specs, &mut grads)?;
             reduced.total = t.elapsed();
             *st.seconds.entry("allreduce".into()).or_default() += reduced.total.as_secs_f64();
         }
@@ -915,7 +919,7 @@ impl<'a> Run<'a> {
 /// parameters' (fixed) order, flattened into buckets (a rank without a gradient for one, no
 /// trained token in its slice, adds zeros).
 fn allreduce_grads(
-    comm: &dyn Comm,
+    reducer: &Reducer,
     specs: &[ParamSpec],
     grads: &mut Grads,
 ) -> Result<ReduceStats, TrainError> {
@@ -933,7 +937,8 @@ fn allreduce_grads(
         };
         tensors.push(t);
     }
-    let stats = sft_dist::allreduce_tensors(comm, &mut tensors, sft_dist::BUCKET_ELEMENTS)
+    let stats = reducer
+        .allreduce(&mut tensors, sft_dist::BUCKET_ELEMENTS)
         .map_err(TrainError::dist)?;
     for (p, t) in specs.iter().zip(tensors) {
         grads.insert(p.name.clone(), t);

@@ -113,7 +113,7 @@ pub fn run(args: TrainArgs) -> Result<()> {
             let _rank = tracing::error_span!("rank", n = comm.rank()).entered();
             // `cuda`: this rank's GPU, by its rank on the node.
             if cfg.model.device.trim() == "cuda" {
-                cfg.model.device = format!("cuda:{}", comm.local_rank());
+                cfg.model.device = format!("cuda:{}", gpu_of(comm.local_rank()));
             }
             match sft_trainer::train_on(&*comm, &cfg, &opts) {
                 Ok(done) => Ok((done, comm.is_root())),
@@ -135,6 +135,20 @@ pub fn run(args: TrainArgs) -> Result<()> {
         std::process::exit(130);
     }
     Ok(())
+}
+
+/// The GPU ordinal of the process with this rank on its node: the rank itself, or, where the
+/// launcher gave each process its own GPUs (srun --gpus-per-task sets CUDA_VISIBLE_DEVICES per
+/// task), the rank modulo the GPUs this process sees.
+fn gpu_of(local_rank: usize) -> usize {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count())
+        .unwrap_or(0);
+    if visible > 0 {
+        local_rank % visible
+    } else {
+        local_rank
+    }
 }
 
 /// Set `stop` on SIGINT, SIGTERM or SIGHUP; exit at once on a second SIGINT only.
