@@ -192,8 +192,9 @@ struct StepReport {
     grad_norm: f64,
     tokens: usize,
     padding: f64,
-    /// The gradients' all-reduce (several ranks): bytes and time, the loss's sum included.
-    reduced: Option<ReduceStats>,
+    /// Several ranks: the gradients' all-reduce (bytes, time), and the seconds of the step's
+    /// first sum (the loss's), which include waiting for the slowest rank.
+    reduced: Option<(ReduceStats, f64)>,
 }
 
 /// When evaluations run: before the first step (those asked `at_start`), when due, at the end.
@@ -480,17 +481,19 @@ impl<'a> Run<'a> {
         st.examples += examples;
         st.cursor = self.batcher.cursor();
         let mut grads = acc.into_sums();
-        let mut reduced = ReduceStats::default();
+        let mut reduced = None;
         if world > 1 {
+            // The first collective of the step: it also waits for the slowest rank.
             let t = Instant::now();
             let mut sums = [loss_sum, tokens as f64];
             self.comm
                 .allreduce_sum_f64(&mut sums)
                 .map_err(TrainError::dist)?;
             (loss_sum, tokens) = (sums[0], sums[1] as usize);
-            reduced = allreduce_grads(&self.reducer, &self.specs, &mut grads)?;
-            reduced.total = t.elapsed();
-            *st.seconds.entry("allreduce".into()).or_default() += reduced.total.as_secs_f64();
+            let wait = t.elapsed().as_secs_f64();
+            let stats = allreduce_grads(&self.reducer, &self.specs, &mut grads)?;
+            *st.seconds.entry("allreduce".into()).or_default() += t.elapsed().as_secs_f64();
+            reduced = Some((stats, wait));
         }
         st.tokens += tokens as u64;
         grads
@@ -541,7 +544,7 @@ impl<'a> Run<'a> {
             grad_norm,
             tokens,
             padding: padding / micro_batches as f64,
-            reduced: (world > 1).then_some(reduced),
+            reduced,
         }))
     }
 
@@ -559,9 +562,10 @@ impl<'a> Run<'a> {
         rec.insert("tokens".into(), s.tokens.into());
         rec.insert("padding".into(), s.padding.into());
         rec.insert("seconds".into(), seconds.into());
-        if let Some(r) = &s.reduced {
+        if let Some((r, wait)) = &s.reduced {
             rec.insert("allreduce_bytes".into(), r.bytes.into());
             rec.insert("allreduce_seconds".into(), r.total.as_secs_f64().into());
+            rec.insert("allreduce_wait_seconds".into(), (*wait).into());
         }
         let tl = Instant::now();
         if let Some(log) = &mut self.log {
