@@ -213,6 +213,17 @@ fn ranks(mpirun: u32) -> Vec<(usize, u32)> {
 /// Starts `mpirun -np 2` on `cfg` with steps slowed down, waits for rank 0 to log step 1, and
 /// sends `signal` to rank 1; returns mpirun's output and how long it ran after the signal.
 fn signal_rank_one(cfg: &Path, run: &Path, signal: &str, extra: &[&str]) -> (Output, Duration) {
+    signal_one(cfg, run, signal, extra, false)
+}
+
+/// [`signal_rank_one`], or with `to_mpirun` the signal sent to mpirun itself.
+fn signal_one(
+    cfg: &Path,
+    run: &Path,
+    signal: &str,
+    extra: &[&str],
+    to_mpirun: bool,
+) -> (Output, Duration) {
     let child = mpirun_command(2, cfg, extra, &[("SFT_TEST_STEP_DELAY_MS", "400")])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -226,8 +237,9 @@ fn signal_rank_one(cfg: &Path, run: &Path, signal: &str, extra: &[&str]) -> (Out
     }
     let ranks = ranks(child.id());
     assert_eq!(ranks.len(), 2, "{ranks:?}");
+    let target = if to_mpirun { child.id() } else { ranks[1].1 };
     let st = Command::new("kill")
-        .args([signal, &ranks[1].1.to_string()])
+        .args([signal, &target.to_string()])
         .status()
         .unwrap();
     assert!(st.success());
@@ -281,6 +293,30 @@ fn sigterm_on_one_rank_stops_both_and_the_resumed_run_matches() {
         weights(&run_dir(&one), "step-000004", "lora")
             == weights(&run_dir(&two), "step-000004", "lora")
     );
+}
+
+/// SIGUSR1 to mpirun (which passes it on to every rank; SIGTERM to mpirun ends the job at
+/// once): every rank stops after the same step, rank 0 checkpoints it, all exit 130.
+#[test]
+fn sigusr1_to_mpirun_checkpoints_and_stops_every_rank() {
+    let (t, cfg) = tiny_run(
+        "data_parallel.yaml",
+        &[("kind", "lora"), ("pack", "false"), ("accum", "1")],
+    );
+    let extra = ["--set", "train.max_steps=40"];
+    let (out, _) = signal_one(&cfg, &run_dir(&t), "-USR1", &extra, true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    let state: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run_dir(&t).join("latest/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    let at = state["step"].as_u64().unwrap();
+    assert!((1..40).contains(&at), "stopped at step {at}");
+    assert!(losses(&run_dir(&t))
+        .last()
+        .unwrap()
+        .starts_with(&format!("{at}:")));
 }
 
 /// kill -9 of one rank: the other does not wait for it forever.

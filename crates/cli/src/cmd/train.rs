@@ -1,5 +1,6 @@
 //! `sft train` / `sft-train`: run a YAML config. SIGINT, SIGTERM (a scheduler's preemption or
-//! time limit) and SIGHUP finish the current step, checkpoint and exit with status 130. A second
+//! time limit), SIGHUP and SIGUSR1 (what Open MPI's mpirun passes on to every rank: it ends the
+//! job on SIGTERM) finish the current step, checkpoint and exit with status 130. A second
 //! Ctrl-C exits at once; a repeated SIGTERM or SIGHUP does not (a scheduler may deliver SIGTERM
 //! more than once: Slurm signals every process of a preempted job, the batch script forwards it).
 use super::output;
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
 /// The quickstart config and the data it names, compiled in: `sft-train` with no `--config`
 /// runs it from any folder.
@@ -151,9 +152,9 @@ fn gpu_of(local_rank: usize) -> usize {
     }
 }
 
-/// Set `stop` on SIGINT, SIGTERM or SIGHUP; exit at once on a second SIGINT only.
+/// Set `stop` on SIGINT, SIGTERM, SIGHUP or SIGUSR1; exit at once on a second SIGINT only.
 fn stop_on_signals(stop: Arc<AtomicBool>) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
         .context("cannot install the signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -162,7 +163,8 @@ fn stop_on_signals(stop: Arc<AtomicBool>) -> Result<()> {
                 let name = match sig {
                     SIGINT => "interrupt",
                     SIGTERM => "SIGTERM",
-                    _ => "SIGHUP",
+                    SIGHUP => "SIGHUP",
+                    _ => "SIGUSR1",
                 };
                 if !stop.swap(true, Ordering::SeqCst) {
                     say!(
