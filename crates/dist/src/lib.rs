@@ -325,6 +325,24 @@ mod tests {
         }
     }
 
+    /// The only test here that sets the launcher's variables (tests run in threads of one
+    /// process).
+    #[cfg(not(feature = "mpi"))]
+    #[test]
+    fn a_build_without_mpi_runs_alone_and_refuses_several_processes() {
+        assert!(connect().is_ok_and(|c| c.world() == 1));
+        std::env::set_var("OMPI_COMM_WORLD_SIZE", "1");
+        assert!(connect().is_ok_and(|c| c.world() == 1));
+        std::env::set_var("OMPI_COMM_WORLD_SIZE", "2");
+        let refused = connect().err().map(|e| e.to_string());
+        std::env::remove_var("OMPI_COMM_WORLD_SIZE");
+        let msg = refused.unwrap_or_default();
+        assert!(
+            msg.contains("2 processes") && msg.contains("--features mpi"),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn a_single_process_is_rank_zero_of_one_and_keeps_its_values() {
         let c = Single;
