@@ -150,10 +150,14 @@ impl Grads {
         self.map.iter()
     }
 
-    /// The L2 norm of all gradients together (non-finite if any element is).
+    /// The L2 norm of all gradients together (non-finite if any element is). Summed in the
+    /// order of the names, so that every process (every rank of a data-parallel run, every
+    /// resumed run) gets the same bits.
     pub fn global_norm(&self) -> Result<f64> {
+        let mut names: Vec<&String> = self.map.keys().collect();
+        names.sort();
         let mut sq = 0f64;
-        for g in self.map.values() {
+        for g in names.into_iter().map(|n| &self.map[n]) {
             sq += g
                 .to_dtype(DType::F32)?
                 .sqr()?
@@ -248,6 +252,12 @@ impl GradAccumulator {
 
     pub fn micro_batches(&self) -> usize {
         self.micro_batches
+    }
+
+    /// The accumulated gradients, not yet divided by the tokens: what data-parallel ranks sum
+    /// before dividing by the tokens of every rank.
+    pub fn into_sums(self) -> Grads {
+        Grads::new(self.sums)
     }
 
     /// The accumulated gradients divided by the total token count (by 1 if it is zero).

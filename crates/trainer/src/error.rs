@@ -22,6 +22,8 @@ pub enum TrainError {
     Io(String),
     #[error("training diverged: {0}")]
     Diverged(String),
+    #[error("data-parallel: {0}")]
+    Dist(String),
 }
 
 // Written out rather than `#[from]`, which would also make the data error this one's `source`:
@@ -41,6 +43,9 @@ impl TrainError {
     }
     pub(crate) fn eval(e: sft_eval::BoxError) -> Self {
         TrainError::Eval(e.to_string())
+    }
+    pub(crate) fn dist(e: sft_dist::DistError) -> Self {
+        TrainError::Dist(e.to_string())
     }
     pub(crate) fn optim(e: impl std::fmt::Display) -> Self {
         TrainError::Optim(e.to_string())

@@ -25,4 +25,4 @@ pub mod summary;
 pub mod tensorboard;
 
 pub use error::TrainError;
-pub use run::{train, train_with, Outcome, Resume, RunOptions};
+pub use run::{train, train_in, train_on, train_with, Outcome, Resume, RunOptions};

@@ -171,8 +171,22 @@ impl TrainModel {
 
     /// Mean held-out loss (no dropout, no graph kept).
     pub fn eval_loss(&mut self, cfg: &Config, ds: &Dataset) -> Result<f64, TrainError> {
+        Ok(self
+            .eval_loss_on(cfg, ds, &sft_dist::Single)?
+            .unwrap_or(f64::NAN))
+    }
+
+    /// The held-out loss with the batches shared out among the ranks: each rank computes its
+    /// batches' loss sums and token counts, rank 0 gathers them and adds them up in batch
+    /// order (the same additions as one process makes). `Some` on rank 0 only.
+    pub fn eval_loss_on(
+        &mut self,
+        cfg: &Config,
+        ds: &Dataset,
+        comm: &dyn sft_dist::Comm,
+    ) -> Result<Option<f64>, TrainError> {
         if ds.eval.is_empty() {
-            return Ok(f64::NAN);
+            return Ok(comm.is_root().then_some(f64::NAN));
         }
         let mut set = ds.eval.clone();
         if cfg.eval.loss.max_examples > 0 && set.len() > cfg.eval.loss.max_examples {
@@ -182,13 +196,27 @@ impl TrainModel {
         let opts = cfg.data.batch_options(cfg.train.micro_batch_size);
         let batches = sft_data::eval_batches(&set, ds.pad_id, &opts);
         crate::adapter::set_training(&mut self.llama, None);
-        let (mut sum, mut n) = (0.0, 0usize);
-        for b in &batches {
+        // (the loss sum's bits, tokens): the bits, so that the sums travel exactly.
+        let mut mine: Vec<(u64, usize)> = Vec::new();
+        for b in &batches[sft_dist::share(batches.len(), comm.rank(), comm.world())] {
             let out = self.loss(b)?;
-            sum += out.sum.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            n += out.n_tokens;
+            let sum = out.sum.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            mine.push((sum.to_bits(), out.n_tokens));
         }
-        Ok(if n == 0 { f64::NAN } else { sum / n as f64 })
+        let bytes = serde_json::to_vec(&mine).map_err(|e| TrainError::Dist(e.to_string()))?;
+        let Some(parts) = comm.gather_bytes(&bytes, 0).map_err(TrainError::dist)? else {
+            return Ok(None);
+        };
+        let (mut sum, mut n) = (0.0, 0usize);
+        for part in parts {
+            let part: Vec<(u64, usize)> =
+                serde_json::from_slice(&part).map_err(|e| TrainError::Dist(e.to_string()))?;
+            for (s, k) in part {
+                sum += f64::from_bits(s);
+                n += k;
+            }
+        }
+        Ok(Some(if n == 0 { f64::NAN } else { sum / n as f64 }))
     }
 
     /// Write the trained weights: a PEFT adapter, or full weights in Hugging Face shards, plus

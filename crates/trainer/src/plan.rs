@@ -69,6 +69,9 @@ pub struct DryRun {
     pub examples: u64,
     pub batch: u64,
     pub seq: u64,
+    /// Processes training together (data-parallel ranks), each with the memory below.
+    pub world: u64,
+    pub grad_accum: u64,
     pub memory: MemoryEstimate,
 }
 
@@ -84,6 +87,10 @@ impl DryRun {
             "examples": self.examples,
             "micro_batch": self.batch,
             "seq": self.seq,
+            "world": self.world,
+            "grad_accum": self.grad_accum,
+            "per_rank_batch": self.batch * self.grad_accum,
+            "global_batch": self.batch * self.grad_accum * self.world,
             "memory_bytes": {
                 "weights": m.weights,
                 "trainable": m.trainable,
@@ -116,9 +123,20 @@ impl fmt::Display for DryRun {
         writeln!(f, "held-out         {}", self.eval_examples)?;
         writeln!(f, "optimizer steps  {}", self.steps)?;
         writeln!(f, "examples seen    {}", self.examples)?;
+        writeln!(f, "world size       {} process(es)", self.world)?;
         writeln!(
             f,
-            "# memory estimate (micro-batch {} x {} tokens)",
+            "batch            {} per rank (micro-batch {} x accumulation {}), {} global (x {} \
+             ranks)",
+            self.batch * self.grad_accum,
+            self.batch,
+            self.grad_accum,
+            self.batch * self.grad_accum * self.world,
+            self.world
+        )?;
+        writeln!(
+            f,
+            "# memory estimate per rank (each holds a replica; micro-batch {} x {} tokens)",
             self.batch, self.seq
         )?;
         let m = &self.memory;
@@ -136,8 +154,8 @@ impl fmt::Display for DryRun {
     }
 }
 
-/// Resolve the model and the data, count, and estimate.
-pub fn dry_run(cfg: &Config) -> Result<DryRun, TrainError> {
+/// Resolve the model and the data, count, and estimate, for a run of `world` processes.
+pub fn dry_run(cfg: &Config, world: usize) -> Result<DryRun, TrainError> {
     let spec = crate::model::resolve_model_spec(&cfg.model.source);
     let source = sft_model::load::ModelSource::parse(&spec)
         .map_err(|e| TrainError::Model(format!("model.source {spec}: {e}")))?;
@@ -154,9 +172,10 @@ pub fn dry_run(cfg: &Config) -> Result<DryRun, TrainError> {
         cfg.data.batch_options(cfg.train.micro_batch_size),
     )?;
     let per_epoch = batcher.batches_in_epoch(0) as u64;
-    let steps = crate::run::total_steps(cfg, per_epoch, ds.train.len() as u64);
+    let steps = crate::run::total_steps(cfg, world, per_epoch, ds.train.len() as u64);
     let mean_batch = ds.train.len() as f64 / per_epoch.max(1) as f64;
-    let mut examples = (steps as f64 * mean_batch * cfg.train.grad_accum as f64).round() as u64;
+    let global_accum = (cfg.train.grad_accum * world) as f64;
+    let mut examples = (steps as f64 * mean_batch * global_accum).round() as u64;
     if let Some(x) = cfg.train.max_examples {
         examples = examples.min(x);
     }
@@ -169,6 +188,8 @@ pub fn dry_run(cfg: &Config) -> Result<DryRun, TrainError> {
         model: m,
         train_examples: ds.train.len() as u64,
         eval_examples: ds.eval.len() as u64,
+        world: world as u64,
+        grad_accum: cfg.train.grad_accum as u64,
         steps,
         examples,
         batch,

@@ -15,8 +15,9 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(cfg: &Config, total_steps: u64, step: u64, examples: u64) -> Self {
-        let bar = cfg.logging.progress.then(|| {
+    /// `show`: this process draws the bar (rank 0 of a data-parallel run).
+    pub fn new(cfg: &Config, show: bool, total_steps: u64, step: u64, examples: u64) -> Self {
+        let bar = (show && cfg.logging.progress).then(|| {
             let bar = ProgressBar::new(total_steps);
             bar.set_style(
                 ProgressStyle::with_template("{bar:30} {pos}/{len} steps  {msg}  ETA {eta}")

@@ -4,7 +4,14 @@
 //! that are due, each seen by the stop rules → checkpoint; at the end the final evaluations,
 //! the last checkpoint and the summary. Everything the run writes lives in
 //! `checkpoint.dir/run.name/`.
-use crate::answer::ModelAnswer;
+//!
+//! Data-parallel ([`train_on`] with several ranks): every rank walks the same data stream and
+//! takes its slice of each global batch (micro-batch x accumulation x world); the gradient
+//! sums are added up over the ranks before they are normalised, clipped and stepped, the same
+//! on every rank. Rank 0 alone writes (logs, metrics, plots, checkpoints) and runs the
+//! evaluators, the others answering their share of the prompts; the stop decisions (a signal
+//! on any rank, a stop rule) are agreed by every rank.
+use crate::answer::{ModelAnswer, SplitAnswer};
 use crate::checkpoint::{step_dir_name, Checkpoints};
 use crate::config::Config;
 use crate::error::TrainError;
@@ -17,9 +24,11 @@ use crate::schedule::lr_at;
 use crate::state::{differences, identity, EvalRecord, TrainerState};
 use crate::stop::{Decision, StopRule};
 use crate::summary::Summary;
+use candle_core::DType;
 use serde_json::{Map, Value};
 use sft_data::{Batcher, Dataset};
-use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, ParamSpec};
+use sft_dist::{Comm, ReduceStats, Reducer, Single};
+use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, Grads, ParamSpec};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,8 +94,29 @@ pub fn train_with(
     evaluators: Vec<Scheduled>,
     rules: Vec<Box<dyn StopRule>>,
 ) -> Result<(Outcome, Summary), TrainError> {
+    train_in(&Single, cfg, opts, evaluators, rules)
+}
+
+/// [`train`] as one rank of a data-parallel run (`comm`: [`sft_dist::connect`]).
+pub fn train_on(
+    comm: &dyn Comm,
+    cfg: &Config,
+    opts: &RunOptions,
+) -> Result<(Outcome, Summary), TrainError> {
+    let evaluators = crate::evals::from_config(cfg)?;
+    train_in(comm, cfg, opts, evaluators, crate::stop::from_config(cfg))
+}
+
+/// [`train_with`] as one rank of a data-parallel run.
+pub fn train_in(
+    comm: &dyn Comm,
+    cfg: &Config,
+    opts: &RunOptions,
+    evaluators: Vec<Scheduled>,
+    rules: Vec<Box<dyn StopRule>>,
+) -> Result<(Outcome, Summary), TrainError> {
     let started = Instant::now();
-    let mut run = match Run::open(cfg, opts, evaluators, rules)? {
+    let mut run = match Run::open(comm, cfg, opts, evaluators, rules)? {
         Opened::Ready(run) => *run,
         Opened::AlreadyStopped(summary) => return Ok((Outcome::AlreadyStopped, *summary)),
     };
@@ -107,7 +137,12 @@ pub fn train_with(
 
     let mut interrupted = false;
     while stop.is_none() && !run.reached_limit() {
-        if opts.stop.load(Ordering::SeqCst) {
+        // A signal on any rank stops every rank, before the same step.
+        if run
+            .comm
+            .any(opts.stop.load(Ordering::SeqCst))
+            .map_err(TrainError::dist)?
+        {
             interrupted = true;
             break;
         }
@@ -157,6 +192,9 @@ struct StepReport {
     grad_norm: f64,
     tokens: usize,
     padding: f64,
+    /// Several ranks: the gradients' all-reduce (bytes, time), and the seconds of the step's
+    /// first sum (the loss's), which include waiting for the slowest rank.
+    reduced: Option<(ReduceStats, f64)>,
 }
 
 /// When evaluations run: before the first step (those asked `at_start`), when due, at the end.
@@ -175,6 +213,10 @@ enum Opened<'a> {
 /// Everything a run holds between its steps.
 struct Run<'a> {
     cfg: &'a Config,
+    /// The ranks of a data-parallel run ([`Single`] for one process), and how they sum
+    /// gradients (MPI; NCCL for CUDA tensors).
+    comm: &'a dyn Comm,
+    reducer: Reducer<'a>,
     /// This segment continues a checkpoint (whose state already holds the evaluations it ran).
     resuming: bool,
     run_dir: PathBuf,
@@ -189,7 +231,8 @@ struct Run<'a> {
     /// The evaluator whose primary score ranks checkpoints (`best`); else the held-out loss.
     ranking: Option<String>,
     rules: Vec<Box<dyn StopRule>>,
-    log: MetricsLog,
+    /// metrics.jsonl and TensorBoard: rank 0's.
+    log: Option<MetricsLog>,
     progress: Progress,
     st: TrainerState,
     /// Seconds of training before this segment of the run, and in it.
@@ -202,6 +245,7 @@ struct Run<'a> {
 impl<'a> Run<'a> {
     /// Check the resume, load the model, the optimizer and the data, restore or start the state.
     fn open(
+        comm: &'a dyn Comm,
         cfg: &'a Config,
         opts: &RunOptions,
         evaluators: Vec<Scheduled>,
@@ -227,7 +271,7 @@ impl<'a> Run<'a> {
         };
         let resuming = resumed.is_some();
         if let Some((path, st)) = &resumed {
-            check_resume_compatible(cfg, st, path)?;
+            check_resume_compatible(cfg, comm.world(), st, path)?;
         } else if !ckpts.list().is_empty() {
             return Err(TrainError::Config(format!(
                 "{} already holds checkpoints: pass --resume to continue that run, or choose \
@@ -239,6 +283,7 @@ impl<'a> Run<'a> {
         // The model, its trainable parameters and the optimizer.
         let mut model = TrainModel::load(cfg)?;
         let specs = model.param_specs();
+        let reducer = Reducer::new(comm, &model.device).map_err(TrainError::dist)?;
         let mut optim = AdamW::new(
             specs.clone(),
             AdamWConfig {
@@ -278,13 +323,24 @@ impl<'a> Run<'a> {
             cfg.data.batch_options(cfg.train.micro_batch_size),
         )?;
         let batches_per_epoch = batcher.batches_in_epoch(0) as u64;
-        let total_steps = total_steps(cfg, batches_per_epoch, data.train.len() as u64);
+        let world = comm.world();
+        let total_steps = total_steps(cfg, world, batches_per_epoch, data.train.len() as u64);
         tracing::info!(
             "plan: {} train examples, {} batches per epoch, {} optimizer steps",
             data.train.len(),
             batches_per_epoch,
             total_steps
         );
+        if world > 1 {
+            let per_rank = cfg.train.micro_batch_size * cfg.train.grad_accum;
+            tracing::info!(
+                "data-parallel: {world} ranks x {per_rank} sequences (micro-batch {} x \
+                 accumulation {}) = global batch {}",
+                cfg.train.micro_batch_size,
+                cfg.train.grad_accum,
+                per_rank * world
+            );
+        }
 
         // The state: fresh, or restored with the weights, the optimizer and the data cursor.
         let mut st = match resumed {
@@ -308,7 +364,7 @@ impl<'a> Run<'a> {
                 for e in &evaluators {
                     due.insert(e.name().to_string(), e.schedule.every_examples);
                 }
-                TrainerState::fresh(cfg, due)
+                TrainerState::fresh(cfg, world, due)
             }
         };
         *st.seconds.entry("data_build".into()).or_default() += data_build_seconds;
@@ -342,19 +398,28 @@ impl<'a> Run<'a> {
             st.stopped = None;
         }
 
-        let log = MetricsLog::open(
-            &run_dir.join("metrics.jsonl"),
-            resuming.then_some(st.step),
-            cfg.logging.tensorboard,
-        )
-        .map_err(|e| TrainError::io(&run_dir, e))?;
-        let progress = Progress::new(cfg, total_steps, st.step, st.examples);
+        // Every rank has read what it needs from the run folder: from here rank 0 writes it.
+        comm.barrier().map_err(TrainError::dist)?;
+        let log = if comm.is_root() {
+            let log = MetricsLog::open(
+                &run_dir.join("metrics.jsonl"),
+                resuming.then_some(st.step),
+                cfg.logging.tensorboard,
+            )
+            .map_err(|e| TrainError::io(&run_dir, e))?;
+            Some(log)
+        } else {
+            None
+        };
+        let progress = Progress::new(cfg, comm.is_root(), total_steps, st.step, st.examples);
         let ranking = evaluators
             .iter()
             .find(|e| e.ranks_best)
             .map(|e| e.name().to_string());
         Ok(Opened::Ready(Box::new(Run {
             cfg,
+            comm,
+            reducer,
             resuming,
             run_dir,
             ckpts,
@@ -381,21 +446,30 @@ impl<'a> Run<'a> {
     }
 
     /// One optimizer step: the micro-batches' forward, loss and backward, the gradients
-    /// accumulated, clipped and applied by AdamW. `None` when the step is skipped (a
-    /// non-finite loss or gradient, or no trained token); too many skips in a row fail the run.
+    /// accumulated, summed over the ranks, clipped and applied by AdamW. `None` when the step
+    /// is skipped (a non-finite loss or gradient, or no trained token); too many skips in a
+    /// row fail the run.
     fn train_step(&mut self, lr: f64) -> Result<Option<StepReport>, TrainError> {
         let cfg = self.cfg;
+        let (rank, world) = (self.comm.rank(), self.comm.world());
         let st = &mut self.st;
         // The loss is summed over every trained token of the optimizer step and normalised
-        // once, so accumulation equals one big batch.
+        // once, so accumulation (and data parallelism) equals one big batch.
         let mut acc = GradAccumulator::new();
         let (mut loss_sum, mut tokens, mut examples, mut padding) = (0.0f64, 0usize, 0u64, 0.0);
-        for micro in 0..cfg.train.grad_accum {
+        // The global batch: `grad_accum` micro-batches for each rank, in the data's order.
+        // Every rank draws all of them (the data position stays global); rank r trains
+        // micro-batches r x grad_accum .. (r + 1) x grad_accum.
+        let micro_batches = cfg.train.grad_accum * world;
+        for micro in 0..micro_batches {
             let tb = Instant::now();
             let batch = self.batcher.next_batch();
             *st.seconds.entry("data_batches".into()).or_default() += tb.elapsed().as_secs_f64();
             examples += batch.num_examples() as u64;
             padding += batch.padding_ratio();
+            if micro / cfg.train.grad_accum != rank {
+                continue; // another rank's slice
+            }
             self.model.set_dropout_seed(st.seed, st.step, micro as u64);
             let out = self.model.loss(&batch)?;
             let value = out
@@ -411,14 +485,31 @@ impl<'a> Run<'a> {
             }
         }
         st.examples += examples;
-        st.tokens += tokens as u64;
         st.cursor = self.batcher.cursor();
+        let mut grads = acc.into_sums();
+        let mut reduced = None;
+        if world > 1 {
+            // The first collective of the step: it also waits for the slowest rank.
+            let t = Instant::now();
+            let mut sums = [loss_sum, tokens as f64];
+            self.comm
+                .allreduce_sum_f64(&mut sums)
+                .map_err(TrainError::dist)?;
+            (loss_sum, tokens) = (sums[0], sums[1] as usize);
+            let wait = t.elapsed().as_secs_f64();
+            let stats = allreduce_grads(&self.reducer, &self.specs, &mut grads)?;
+            *st.seconds.entry("allreduce".into()).or_default() += t.elapsed().as_secs_f64();
+            reduced = Some((stats, wait));
+        }
+        st.tokens += tokens as u64;
+        grads
+            .scale(1.0 / tokens.max(1) as f64)
+            .map_err(TrainError::optim)?;
         let mean_loss = if tokens > 0 {
             loss_sum / tokens as f64
         } else {
             0.0
         };
-        let mut grads = acc.finish().map_err(TrainError::optim)?;
 
         let finite =
             mean_loss.is_finite() && grads.non_finite().map_err(TrainError::optim)?.is_empty();
@@ -458,7 +549,8 @@ impl<'a> Run<'a> {
             loss: mean_loss,
             grad_norm,
             tokens,
-            padding: padding / cfg.train.grad_accum as f64,
+            padding: padding / micro_batches as f64,
+            reduced,
         }))
     }
 
@@ -476,10 +568,15 @@ impl<'a> Run<'a> {
         rec.insert("tokens".into(), s.tokens.into());
         rec.insert("padding".into(), s.padding.into());
         rec.insert("seconds".into(), seconds.into());
+        if let Some((r, wait)) = &s.reduced {
+            rec.insert("allreduce_bytes".into(), r.bytes.into());
+            rec.insert("allreduce_seconds".into(), r.total.as_secs_f64().into());
+            rec.insert("allreduce_wait_seconds".into(), (*wait).into());
+        }
         let tl = Instant::now();
-        self.log
-            .write(&rec)
-            .map_err(|e| TrainError::io(self.log.path(), e))?;
+        if let Some(log) = &mut self.log {
+            log.write(&rec).map_err(|e| TrainError::io(log.path(), e))?;
+        }
         *st.seconds.entry("logging".into()).or_default() += tl.elapsed().as_secs_f64();
         self.progress
             .step(st.step, st.examples, s.tokens, s.loss, lr, seconds);
@@ -501,47 +598,48 @@ impl<'a> Run<'a> {
 
     /// Run the evaluations whose time has come: the held-out loss, then each evaluator in
     /// order. Each goes to metrics.jsonl and the state's history and is shown to the stop
-    /// rules; returns the first stop reason.
+    /// rules; returns the first stop reason. With several ranks, rank 0 decides what is due
+    /// and scores; every rank computes its share; the stop reason is rank 0's, on every rank.
     fn evaluate(&mut self, when: When) -> Result<Option<String>, TrainError> {
-        if when == When::End {
-            // Evaluate the final model, unless an evaluation just ran at this step.
-            let names: Vec<String> = std::iter::once("loss")
-                .chain(self.evaluators.iter().map(|e| e.name()))
-                .map(String::from)
-                .collect();
-            let st = &mut self.st;
-            for name in names {
-                if !st.evals.iter().any(|r| r.step == st.step && r.name == name) {
-                    st.due.insert(name, st.examples);
-                }
+        let due = self.due_evaluations(when)?;
+        let mut stop = None;
+        if due.iter().any(|n| n == "loss") {
+            let t = Instant::now();
+            let loss = self.model.eval_loss_on(self.cfg, &self.data, self.comm)?;
+            self.add_seconds("eval_loss", t);
+            if let Some(loss) = loss {
+                let rec = self.record("loss", BTreeMap::from([("eval_loss".into(), loss)]))?;
+                let rank = self.ranking.is_none().then_some(-loss);
+                stop = stop.or(self.after_evaluation(&rec, rank)?);
             }
         }
-        let mut stop = None;
-        let every = self.cfg.eval.loss.every_examples;
-        if every > 0 && self.is_due("loss", every, true, when) {
-            let t = Instant::now();
-            let loss = self.model.eval_loss(self.cfg, &self.data)?;
-            self.add_seconds("eval_loss", t);
-            let rec = self.record("loss", BTreeMap::from([("eval_loss".into(), loss)]))?;
-            let rank = self.ranking.is_none().then_some(-loss);
-            stop = stop.or(self.after_evaluation(&rec, rank)?);
-        }
         for i in 0..self.evaluators.len() {
-            let e = &self.evaluators[i];
-            let name = e.name().to_string();
-            let (every, at_start) = (e.schedule.every_examples, e.schedule.at_start);
-            if every == 0 || !self.is_due(&name, every, at_start, when) {
+            let name = self.evaluators[i].name().to_string();
+            if !due.contains(&name) {
                 continue;
             }
             let t = Instant::now();
             let out = self.run_dir.join("evals").join(step_dir_name(self.st.step));
-            let report = {
-                let e = &mut self.evaluators[i];
-                let mut answer = ModelAnswer::new(&mut self.model, &e.schedule)?;
-                e.evaluator
-                    .evaluate(&mut answer, &out)
-                    .map_err(TrainError::eval)?
-            };
+            let comm = self.comm;
+            let e = &mut self.evaluators[i];
+            let mut answer = ModelAnswer::new(&mut self.model, &e.schedule)?;
+            let report = if comm.world() == 1 {
+                e.evaluator.evaluate(&mut answer, &out)
+            } else if comm.is_root() {
+                // Rank 0 runs the evaluator; every rank generates its share of the answers.
+                let mut split = SplitAnswer {
+                    model: answer,
+                    comm,
+                };
+                let report = e.evaluator.evaluate(&mut split, &out);
+                split.done()?;
+                report
+            } else {
+                crate::answer::serve(&answer, comm)?;
+                self.add_seconds(&format!("eval_{name}"), t);
+                continue;
+            }
+            .map_err(TrainError::eval)?;
             self.add_seconds(&format!("eval_{name}"), t);
             let rec = self.record(&name, report.scores.clone())?;
             let others: Vec<String> = report
@@ -563,7 +661,50 @@ impl<'a> Run<'a> {
         if self.cfg.logging.plots && self.st.evals.last().is_some_and(|r| r.step == self.st.step) {
             self.redraw_plots();
         }
-        Ok(stop)
+        // Rank 0's decision (its stop rules saw the scores), on every rank.
+        let mut bytes = serde_json::to_vec(&stop).map_err(|e| TrainError::Dist(e.to_string()))?;
+        self.comm
+            .broadcast_bytes(&mut bytes, 0)
+            .map_err(TrainError::dist)?;
+        serde_json::from_slice(&bytes).map_err(|e| TrainError::Dist(e.to_string()))
+    }
+
+    /// The evaluations that run now (`loss`, then the evaluators in order), as rank 0 sees
+    /// them (its state holds the history), on every rank.
+    fn due_evaluations(&mut self, when: When) -> Result<Vec<String>, TrainError> {
+        let mut due = Vec::new();
+        if self.comm.is_root() {
+            if when == When::End {
+                // Evaluate the final model, unless an evaluation just ran at this step.
+                let names: Vec<String> = std::iter::once("loss")
+                    .chain(self.evaluators.iter().map(|e| e.name()))
+                    .map(String::from)
+                    .collect();
+                let st = &mut self.st;
+                for name in names {
+                    if !st.evals.iter().any(|r| r.step == st.step && r.name == name) {
+                        st.due.insert(name, st.examples);
+                    }
+                }
+            }
+            let every = self.cfg.eval.loss.every_examples;
+            if every > 0 && self.is_due("loss", every, true, when) {
+                due.push("loss".to_string());
+            }
+            for i in 0..self.evaluators.len() {
+                let e = &self.evaluators[i];
+                let name = e.name().to_string();
+                let (every, at_start) = (e.schedule.every_examples, e.schedule.at_start);
+                if every > 0 && self.is_due(&name, every, at_start, when) {
+                    due.push(name);
+                }
+            }
+        }
+        let mut bytes = serde_json::to_vec(&due).map_err(|e| TrainError::Dist(e.to_string()))?;
+        self.comm
+            .broadcast_bytes(&mut bytes, 0)
+            .map_err(TrainError::dist)?;
+        serde_json::from_slice(&bytes).map_err(|e| TrainError::Dist(e.to_string()))
     }
 
     /// Whether evaluation `name` (every `every` examples) runs now; when due, its next time
@@ -603,9 +744,10 @@ impl<'a> Run<'a> {
             scores,
         };
         self.st.evals.push(rec.clone());
-        self.log
-            .write(&line)
-            .map_err(|e| TrainError::io(self.log.path(), e))?;
+        if let Some(log) = &mut self.log {
+            log.write(&line)
+                .map_err(|e| TrainError::io(log.path(), e))?;
+        }
         Ok(rec)
     }
 
@@ -653,8 +795,12 @@ impl<'a> Run<'a> {
         *self.st.seconds.entry(part.to_string()).or_default() += since.elapsed().as_secs_f64();
     }
 
-    /// Checkpoint the current step (with every stop rule's state), then prune.
+    /// Checkpoint the current step (with every stop rule's state), then prune. Rank 0 writes;
+    /// the other ranks hold the same weights and optimizer state.
     fn save(&mut self) -> Result<(), TrainError> {
+        if !self.comm.is_root() {
+            return Ok(());
+        }
         let st = &mut self.st;
         st.seconds.insert(
             "train".into(),
@@ -715,6 +861,19 @@ impl<'a> Run<'a> {
             self.st.stopped = Some(reason.clone());
         }
         self.save()?;
+        if !self.comm.is_root() {
+            let status = format!("{outcome:?}").to_lowercase();
+            let summary = Summary::build(
+                self.cfg,
+                &self.st,
+                &self.data.report,
+                &status,
+                &reason,
+                &self.run_dir,
+                started.elapsed().as_secs_f64(),
+            );
+            return Ok((outcome, summary));
+        }
         if let Some(c) = &self.st.chosen {
             self.ckpts
                 .point(&c.link, &step_dir_name(c.step))
@@ -752,18 +911,49 @@ impl<'a> Run<'a> {
     }
 
     fn redraw_plots(&self) {
-        if !self.cfg.logging.plots {
+        let Some(log) = self.log.as_ref().filter(|_| self.cfg.logging.plots) else {
             return;
-        }
-        match MetricsLog::read_all(self.log.path()) {
+        };
+        match MetricsLog::read_all(log.path()) {
             Ok(records) => {
                 if let Err(e) = plot::redraw(&self.run_dir, &records) {
                     tracing::warn!("plots: {e}");
                 }
             }
-            Err(e) => tracing::warn!("plots: cannot read {}: {e}", self.log.path().display()),
+            Err(e) => tracing::warn!("plots: cannot read {}: {e}", log.path().display()),
         }
     }
+}
+
+/// Sums the step's gradient sums over the ranks: every trainable parameter's, in the
+/// parameters' (fixed) order, flattened into buckets (a rank without a gradient for one, no
+/// trained token in its slice, adds zeros).
+fn allreduce_grads(
+    reducer: &Reducer,
+    specs: &[ParamSpec],
+    grads: &mut Grads,
+) -> Result<ReduceStats, TrainError> {
+    let mut tensors = Vec::with_capacity(specs.len());
+    for p in specs {
+        let t = match grads.get(&p.name) {
+            Some(g) => g.clone(),
+            None => {
+                let dt = match p.var.dtype() {
+                    DType::F64 => DType::F64,
+                    _ => DType::F32,
+                };
+                p.var.zeros_like()?.to_dtype(dt)?
+            }
+        };
+        tensors.push(t);
+    }
+    let stats = reducer
+        .allreduce(&mut tensors, sft_dist::BUCKET_ELEMENTS)
+        .map_err(TrainError::dist)?;
+    for (p, t) in specs.iter().zip(tensors) {
+        grads.insert(p.name.clone(), t);
+    }
+    Ok(stats)
 }
 
 /// Evaluator names key the metrics and the schedule, rule names the saved states: each must
@@ -821,13 +1011,13 @@ fn replay(rules: &mut [Box<dyn StopRule>], evals: &[EvalRecord]) -> bool {
 }
 
 /// Optimizer steps the run will take at most: the first limit reached of epochs, max_steps
-/// and max_examples.
-pub fn total_steps(cfg: &Config, batches_per_epoch: u64, train_examples: u64) -> u64 {
-    let per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum) as u64;
+/// and max_examples, with `world` ranks each accumulating `grad_accum` micro-batches a step.
+pub fn total_steps(cfg: &Config, world: usize, batches_per_epoch: u64, train_examples: u64) -> u64 {
+    let accum = (cfg.train.grad_accum * world.max(1)) as f64;
+    let per_step = (cfg.train.micro_batch_size * cfg.train.grad_accum * world.max(1)) as u64;
     let mut limit = u64::MAX;
     if let Some(e) = cfg.train.epochs {
-        limit =
-            limit.min(((batches_per_epoch as f64 * e) / cfg.train.grad_accum as f64).ceil() as u64);
+        limit = limit.min(((batches_per_epoch as f64 * e) / accum).ceil() as u64);
     }
     if let Some(s) = cfg.train.max_steps {
         limit = limit.min(s);
@@ -840,7 +1030,7 @@ pub fn total_steps(cfg: &Config, batches_per_epoch: u64, train_examples: u64) ->
         } else {
             per_step as f64
         };
-        limit = limit.min((x as f64 / (mean * cfg.train.grad_accum as f64)).ceil() as u64);
+        limit = limit.min((x as f64 / (mean * accum)).ceil() as u64);
     }
     limit.max(1)
 }
@@ -874,8 +1064,31 @@ fn find_resume(
     }
 }
 
-fn check_resume_compatible(cfg: &Config, st: &TrainerState, path: &Path) -> Result<(), TrainError> {
-    let diffs = differences(&st.identity, &identity(cfg));
+fn check_resume_compatible(
+    cfg: &Config,
+    world: usize,
+    st: &TrainerState,
+    path: &Path,
+) -> Result<(), TrainError> {
+    let now = identity(cfg, world);
+    // The global batch (micro-batch x accumulation x world): another one is another run.
+    let accum = |v: &Value| v.pointer("/train/grad_accum").and_then(Value::as_u64);
+    let (was, is) = (accum(&st.identity), accum(&now));
+    if was != is {
+        let micro = cfg.train.micro_batch_size as u64;
+        let (was, is) = (was.unwrap_or(0), is.unwrap_or(0));
+        return Err(TrainError::Config(format!(
+            "cannot resume {}: its global batch is {} sequences (micro-batch x accumulation x \
+             world = {micro} x {was} micro-batches over all ranks), this run's {} ({micro} x {} \
+             x {world} ranks). Resume with the same global batch: set train.grad_accum so that \
+             grad_accum x world = {was}",
+            path.display(),
+            micro * was,
+            micro * is,
+            cfg.train.grad_accum
+        )));
+    }
+    let diffs = differences(&st.identity, &now);
     if !diffs.is_empty() {
         return Err(TrainError::Config(format!(
             "cannot resume {}: the config changes what was trained:\n  {}",

@@ -73,8 +73,8 @@ pub struct TrainerState {
 
 impl TrainerState {
     /// The state of a run that has not trained yet; `due`: when each evaluation first runs.
-    pub fn fresh(cfg: &Config, due: BTreeMap<String, u64>) -> Self {
-        let identity = identity(cfg);
+    pub fn fresh(cfg: &Config, world: usize, due: BTreeMap<String, u64>) -> Self {
+        let identity = identity(cfg, world);
         Self {
             step: 0,
             examples: 0,
@@ -115,7 +115,10 @@ impl TrainerState {
 }
 
 /// The parts of a config that define what is trained: a resume must not change them.
-pub fn identity(cfg: &Config) -> Value {
+/// What a resume may not change. `grad_accum` is the accumulation of the whole world (micro-
+/// batches per optimizer step over every rank), so that a run checkpointed by 2 ranks x
+/// accumulation 1 resumes on 1 rank x accumulation 2: the same global batch.
+pub fn identity(cfg: &Config, world: usize) -> Value {
     serde_json::json!({
         "model": {
             "source": cfg.model.source,
@@ -127,7 +130,7 @@ pub fn identity(cfg: &Config) -> Value {
         "train": {
             "seed": cfg.train.seed,
             "micro_batch_size": cfg.train.micro_batch_size,
-            "grad_accum": cfg.train.grad_accum,
+            "grad_accum": cfg.train.grad_accum * world,
         },
     })
 }

@@ -23,7 +23,14 @@ pub mod train;
 pub fn init_logging() {
     sft_model::runtime::tune_cpu_runtime();
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Ranks other than 0 of a data-parallel run log their warnings and errors only (rank 0
+    // logs the run); RUST_LOG applies to every rank.
+    let level = if sft_dist::launcher_rank() == 0 {
+        "info"
+    } else {
+        "warn"
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -1,5 +1,6 @@
 //! `sft train` / `sft-train`: run a YAML config. SIGINT, SIGTERM (a scheduler's preemption or
-//! time limit) and SIGHUP finish the current step, checkpoint and exit with status 130. A second
+//! time limit), SIGHUP and SIGUSR1 (what Open MPI's mpirun passes on to every rank: it ends the
+//! job on SIGTERM) finish the current step, checkpoint and exit with status 130. A second
 //! Ctrl-C exits at once; a repeated SIGTERM or SIGHUP does not (a scheduler may deliver SIGTERM
 //! more than once: Slurm signals every process of a preempted job, the batch script forwards it).
 use super::output;
@@ -11,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
 /// The quickstart config and the data it names, compiled in: `sft-train` with no `--config`
 /// runs it from any folder.
@@ -72,12 +73,17 @@ fn quickstart(overrides: &[String]) -> Result<Config> {
 }
 
 pub fn run(args: TrainArgs) -> Result<()> {
-    let cfg = match &args.config {
+    let mut cfg = match &args.config {
         Some(path) => Config::load(path, &args.overrides)?,
         None => quickstart(&args.overrides)?,
     };
     if args.dry_run {
-        let plan = sft_trainer::plan::dry_run(&cfg).context("dry run")?;
+        // Under mpirun every rank would print the same plan: rank 0 does.
+        let world = sft_dist::launcher_world().map_or(1, |(n, _)| n.max(1));
+        if sft_dist::launcher_rank() != 0 {
+            return Ok(());
+        }
+        let plan = sft_trainer::plan::dry_run(&cfg, world).context("dry run")?;
         say!("{plan}");
         return output::json(&plan.numbers());
     }
@@ -98,25 +104,60 @@ pub fn run(args: TrainArgs) -> Result<()> {
         ..Default::default()
     }
     .with_test_hooks_from_env();
-    // candle's backward recurses over the graph: give the run a deep stack.
+    // candle's backward recurses over the graph: give the run a deep stack. MPI (a run started
+    // by mpirun or srun) is started, used and finished on this thread.
     let handle = std::thread::Builder::new()
         .name("train".into())
         .stack_size(1 << 30)
-        .spawn(move || sft_trainer::train(&cfg, &opts))
+        .spawn(move || -> Result<_> {
+            let comm = sft_dist::connect()?;
+            if comm.world() == 1 {
+                return Ok((sft_trainer::train(&cfg, &opts)?, true));
+            }
+            let _rank = tracing::error_span!("rank", n = comm.rank()).entered();
+            // `cuda`: this rank's GPU, by its rank on the node.
+            if cfg.model.device.trim() == "cuda" {
+                cfg.model.device = format!("cuda:{}", gpu_of(comm.local_rank()));
+            }
+            match sft_trainer::train_on(&*comm, &cfg, &opts) {
+                Ok(done) => Ok((done, comm.is_root())),
+                Err(e) => {
+                    // The other ranks may be waiting for this one: end them all.
+                    tracing::error!("{e}; aborting all {} ranks", comm.world());
+                    comm.abort(1)
+                }
+            }
+        })
         .context("cannot start the training thread")?;
-    let (outcome, summary) = handle
+    let ((outcome, summary), root) = handle
         .join()
         .map_err(|_| anyhow::anyhow!("the training thread panicked"))??;
-    output::json(&summary)?;
+    if root {
+        output::json(&summary)?;
+    }
     if outcome == Outcome::Interrupted {
         std::process::exit(130);
     }
     Ok(())
 }
 
-/// Set `stop` on SIGINT, SIGTERM or SIGHUP; exit at once on a second SIGINT only.
+/// The GPU ordinal of the process with this rank on its node: the rank itself, or, where the
+/// launcher gave each process its own GPUs (srun --gpus-per-task sets CUDA_VISIBLE_DEVICES per
+/// task), the rank modulo the GPUs this process sees.
+fn gpu_of(local_rank: usize) -> usize {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count())
+        .unwrap_or(0);
+    if visible > 0 {
+        local_rank % visible
+    } else {
+        local_rank
+    }
+}
+
+/// Set `stop` on SIGINT, SIGTERM, SIGHUP or SIGUSR1; exit at once on a second SIGINT only.
 fn stop_on_signals(stop: Arc<AtomicBool>) -> Result<()> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGUSR1])
         .context("cannot install the signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
@@ -125,7 +166,8 @@ fn stop_on_signals(stop: Arc<AtomicBool>) -> Result<()> {
                 let name = match sig {
                     SIGINT => "interrupt",
                     SIGTERM => "SIGTERM",
-                    _ => "SIGHUP",
+                    SIGHUP => "SIGHUP",
+                    _ => "SIGUSR1",
                 };
                 if !stop.swap(true, Ordering::SeqCst) {
                     say!(
