@@ -27,6 +27,19 @@ fn peak_rss_mib() -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// The process's anonymous resident memory now (VmHWM also counts the memory-mapped
+/// checkpoint's pages, which the kernel can drop).
+fn rss_anon_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
 fn main() {
     // One element-wise thread and allocator thresholds for reuse (see sft_model::runtime).
     sft_model::runtime::tune_cpu_runtime();
@@ -71,6 +84,8 @@ fn main() {
         .spawn(move || {
             let dev = Device::Cpu;
             let mut m = load_dir_with(&dir, dtype, &dev, &quant, None).unwrap();
+            // TRAIN_STEP_CHECKPOINTING=1: recompute each layer in the backward.
+            m.model.set_gradient_checkpointing(env("TRAIN_STEP_CHECKPOINTING", "0") == "1");
             let vocab = m.config.vocab_size;
             let ids: Vec<u32> = (0..b * t).map(|i| ((i * 7919 + 13) % vocab) as u32).collect();
             let ids = Tensor::from_vec(ids, (b, t), &dev).unwrap();
@@ -87,7 +102,8 @@ fn main() {
                 let loss = out.mean().unwrap();
                 let loss_v = loss.to_scalar::<f32>().unwrap();
                 let t1 = Instant::now();
-                let store = loss.backward().unwrap();
+                // The model's backward: with checkpointing it adds the recomputed layers' gradients.
+                let store = m.model.backward(&loss).unwrap();
                 let t2 = Instant::now();
                 let mut grads = Grads::from_store(&params, &store).unwrap();
                 drop(store);
@@ -130,6 +146,7 @@ fn main() {
                     "median_optimizer_s": med(3),
                     "trainable_params": adapter.num_params(),
                     "peak_rss_mib": peak_rss_mib(),
+                    "rss_anon_mib_after": rss_anon_mib(),
                     "candle_threads": std::env::var("CANDLE_NUM_THREADS").unwrap_or_default(),
                     "threads": candle_core::utils::get_num_threads(),
                     "cpu_kernels": path,
