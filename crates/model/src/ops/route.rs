@@ -59,22 +59,14 @@ pub enum Route {
 
 /// Ops with a CUDA kernel: all but the quantized linear, whose CUDA tile path is not written
 /// (on a GPU it runs composed: the layer dequantized for each product, then cuBLAS). An op
-/// taken out of this list runs composed on CUDA (and on the emulated GPU), so adding (or
+/// for which this is false runs composed on CUDA (and on the emulated GPU), so adding (or
 /// bisecting) a kernel is one line here (and its CUDA launch).
-const CUDA_KERNELS: &[Op] = &[
-    Op::RmsNorm,
-    Op::Softmax,
-    Op::Rope,
-    Op::SiluMul,
-    Op::FrozenLinear,
-    Op::LoraLinear,
-    Op::Attention,
-    Op::CrossEntropy,
-    Op::Dropout,
-];
+fn has_cuda_kernel(op: Op) -> bool {
+    op != Op::QuantLinear
+}
 
 /// The routing table: which implementation runs `op` on `dev` for inputs of `dtype`. CPU ops
-/// all have kernels; on CUDA, the ops of `CUDA_KERNELS` for f32, bf16 and f16 (an op may still
+/// all have kernels; on CUDA, the ops [`has_cuda_kernel`] names, for f32, bf16 and f16 (an op may still
 /// send a shape its kernel does not take to the composed form, e.g. attention's head widths);
 /// elsewhere (Metal) everything is composed. Under `SFT_KERNELS=emu` (or [`crate::ops::with_emulated`])
 /// the CPU takes CUDA's row: its ops run the CUDA kernels on the emulated GPU.
@@ -86,7 +78,7 @@ pub fn route(op: Op, dev: &Device, dtype: DType) -> Route {
         return Route::Composed;
     }
     // The CUDA kernels take f32, bf16 and f16 (f64 runs composed).
-    let cuda = CUDA_KERNELS.contains(&op) && super::launch::supported(dtype);
+    let cuda = has_cuda_kernel(op) && super::launch::supported(dtype);
     let kernel = match dev {
         Device::Cpu if super::emu::active() => cuda,
         Device::Cpu => true,
@@ -168,7 +160,7 @@ mod tests {
     fn emulated_gpu_takes_the_cuda_row() {
         crate::ops::with_emulated(|| {
             assert!(gpu_kernels(&Device::Cpu) && !cpu_kernels(&Device::Cpu));
-            for &op in CUDA_KERNELS {
+            for op in Op::ALL.into_iter().filter(|&op| has_cuda_kernel(op)) {
                 assert_eq!(
                     route(op, &Device::Cpu, DType::BF16),
                     Route::Kernel,
