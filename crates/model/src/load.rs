@@ -586,7 +586,7 @@ fn load_parts(
         // SAFETY: the file is mapped read-only; modifying it while loading is undefined, as for
         // every memory-mapped checkpoint loader.
         let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(f) }.map_err(candle)?;
-        for (name, _) in st.tensors() {
+        for (name, view) in st.tensors() {
             if skip.contains(&name) {
                 continue;
             }
@@ -617,9 +617,36 @@ fn load_parts(
                     msg: format!("tensor `{name}` appears in more than one shard"),
                 });
             }
+            // The tensor now lives in its own memory (candle copies out of the map); the
+            // mapped pages it was read from still count in the resident set until the kernel
+            // needs them. Released one tensor at a time, a 7B load peaks at the model held in
+            // memory, not that plus the whole mapped file.
+            release_mapped_pages(view.data());
         }
     }
     Ok((dense, quant))
+}
+
+/// Drops the resident pages behind `bytes`, a slice of a read-only file mapping. Later reads
+/// fault the same bytes back in from the file, so this changes memory use, never content.
+fn release_mapped_pages(bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        p if p > 0 => p as usize,
+        _ => return,
+    };
+    let start = bytes.as_ptr() as usize & !(page - 1);
+    let end = bytes.as_ptr() as usize + bytes.len();
+    // SAFETY: [start, end) lies inside the mapping that holds `bytes` (a mapping starts on a
+    // page boundary, so rounding down stays in it), which is mapped read-only from a file:
+    // MADV_DONTNEED only drops page-table entries, the next access re-reads the file.
+    // A failure only leaves the pages resident, so its result is ignored.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+    }
 }
 
 /// How a model's frozen base linears are held: dense, or quantized for QLoRA
@@ -818,10 +845,15 @@ pub fn load_dir_with(
     let skip: HashSet<String> = kept.keys().cloned().collect();
     let (weights, mut quant) = load_parts(&files, dtype, device, q, &skip)?;
     quant.extend(kept);
-    if !q.how.is_none() && !device.is_cpu() {
+    let host_dequantized = quant
+        .values()
+        .filter(|w| !crate::ops::quant_has_gpu_kernel(w))
+        .count();
+    if device.is_cuda() && host_dequantized > 0 {
         tracing::warn!(
-            "model.quantize on {device:?}: the quantized product has no GPU kernel yet; each \
-             layer is dequantized on the device for each product"
+            "model.quantize on {device:?}: {host_dequantized} base linears are in block types \
+             the GPU does not dequantize yet (K-quants); they are dequantized on the host for \
+             each product, which is slow"
         );
     }
     let model = Llama::from_parts(&config, weights, quant).map_err(|source| LoadError::Candle {

@@ -730,3 +730,91 @@ fn emulated_kernels_give_the_same_bits_under_every_thread_order() {
         }
     }
 }
+
+/// QLoRA's base product through the CUDA path: `quant.cu` dequantizes NF4 (plain and
+/// double-quantized), Q4_0, Q4_1 and Q8_0 on the device, then the device's product. The
+/// identity times `W^T` gives the dequantized weight itself, which must equal the CPU's
+/// dequantization bit for bit (one nonzero term per sum); a random product and its input
+/// gradient match the CPU kernel within float rounding. Q4_K has no GPU kernel and runs
+/// composed there (checked the same way).
+#[test]
+fn quantized_linear_dequantizes_on_the_gpu_as_the_cpu_does() {
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use sft_model::quant::{QuantWeight, Quantize, SharedQuant};
+    use std::sync::Arc;
+    let target = Target::get();
+    let dev = target.device();
+    let (n, k) = (96, 512);
+    let w = seeded(&[n, k], 31, 0.05);
+    for dt in [DType::F32, DType::BF16, DType::F16] {
+        let mut weights: Vec<(String, SharedQuant)> = vec![];
+        for (name, how, dq) in [
+            ("nf4", Quantize::Nf4, false),
+            ("nf4+dq", Quantize::Nf4, true),
+            ("q8_0", Quantize::Q8_0, false),
+        ] {
+            let q = QuantWeight::quantize(&w, how, dq, dt).unwrap();
+            weights.push((name.into(), Arc::new(q)));
+        }
+        for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q4K] {
+            let q = QTensor::quantize(&w, ty).unwrap();
+            let q = QuantWeight::from_qtensor(&q, None, dt).unwrap();
+            weights.push((format!("{ty:?}"), Arc::new(q)));
+        }
+        // QLoRA's LoRA node over the NF4 base: the CUDA path's quantized product plus the
+        // adapter (with Philox dropout), against the CPU's fused kernel.
+        let stand_in = Tensor::zeros((), dt, &dev)
+            .unwrap()
+            .broadcast_as((n, k))
+            .unwrap();
+        let key = DropoutKey { seed: 5, stream: 2 };
+        let f = |v: &[Tensor]| {
+            let w = stand_in.to_device(v[0].device())?;
+            let dropout = LoraDropout::Key { key, p: 0.1 };
+            ops::lora_linear_quant(&v[0], &w, &weights[0].1, &v[1], &v[2], 2.0, dropout)
+        };
+        let cpu = [
+            seeded(&[2, 7, k], 33, 1.0).to_dtype(dt).unwrap(),
+            seeded(&[8, k], 34, 0.1),
+            seeded(&[n, 8], 35, 0.1),
+        ];
+        let on: Vec<Tensor> = cpu.iter().map(|t| t.to_device(&dev).unwrap()).collect();
+        let (yc, gc) = value_and_grads(&f, &cpu, &[0, 1, 2], 77);
+        let (yg, gg) = target.run(|| value_and_grads(&f, &on, &[0, 1, 2], 77));
+        let e = rel(&yg, &yc);
+        println!("lora_linear_quant nf4 {dt:?}: output {e:.2e}");
+        assert!(e < tol(dt), "lora_linear_quant nf4 {dt:?}: {e}");
+        for (i, (p, q)) in gg.iter().zip(&gc).enumerate() {
+            let e = rel(p, q);
+            println!("lora_linear_quant nf4 {dt:?}: gradient {i} {e:.2e}");
+            assert!(
+                e < tol(dt),
+                "lora_linear_quant nf4 {dt:?}: gradient {i} {e}"
+            );
+        }
+        for (name, q) in &weights {
+            let gpu_kernel = ops::quant_has_gpu_kernel(q);
+            assert_eq!(
+                gpu_kernel,
+                name != "Q4K",
+                "{name}: which formats have a kernel"
+            );
+            let eye = Tensor::eye(k, dt, &dev).unwrap();
+            let wt = target.run(|| ops::quant_linear(&eye, q).unwrap());
+            let got = f32s(&wt.t().unwrap());
+            let want = f32s(&q.dequantize(&Device::Cpu).unwrap());
+            let diff = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+            assert_eq!(diff, 0, "{name} {dt:?}: {diff} dequantized values differ");
+            let x = seeded(&[3, 5, k], 32, 1.0);
+            same(
+                &format!("quant_linear {name}"),
+                &target,
+                dt,
+                &|v| ops::quant_linear(&v[0], q),
+                &[x],
+                &[0],
+                tol(dt),
+            );
+        }
+    }
+}

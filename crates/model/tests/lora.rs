@@ -357,7 +357,7 @@ fn merged_equals_unmerged_and_adapters_round_trip() {
 
     // Merged into a folder, then loaded as a plain model: same logits within 1e-4.
     let out = dir.path().join("merged");
-    let report = lora::merge_adapter_folder(&base_dir, &adapter_dir, &out, 6_000).unwrap();
+    let report = lora::merge_adapter_folder(&base_dir, &adapter_dir, &out, 6_000, None).unwrap();
     assert_eq!(report.merged_modules, adapter.modules.len());
     assert!(out.join("config.json").is_file());
     let files = sft_model::load::weight_files(&out).unwrap();
@@ -397,6 +397,82 @@ fn merged_equals_unmerged_and_adapters_round_trip() {
         .max_all()
         .unwrap();
     assert_eq!(same.to_scalar::<f32>().unwrap(), 0.0);
+
+    // A QLoRA adapter merged over the NF4 base it trained on: the base linears are written as
+    // their dequantized NF4 values (in the base's dtype) plus the delta, so the merged model
+    // gives the logits of the adapter applied over the quantized base.
+    let qout = dir.path().join("merged-nf4");
+    let nf4 = sft_model::load::QuantOptions {
+        how: sft_model::quant::Quantize::Nf4,
+        double_quant: false,
+    };
+    let trained = lora::TrainedBase {
+        quant: nf4,
+        dtype: DType::F32,
+    };
+    let report =
+        lora::merge_adapter_folder(&base_dir, &adapter_dir, &qout, 6_000, Some(trained)).unwrap();
+    assert_eq!(
+        report.dequantized,
+        2 * 7,
+        "every base linear of both layers"
+    );
+    let qfiles = sft_model::load::weight_files(&qout).unwrap();
+    let qmerged_w = sft_model::load::load_safetensors(&qfiles, DType::F32, &Device::Cpu).unwrap();
+    let (mut dense, mut quant) = (HashMap::new(), HashMap::new());
+    for (name, w) in &weights {
+        if sft_model::quant::is_quantized_linear(name) {
+            let q = sft_model::quant::QuantWeight::quantize(w, nf4.how, false, DType::F32);
+            quant.insert(name.clone(), std::sync::Arc::new(q.unwrap()));
+        } else {
+            dense.insert(name.clone(), w.clone());
+        }
+    }
+    let mut qlora = Llama::from_parts(&cfg, dense, quant).unwrap();
+    lora::load_adapter(&mut qlora, &adapter_dir).unwrap();
+    let qunmerged = qlora.forward_logits(&ids, Some(&mask)).unwrap();
+    let qmerged = Llama::from_weights(&cfg, qmerged_w.clone())
+        .unwrap()
+        .forward_logits(&ids, Some(&mask))
+        .unwrap();
+    let d = (&qmerged - &qunmerged)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(d < 1e-4, "merged over NF4 vs QLoRA unmerged: {d}");
+    let d_dense = (&qmerged - &unmerged)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        d_dense > 10.0 * d.max(1e-6),
+        "the NF4 base must differ from the dense one ({d_dense} vs {d})"
+    );
+    // An untargeted base linear: its NF4 values exactly.
+    let want = sft_model::quant::QuantWeight::quantize(
+        &weights[k],
+        sft_model::quant::Quantize::Nf4,
+        false,
+        DType::F32,
+    )
+    .unwrap()
+    .dequantize(&Device::Cpu)
+    .unwrap();
+    let exact = (&qmerged_w[k] - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert_eq!(exact.to_scalar::<f32>().unwrap(), 0.0);
 
     // In-memory merge of one layer agrees with applying its adapter.
     let m = &adapter.modules[0];

@@ -3,6 +3,36 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use candle_core::DType;
+use sft_model::load::QuantOptions;
+use sft_model::lora::TrainedBase;
+use sft_model::quant::Quantize;
+
+/// The base a LoRA checkpoint of ours was trained over (`model.quantize`, `model.double_quant`
+/// and `model.dtype` of the config its `trainer_state.json` records); `None` for a PEFT adapter
+/// or a checkpoint that records no config.
+pub fn trained_base(adapter: &Path) -> Option<TrainedBase> {
+    let text = std::fs::read_to_string(adapter.join("trainer_state.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let model = v.get("state")?.get("config")?.get("model")?;
+    let how: Quantize = match model.get("quantize") {
+        Some(q) => serde_json::from_value(q.clone()).ok()?,
+        None => Quantize::None,
+    };
+    let double_quant = model
+        .get("double_quant")
+        .and_then(|d| d.as_bool())
+        .unwrap_or(false);
+    let dtype = match model.get("dtype").and_then(|d| d.as_str()).unwrap_or("f32") {
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        _ => DType::F32,
+    };
+    Some(TrainedBase {
+        quant: QuantOptions { how, double_quant },
+        dtype,
+    })
+}
 
 /// Where a run folder's link `name` (`format-infusion`, `latest`) points: a checkpoint folder
 /// of the run (a plain name; a link leading out of the run is ignored).

@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use candle_core::{DType, IndexOp, Tensor};
 use clap::{Args, ValueEnum};
-use sft_model::load::{load_model, LoadedModel};
+use sft_model::load::{load_model_with, LoadedModel, QuantOptions};
+use sft_model::quant::Quantize;
 
-use super::run_folder::adapter_dir;
+use super::run_folder::{adapter_dir, trained_base};
 
 /// How to load the model, shared by `score` and `generate`.
 #[derive(Args, Debug, Clone)]
@@ -33,6 +34,35 @@ pub struct ModelArgs {
     /// cpu, cuda, cuda:N, or auto (the first GPU of a CUDA build, else the CPU).
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Keep the base linears quantized, as a QLoRA run trains them: none, nf4, q8_0 or gguf
+    /// (a GGUF's own blocks). Unset: what the adapter's run trained over (its checkpoint's
+    /// `model.quantize`), else none.
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
+    /// With nf4: quantize the absmax too (bitsandbytes' double quantization). Unset: as the
+    /// adapter's run did.
+    #[arg(long)]
+    pub double_quant: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QuantizeArg {
+    None,
+    Nf4,
+    #[value(name = "q8_0")]
+    Q8_0,
+    Gguf,
+}
+
+impl QuantizeArg {
+    pub fn quantize(self) -> Quantize {
+        match self {
+            QuantizeArg::None => Quantize::None,
+            QuantizeArg::Nf4 => Quantize::Nf4,
+            QuantizeArg::Q8_0 => Quantize::Q8_0,
+            QuantizeArg::Gguf => Quantize::Gguf,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,8 +95,16 @@ impl ModelArgs {
         let start = std::time::Instant::now();
         // A run folder given as the adapter: found before the model is loaded.
         let adapter = self.adapter.as_deref().map(adapter_dir).transpose()?;
-        let mut m = load_model(spec, self.dtype.dtype(), &device)
+        let quant = self.quant_options(adapter.as_deref())?;
+        let mut m = load_model_with(spec, self.dtype.dtype(), &device, &quant)
             .with_context(|| format!("loading the model `{spec}`"))?;
+        if let Some((n, bytes)) = quantized_bytes(&m) {
+            tracing::info!(
+                "base linears kept quantized ({}): {n} of them, {:.1} MiB as stored",
+                quant.how.name(),
+                bytes as f64 / (1 << 20) as f64
+            );
+        }
         if let Some(dir) = &adapter {
             sft_model::lora::load_adapter(&mut m.model, dir)
                 .with_context(|| format!("applying the adapter {}", dir.display()))?;
@@ -81,6 +119,54 @@ impl ModelArgs {
         );
         Ok(m)
     }
+}
+
+impl ModelArgs {
+    /// `--quantize`/`--double-quant`, or, unset, what the adapter's run trained over: the
+    /// evaluators then see the base that training saw.
+    fn quant_options(&self, adapter: Option<&Path>) -> anyhow::Result<QuantOptions> {
+        let q = match self.quantize {
+            Some(q) => QuantOptions {
+                how: q.quantize(),
+                double_quant: self.double_quant,
+            },
+            None => match adapter.and_then(trained_base).map(|t| t.quant) {
+                Some(trained) if !trained.how.is_none() => {
+                    tracing::info!(
+                        "the adapter was trained over a {}{} base: loading the base so \
+                         (--quantize none for the dense base)",
+                        trained.how.name(),
+                        if trained.double_quant {
+                            " (double-quantized)"
+                        } else {
+                            ""
+                        }
+                    );
+                    QuantOptions {
+                        double_quant: trained.double_quant || self.double_quant,
+                        ..trained
+                    }
+                }
+                _ => QuantOptions {
+                    how: Quantize::None,
+                    double_quant: self.double_quant,
+                },
+            },
+        };
+        if q.double_quant && q.how != Quantize::Nf4 {
+            bail!(
+                "--double-quant applies to --quantize nf4 only (here: {})",
+                q.how.name()
+            );
+        }
+        Ok(q)
+    }
+}
+
+/// How many base linears a model keeps quantized and their stored bytes (None when dense).
+fn quantized_bytes(m: &LoadedModel) -> Option<(usize, usize)> {
+    let q = m.model.quantized_weights();
+    (!q.is_empty()).then(|| (q.len(), q.iter().map(|(_, w)| w.stored_bytes()).sum()))
 }
 
 /// Where an evaluation keeps its responses: `--out`, or `<prefix>-<model folder name>`.

@@ -54,3 +54,4 @@ inline __half __float2half_rn(float f) {
     return {static_cast<uint16_t>(r)};
 }
 inline __half __float2half(float f) { return __float2half_rn(f); }
+inline __half __ushort_as_half(unsigned short bits) { return {bits}; }

@@ -30,7 +30,7 @@ pub use apply::{apply_lora, peft_key, set_training, LoraAdapter, LoraModule, AB,
 pub use config::{LoraConfig, Targets, LLAMA_PROJECTIONS};
 pub use error::{LoraError, Result};
 pub use full::make_all_trainable;
-pub use merge::{merge_adapter_folder, MergeReport, COPIED_FILES};
+pub use merge::{merge_adapter_folder, MergeReport, TrainedBase, COPIED_FILES};
 pub use peft::{
     load_adapter, read_adapter, read_peft_config, restore_adapter, AdapterFiles, ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,

@@ -15,6 +15,7 @@ fn ptx(module: Module) -> (&'static str, &'static str) {
         Module::Elementwise => ("sft-elementwise", sft_kernels::ELEMENTWISE),
         Module::Loss => ("sft-loss", sft_kernels::LOSS),
         Module::Norm => ("sft-norm", sft_kernels::NORM),
+        Module::Quant => ("sft-quant", sft_kernels::QUANT),
     }
 }
 
@@ -28,6 +29,7 @@ fn ptr(s: &CudaStorage, l: &Layout) -> Result<u64> {
         S::BF16(v) => (v.device_ptr(&stream).0, 2),
         S::F16(v) => (v.device_ptr(&stream).0, 2),
         S::U32(v) => (v.device_ptr(&stream).0, 4),
+        S::U8(v) => (v.device_ptr(&stream).0, 1),
         S::I64(v) => (v.device_ptr(&stream).0, 8),
         S::F64(v) => (v.device_ptr(&stream).0, 8),
         _ => bail!("no CUDA kernel for {:?}", BackendStorage::dtype(s)),

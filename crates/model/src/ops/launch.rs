@@ -15,6 +15,7 @@ pub(crate) enum Module {
     Elementwise,
     Loss,
     Norm,
+    Quant,
 }
 
 impl Module {
@@ -24,6 +25,7 @@ impl Module {
             Module::Elementwise => "elementwise",
             Module::Loss => "loss",
             Module::Norm => "norm",
+            Module::Quant => "quant",
         }
     }
 }

@@ -57,12 +57,11 @@ pub enum Route {
     Composed,
 }
 
-/// Ops with a CUDA kernel: all but the quantized linear, whose CUDA tile path is not written
-/// (on a GPU it runs composed: the layer dequantized for each product, then cuBLAS). An op
-/// for which this is false runs composed on CUDA (and on the emulated GPU), so adding (or
-/// bisecting) a kernel is one line here (and its CUDA launch).
-fn has_cuda_kernel(op: Op) -> bool {
-    op != Op::QuantLinear
+/// Ops with a CUDA kernel (all of them; the quantized linear sends the block formats its
+/// dequantization kernel lacks to the composed form itself). An op for which this is false
+/// runs composed on CUDA (and on the emulated GPU), so bisecting a kernel is one line here.
+fn has_cuda_kernel(_op: Op) -> bool {
+    true
 }
 
 /// The routing table: which implementation runs `op` on `dev` for inputs of `dtype`. CPU ops

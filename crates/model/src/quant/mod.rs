@@ -72,7 +72,11 @@ pub struct QuantWeight {
     /// The model's dtype: dequantized values are rounded through it.
     dtype: DType,
     blocks: Blocks,
+    /// The blocks as tensors on the device whose kernels dequantize them (the GPU path).
+    on_device: DeviceBlocks,
 }
+
+type DeviceBlocks = std::sync::Mutex<Option<(candle_core::DeviceLocation, Arc<Vec<Tensor>>)>>;
 
 enum Blocks {
     Nf4(nf4::Nf4),
@@ -108,6 +112,7 @@ impl QuantWeight {
                     cols,
                     dtype,
                     blocks: Blocks::Nf4(nf4::Nf4::quantize(&v, double_quant)),
+                    on_device: Default::default(),
                 })
             }
             Quantize::Q8_0 => {
@@ -165,6 +170,7 @@ impl QuantWeight {
                 data,
                 len: raw.len(),
             },
+            on_device: Default::default(),
         };
         // Refuse a block type with no dequantizer here, at load, not in the first product.
         let mut probe = vec![0f32; cols];
@@ -209,6 +215,50 @@ impl QuantWeight {
     }
 
     /// The NF4 blocks, for tests and fixtures.
+    /// The GGML blocks as stored, rows after rows (`None` for NF4).
+    pub fn ggml(&self) -> Option<(GgmlDType, &[u8])> {
+        match &self.blocks {
+            Blocks::Ggml { ty, data, len } => Some((*ty, bytes(data, *len))),
+            Blocks::Nf4(_) => None,
+        }
+    }
+
+    /// The blocks on `device` for the GPU's dequantization kernels, uploaded on first use and
+    /// kept (a CPU device gets CPU tensors: the emulated GPU copies them in at each launch).
+    pub fn device_blocks(&self, device: &Device) -> Result<Arc<Vec<Tensor>>> {
+        let mut cache = self
+            .on_device
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("quantized weight: a poisoned lock".into()))?;
+        if let Some((loc, parts)) = cache.as_ref() {
+            if *loc == device.location() {
+                return Ok(parts.clone());
+            }
+        }
+        let parts = match &self.blocks {
+            Blocks::Nf4(q) => {
+                let mut codes = nf4::NF4.to_vec();
+                codes.extend_from_slice(&nf4::DYNAMIC);
+                let (q2, absmax2, _) = q.nested().unwrap_or((&[0u8], &[0f32], 0.0));
+                let absmax = q.absmax_stored().unwrap_or(&[0f32]);
+                vec![
+                    Tensor::from_slice(q.packed(), q.packed().len(), device)?,
+                    Tensor::from_slice(absmax, absmax.len(), device)?,
+                    Tensor::from_slice(q2, q2.len(), device)?,
+                    Tensor::from_slice(absmax2, absmax2.len(), device)?,
+                    Tensor::from_vec(codes, 16 + 256, device)?,
+                ]
+            }
+            Blocks::Ggml { data, len, .. } => {
+                let b = bytes(data, *len);
+                vec![Tensor::from_slice(b, b.len(), device)?]
+            }
+        };
+        let parts = Arc::new(parts);
+        *cache = Some((device.location(), parts.clone()));
+        Ok(parts)
+    }
+
     pub fn nf4(&self) -> Option<&nf4::Nf4> {
         match &self.blocks {
             Blocks::Nf4(n) => Some(n),

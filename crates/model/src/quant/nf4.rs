@@ -127,6 +127,14 @@ impl Nf4 {
         &self.packed
     }
 
+    /// The f32 absmax per block as stored (`None` when double-quantized: see [`Nf4::nested`]).
+    pub fn absmax_stored(&self) -> Option<&[f32]> {
+        match &self.absmax {
+            Absmax::F32(a) => Some(a),
+            Absmax::Double { .. } => None,
+        }
+    }
+
     /// The f32 absmax per block (dequantized when double-quantized).
     pub fn absmax(&self) -> Vec<f32> {
         (0..self.n.div_ceil(BLOCK))

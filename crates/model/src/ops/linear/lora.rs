@@ -169,15 +169,21 @@ fn lora_linear_base(
         quant.is_some() && (!crate::ops::cpu_kernels(x.device()) || ct != DType::F32);
     if route(Op::LoraLinear, x.device(), x.dtype()) == Route::Composed || quant_composed {
         let mask = dropout.mask(x.dims(), ct, x.device())?;
-        let dense;
-        let w = match quant {
+        return match quant {
+            // The base through the quantized product (on a GPU its dequantization kernel; its
+            // backward keeps the blocks, never a dense weight), the adapter composed.
             Some(q) => {
-                dense = q.dequantize(x.device())?.to_dtype(x.dtype())?;
-                &dense
+                let base = crate::ops::quant_linear(x, q)?;
+                let xc = x.to_dtype(ct)?;
+                let xd = match &mask {
+                    Some(m) => (xc * m.to_dtype(ct)?)?,
+                    None => xc,
+                };
+                let delta = composed::linear(&composed::linear(&xd, a)?, b)?.affine(scale, 0.0)?;
+                base + delta.to_dtype(x.dtype())?
             }
-            None => w,
+            None => composed::lora_linear(x, w, a, b, scale, mask.as_ref()),
         };
-        return composed::lora_linear(x, w, a, b, scale, mask.as_ref());
     }
     x.contiguous()?.apply_op3(
         &a.contiguous()?,

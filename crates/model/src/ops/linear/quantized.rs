@@ -30,6 +30,7 @@ pub fn quant_linear(x: &Tensor, w: &SharedQuant) -> Result<Tensor> {
     }
     if route(Op::QuantLinear, x.device(), x.dtype()) == Route::Composed
         || !matches!(x.dtype(), DType::F32 | DType::BF16 | DType::F16)
+        || (gpu_path(x.device()) && !gpu::has_kernel(w))
     {
         return quant_linear_composed(x, w);
     }
@@ -37,6 +38,17 @@ pub fn quant_linear(x: &Tensor, w: &SharedQuant) -> Result<Tensor> {
         w: w.clone(),
         transposed: false,
     })
+}
+
+/// Whether a GPU dequantizes this weight's blocks itself (NF4, Q4_0, Q4_1, Q8_0); the other
+/// GGML types run composed there (dequantized on the host for each product).
+pub fn quant_has_gpu_kernel(w: &QuantWeight) -> bool {
+    gpu::has_kernel(w)
+}
+
+/// Whether the product runs through the CUDA path: on a GPU, or on the emulated one.
+fn gpu_path(dev: &candle_core::Device) -> bool {
+    dev.is_cuda() || (dev.is_cpu() && crate::ops::emu::active())
 }
 
 /// The composed reference: the whole weight dequantized (in the model's dtype), then candle's
@@ -60,6 +72,16 @@ struct QuantLinear {
     transposed: bool,
 }
 
+impl QuantLinear {
+    fn name_str(&self) -> &'static str {
+        if self.transposed {
+            "quant_linear_t"
+        } else {
+            "quant_linear"
+        }
+    }
+}
+
 impl CustomOp1 for QuantLinear {
     fn name(&self) -> &'static str {
         if self.transposed {
@@ -70,6 +92,11 @@ impl CustomOp1 for QuantLinear {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        if crate::ops::emu::active() && gpu::has_kernel(&self.w) {
+            let x = crate::ops::emu::EmuStorage::upload(s)?;
+            let (out, shape) = gpu::forward(self, &candle_core::Device::Cpu, (&x, l))?;
+            return Ok((out.to_cpu()?, shape));
+        }
         let (n, k) = self.w.dims();
         let (k_in, k_out) = if self.transposed { (n, k) } else { (k, n) };
         let mut dims = l.dims().to_vec();
@@ -104,6 +131,16 @@ impl CustomOp1 for QuantLinear {
             _ => CpuStorage::F32(y),
         };
         Ok((out, Shape::from(dims)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dev = candle_core::Device::Cuda(s.device().clone());
+        gpu::forward(self, &dev, (s, l))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
@@ -198,4 +235,132 @@ pub(crate) fn product(
         }
     }
     Ok(())
+}
+
+/// The CUDA path, for a GPU or the emulated one: the layer dequantized on the device by
+/// `sft-kernels/src/quant.cu` into a buffer of the activations' dtype, then the device's matrix
+/// product (cuBLAS on a GPU). The dense buffer lives for this one product and is freed with
+/// it, as bitsandbytes does on a GPU; the blocks stay on the device from the first product on.
+mod gpu {
+    use candle_core::quantized::GgmlDType;
+    use candle_core::{bail, DType, Device, Layout, Result, Shape};
+
+    use super::QuantLinear;
+    use crate::ops::launch::{self, Arg, GpuStorage, In, Launch, Module};
+    use crate::quant::QuantWeight;
+
+    /// GGML's type number of the blocks `quant.cu` dequantizes.
+    fn ggml_type(ty: GgmlDType) -> Option<i32> {
+        match ty {
+            GgmlDType::Q4_0 => Some(2),
+            GgmlDType::Q4_1 => Some(3),
+            GgmlDType::Q8_0 => Some(8),
+            _ => None,
+        }
+    }
+
+    /// Whether `quant.cu` dequantizes this weight's format (the others run composed).
+    pub(crate) fn has_kernel(w: &QuantWeight) -> bool {
+        w.nf4().is_some() || w.ggml().is_some_and(|(ty, _)| ggml_type(ty).is_some())
+    }
+
+    /// `round_to` of the kernels: the model dtype the values are rounded through.
+    fn round_to(dt: DType) -> i32 {
+        match dt {
+            DType::BF16 => 1,
+            DType::F16 => 2,
+            _ => 0,
+        }
+    }
+
+    /// The whole weight (n, k) dequantized into a new storage of `dt` on `like`'s device.
+    pub fn dequantize<S: GpuStorage>(
+        w: &QuantWeight,
+        device: &Device,
+        like: &S,
+        dt: DType,
+    ) -> Result<S> {
+        let (n, k) = w.dims();
+        let total = n * k;
+        let out = like.alloc(dt, total)?;
+        let parts = w.device_blocks(device)?;
+        let mut keep = Vec::new();
+        let mut ptr = |i: usize| -> Result<Arg> {
+            let (a, kept) = like.tensor_ptr(&parts[i])?;
+            keep.push(kept);
+            Ok(a)
+        };
+        let suffix = launch::suffix(dt)?;
+        let launch = if let Some(q) = w.nf4() {
+            let (packed, absmax, q2, absmax2, codes) =
+                (ptr(0)?, ptr(1)?, ptr(2)?, ptr(3)?, ptr(4)?);
+            let (dq, offset) = match q.nested() {
+                Some((_, _, offset)) => (1, offset),
+                None => (0, 0.0),
+            };
+            Launch::new(
+                Module::Quant,
+                format!("nf4_dequant_{suffix}"),
+                launch::grid(total.div_ceil(2)),
+            )
+            .args([packed, absmax, q2, absmax2])
+            .arg(Arg::F32(offset))
+            .arg(Arg::I32(dq))
+            .arg(codes)
+            .arg(out.base()?)
+            .arg(Arg::I64(total as i64))
+            .arg(Arg::I32(round_to(w.dtype())))
+        } else {
+            let Some((ty, _)) = w.ggml() else {
+                bail!("quant_linear: a weight with neither NF4 nor GGML blocks")
+            };
+            let Some(code) = ggml_type(ty) else {
+                bail!("quant_linear: no GPU dequantization of {ty:?} blocks")
+            };
+            let blocks = total / ty.block_size();
+            Launch::new(
+                Module::Quant,
+                format!("ggml_dequant_{suffix}"),
+                launch::grid(blocks),
+            )
+            .arg(ptr(0)?)
+            .arg(Arg::I32(code))
+            .arg(out.base()?)
+            .arg(Arg::I64(blocks as i64))
+            .arg(Arg::I32(round_to(w.dtype())))
+        };
+        like.launch(launch)?;
+        drop(keep);
+        Ok(out)
+    }
+
+    /// `x W^T` (or, transposed, `g W`) on the device.
+    pub fn forward<S: GpuStorage>(
+        op: &QuantLinear,
+        device: &Device,
+        (x, lx): In<'_, S>,
+    ) -> Result<(S, Shape)> {
+        let (n, k) = op.w.dims();
+        let (k_in, k_out) = if op.transposed { (n, k) } else { (k, n) };
+        let mut dims = lx.dims().to_vec();
+        if dims.last() != Some(&k_in) {
+            bail!("{}: input {dims:?} does not end in {k_in}", op.name_str());
+        }
+        launch::contiguous(lx, op.name_str())?;
+        let m = lx.shape().elem_count() / k_in.max(1);
+        let dense = dequantize(&op.w, device, x, x.dtype())?;
+        let lxm = Layout::contiguous_with_offset((m, k_in), lx.start_offset());
+        let wl = Layout::contiguous((n, k));
+        let out = if op.transposed {
+            // (m, n) · W (n, k)
+            x.matmul(&dense, (1, m, k, n), &lxm, &wl)?
+        } else {
+            // (m, k) · W^T (k, n)
+            x.matmul(&dense, (1, m, n, k), &lxm, &wl.transpose(0, 1)?)?
+        };
+        if let Some(d) = dims.last_mut() {
+            *d = k_out;
+        }
+        Ok((out, Shape::from(dims)))
+    }
 }
