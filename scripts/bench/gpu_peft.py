@@ -4,7 +4,10 @@ random tokens, AdamW, clipping at 1.0, median step after the warm-up, the CUDA a
 peak), with transformers (sdpa attention) and PEFT.
 
   gpu_peft.py train SHAPE KIND CKPT BATCH SEQ STEPS WARMUP [VOCAB]
-      SHAPE 7b|13b|small, KIND lora|full (full: AdamW on bf16 weights, bf16 states), CKPT 0|1
+      SHAPE 7b|13b|small, KIND lora|qlora|full (full: AdamW on bf16 weights, bf16 states;
+      qlora: the base linears replaced by bitsandbytes' Linear4bit, NF4 with bf16 compute, as
+      BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4") loads them; norms stay
+      bf16: prepare_model_for_kbit_training's f32 upcast is not applied, as ours keeps bf16), CKPT 0|1
   gpu_peft.py generate SHAPE PROMPTS NEW_TOKENS
       greedy generate, bf16, one batch of PROMPTS random prompts of 16-48 tokens, left-padded
 
@@ -38,6 +41,21 @@ def model(shape, vocab=None):
     return m, cfg
 
 
+def to_4bit(m):
+    import bitsandbytes as bnb
+    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for parent in list(m.modules()):
+        for name, child in list(parent.named_children()):
+            if name in names and isinstance(child, torch.nn.Linear):
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=False,
+                                      compute_dtype=torch.bfloat16, quant_type="nf4",
+                                      device="cpu")
+                q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False,
+                                             quant_type="nf4")
+                setattr(parent, name, q.cuda())
+                del child
+
+
 def train(shape, kind, ckpt, b, t, steps, warmup, vocab=None):
     from peft import LoraConfig, get_peft_model
     m, cfg = model(shape, vocab)
@@ -45,7 +63,10 @@ def train(shape, kind, ckpt, b, t, steps, warmup, vocab=None):
     if ckpt:
         m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         m.enable_input_require_grads()
-    if kind == "lora":
+    if kind == "qlora":
+        to_4bit(m)
+        torch.cuda.empty_cache()
+    if kind in ("lora", "qlora"):
         m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                          "gate_proj", "up_proj", "down_proj"]))
@@ -75,7 +96,7 @@ def train(shape, kind, ckpt, b, t, steps, warmup, vocab=None):
                           "batch": b, "seq": t, "result": "out of memory"}), flush=True)
         return
     med = statistics.median(times)
-    impl = f"PyTorch {torch.__version__} + PEFT" if kind == "lora" else f"PyTorch {torch.__version__} (bf16 AdamW states)"
+    impl = f"PyTorch {torch.__version__} + PEFT" + (" + bitsandbytes NF4" if kind == "qlora" else "") if kind != "full" else f"PyTorch {torch.__version__} (bf16 AdamW states)"
     print(json.dumps({"impl": impl, "shape": shape, "kind": kind, "grad_ckpt": bool(ckpt),
                       "batch": b, "seq": t, "median_step_s": med, "tokens_per_s": b * t / med,
                       "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,

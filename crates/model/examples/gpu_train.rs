@@ -1,13 +1,15 @@
 //! Training-step speed and memory of a LLaMA-shaped model with random weights on a GPU: the
 //! `sft` side of `scripts/bench/gpu` (PyTorch + PEFT is the other, in the same run). Weights
 //! are drawn on the device (no files), bf16 by default; LoRA (r 16, alpha 32, dropout 0.05 on
-//! all seven linears) or full fine-tuning (bf16 weights, f32 AdamW moments, no f32 master
-//! copy); AdamW, global-norm clipping at 1.0, one micro-batch of `batch x seq` random tokens.
+//! all seven linears), QLoRA (the same LoRA over base linears quantized to NF4 on the host as
+//! they are drawn, then kept as blocks) or full fine-tuning (bf16 weights, f32 AdamW moments,
+//! no f32 master copy); AdamW, global-norm clipping at 1.0, one micro-batch of `batch x seq`
+//! random tokens.
 //! Prints one JSON line: the median step after the warm-up, tokens/s, the CUDA memory pool's
 //! peak (bytes in use by tensors, as torch.cuda.max_memory_allocated) and the model FLOPs
 //! utilisation (LoRA ~4 N, full ~6 N FLOPs per token, against 989 TFLOP/s dense bf16).
 //!
-//!   gpu_train [--shape 7b|13b|small] [--kind lora|full] [--ckpt] [--batch 4] [--seq 1024]
+//!   gpu_train [--shape 7b|13b|small] [--kind lora|qlora|full] [--ckpt] [--batch 4] [--seq 1024]
 //!             [--steps 6] [--warmup 2] [--vocab 32000] [--dtype bf16|f32] [--dropout 0.05]
 //!   gpu_train --generate PROMPTS [--new-tokens 64] [--shape 7b]
 //!       batched greedy generation with the KV cache: PROMPTS random prompts of 16-48 tokens in
@@ -116,13 +118,46 @@ fn weights(cfg: &LlamaConfig, dt: DType, dev: &Device) -> Result<HashMap<String,
     Ok(out)
 }
 
+/// As [`weights`], with the base linears quantized to NF4 one at a time as they are drawn
+/// (the dense copy dropped before the next), as `model.quantize: nf4` loads a checkpoint.
+#[allow(clippy::type_complexity)]
+fn quantized_weights(
+    cfg: &LlamaConfig,
+    dt: DType,
+    dev: &Device,
+) -> Result<(
+    HashMap<String, Tensor>,
+    HashMap<String, sft_model::quant::SharedQuant>,
+)> {
+    use sft_model::quant::{is_quantized_linear, QuantWeight, Quantize};
+    let (mut dense, mut quant) = (HashMap::new(), HashMap::new());
+    for (name, shape) in weight_shapes(cfg) {
+        if is_quantized_linear(&name) {
+            let w = Tensor::randn(0f32, 0.02, shape, dev)?.to_dtype(dt)?;
+            let q = QuantWeight::quantize(&w, Quantize::Nf4, false, dt)?;
+            quant.insert(name, std::sync::Arc::new(q));
+        } else if name.ends_with("norm.weight") {
+            dense.insert(name, Tensor::ones(shape, dt, dev)?);
+        } else {
+            dense.insert(name, Tensor::randn(0f32, 0.02, shape, dev)?.to_dtype(dt)?);
+        }
+    }
+    Ok((dense, quant))
+}
+
 fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let a = args();
     let dev = sft_model::device::open("cuda")?;
     let cfg = config(&a.shape, a.vocab);
     let t0 = Instant::now();
-    let mut model = Llama::from_weights(&cfg, weights(&cfg, a.dtype, &dev)?)?
-        .with_activations(Activations::Weights)?;
+    let qlora = a.kind == "qlora";
+    let mut model = if qlora {
+        let (dense, quant) = quantized_weights(&cfg, a.dtype, &dev)?;
+        Llama::from_parts(&cfg, dense, quant)?
+    } else {
+        Llama::from_weights(&cfg, weights(&cfg, a.dtype, &dev)?)?
+    }
+    .with_activations(Activations::Weights)?;
     model.set_gradient_checkpointing(a.ckpt);
     if let Some(n) = a.generate {
         return Ok(generate(&model, &dev, n, a.new_tokens, &a.shape)?);
@@ -131,7 +166,12 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         .named_weights()
         .iter()
         .map(|(_, t)| t.elem_count())
-        .sum();
+        .sum::<usize>()
+        + model
+            .quantized_weights()
+            .iter()
+            .map(|(_, q)| q.rows() * q.cols())
+            .sum::<usize>();
     let full = a.kind == "full";
     let vars = if full {
         lora::make_all_trainable(&mut model)?
@@ -199,7 +239,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
         &cfg,
         &sft_model::memory::Setup {
             weight_bytes: a.dtype.size_in_bytes() as u64,
-            linear_bits: None,
+            linear_bits: qlora.then_some(4.5),
             activation_bytes: a.dtype.size_in_bytes() as u64,
             lora_params: (!full).then_some(trainable as u64),
             master_weights: false,
