@@ -852,8 +852,8 @@ pub fn load_dir_with(
     if device.is_cuda() && host_dequantized > 0 {
         tracing::warn!(
             "model.quantize on {device:?}: {host_dequantized} base linears are in block types \
-             the GPU does not dequantize yet (K-quants); they are dequantized on the host for \
-             each product, which is slow"
+             the GPU does not dequantize yet (Q5_0, Q5_1, Q2_K, Q3_K); they are dequantized on \
+             the host for each product, which is slow"
         );
     }
     let model = Llama::from_parts(&config, weights, quant).map_err(|source| LoadError::Candle {

@@ -732,11 +732,11 @@ fn emulated_kernels_give_the_same_bits_under_every_thread_order() {
 }
 
 /// QLoRA's base product through the CUDA path: `quant.cu` dequantizes NF4 (plain and
-/// double-quantized), Q4_0, Q4_1 and Q8_0 on the device, then the device's product. The
+/// double-quantized), Q4_0, Q4_1, Q8_0 and the K-quants on the device, then the device's product. The
 /// identity times `W^T` gives the dequantized weight itself, which must equal the CPU's
 /// dequantization bit for bit (one nonzero term per sum); a random product and its input
-/// gradient match the CPU kernel within float rounding. Q4_K has no GPU kernel and runs
-/// composed there (checked the same way).
+/// gradient match the CPU kernel within float rounding. So do Q4_K, Q5_K and Q6_K; Q5_0 has no
+/// GPU kernel and runs composed there (checked the same way).
 #[test]
 fn quantized_linear_dequantizes_on_the_gpu_as_the_cpu_does() {
     use candle_core::quantized::{GgmlDType, QTensor};
@@ -756,7 +756,15 @@ fn quantized_linear_dequantizes_on_the_gpu_as_the_cpu_does() {
             let q = QuantWeight::quantize(&w, how, dq, dt).unwrap();
             weights.push((name.into(), Arc::new(q)));
         }
-        for ty in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q4K] {
+        let types = [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q4K,
+            GgmlDType::Q5K,
+            GgmlDType::Q6K,
+            GgmlDType::Q5_0,
+        ];
+        for ty in types {
             let q = QTensor::quantize(&w, ty).unwrap();
             let q = QuantWeight::from_qtensor(&q, None, dt).unwrap();
             weights.push((format!("{ty:?}"), Arc::new(q)));
@@ -796,7 +804,7 @@ fn quantized_linear_dequantizes_on_the_gpu_as_the_cpu_does() {
             let gpu_kernel = ops::quant_has_gpu_kernel(q);
             assert_eq!(
                 gpu_kernel,
-                name != "Q4K",
+                name != "Q5_0",
                 "{name}: which formats have a kernel"
             );
             let eye = Tensor::eye(k, dt, &dev).unwrap();

@@ -40,8 +40,8 @@ pub fn quant_linear(x: &Tensor, w: &SharedQuant) -> Result<Tensor> {
     })
 }
 
-/// Whether a GPU dequantizes this weight's blocks itself (NF4, Q4_0, Q4_1, Q8_0); the other
-/// GGML types run composed there (dequantized on the host for each product).
+/// Whether a GPU dequantizes this weight's blocks itself (NF4, Q4_0, Q4_1, Q8_0, Q4_K, Q5_K,
+/// Q6_K); the other GGML types run composed there (dequantized on the host for each product).
 pub fn quant_has_gpu_kernel(w: &QuantWeight) -> bool {
     gpu::has_kernel(w)
 }
@@ -255,6 +255,9 @@ mod gpu {
             GgmlDType::Q4_0 => Some(2),
             GgmlDType::Q4_1 => Some(3),
             GgmlDType::Q8_0 => Some(8),
+            GgmlDType::Q4K => Some(12),
+            GgmlDType::Q5K => Some(13),
+            GgmlDType::Q6K => Some(14),
             _ => None,
         }
     }
@@ -318,9 +321,14 @@ mod gpu {
                 bail!("quant_linear: no GPU dequantization of {ty:?} blocks")
             };
             let blocks = total / ty.block_size();
+            let kernel = if ty.block_size() == 256 {
+                "kquant_dequant"
+            } else {
+                "ggml_dequant"
+            };
             Launch::new(
                 Module::Quant,
-                format!("ggml_dequant_{suffix}"),
+                format!("{kernel}_{suffix}"),
                 launch::grid(blocks),
             )
             .arg(ptr(0)?)
