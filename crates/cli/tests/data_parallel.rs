@@ -422,7 +422,12 @@ fn sharded_full_run_resumed_on_two_ranks_matches_the_replicated_run() {
     assert_ok(&mpirun(2, &cfg1, &[], &[]));
     let (sh, cfg2) = tiny_run("data_parallel.yaml", &vars);
     let out = mpirun(2, &cfg2, &SHARDED, &[("SFT_TEST_STOP_AT_STEP", "2")]);
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let resume = [SHARDED[0], SHARDED[1], "--resume"];
     assert_ok(&mpirun(2, &cfg2, &resume, &[]));
     assert_eq!(losses(&run_dir(&rep)), losses(&run_dir(&sh)));
@@ -444,7 +449,12 @@ fn a_sharded_two_rank_checkpoint_resumes_on_one_rank() {
     assert_ok(&single(&cfg1, &[], &[]));
     let (two, cfg2) = tiny_run("data_parallel.yaml", &vars("1"));
     let out = mpirun(2, &cfg2, &SHARDED, &[("SFT_TEST_STOP_AT_STEP", "2")]);
-    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let out = single(&cfg2, &["--resume", "--set", "train.grad_accum=2"], &[]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -452,7 +462,13 @@ fn a_sharded_two_rank_checkpoint_resumes_on_one_rank() {
         err.contains("sharded over ranks") && err.contains("train.shard_optimizer: true"),
         "{err}"
     );
-    let resume = [SHARDED[0], SHARDED[1], "--resume", "--set", "train.grad_accum=2"];
+    let resume = [
+        SHARDED[0],
+        SHARDED[1],
+        "--resume",
+        "--set",
+        "train.grad_accum=2",
+    ];
     assert_ok(&single(&cfg2, &resume, &[]));
     assert_eq!(losses(&run_dir(&one)), losses(&run_dir(&two)));
     assert!(
@@ -462,7 +478,9 @@ fn a_sharded_two_rank_checkpoint_resumes_on_one_rank() {
     // The resumed segment saved one shard (world 1).
     let listed = listed_files(&run_dir(&two).join("step-000004"));
     assert!(
-        listed.iter().any(|l| l == "optimizer-shard-0-of-1.safetensors"),
+        listed
+            .iter()
+            .any(|l| l == "optimizer-shard-0-of-1.safetensors"),
         "{listed:?}"
     );
 }
@@ -476,7 +494,12 @@ fn dry_run_shows_the_optimizer_memory_per_rank() {
         &[("kind", "full"), ("pack", "false"), ("accum", "1")],
     );
     let plan = json_last(&mpirun(2, &cfg, &["--dry-run"], &[]));
-    let sharded = json_last(&mpirun(2, &cfg, &["--dry-run", SHARDED[0], SHARDED[1]], &[]));
+    let sharded = json_last(&mpirun(
+        2,
+        &cfg,
+        &["--dry-run", SHARDED[0], SHARDED[1]],
+        &[],
+    ));
     let mem = |p: &serde_json::Value, k: &str| p["memory_bytes"][k].as_u64().unwrap();
     let full = mem(&plan, "optimizer");
     assert!(full > 0, "{plan}");
@@ -484,12 +507,22 @@ fn dry_run_shows_the_optimizer_memory_per_rank() {
     assert_eq!(mem(&sharded, "optimizer_replicated"), full);
     // Two ranks: each holds half (the larger half when the count is odd).
     let n = plan["trainable_params"].as_u64().unwrap();
-    assert_eq!(mem(&sharded, "optimizer"), full / n * n.div_ceil(2), "{sharded}");
+    assert_eq!(
+        mem(&sharded, "optimizer"),
+        full / n * n.div_ceil(2),
+        "{sharded}"
+    );
     assert_eq!(mem(&plan, "optimizer_sharded"), mem(&sharded, "optimizer"));
     assert_eq!(sharded["shard_optimizer"], true);
     let out = single(
         &cfg,
-        &["--dry-run", SHARDED[0], SHARDED[1], "--set", "model.device=cuda"],
+        &[
+            "--dry-run",
+            SHARDED[0],
+            SHARDED[1],
+            "--set",
+            "model.device=cuda",
+        ],
         &[],
     );
     assert!(!out.status.success());

@@ -114,7 +114,9 @@ impl Comm for MpiComm {
             .iter()
             .map(|&c| Count::try_from(c))
             .collect::<std::result::Result<_, _>>()
-            .map_err(|_| DistError::Protocol(format!("all-gather of {counts:?}: too many values")))?;
+            .map_err(|_| {
+                DistError::Protocol(format!("all-gather of {counts:?}: too many values"))
+            })?;
         let displs: Vec<Count> = counts
             .iter()
             .scan(0 as Count, |acc, &c| {

@@ -233,9 +233,13 @@ impl ShardedAdamW {
         let mut out = Vec::with_capacity(self.range().len());
         for s in &mut self.segs {
             let spec = &self.params[s.param];
-            let g = flat_part(grads.get(&spec.name).expect("checked above"), s.start, s.len)?
-                .detach()
-                .to_dtype(DType::F32)?;
+            let g = flat_part(
+                grads.get(&spec.name).expect("checked above"),
+                s.start,
+                s.len,
+            )?
+            .detach()
+            .to_dtype(DType::F32)?;
             let param = match &s.master {
                 Some(m) => m.clone(),
                 None => flat_part(spec.var.as_tensor(), s.start, s.len)?
@@ -367,14 +371,13 @@ impl ShardedAdamW {
             .collect();
         found.sort();
         let Some(&(world, _, _)) = found.first() else {
-            return Err(fmt("no optimizer shard files (optimizer-shard-R-of-W.safetensors)".into()));
+            return Err(fmt(
+                "no optimizer shard files (optimizer-shard-R-of-W.safetensors)".into(),
+            ));
         };
         let ranks: Vec<usize> = found.iter().map(|f| f.1).collect();
         if found.iter().any(|f| f.0 != world) || ranks != (0..world).collect::<Vec<_>>() {
-            let names: Vec<String> = found
-                .iter()
-                .map(|f| shard_file_name(f.1, f.0))
-                .collect();
+            let names: Vec<String> = found.iter().map(|f| shard_file_name(f.1, f.0)).collect();
             return Err(fmt(format!(
                 "the optimizer shards are not one complete set: found {}, expected \
                  {} of {world}",
@@ -435,7 +438,10 @@ impl ShardedAdamW {
             let h: ShardHeader = serde_json::from_str(h)
                 .map_err(|e| fmt(format!("bad `{}`: {e}", crate::META_KEY)))?;
             if h.format != SHARD_FORMAT {
-                return Err(fmt(format!("format `{}`, expected `{SHARD_FORMAT}`", h.format)));
+                return Err(fmt(format!(
+                    "format `{}`, expected `{SHARD_FORMAT}`",
+                    h.format
+                )));
             }
             if h.params != ours {
                 return Err(fmt(
@@ -474,9 +480,9 @@ impl ShardedAdamW {
                 Ok(t.to_vec1::<f32>()?)
             };
             for seg in &h.segments {
-                let &i = index.get(seg.name.as_str()).ok_or_else(|| {
-                    fmt(format!("segment of unknown parameter `{}`", seg.name))
-                })?;
+                let &i = index
+                    .get(seg.name.as_str())
+                    .ok_or_else(|| fmt(format!("segment of unknown parameter `{}`", seg.name)))?;
                 let n = &seg.name;
                 let m = read(&format!("{n}.exp_avg"), seg.len)?;
                 let v = read(&format!("{n}.exp_avg_sq"), seg.len)?;
@@ -507,7 +513,10 @@ impl ShardedAdamW {
                 if *i != s.param {
                     continue;
                 }
-                let (lo, hi) = ((*start).max(s.start), (start + vals[0].len()).min(s.start + s.len));
+                let (lo, hi) = (
+                    (*start).max(s.start),
+                    (start + vals[0].len()).min(s.start + s.len),
+                );
                 if lo >= hi {
                     continue;
                 }
@@ -567,8 +576,13 @@ mod tests {
         let dev = Device::Cpu;
         let mk = |name: &str, shape: &[usize], seed: f64| {
             let n: usize = shape.iter().product();
-            let vals: Vec<f32> = (0..n).map(|i| ((i as f64 * 0.37 + seed).sin()) as f32).collect();
-            let t = Tensor::from_vec(vals, shape, &dev).unwrap().to_dtype(dt).unwrap();
+            let vals: Vec<f32> = (0..n)
+                .map(|i| ((i as f64 * 0.37 + seed).sin()) as f32)
+                .collect();
+            let t = Tensor::from_vec(vals, shape, &dev)
+                .unwrap()
+                .to_dtype(dt)
+                .unwrap();
             ParamSpec::new(name, Var::from_tensor(&t).unwrap())
         };
         vec![
@@ -640,12 +654,17 @@ mod tests {
     fn shards_tile_the_parameters() {
         for total in 0..20 {
             for world in 1..6 {
-                let all: Vec<usize> = (0..world).flat_map(|r| shard_range(total, r, world)).collect();
+                let all: Vec<usize> = (0..world)
+                    .flat_map(|r| shard_range(total, r, world))
+                    .collect();
                 assert_eq!(all, (0..total).collect::<Vec<_>>());
             }
         }
         assert_eq!(parse_shard_file_name(&shard_file_name(2, 3)), Some((2, 3)));
-        assert_eq!(parse_shard_file_name("optimizer-shard-3-of-3.safetensors"), None);
+        assert_eq!(
+            parse_shard_file_name("optimizer-shard-3-of-3.safetensors"),
+            None
+        );
         assert_eq!(parse_shard_file_name("optimizer.safetensors"), None);
     }
 

@@ -290,7 +290,8 @@ impl<'a> Run<'a> {
         // The model, its trainable parameters and the optimizer.
         let mut model = TrainModel::load(cfg)?;
         let specs = model.param_specs();
-        let reducer = Reducer::new(comm, &model.device, opts.nccl_alone).map_err(TrainError::dist)?;
+        let reducer =
+            Reducer::new(comm, &model.device, opts.nccl_alone).map_err(TrainError::dist)?;
         let adamw = AdamWConfig {
             beta1: cfg.train.beta1,
             beta2: cfg.train.beta2,
@@ -996,10 +997,13 @@ impl Optim {
     /// a sharded run (written by any number of ranks). A checkpoint of the other kind is
     /// refused, saying which setting resumes it.
     fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
-        let err = |e: sft_optim::OptimError| TrainError::Checkpoint(format!("{}: {e}", dir.display()));
+        let err =
+            |e: sft_optim::OptimError| TrainError::Checkpoint(format!("{}: {e}", dir.display()));
         let replicated = dir.join(crate::checkpoint::OPTIMIZER_FILE).exists();
         match self {
-            Optim::Replicated(o) if replicated => o.load(dir.join(crate::checkpoint::OPTIMIZER_FILE)).map_err(err),
+            Optim::Replicated(o) if replicated => o
+                .load(dir.join(crate::checkpoint::OPTIMIZER_FILE))
+                .map_err(err),
             Optim::Sharded(o) if !replicated => o.load(dir).map_err(err),
             Optim::Replicated(_) => Err(TrainError::Config(format!(
                 "cannot resume {}: its optimizer state is sharded over ranks (it was saved \
@@ -1019,7 +1023,11 @@ impl Optim {
 /// into the checkpoint folder (a hidden name in the run folder, which must be shared by every
 /// rank, as the resume already needs).
 fn staged_shard(run_dir: &Path, step: u64, rank: usize, world: usize) -> PathBuf {
-    run_dir.join(format!(".{}-{}", step_dir_name(step), shard_file_name(rank, world)))
+    run_dir.join(format!(
+        ".{}-{}",
+        step_dir_name(step),
+        shard_file_name(rank, world)
+    ))
 }
 
 /// Sums the step's gradient sums over the ranks: every trainable parameter's, in the
