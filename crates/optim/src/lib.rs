@@ -19,7 +19,8 @@ use sft_common::RawView;
 
 mod sharded;
 pub use sharded::{
-    parse_shard_file_name, shard_file_name, shard_range, Segment, ShardHeader, ShardedAdamW,
+    parse_shard_file_name, shard_file_name, shard_range, Pending, Segment, ShardHeader,
+    ShardedAdamW,
 };
 
 /// What can go wrong; every variant names the parameter or file involved.

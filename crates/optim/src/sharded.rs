@@ -276,12 +276,71 @@ impl ShardedAdamW {
             ))
             .into());
         }
-        for (p, &off) in self.params.iter().zip(&self.offsets) {
+        let mut pending = Pending::default();
+        self.apply_piece(&mut pending, 0, all)?;
+        self.check_applied(&pending)
+    }
+
+    /// Takes the gathered values of elements `start..start + vals.len()` of the flattened
+    /// parameters (pieces may come in any order): a weight is set once all its elements have
+    /// come, so that the weights can be gathered in chunks, holding at most the chunk and the
+    /// weights not yet complete.
+    pub fn apply_piece(&self, pending: &mut Pending, start: usize, vals: &[f32]) -> Result<()> {
+        let end = start + vals.len();
+        if end > self.total {
+            return Err(candle_core::Error::Msg(format!(
+                "sharded AdamW: gathered elements {start}..{end} of {}",
+                self.total
+            ))
+            .into());
+        }
+        // The first parameter that ends after `start`.
+        let first = self
+            .offsets
+            .partition_point(|&o| o <= start)
+            .saturating_sub(1);
+        for i in first..self.params.len() {
+            let (lo, p) = (self.offsets[i], &self.params[i]);
             let n = p.var.elem_count();
-            let t = Tensor::from_slice(&all[off..off + n], p.var.shape(), p.var.device())?;
-            p.var.set(&t.to_dtype(p.var.dtype())?)?;
+            if lo >= end {
+                break;
+            }
+            let (s, e) = (lo.max(start), (lo + n).min(end));
+            if s >= e {
+                continue;
+            }
+            let piece = &vals[s - start..e - start];
+            if e - s == n {
+                set_flat(p, piece)?;
+                continue;
+            }
+            let (buf, filled) = pending.0.entry(i).or_insert_with(|| (vec![0.0; n], 0));
+            buf[s - lo..e - lo].copy_from_slice(piece);
+            *filled += e - s;
+            if *filled == n {
+                let (buf, _) = pending.0.remove(&i).expect("just filled");
+                set_flat(p, &buf)?;
+            } else if *filled > n {
+                return Err(candle_core::Error::Msg(format!(
+                    "sharded AdamW: elements of `{}` gathered twice",
+                    p.name
+                ))
+                .into());
+            }
         }
         Ok(())
+    }
+
+    /// After the last piece: every weight was set.
+    pub fn check_applied(&self, pending: &Pending) -> Result<()> {
+        match pending.0.keys().next() {
+            None => Ok(()),
+            Some(&i) => Err(candle_core::Error::Msg(format!(
+                "sharded AdamW: `{}` was not gathered whole",
+                self.params[i].name
+            ))
+            .into()),
+        }
     }
 
     fn param_headers(&self) -> Vec<ParamHeader> {
@@ -561,6 +620,17 @@ impl ShardedAdamW {
     }
 }
 
+/// The weights of [`ShardedAdamW::apply_piece`] that have received some of their elements.
+#[derive(Debug, Default)]
+pub struct Pending(std::collections::BTreeMap<usize, (Vec<f32>, usize)>);
+
+/// Sets `p` from its flattened float32 values, rounded to its dtype.
+fn set_flat(p: &ParamSpec, vals: &[f32]) -> Result<()> {
+    let t = Tensor::from_slice(vals, p.var.shape(), p.var.device())?;
+    p.var.set(&t.to_dtype(p.var.dtype())?)?;
+    Ok(())
+}
+
 /// Elements `start..start + len` of `t` flattened.
 fn flat_part(t: &Tensor, start: usize, len: usize) -> Result<Tensor> {
     Ok(t.flatten_all()?.narrow(0, start, len)?)
@@ -640,7 +710,18 @@ mod tests {
                 all.extend(o.step_shard(&grads(ps, step), 1e-2).unwrap());
             }
             for o in &opts {
-                o.apply(&all).unwrap();
+                if world % 2 == 1 {
+                    o.apply(&all).unwrap();
+                } else {
+                    // In pieces of 4, last first, as a chunked gather may deliver them.
+                    let mut pending = Pending::default();
+                    let starts: Vec<usize> = (0..all.len()).step_by(4).collect();
+                    for &s in starts.iter().rev() {
+                        let e = (s + 4).min(all.len());
+                        o.apply_piece(&mut pending, s, &all[s..e]).unwrap();
+                    }
+                    o.check_applied(&pending).unwrap();
+                }
             }
         }
         let first = bits(&ranks[0]);

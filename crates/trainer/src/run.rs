@@ -575,11 +575,7 @@ impl<'a> Run<'a> {
                 // This rank's share updated, then every rank's share on every rank.
                 let t = Instant::now();
                 let mine = o.step_shard(&grads, lr).map_err(TrainError::optim)?;
-                let all = self
-                    .comm
-                    .allgather_f32(&mine, &o.counts())
-                    .map_err(TrainError::dist)?;
-                o.apply(&all).map_err(TrainError::optim)?;
+                gather_weights(self.comm, o, &mine)?;
                 *st.seconds.entry("sharded_update".into()).or_default() +=
                     t.elapsed().as_secs_f64();
             }
@@ -1017,6 +1013,38 @@ impl Optim {
             ))),
         }
     }
+}
+
+/// Every rank's updated share of the weights, gathered onto every rank in chunks (each
+/// rank's next [`sft_dist::BUCKET_ELEMENTS`] / world elements a round), so that no rank holds
+/// all the weights in f32 at once: only a chunk from each rank and the weights not yet whole.
+fn gather_weights(comm: &dyn Comm, o: &ShardedAdamW, mine: &[f32]) -> Result<(), TrainError> {
+    let (rank, world) = (comm.rank(), comm.world());
+    let counts = o.counts();
+    let starts: Vec<usize> = (0..world)
+        .map(|r| sft_optim::shard_range(o.total(), r, world).start)
+        .collect();
+    let chunk = (sft_dist::BUCKET_ELEMENTS / world).max(1);
+    let rounds = counts.iter().max().copied().unwrap_or(0).div_ceil(chunk);
+    let mut pending = sft_optim::Pending::default();
+    for k in 0..rounds {
+        let lo = k * chunk;
+        let sizes: Vec<usize> = counts
+            .iter()
+            .map(|&c| c.saturating_sub(lo).min(chunk))
+            .collect();
+        let from = lo.min(mine.len());
+        let got = comm
+            .allgather_f32(&mine[from..from + sizes[rank]], &sizes)
+            .map_err(TrainError::dist)?;
+        let mut at = 0;
+        for r in 0..world {
+            o.apply_piece(&mut pending, starts[r] + lo, &got[at..at + sizes[r]])
+                .map_err(TrainError::optim)?;
+            at += sizes[r];
+        }
+    }
+    o.check_applied(&pending).map_err(TrainError::optim)
 }
 
 /// Where rank `rank` writes its optimizer shard of checkpoint `step` before rank 0 moves it
