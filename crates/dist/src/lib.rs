@@ -396,6 +396,9 @@ mod tests {
             Some(vec![b"abc".to_vec()])
         );
         assert!(c.gather_bytes(b"abc", 1).is_err());
+        assert_eq!(c.allgather_f32(&[1.0, 2.0], &[2]).unwrap(), vec![1.0, 2.0]);
+        assert!(c.allgather_f32(&[1.0], &[2]).is_err());
+        assert!(c.allgather_f32(&[1.0], &[1, 1]).is_err());
         let t = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
         let mut ts = [t.clone()];
         let stats = allreduce_tensors(&c, &mut ts, 4).unwrap();
