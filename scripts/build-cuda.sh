@@ -24,6 +24,12 @@
 # LD_LIBRARY_PATH (`ldd target/cuda/release/sft` lists what is missing).
 # The kernels are built for compute capability $CUDA_COMPUTE_CAP (default 90: H100/H200; 80 for
 # A100).
+#
+# NCCL (`--features nccl`: data-parallel on GPUs, which also needs Open MPI and libclang): the
+# link needs libnccl. From $NCCL_HOME/lib when set, else the system's (ldconfig) when it has
+# one, else NCCL 2.28.9 for CUDA 13 from PyPI (nvidia-nccl-cu13, about 210 MB) in the cached
+# virtual environment. At run time the binary needs libnccl.so.2 on the loader's path (a
+# PyTorch environment's site-packages/nvidia/nccl/lib has one) and Open MPI's libmpi.so.40.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
@@ -36,6 +42,7 @@ args=("$@")
 
 patchelf=""
 nvcc_bin=""
+link=""
 if [[ -n ${CUDA_HOME:-} && -x $CUDA_HOME/bin/nvcc ]]; then
   nvcc_bin=$CUDA_HOME/bin/nvcc
 elif command -v nvcc >/dev/null; then
@@ -76,6 +83,36 @@ else
   fi
   export RUSTFLAGS="$flags${RUSTFLAGS:+ $RUSTFLAGS}"
   export CUDA_ROOT=$cuda CUDA_PATH=$cuda PATH=$cuda/bin:$PATH
+fi
+
+# NCCL for a build that asks for it (libnccl.so and its soname libnccl.so.2 in a link folder).
+if [[ " ${args[*]} " == *nccl* ]]; then
+  nccl_lib=""
+  if [[ -n ${NCCL_HOME:-} ]]; then
+    nccl_lib=$NCCL_HOME/lib
+  elif ! ldconfig -p 2>/dev/null | grep -q 'libnccl.so '; then
+    nvenv=$cache/venv
+    if [[ ! -f $cache/.nccl-installed ]]; then
+      echo "build-cuda: installing NCCL 2.28.9 (nvidia-nccl-cu13) from PyPI into $nvenv" >&2
+      [[ -x $nvenv/bin/python ]] || python3 -m venv "$nvenv"
+      "$nvenv/bin/pip" install -q --disable-pip-version-check --no-deps nvidia-nccl-cu13==2.28.9
+      touch "$cache/.nccl-installed"
+    fi
+    nccl_lib=$(echo "$nvenv"/lib/python3*/site-packages/nvidia/nccl/lib)
+  fi
+  if [[ -n $nccl_lib ]]; then
+    [[ -f $nccl_lib/libnccl.so.2 || -f $nccl_lib/libnccl.so ]] || {
+      echo "build-cuda: no libnccl.so.2 in $nccl_lib" >&2
+      exit 1
+    }
+    # Into the PyPI toolkit's link folder when there is one (RUSTFLAGS unchanged, so the
+    # builds with and without NCCL share their artifacts), else a folder of its own.
+    nlink=${link:-$cache/nccl-link}
+    mkdir -p "$nlink"
+    ln -sf "$nccl_lib/$(cd "$nccl_lib" && ls libnccl.so.2 libnccl.so 2>/dev/null | head -n1)" "$nlink/libnccl.so"
+    echo "build-cuda: linking NCCL from $nccl_lib" >&2
+    [[ -n ${link:-} ]] || export RUSTFLAGS="-L $nlink${RUSTFLAGS:+ $RUSTFLAGS}"
+  fi
 fi
 
 cargo "$cmd" --features cuda "${args[@]}"

@@ -362,3 +362,187 @@ fn a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch() {
             == weights(&run_dir(&two), "step-000004", "full")
     );
 }
+
+/// The files a checkpoint's trainer_state.json lists with their SHA-256.
+fn listed_files(step_dir: &Path) -> Vec<String> {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(step_dir.join("trainer_state.json")).unwrap())
+            .unwrap();
+    state["files"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect()
+}
+
+const SHARDED: [&str; 2] = ["--set", "train.shard_optimizer=true"];
+
+/// The sharded optimizer (ZeRO stage 1) against the replicated one, 2 ranks each: the same
+/// losses and weights, bit for bit (the same element-wise AdamW arithmetic); each rank's
+/// shard in the checkpoint, listed and hashed, and no replicated optimizer file.
+#[test]
+fn sharded_moments_train_the_replicated_lora_run() {
+    let vars = [("kind", "lora"), ("pack", "false"), ("accum", "1")];
+    let (rep, cfg1) = tiny_run("data_parallel.yaml", &vars);
+    assert_ok(&mpirun(2, &cfg1, &[], &[]));
+    let (sh, cfg2) = tiny_run("data_parallel.yaml", &vars);
+    assert_ok(&mpirun(2, &cfg2, &SHARDED, &[]));
+    assert_eq!(losses(&run_dir(&rep)), losses(&run_dir(&sh)));
+    for step in ["step-000002", "step-000004"] {
+        assert!(
+            weights(&run_dir(&rep), step, "lora") == weights(&run_dir(&sh), step, "lora"),
+            "weights at {step}"
+        );
+        let dir = run_dir(&sh).join(step);
+        let listed = listed_files(&dir);
+        for f in [
+            "optimizer-shard-0-of-2.safetensors",
+            "optimizer-shard-1-of-2.safetensors",
+        ] {
+            assert!(listed.iter().any(|l| l == f), "{f} not in {listed:?}");
+        }
+        assert!(!dir.join("optimizer.safetensors").exists());
+    }
+    // No staged shard left behind in the run folder.
+    let left: Vec<String> = std::fs::read_dir(run_dir(&sh))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("optimizer-shard"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// Full fine-tuning, sharded over 2 ranks, stopped at step 2 and resumed on 2 ranks: the
+/// losses and weights of the uninterrupted replicated run.
+#[test]
+fn sharded_full_run_resumed_on_two_ranks_matches_the_replicated_run() {
+    let vars = [("kind", "full"), ("pack", "false"), ("accum", "1")];
+    let (rep, cfg1) = tiny_run("data_parallel.yaml", &vars);
+    assert_ok(&mpirun(2, &cfg1, &[], &[]));
+    let (sh, cfg2) = tiny_run("data_parallel.yaml", &vars);
+    let out = mpirun(2, &cfg2, &SHARDED, &[("SFT_TEST_STOP_AT_STEP", "2")]);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let resume = [SHARDED[0], SHARDED[1], "--resume"];
+    assert_ok(&mpirun(2, &cfg2, &resume, &[]));
+    assert_eq!(losses(&run_dir(&rep)), losses(&run_dir(&sh)));
+    for step in ["step-000002", "step-000004"] {
+        assert!(
+            weights(&run_dir(&rep), step, "full") == weights(&run_dir(&sh), step, "full"),
+            "weights at {step}"
+        );
+    }
+}
+
+/// A checkpoint whose moments are sharded over 2 ranks resumes on 1 rank (the same global
+/// batch): the shards are re-partitioned, and the run ends as the uninterrupted 1-process run.
+/// Resuming it with the replicated optimizer is refused, saying which setting resumes it.
+#[test]
+fn a_sharded_two_rank_checkpoint_resumes_on_one_rank() {
+    let vars = |accum| [("kind", "full"), ("pack", "false"), ("accum", accum)];
+    let (one, cfg1) = tiny_run("data_parallel.yaml", &vars("2"));
+    assert_ok(&single(&cfg1, &[], &[]));
+    let (two, cfg2) = tiny_run("data_parallel.yaml", &vars("1"));
+    let out = mpirun(2, &cfg2, &SHARDED, &[("SFT_TEST_STOP_AT_STEP", "2")]);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = single(&cfg2, &["--resume", "--set", "train.grad_accum=2"], &[]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sharded over ranks") && err.contains("train.shard_optimizer: true"),
+        "{err}"
+    );
+    let resume = [
+        SHARDED[0],
+        SHARDED[1],
+        "--resume",
+        "--set",
+        "train.grad_accum=2",
+    ];
+    assert_ok(&single(&cfg2, &resume, &[]));
+    assert_eq!(losses(&run_dir(&one)), losses(&run_dir(&two)));
+    assert!(
+        weights(&run_dir(&one), "step-000004", "full")
+            == weights(&run_dir(&two), "step-000004", "full")
+    );
+    // The resumed segment saved one shard (world 1).
+    let listed = listed_files(&run_dir(&two).join("step-000004"));
+    assert!(
+        listed
+            .iter()
+            .any(|l| l == "optimizer-shard-0-of-1.safetensors"),
+        "{listed:?}"
+    );
+}
+
+/// `--dry-run` shows each rank's optimizer memory, replicated or sharded; the sharded
+/// optimizer is refused on a GPU, saying why.
+#[test]
+fn dry_run_shows_the_optimizer_memory_per_rank() {
+    let (_t, cfg) = tiny_run(
+        "data_parallel.yaml",
+        &[("kind", "full"), ("pack", "false"), ("accum", "1")],
+    );
+    let plan = json_last(&mpirun(2, &cfg, &["--dry-run"], &[]));
+    let sharded = json_last(&mpirun(
+        2,
+        &cfg,
+        &["--dry-run", SHARDED[0], SHARDED[1]],
+        &[],
+    ));
+    let mem = |p: &serde_json::Value, k: &str| p["memory_bytes"][k].as_u64().unwrap();
+    let full = mem(&plan, "optimizer");
+    assert!(full > 0, "{plan}");
+    assert_eq!(mem(&plan, "optimizer_replicated"), full);
+    assert_eq!(mem(&sharded, "optimizer_replicated"), full);
+    // Two ranks: each holds half (the larger half when the count is odd).
+    let n = plan["trainable_params"].as_u64().unwrap();
+    assert_eq!(
+        mem(&sharded, "optimizer"),
+        full / n * n.div_ceil(2),
+        "{sharded}"
+    );
+    assert_eq!(mem(&plan, "optimizer_sharded"), mem(&sharded, "optimizer"));
+    assert_eq!(sharded["shard_optimizer"], true);
+    let out = single(
+        &cfg,
+        &[
+            "--dry-run",
+            SHARDED[0],
+            SHARDED[1],
+            "--set",
+            "model.device=cuda",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("train.shard_optimizer") && err.contains("CPU ranks only"),
+        "{err}"
+    );
+}
+
+/// The NCCL check hook is never ignored: on a CPU model it is refused, saying why (a build
+/// without NCCL refuses it too; scripts/gpu-check's nccl stage checks that on the GPU).
+#[test]
+fn nccl_alone_is_refused_on_the_cpu() {
+    let (_t, cfg) = tiny_run(
+        "data_parallel.yaml",
+        &[("kind", "lora"), ("pack", "false"), ("accum", "1")],
+    );
+    let out = single(&cfg, &[], &[("SFT_TEST_NCCL_ALONE", "1")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NCCL sums CUDA tensors"), "{err}");
+}

@@ -57,6 +57,9 @@ pub trait Comm {
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
     /// Every rank's bytes, in rank order, on rank `root`; `None` on the others.
     fn gather_bytes(&self, mine: &[u8], root: usize) -> Result<Option<Vec<Vec<u8>>>>;
+    /// Every rank's f32 values concatenated in rank order, on every rank; rank `r` gives
+    /// `counts[r]` values (the sharded optimizer's updated shares).
+    fn allgather_f32(&self, mine: &[f32], counts: &[usize]) -> Result<Vec<f32>>;
     fn barrier(&self) -> Result<()>;
     /// Ends every process of the run with `code` (MPI_Abort): a rank that failed alone must
     /// not leave the others waiting in a collective.
@@ -101,11 +104,26 @@ impl Comm for Single {
         check_root(root, 1)?;
         Ok(Some(vec![mine.to_vec()]))
     }
+    fn allgather_f32(&self, mine: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        check_counts(mine.len(), counts, 0, 1)?;
+        Ok(mine.to_vec())
+    }
     fn barrier(&self) -> Result<()> {
         Ok(())
     }
     fn abort(&self, code: i32) -> ! {
         std::process::exit(code)
+    }
+}
+
+/// `counts` has a count for every rank, and this rank's is `mine`.
+fn check_counts(mine: usize, counts: &[usize], rank: usize, world: usize) -> Result<()> {
+    if counts.len() == world && counts.get(rank) == Some(&mine) {
+        Ok(())
+    } else {
+        Err(DistError::Protocol(format!(
+            "all-gather: rank {rank} gives {mine} values, counts {counts:?} for {world} ranks"
+        )))
     }
 }
 
@@ -235,21 +253,43 @@ pub struct Reducer<'c> {
 }
 
 impl<'c> Reducer<'c> {
-    /// Every rank calls this together, with the device its gradients live on.
-    pub fn new(comm: &'c dyn Comm, device: &candle_core::Device) -> Result<Self> {
+    /// Every rank calls this together, with the device its gradients live on. `nccl_alone`:
+    /// sum through NCCL even with one process (a check of NCCL on one GPU); refused where it
+    /// cannot apply (a build without NCCL, a CPU device) rather than silently not done.
+    pub fn new(comm: &'c dyn Comm, device: &candle_core::Device, nccl_alone: bool) -> Result<Self> {
+        if nccl_alone && !device.is_cuda() {
+            return Err(DistError::Protocol(format!(
+                "NCCL was asked for with one process, but the model is on {device:?}: NCCL sums \
+                 CUDA tensors (model.device: cuda)"
+            )));
+        }
         #[cfg(feature = "cuda")]
-        let nccl = if comm.world() > 1 && device.is_cuda() {
+        let nccl = if (comm.world() > 1 || nccl_alone) && device.is_cuda() {
             Some(Nccl::connect(comm, device)?)
         } else {
             None
         };
         #[cfg(not(feature = "cuda"))]
-        let _ = device;
+        if nccl_alone {
+            return Err(DistError::Protocol(
+                "NCCL was asked for with one process, but this build has no NCCL: build with \
+                 `scripts/build-cuda.sh --release -p sft-cli --bins --features nccl`"
+                    .into(),
+            ));
+        }
         Ok(Self {
             comm,
             #[cfg(feature = "cuda")]
             nccl,
         })
+    }
+
+    /// Whether gradients are summed on the GPUs by NCCL.
+    pub fn on_gpus(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.nccl.is_some();
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
     /// `tensors` summed over the ranks, in place, in `bucket_elements` buckets in their order.
@@ -356,6 +396,9 @@ mod tests {
             Some(vec![b"abc".to_vec()])
         );
         assert!(c.gather_bytes(b"abc", 1).is_err());
+        assert_eq!(c.allgather_f32(&[1.0, 2.0], &[2]).unwrap(), vec![1.0, 2.0]);
+        assert!(c.allgather_f32(&[1.0], &[2]).is_err());
+        assert!(c.allgather_f32(&[1.0], &[1, 1]).is_err());
         let t = Tensor::new(&[1f32, 2.0], &Device::Cpu).unwrap();
         let mut ts = [t.clone()];
         let stats = allreduce_tensors(&c, &mut ts, 4).unwrap();
@@ -399,6 +442,9 @@ mod tests {
         }
         fn gather_bytes(&self, mine: &[u8], _root: usize) -> Result<Option<Vec<Vec<u8>>>> {
             Ok(Some(vec![mine.to_vec(); self.n]))
+        }
+        fn allgather_f32(&self, mine: &[f32], _counts: &[usize]) -> Result<Vec<f32>> {
+            Ok(mine.repeat(self.n))
         }
         fn barrier(&self) -> Result<()> {
             Ok(())

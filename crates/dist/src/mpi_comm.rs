@@ -108,6 +108,31 @@ impl Comm for MpiComm {
                 .collect(),
         ))
     }
+    fn allgather_f32(&self, mine: &[f32], counts: &[usize]) -> Result<Vec<f32>> {
+        crate::check_counts(mine.len(), counts, self.rank, self.size)?;
+        let counts: Vec<Count> = counts
+            .iter()
+            .map(|&c| Count::try_from(c))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| {
+                DistError::Protocol(format!("all-gather of {counts:?}: too many values"))
+            })?;
+        let displs: Vec<Count> = counts
+            .iter()
+            .scan(0 as Count, |acc, &c| {
+                let d = *acc;
+                *acc += c;
+                Some(d)
+            })
+            .collect();
+        let total: usize = counts.iter().map(|&c| c as usize).sum();
+        let mut all = vec![0f32; total];
+        {
+            let mut part = PartitionMut::new(&mut all[..], &counts[..], &displs[..]);
+            self.world.all_gather_varcount_into(mine, &mut part);
+        }
+        Ok(all)
+    }
     fn barrier(&self) -> Result<()> {
         self.world.barrier();
         Ok(())

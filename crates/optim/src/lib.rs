@@ -17,6 +17,12 @@ use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 use sft_common::RawView;
 
+mod sharded;
+pub use sharded::{
+    parse_shard_file_name, shard_file_name, shard_range, Pending, Segment, ShardHeader,
+    ShardedAdamW,
+};
+
 /// What can go wrong; every variant names the parameter or file involved.
 #[derive(Debug, thiserror::Error)]
 pub enum OptimError {

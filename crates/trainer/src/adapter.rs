@@ -149,7 +149,9 @@ fn copy_model_files(from: &Path, to: &Path) -> Result<(), TrainError> {
 /// The files a restore and the optimizer read from checkpoint folder `dir` for an adapter of
 /// `kind`: what the checkpoint's state must list and verify before a resume loads anything.
 pub fn resume_files(kind: AdapterKind, dir: &Path) -> Result<Vec<PathBuf>, String> {
-    let mut files = vec![dir.join(crate::checkpoint::OPTIMIZER_FILE)];
+    // The optimizer: one file, or the shards of a sharded run (every rank's is verified).
+    let shards = sft_optim::ShardedAdamW::files_in(dir).ok();
+    let mut files = shards.unwrap_or_else(|| vec![dir.join(crate::checkpoint::OPTIMIZER_FILE)]);
     match kind {
         AdapterKind::Lora => {
             files.push(dir.join(lora::ADAPTER_CONFIG));

@@ -161,6 +161,10 @@ pub struct TrainConfig {
     /// small updates, 4 more bytes per parameter); `false` updates the half-precision weights
     /// in place with f32 moments.
     pub master_weights: bool,
+    /// ZeRO stage 1: AdamW's moments (and master copies) sharded over the ranks of a
+    /// data-parallel run, each rank updating its contiguous share of the flattened trainable
+    /// parameters, the updated weights then all-gathered. CPU ranks (MPI) only in this version.
+    pub shard_optimizer: bool,
 }
 
 impl Default for TrainConfig {
@@ -184,6 +188,7 @@ impl Default for TrainConfig {
             max_bad_steps: 5,
             gradient_checkpointing: false,
             master_weights: true,
+            shard_optimizer: false,
         }
     }
 }
@@ -583,6 +588,13 @@ impl Config {
         if dev != "cpu" && !cuda_ok {
             errs.push(format!(
                 "model.device: expected cpu, cuda or cuda:N, found '{dev}'"
+            ));
+        }
+        if t.shard_optimizer && cuda_ok {
+            errs.push(format!(
+                "train.shard_optimizer: the sharded optimizer runs on CPU ranks only (its \
+                 all-gather goes through MPI on the host, not NCCL), and model.device is \
+                 '{dev}': set train.shard_optimizer: false on GPUs"
             ));
         }
         if self.checkpoint.keep_last == 0 {

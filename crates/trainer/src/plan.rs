@@ -72,7 +72,13 @@ pub struct DryRun {
     /// Processes training together (data-parallel ranks), each with the memory below.
     pub world: u64,
     pub grad_accum: u64,
+    /// Per rank; with `train.shard_optimizer` its optimizer state is this rank's share.
     pub memory: MemoryEstimate,
+    /// The optimizer state of one rank when replicated, and when sharded over `world` ranks
+    /// (the largest share), whichever `train.shard_optimizer` picks.
+    pub optimizer_replicated: u64,
+    pub optimizer_sharded: u64,
+    pub shard_optimizer: bool,
 }
 
 impl DryRun {
@@ -96,10 +102,13 @@ impl DryRun {
                 "trainable": m.trainable,
                 "gradients": m.gradients,
                 "optimizer": m.optimizer,
+                "optimizer_replicated": self.optimizer_replicated,
+                "optimizer_sharded": self.optimizer_sharded,
                 "activations": m.activations,
                 "total": m.total(),
             },
             "trainable_params": m.trainable_params,
+            "shard_optimizer": self.shard_optimizer,
         })
     }
 }
@@ -134,9 +143,14 @@ impl fmt::Display for DryRun {
             self.batch * self.grad_accum * self.world,
             self.world
         )?;
+        let holds = if self.shard_optimizer {
+            "each holds a replica of the weights and its share of the optimizer state"
+        } else {
+            "each holds a replica"
+        };
         writeln!(
             f,
-            "# memory estimate per rank (each holds a replica; micro-batch {} x {} tokens)",
+            "# memory estimate per rank ({holds}; micro-batch {} x {} tokens)",
             self.batch, self.seq
         )?;
         let m = &self.memory;
@@ -148,7 +162,24 @@ impl fmt::Display for DryRun {
             m.trainable_params
         )?;
         writeln!(f, "gradients        {}", gib(m.gradients))?;
-        writeln!(f, "optimizer state  {}", gib(m.optimizer))?;
+        if self.shard_optimizer {
+            writeln!(
+                f,
+                "optimizer state  {} (sharded over {} ranks; replicated it would be {})",
+                gib(m.optimizer),
+                self.world,
+                gib(self.optimizer_replicated)
+            )?;
+        } else {
+            writeln!(
+                f,
+                "optimizer state  {} (replicated; sharded over {} ranks, train.shard_optimizer, \
+                 it would be {})",
+                gib(m.optimizer),
+                self.world,
+                gib(self.optimizer_sharded)
+            )?;
+        }
         writeln!(f, "activations      {}", gib(m.activations))?;
         write!(f, "total            {}", gib(m.total()))
     }
@@ -181,10 +212,21 @@ pub fn dry_run(cfg: &Config, world: usize) -> Result<DryRun, TrainError> {
     }
     let batch = cfg.train.micro_batch_size as u64;
     let seq = cfg.data.max_length as u64;
+    let mut memory = estimate(cfg, &m, batch, seq);
+    // Sharded: the largest rank's share of the flattened parameters (ceil(n / world)).
+    let replicated = memory.optimizer;
+    let n = memory.trainable_params.max(1);
+    let sharded = replicated / n * n.div_ceil(world.max(1) as u64);
+    if cfg.train.shard_optimizer {
+        memory.optimizer = sharded;
+    }
     Ok(DryRun {
         config_yaml: serde_yaml::to_string(cfg).unwrap_or_default(),
         base_dir: cfg.base_dir.clone(),
-        memory: estimate(cfg, &m, batch, seq),
+        memory,
+        optimizer_replicated: replicated,
+        optimizer_sharded: sharded,
+        shard_optimizer: cfg.train.shard_optimizer,
         model: m,
         train_examples: ds.train.len() as u64,
         eval_examples: ds.eval.len() as u64,

@@ -28,7 +28,10 @@ use candle_core::DType;
 use serde_json::{Map, Value};
 use sft_data::{Batcher, Dataset};
 use sft_dist::{Comm, ReduceStats, Reducer, Single};
-use sft_optim::{clip_grad_norm, AdamW, AdamWConfig, GradAccumulator, Grads, ParamSpec};
+use sft_optim::{
+    clip_grad_norm, shard_file_name, AdamW, AdamWConfig, GradAccumulator, Grads, ParamSpec,
+    ShardedAdamW,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,16 +58,20 @@ pub struct RunOptions {
     /// Test hook: after this step, wait (up to two minutes) for `stop`, so that a test's
     /// signal lands mid-run without racing the steps.
     pub pause_after_step: Option<u64>,
+    /// Check hook: sum the gradients through NCCL even with one process (scripts/gpu-check's
+    /// NCCL stage on one GPU). Refused by a build without NCCL or on a CPU device.
+    pub nccl_alone: bool,
 }
 
 impl RunOptions {
     /// The test hooks as the binaries take them: `SFT_TEST_STOP_AT_STEP=N`,
-    /// `SFT_TEST_STEP_DELAY_MS=N` and `SFT_TEST_PAUSE_AFTER_STEP=N`.
+    /// `SFT_TEST_STEP_DELAY_MS=N`, `SFT_TEST_PAUSE_AFTER_STEP=N` and `SFT_TEST_NCCL_ALONE=1`.
     pub fn with_test_hooks_from_env(mut self) -> Self {
         let var = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<u64>().ok());
         self.stop_after_step = var("SFT_TEST_STOP_AT_STEP");
         self.step_delay = var("SFT_TEST_STEP_DELAY_MS").map(Duration::from_millis);
         self.pause_after_step = var("SFT_TEST_PAUSE_AFTER_STEP");
+        self.nccl_alone = var("SFT_TEST_NCCL_ALONE").is_some_and(|v| v > 0);
         self
     }
 }
@@ -223,7 +230,7 @@ struct Run<'a> {
     ckpts: Checkpoints,
     model: TrainModel,
     specs: Vec<ParamSpec>,
-    optim: AdamW,
+    optim: Optim,
     data: Dataset,
     batcher: Batcher,
     total_steps: u64,
@@ -283,20 +290,41 @@ impl<'a> Run<'a> {
         // The model, its trainable parameters and the optimizer.
         let mut model = TrainModel::load(cfg)?;
         let specs = model.param_specs();
-        let reducer = Reducer::new(comm, &model.device).map_err(TrainError::dist)?;
-        let mut optim = AdamW::new(
-            specs.clone(),
-            AdamWConfig {
-                beta1: cfg.train.beta1,
-                beta2: cfg.train.beta2,
-                eps: cfg.train.eps,
-                weight_decay: cfg.train.weight_decay,
-            },
-        )
-        .map_err(TrainError::optim)?;
-        if !cfg.train.master_weights {
-            optim = optim.without_master_weights();
-        }
+        let reducer =
+            Reducer::new(comm, &model.device, opts.nccl_alone).map_err(TrainError::dist)?;
+        let adamw = AdamWConfig {
+            beta1: cfg.train.beta1,
+            beta2: cfg.train.beta2,
+            eps: cfg.train.eps,
+            weight_decay: cfg.train.weight_decay,
+        };
+        let mut optim = if cfg.train.shard_optimizer {
+            let o = ShardedAdamW::new(
+                specs.clone(),
+                adamw,
+                comm.rank(),
+                comm.world(),
+                cfg.train.master_weights,
+            )
+            .map_err(TrainError::optim)?;
+            let r = o.range();
+            tracing::info!(
+                "optimizer: AdamW sharded over {} rank(s); this rank holds elements {}..{} of {} \
+                 ({:.1} MiB of moments and master copies)",
+                comm.world(),
+                r.start,
+                r.end,
+                o.total(),
+                o.state_bytes() as f64 / (1u64 << 20) as f64
+            );
+            Optim::Sharded(o)
+        } else {
+            let mut o = AdamW::new(specs.clone(), adamw).map_err(TrainError::optim)?;
+            if !cfg.train.master_weights {
+                o = o.without_master_weights();
+            }
+            Optim::Replicated(o)
+        };
         tracing::info!(
             "model: {} ({} layers, {} parameters, {} trainable in {} tensors, {:?})",
             model.dir.display(),
@@ -347,9 +375,7 @@ impl<'a> Run<'a> {
             Some((path, mut st)) => {
                 st.upgrade();
                 model.restore(&path)?;
-                optim
-                    .load(path.join("optimizer.safetensors"))
-                    .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", path.display())))?;
+                optim.load(&path)?;
                 batcher = batcher.with_cursor(st.cursor);
                 tracing::info!(
                     "resumed from {} (step {}, {} examples)",
@@ -488,7 +514,7 @@ impl<'a> Run<'a> {
         st.cursor = self.batcher.cursor();
         let mut grads = acc.into_sums();
         let mut reduced = None;
-        if world > 1 {
+        if world > 1 || self.reducer.on_gpus() {
             // The first collective of the step: it also waits for the slowest rank.
             let t = Instant::now();
             let mut sums = [loss_sum, tokens as f64];
@@ -543,7 +569,17 @@ impl<'a> Run<'a> {
             grads.global_norm()
         }
         .map_err(TrainError::optim)?;
-        self.optim.step(&grads, lr).map_err(TrainError::optim)?;
+        match &mut self.optim {
+            Optim::Replicated(o) => o.step(&grads, lr).map_err(TrainError::optim)?,
+            Optim::Sharded(o) => {
+                // This rank's share updated, then every rank's share on every rank.
+                let t = Instant::now();
+                let mine = o.step_shard(&grads, lr).map_err(TrainError::optim)?;
+                gather_weights(self.comm, o, &mine)?;
+                *st.seconds.entry("sharded_update".into()).or_default() +=
+                    t.elapsed().as_secs_f64();
+            }
+        }
         st.step += 1;
         Ok(Some(StepReport {
             loss: mean_loss,
@@ -661,12 +697,18 @@ impl<'a> Run<'a> {
         if self.cfg.logging.plots && self.st.evals.last().is_some_and(|r| r.step == self.st.step) {
             self.redraw_plots();
         }
-        // Rank 0's decision (its stop rules saw the scores), on every rank.
-        let mut bytes = serde_json::to_vec(&stop).map_err(|e| TrainError::Dist(e.to_string()))?;
+        // Rank 0's decisions (its stop rules saw the scores), on every rank: whether to stop,
+        // and whether a rule asked for this step's checkpoint (every rank writes its optimizer
+        // shard when the moments are sharded).
+        let mut bytes = serde_json::to_vec(&(&stop, self.pending_save))
+            .map_err(|e| TrainError::Dist(e.to_string()))?;
         self.comm
             .broadcast_bytes(&mut bytes, 0)
             .map_err(TrainError::dist)?;
-        serde_json::from_slice(&bytes).map_err(|e| TrainError::Dist(e.to_string()))
+        let (stop, pending): (Option<String>, bool) =
+            serde_json::from_slice(&bytes).map_err(|e| TrainError::Dist(e.to_string()))?;
+        self.pending_save = pending;
+        Ok(stop)
     }
 
     /// The evaluations that run now (`loss`, then the evaluators in order), as rank 0 sees
@@ -798,6 +840,14 @@ impl<'a> Run<'a> {
     /// Checkpoint the current step (with every stop rule's state), then prune. Rank 0 writes;
     /// the other ranks hold the same weights and optimizer state.
     fn save(&mut self) -> Result<(), TrainError> {
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        if let Optim::Sharded(o) = &self.optim {
+            // Every rank writes its share beside the checkpoint; rank 0 moves them in.
+            let staged = staged_shard(&self.run_dir, self.st.step, rank, world);
+            o.save(&staged)
+                .map_err(|e| TrainError::Checkpoint(format!("{}: {e}", staged.display())))?;
+            self.comm.barrier().map_err(TrainError::dist)?;
+        }
         if !self.comm.is_root() {
             return Ok(());
         }
@@ -813,13 +863,20 @@ impl<'a> Run<'a> {
             .map(|r| (r.name().to_string(), r.state()))
             .collect();
         let t = Instant::now();
-        let (model, optim) = (&self.model, &self.optim);
+        let (model, optim, run_dir, step) = (&self.model, &self.optim, &self.run_dir, st.step);
         self.ckpts
             .save(st.step, &*st, |dir| {
                 model.save(dir).map_err(|e| e.to_string())?;
-                optim
-                    .save(dir.join("optimizer.safetensors"))
-                    .map_err(|e| e.to_string())
+                match optim {
+                    Optim::Replicated(o) => o
+                        .save(dir.join(crate::checkpoint::OPTIMIZER_FILE))
+                        .map_err(|e| e.to_string()),
+                    Optim::Sharded(_) => (0..world).try_for_each(|r| {
+                        let staged = staged_shard(run_dir, step, r, world);
+                        std::fs::rename(&staged, dir.join(shard_file_name(r, world)))
+                            .map_err(|e| format!("{}: {e}", staged.display()))
+                    }),
+                }
             })
             .map_err(TrainError::checkpoint)?;
         let mut pinned = st.pinned.clone();
@@ -923,6 +980,82 @@ impl<'a> Run<'a> {
             Err(e) => tracing::warn!("plots: cannot read {}: {e}", log.path().display()),
         }
     }
+}
+
+/// AdamW, replicated on every rank or sharded over them (`train.shard_optimizer`).
+enum Optim {
+    Replicated(AdamW),
+    Sharded(ShardedAdamW),
+}
+
+impl Optim {
+    /// Restores the state a checkpoint holds: `optimizer.safetensors`, or the shard files of
+    /// a sharded run (written by any number of ranks). A checkpoint of the other kind is
+    /// refused, saying which setting resumes it.
+    fn load(&mut self, dir: &Path) -> Result<(), TrainError> {
+        let err =
+            |e: sft_optim::OptimError| TrainError::Checkpoint(format!("{}: {e}", dir.display()));
+        let replicated = dir.join(crate::checkpoint::OPTIMIZER_FILE).exists();
+        match self {
+            Optim::Replicated(o) if replicated => o
+                .load(dir.join(crate::checkpoint::OPTIMIZER_FILE))
+                .map_err(err),
+            Optim::Sharded(o) if !replicated => o.load(dir).map_err(err),
+            Optim::Replicated(_) => Err(TrainError::Config(format!(
+                "cannot resume {}: its optimizer state is sharded over ranks (it was saved \
+                 with train.shard_optimizer: true); resume with train.shard_optimizer: true",
+                dir.display()
+            ))),
+            Optim::Sharded(_) => Err(TrainError::Config(format!(
+                "cannot resume {}: its optimizer state is one replicated file (it was saved \
+                 with train.shard_optimizer: false); resume with train.shard_optimizer: false",
+                dir.display()
+            ))),
+        }
+    }
+}
+
+/// Every rank's updated share of the weights, gathered onto every rank in chunks (each
+/// rank's next [`sft_dist::BUCKET_ELEMENTS`] / world elements a round), so that no rank holds
+/// all the weights in f32 at once: only a chunk from each rank and the weights not yet whole.
+fn gather_weights(comm: &dyn Comm, o: &ShardedAdamW, mine: &[f32]) -> Result<(), TrainError> {
+    let (rank, world) = (comm.rank(), comm.world());
+    let counts = o.counts();
+    let starts: Vec<usize> = (0..world)
+        .map(|r| sft_optim::shard_range(o.total(), r, world).start)
+        .collect();
+    let chunk = (sft_dist::BUCKET_ELEMENTS / world).max(1);
+    let rounds = counts.iter().max().copied().unwrap_or(0).div_ceil(chunk);
+    let mut pending = sft_optim::Pending::default();
+    for k in 0..rounds {
+        let lo = k * chunk;
+        let sizes: Vec<usize> = counts
+            .iter()
+            .map(|&c| c.saturating_sub(lo).min(chunk))
+            .collect();
+        let from = lo.min(mine.len());
+        let got = comm
+            .allgather_f32(&mine[from..from + sizes[rank]], &sizes)
+            .map_err(TrainError::dist)?;
+        let mut at = 0;
+        for r in 0..world {
+            o.apply_piece(&mut pending, starts[r] + lo, &got[at..at + sizes[r]])
+                .map_err(TrainError::optim)?;
+            at += sizes[r];
+        }
+    }
+    o.check_applied(&pending).map_err(TrainError::optim)
+}
+
+/// Where rank `rank` writes its optimizer shard of checkpoint `step` before rank 0 moves it
+/// into the checkpoint folder (a hidden name in the run folder, which must be shared by every
+/// rank, as the resume already needs).
+fn staged_shard(run_dir: &Path, step: u64, rank: usize, world: usize) -> PathBuf {
+    run_dir.join(format!(
+        ".{}-{}",
+        step_dir_name(step),
+        shard_file_name(rank, world)
+    ))
 }
 
 /// Sums the step's gradient sums over the ranks: every trainable parameter's, in the
