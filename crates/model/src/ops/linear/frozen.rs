@@ -347,9 +347,53 @@ fn grad_times_w(
             .matmul(&w.to_dtype(DType::F32)?)?
             .to_dtype(DType::BF16)?
     } else {
-        g.matmul(w)?
+        f32_mm(&g, w)?
     };
     dx.reshape(x_dims)
+}
+
+/// `a (m, k) · b (k, n)` for 2-D tensors, no gradient recorded: f32 on the CPU through the f32
+/// kernel `SFT_CPU_KERNELS` chose (any strides: transposed views are read as they are, B packed
+/// for this product), otherwise (portable, f64, another device) candle's matmul.
+pub(super) fn f32_mm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use crate::ops::linear::packed_gemm::{gemm_f32_slices, kernels};
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.rank() == 2;
+    if !f32_cpu(a) || !f32_cpu(b) {
+        return a.matmul(b);
+    }
+    let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+    if k != k2 {
+        bail!("matmul: ({m}, {k}) · ({k2}, {n})");
+    }
+    let mut c = vec![0f32; m * n];
+    let done = {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(CpuStorage::F32(av)),
+            candle_core::Storage::Cpu(CpuStorage::F32(bv)),
+        ) = (&*sa, &*sb)
+        else {
+            bail!("matmul: f32 CPU tensors without f32 CPU storage");
+        };
+        let (sta, stb) = (la.stride(), lb.stride());
+        gemm_f32_slices(
+            kernels()?,
+            &mut c,
+            n,
+            (m, n, k),
+            &av[la.start_offset()..],
+            (sta[0], sta[1]),
+            &bv[lb.start_offset()..],
+            (stb[0], stb[1]),
+            true,
+        )
+    };
+    if done {
+        Tensor::from_vec(c, (m, n), a.device())
+    } else {
+        a.detach().matmul(&b.detach())
+    }
 }
 
 /// An f32 tensor in `dt`, with the fast bf16 rounding on the CPU (candle's conversion calls
