@@ -407,10 +407,18 @@ fn pack_f32(
                 }
             }
         } else {
-            for jj in 0..cols {
-                let col = (j0 + jj) * b_cs;
-                for kk in 0..k {
-                    dst[kk * NR + jj] = b[col + kk * b_rs].to_bits();
+            // Eight k at a time from each column (a transposed B reads them contiguously).
+            let (src, d) = (b.as_ptr(), dst.as_mut_ptr());
+            assert!(b.len() > (k - 1) * b_rs + (j0 + cols - 1) * b_cs);
+            for k0 in (0..k).step_by(8) {
+                let k1 = (k0 + 8).min(k);
+                for jj in 0..cols {
+                    let col = (j0 + jj) * b_cs;
+                    for kk in k0..k1 {
+                        // SAFETY: kk < k and j0 + jj < n (asserted above); the panel holds
+                        // k rows of NR.
+                        unsafe { *d.add(kk * NR + jj) = (*src.add(col + kk * b_rs)).to_bits() };
+                    }
                 }
             }
         }
@@ -423,12 +431,19 @@ fn pack_f32(
     data
 }
 
+/// Products with fewer rows or columns than this go to the caller's general GEMM: under half
+/// a 32-column panel the kernel computes mostly zero columns, and with a few rows the pack of B
+/// made per call costs more than the product (examples/small_gemm_bench: the LoRA adapter's
+/// products with r = 8 columns ran at 0.54-0.61x the `gemm` crate, with r = 8 rows at
+/// 0.40-0.68x; those with r = 8 as k at 1.7-3.0x).
+pub const THIN: usize = 16;
+
 /// `C = [C +] alpha · A · B` in f32 through the f32 kernel of `kernels`, for an A (m × k) and a
 /// B (k × n) of any strides (row, column; in elements) and a C of row stride `c_rs`: B is
 /// packed for this call, A copied when its rows are not contiguous. The product is summed in
 /// f32 in a fixed order (the same bits on any number of threads), then scaled and added.
 /// Returns `false`, with C untouched, where `kernels` have no f32 kernel this CPU runs
-/// (portable): the caller uses its general GEMM. `parallel`: over rayon's threads when the
+/// (portable) or the product is [`THIN`]: the caller uses its general GEMM. `parallel`: over rayon's threads when the
 /// product is large, else on the calling thread (callers that split the work themselves).
 ///
 /// These are the small products of attention (per block of 64 query rows) and of the LoRA
@@ -454,8 +469,8 @@ pub unsafe fn gemm_f32(
     let Some(exec) = PackedB::f32_exec(kernels) else {
         return false;
     };
-    if m == 0 || n == 0 {
-        return true;
+    if m < THIN || n < THIN {
+        return false;
     }
     let row = |i: usize| std::slice::from_raw_parts_mut(c.add(i * c_rs), n);
     if k == 0 {
@@ -480,11 +495,14 @@ pub unsafe fn gemm_f32(
     } else {
         let mut d = vec![0f32; m * k];
         if a_rs < a_cs {
-            // Columns of A are contiguous (a transpose): read them in order.
-            for kk in 0..k {
-                let src = std::slice::from_raw_parts(a.add(kk * a_cs), (m - 1) * a_rs + 1);
-                for i in 0..m {
-                    d[i * k + kk] = src[i * a_rs];
+            // Columns of A are contiguous (a transpose): eight rows of the copy at a time.
+            let dp = d.as_mut_ptr();
+            for i0 in (0..m).step_by(8) {
+                let i1 = (i0 + 8).min(m);
+                for kk in 0..k {
+                    for i in i0..i1 {
+                        *dp.add(i * k + kk) = *a.add(i * a_rs + kk * a_cs);
+                    }
                 }
             }
         } else {
@@ -1331,7 +1349,7 @@ mod tests {
     /// kernel this CPU runs: A and B row-major, transposed or with padded rows, C with padded
     /// rows (the padding left untouched), overwritten or accumulated, scaled or not, on the
     /// calling thread or in parallel (the same bits), against an f64 reference; the portable
-    /// kernels leave C untouched and say so.
+    /// kernels and the thin products leave C untouched and say so.
     #[test]
     fn gemm_f32_strided_every_kernel_matches_f64_reference() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
@@ -1357,10 +1375,11 @@ mod tests {
             (1, 1, 1),
             (1, 9, 40),
             (64, 64, 1),
+            (16, 5, 16),
             (64, 64, 137),
             (137, 64, 40),
             (64, 137, 64),
-            (8, 300, 70),
+            (17, 300, 70),
             (270, 8, 33),
             (300, 700, 45),
         ];
@@ -1408,7 +1427,8 @@ mod tests {
                                         parallel,
                                     )
                                 };
-                                assert_eq!(done, !portable, "{kern:?}");
+                                let thin = m < THIN || n < THIN;
+                                assert_eq!(done, !portable && !thin, "{kern:?} ({m}, {k}, {n})");
                                 runs.push(c);
                             }
                             let c = &runs[0];
@@ -1420,7 +1440,7 @@ mod tests {
                             for i in 0..m {
                                 for j in 0..c_rs {
                                     let (got, before) = (c[i * c_rs + j], c0[i * c_rs + j]);
-                                    if j >= n || portable {
+                                    if j >= n || portable || m < THIN || n < THIN {
                                         assert_eq!(got, before, "{kern:?} wrote C[{i}, {j}]");
                                         continue;
                                     }
