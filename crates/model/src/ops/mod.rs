@@ -69,9 +69,9 @@ pub use cross_entropy::cross_entropy;
 pub use dropout::{dropout_mask, DropoutKey};
 pub use emu::{kernels_setting, with_emulated, KernelsSetting};
 pub use linear::{
-    frozen_linear, frozen_linear_packed, lora_linear, lora_linear_packed, lora_linear_quant,
-    lora_linear_with, quant_has_gpu_kernel, quant_linear, quant_linear_composed, LoraDropout,
-    Packs, WeightPack, PACKED_F32_MAX_ROWS,
+    frozen_linear, frozen_linear_packed, gemm_f32_slices, lora_linear, lora_linear_packed,
+    lora_linear_quant, lora_linear_with, quant_has_gpu_kernel, quant_linear, quant_linear_composed,
+    LoraDropout, Packs, WeightPack, PACKED_F32_MAX_ROWS,
 };
 pub use rms_norm::rms_norm;
 pub use rope::rope;

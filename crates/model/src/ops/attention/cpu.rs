@@ -1,9 +1,12 @@
 //! The CPU kernels of [`super::attention`]: per kv group, the probabilities block by block (64
-//! query rows), only over the keys the block's rows may see, through `gemm` on raw strided
-//! matrices; the backward recomputes them.
+//! query rows), only over the keys the block's rows may see, through products on raw strided
+//! matrices (f32: the f32 kernel `SFT_CPU_KERNELS` chose, see `packed_gemm::gemm_f32`; f64 and
+//! the portable path: the `gemm` crate); the backward recomputes them.
 use rayon::prelude::*;
 
+use crate::cpu_features::Kernels;
 use crate::ops::dispatch::Acc;
+use crate::ops::linear::packed_gemm::gemm_f32;
 
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -109,13 +112,16 @@ pub(crate) fn key_blocks<T: Acc>(d: AttnDims, bi: usize, mask: RowMask<'_, T>) -
         .collect()
 }
 
-/// `C = [C +] A · B` on raw strided matrices, single-threaded (callers split the work).
-/// Strides are (row, column) in elements.
+/// `C = [C +] beta · A · B` on raw strided matrices, single-threaded (callers split the work).
+/// Strides are (row, column) in elements. f32 goes through the f32 kernel of `kernels` (the
+/// `gemm` crate where they are portable), f64 through the `gemm` crate.
 ///
 /// # Safety
-/// Every pointer must address the whole matrix its shape and strides describe.
+/// Every pointer must address the whole matrix its shape and strides describe; `c` overlaps
+/// neither `a` nor `b`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn mm<T: Acc>(
+    kernels: Kernels,
     c: *mut T,
     c_rs: usize,
     (m, n, k): (usize, usize, usize),
@@ -129,6 +135,27 @@ pub(crate) unsafe fn mm<T: Acc>(
     // k = 0 (a block with no allowed key) adds nothing; callers' buffers start at zero.
     if m == 0 || n == 0 || k == 0 {
         return;
+    }
+    if std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() {
+        // T is f32: the casts are identities.
+        let beta = *(&beta as *const T as *const f32);
+        let (c, a, b) = (c as *mut f32, a as *const f32, b as *const f32);
+        let st = ((a_rs, a_cs), (b_rs, b_cs));
+        if gemm_f32(
+            kernels,
+            c,
+            c_rs,
+            (m, n, k),
+            a,
+            st.0,
+            b,
+            st.1,
+            accumulate,
+            beta,
+            false,
+        ) {
+            return;
+        }
     }
     gemm::gemm(
         m,
@@ -192,6 +219,7 @@ pub(crate) fn dot_lanes<T: Acc>(a: &[T], b: &[T]) -> T {
 /// Only each block's key columns `c0..c1` are written (`p` must hold zeros beyond).
 #[allow(clippy::too_many_arguments)]
 fn attn_probs<T: Acc>(
+    kernels: Kernels,
     d: AttnDims,
     (bi, g): (usize, usize),
     q: &[T],
@@ -211,6 +239,7 @@ fn attn_probs<T: Acc>(
             // c0), rows c0..c1 of kg.
             unsafe {
                 mm(
+                    kernels,
                     p[i0 * s + b.c0..].as_mut_ptr(),
                     s,
                     (b.t1 - b.t0, b.c1 - b.c0, hd),
@@ -252,6 +281,7 @@ fn attn_probs<T: Acc>(
 
 /// The forward: (b, t, nh * hd) in the compute type.
 pub(crate) fn attn_fwd<T: Acc>(
+    kernels: Kernels,
     d: AttnDims,
     q: &[T],
     k: &[T],
@@ -270,7 +300,7 @@ pub(crate) fn attn_fwd<T: Acc>(
     let run = |&(bi, g): &(usize, usize)| {
         let blocks = &row_blocks[bi];
         let mut p = vec![T::zero(); n_rep * t * s];
-        attn_probs(d, (bi, g), q, k, mask, blocks, scale, &mut p);
+        attn_probs(kernels, d, (bi, g), q, k, mask, blocks, scale, &mut p);
         let vg = &v[(bi * d.nkv + g) * s * hd..][..s * hd];
         for r in 0..n_rep {
             let h = g * n_rep + r;
@@ -279,6 +309,7 @@ pub(crate) fn attn_fwd<T: Acc>(
                 // SAFETY: each (bi, h) writes its own t x hd elements of `out`.
                 unsafe {
                     mm(
+                        kernels,
                         out_ptr.get().add(((bi * t + b.t0) * nh + h) * hd),
                         nh * hd,
                         (b.t1 - b.t0, hd, b.c1 - b.c0),
@@ -304,6 +335,7 @@ pub(crate) fn attn_fwd<T: Acc>(
 /// Gradients of q, k and v (in the compute type), laid out as q, k, v.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attn_bwd<T: Acc>(
+    kernels: Kernels,
     d: AttnDims,
     q: &[T],
     k: &[T],
@@ -322,7 +354,7 @@ pub(crate) fn attn_bwd<T: Acc>(
         let (bi, g) = (gi / d.nkv, gi % d.nkv);
         let blocks = &row_blocks[bi];
         let mut p = vec![T::zero(); rows * s];
-        attn_probs(d, (bi, g), q, k, mask, blocks, scale, &mut p);
+        attn_probs(kernels, d, (bi, g), q, k, mask, blocks, scale, &mut p);
         let qg = &q[(bi * nh + g * n_rep) * t * hd..][..rows * hd];
         let kg = &k[(bi * d.nkv + g) * s * hd..][..s * hd];
         let vg = &v[(bi * d.nkv + g) * s * hd..][..s * hd];
@@ -338,6 +370,7 @@ pub(crate) fn attn_bwd<T: Acc>(
                 unsafe {
                     // dP_r = dO_r V^T
                     mm(
+                        kernels,
                         dp[i0 * s + b.c0..].as_mut_ptr(),
                         s,
                         (b.t1 - b.t0, nk, hd),
@@ -350,6 +383,7 @@ pub(crate) fn attn_bwd<T: Acc>(
                     );
                     // dV += P_r^T dO_r
                     mm(
+                        kernels,
                         dv_g[b.c0 * hd..].as_mut_ptr(),
                         hd,
                         (nk, hd, b.t1 - b.t0),
@@ -379,6 +413,7 @@ pub(crate) fn attn_bwd<T: Acc>(
                 unsafe {
                     // dQ = scale dS K
                     mm(
+                        kernels,
                         dq_g[i0 * hd..].as_mut_ptr(),
                         hd,
                         (b.t1 - b.t0, hd, nk),
@@ -391,6 +426,7 @@ pub(crate) fn attn_bwd<T: Acc>(
                     );
                     // dK += scale dS^T Q
                     mm(
+                        kernels,
                         dk_g[b.c0 * hd..].as_mut_ptr(),
                         hd,
                         (nk, hd, b.t1 - b.t0),

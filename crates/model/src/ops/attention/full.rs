@@ -180,7 +180,10 @@ where
     let d = Attention::dims(q.1, k.1)?;
     let [q, k, v] = acc_slices::<T>([q, k, v], "attention")?;
     let scale = T::a(op.scale);
-    let out = with_row_mask(op.mask.as_ref(), |m| attn_fwd(d, &q, &k, &v, m, scale))?;
+    let kernels = crate::ops::linear::packed_gemm::kernels()?;
+    let out = with_row_mask(op.mask.as_ref(), |m| {
+        attn_fwd(kernels, d, &q, &k, &v, m, scale)
+    })?;
     Ok((T::store_from_a(out), Shape::from((d.b, d.t, d.nh * d.hd))))
 }
 
@@ -231,7 +234,10 @@ where
     let [q, k, v] = acc_slices::<T>([q, k, v], "attention bwd")?;
     let g = T::acc_slice(cont::<T>(gs, gl, "attention bwd")?);
     let scale = T::a(op.scale);
-    let (dq, dk, dv) = with_row_mask(op.mask.as_ref(), |m| attn_bwd(d, &q, &k, &v, m, scale, &g))?;
+    let kernels = crate::ops::linear::packed_gemm::kernels()?;
+    let (dq, dk, dv) = with_row_mask(op.mask.as_ref(), |m| {
+        attn_bwd(kernels, d, &q, &k, &v, m, scale, &g)
+    })?;
     let mut all = dq;
     all.extend(dk);
     all.extend(dv);
@@ -343,6 +349,64 @@ mod tests {
         assert_eq!(d, 0.0, "an earlier segment saw a later one");
         let after = |y: &Tensor| y.get(0).unwrap().narrow(0, cut, t - cut).unwrap();
         assert!(max_diff(&[after(&y)], &[after(&y2)]) > 1e-3);
+    }
+
+    /// Every CPU kernel path this machine has (`with_kernels`, what `SFT_CPU_KERNELS` sets)
+    /// runs the attention products (Q K^T, P V, and the backward's dO V^T, P^T dO, dS K,
+    /// dS^T Q) of f32 and bf16 inputs, within rounding of the f64 composed reference: over
+    /// several query blocks, with a causal mask and left padding and with packed segments,
+    /// grouped heads, a head size that is not a multiple of the kernels' 32 columns.
+    #[test]
+    fn every_cpu_kernel_path_runs_attention_forward_and_backward() {
+        use crate::cpu_features::{features, with_kernels, Kernels};
+        let dev = Device::Cpu;
+        let (b, nh, nkv, t, hd) = (2, 6, 2, 139, 40);
+        let valid: Vec<Vec<bool>> = vec![(0..t).map(|i| i >= 23).collect(), vec![true; t]];
+        let causal = KeyRanges::causal(&valid, 0, t, &dev).unwrap().unwrap();
+        let segs: Vec<Vec<u32>> = vec![
+            (0..t).map(|i| (i >= 80) as u32).collect(),
+            (0..t).map(|i| (i / 45) as u32).collect(),
+        ];
+        let packed = KeyRanges::packed(&segs, &dev).unwrap();
+        let x = |h| Tensor::randn(0f64, 1.0, (b, h, t, hd), &dev).unwrap();
+        let (q, k, v) = (x(nh), x(nkv), x(nkv));
+        let r = Tensor::randn(0f64, 1.0, (b, t, nh * hd), &dev).unwrap();
+        let paths = Kernels::all_on(&features());
+        assert!(paths.len() >= 2 || !features().avx2_fma);
+        for ranges in [causal, packed] {
+            let mask = AttnMask::Ranges(ranges);
+            for dt in [DType::F32, DType::BF16] {
+                // The reference sees the inputs as rounded to dt.
+                let var = |x: &Tensor| Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap();
+                let (qv, kv, vv) = (var(&q), var(&k), var(&v));
+                let f64v = |x: &Var| Var::from_tensor(&x.to_dtype(DType::F64).unwrap()).unwrap();
+                let (q64, k64, v64) = (f64v(&qv), f64v(&kv), f64v(&vv));
+                let want = value_and_grads([&q64, &k64, &v64], &r, &|| {
+                    let (qt, kt, vt) = (q64.as_tensor(), k64.as_tensor(), v64.as_tensor());
+                    composed::attention(qt, kt, vt, Some(&mask), 0.3).unwrap()
+                });
+                let rd = r.to_dtype(dt).unwrap();
+                let tol = if dt == DType::F32 { 1e-4 } else { 3e-2 };
+                for &kernels in &paths {
+                    let got = with_kernels(kernels, || {
+                        value_and_grads([&qv, &kv, &vv], &rd, &|| {
+                            let (qt, kt, vt) = (qv.as_tensor(), kv.as_tensor(), vv.as_tensor());
+                            attention_with(qt, kt, vt, Some(&mask), 0.3).unwrap()
+                        })
+                    });
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        let g = g.to_dtype(DType::F64).unwrap();
+                        let scale = w.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                        let scale = scale.to_scalar::<f64>().unwrap().max(1.0);
+                        let d = max_diff(&[g], std::slice::from_ref(w));
+                        assert!(
+                            d < tol * scale,
+                            "{kernels:?} {dt:?} output/grad {i}: max difference {d} (scale {scale})"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]

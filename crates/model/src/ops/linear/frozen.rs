@@ -346,10 +346,63 @@ fn grad_times_w(
         g.to_dtype(DType::F32)?
             .matmul(&w.to_dtype(DType::F32)?)?
             .to_dtype(DType::BF16)?
+    } else if w.elem_count() <= GRAD_PACK_MAX_ELEMS {
+        f32_mm(&g, w)?
     } else {
+        // A large weight (an LM head of 49152 x 576 is 113 MB in f32): our kernel would pack a
+        // copy of it for every call, which raised a step's peak memory by about that much.
         g.matmul(w)?
     };
     dx.reshape(x_dims)
+}
+
+/// The largest f32 weight (in elements) whose input gradient `grad · W` goes through our
+/// kernel, which packs W for each call: 16 Mi elements (64 MB), so SmolLM2's projections and a
+/// 7B's attention projections; larger ones (LM heads, a 7B's MLP) go to candle's matmul.
+const GRAD_PACK_MAX_ELEMS: usize = 1 << 24;
+
+/// `a (m, k) · b (k, n)` for 2-D tensors, no gradient recorded: f32 on the CPU through the f32
+/// kernel `SFT_CPU_KERNELS` chose (any strides: transposed views are read as they are, B packed
+/// for this product), otherwise (portable, f64, another device) candle's matmul.
+pub(super) fn f32_mm(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    use crate::ops::linear::packed_gemm::{gemm_f32_slices, kernels};
+    let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu() && t.rank() == 2;
+    if !f32_cpu(a) || !f32_cpu(b) {
+        return a.matmul(b);
+    }
+    let ((m, k), (k2, n)) = (a.dims2()?, b.dims2()?);
+    if k != k2 {
+        bail!("matmul: ({m}, {k}) · ({k2}, {n})");
+    }
+    let mut c = vec![0f32; m * n];
+    let done = {
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        let (
+            candle_core::Storage::Cpu(CpuStorage::F32(av)),
+            candle_core::Storage::Cpu(CpuStorage::F32(bv)),
+        ) = (&*sa, &*sb)
+        else {
+            bail!("matmul: f32 CPU tensors without f32 CPU storage");
+        };
+        let (sta, stb) = (la.stride(), lb.stride());
+        gemm_f32_slices(
+            kernels()?,
+            &mut c,
+            n,
+            (m, n, k),
+            &av[la.start_offset()..],
+            (sta[0], sta[1]),
+            &bv[lb.start_offset()..],
+            (stb[0], stb[1]),
+            true,
+        )
+    };
+    if done {
+        Tensor::from_vec(c, (m, n), a.device())
+    } else {
+        a.detach().matmul(&b.detach())
+    }
 }
 
 /// An f32 tensor in `dt`, with the fast bf16 rounding on the CPU (candle's conversion calls

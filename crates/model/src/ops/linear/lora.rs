@@ -375,8 +375,8 @@ impl CustomOp3 for LoraLinear {
                 std::borrow::Cow::Owned(xd)
             }
         };
-        let h = cpu_matmul_t(&xd, &Layout::contiguous((m, k)), sa, la, (m, r, k), None)?;
-        let delta = cpu_matmul_t(&h, &Layout::contiguous((m, r)), sb, lb, (m, n, r), None)?;
+        let h = adapter_matmul_t(&xd, sa, la, (m, r, k))?;
+        let delta = adapter_matmul_t(&h, sb, lb, (m, n, r))?;
         let out = match (base, delta) {
             (CpuStorage::F32(mut y), CpuStorage::F32(d)) => {
                 let s = self.scale as f32;
@@ -440,9 +440,9 @@ impl CustomOp3 for LoraLinear {
             None => xc,
         };
         // The scale goes on the thin (m, r) products, not on (m, k) ones.
-        let gb = gc.matmul(&b)?.affine(self.scale, 0.0)?; // (m, r)
+        let gb = f32_mm(&gc, &b)?.affine(self.scale, 0.0)?; // (m, r)
         let dx = if need_x {
-            let d_in = gb.matmul(&a)?;
+            let d_in = f32_mm(&gb, &a)?;
             let d_in = match &mask {
                 Some(mk) => zip_par(&d_in, mk, Zip::Mul)?,
                 None => d_in,
@@ -462,25 +462,58 @@ impl CustomOp3 for LoraLinear {
                     None => gc.matmul(&self.w.to_dtype(ct)?)?,
                 }
             } else {
-                gc.matmul(&self.w.to_dtype(ct)?)?
+                f32_mm(&gc, &self.w.to_dtype(ct)?)?
             };
             Some(cast_from_f32(&zip_par(&base, &d_in, Zip::Add)?, x.dtype())?.reshape(x.dims())?)
         } else {
             None
         };
         let da = if need_a {
-            Some(gb.t()?.matmul(&xd)?)
+            Some(f32_mm(&gb.t()?, &xd)?)
         } else {
             None
         };
         let db = if need_b {
-            let h = xd.matmul(&a.t()?)?; // (m, r)
-            Some(gc.t()?.matmul(&h)?.affine(self.scale, 0.0)?)
+            let h = f32_mm(&xd, &a.t()?)?; // (m, r)
+                                           // dB^T = h^T · g: r rows against g's n columns read as they are (g^T · h would
+                                           // copy g transposed and fill a third of each 32-column panel).
+            let dbt = f32_mm(&h.t()?, &gc)?;
+            Some(dbt.t()?.contiguous()?.affine(self.scale, 0.0)?)
         } else {
             None
         };
         Ok((dx, da, db))
     }
+}
+
+/// `x (m, k) · W^T` for an adapter `W` (n, k): f32 through the f32 kernel `SFT_CPU_KERNELS`
+/// chose (W read transposed as it is), else (portable, f64) [`cpu_matmul_t`].
+fn adapter_matmul_t(
+    x: &CpuStorage,
+    sw: &CpuStorage,
+    lw: &Layout,
+    (m, n, k): (usize, usize, usize),
+) -> Result<CpuStorage> {
+    if let (CpuStorage::F32(xv), CpuStorage::F32(_)) = (x, sw) {
+        let w = cont::<f32>(sw, lw, "lora_linear")?;
+        let mut y = vec![0f32; m * n];
+        let kernels = crate::ops::linear::packed_gemm::kernels()?;
+        // B[kk, j] = W[j, kk].
+        if crate::ops::linear::packed_gemm::gemm_f32_slices(
+            kernels,
+            &mut y,
+            n,
+            (m, n, k),
+            xv,
+            (k, 1),
+            w,
+            (1, k),
+            true,
+        ) {
+            return Ok(CpuStorage::F32(y));
+        }
+    }
+    cpu_matmul_t(x, &Layout::contiguous((m, k)), sw, lw, (m, n, k), None)
 }
 
 /// The element-wise operation of [`zip_par`].

@@ -6,6 +6,7 @@ pub(crate) mod packed_gemm;
 mod quantized;
 pub use frozen::{frozen_linear, frozen_linear_packed, Packs, WeightPack, PACKED_F32_MAX_ROWS};
 pub use lora::{lora_linear, lora_linear_packed, lora_linear_quant, lora_linear_with, LoraDropout};
+pub use packed_gemm::gemm_f32_slices;
 pub use quantized::{quant_has_gpu_kernel, quant_linear, quant_linear_composed};
 
 #[cfg(test)]

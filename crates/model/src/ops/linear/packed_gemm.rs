@@ -43,8 +43,11 @@ macro_rules! by_rows {
 const NR: usize = 32;
 /// k-pairs per block (k = 512): a packed panel block is 32 KiB.
 const KP_BLOCK: usize = 256;
-/// Rows per parallel task (a multiple of every kernel's row step, AMX's 16 included).
-const MC: usize = 64;
+/// Rows per task (a multiple of every kernel's row step but AVX2's 6 and 4, AMX's 16 included):
+/// a span's k-block of A is 256 KiB at most.
+const SPAN: usize = 256;
+/// Bytes of partial sums per task when k has several blocks.
+const SCRATCH_BYTES: usize = 256 << 10;
 
 /// The kernels of this process (`SFT_CPU_KERNELS` on this CPU), as a candle error when the
 /// setting is refused.
@@ -166,31 +169,26 @@ impl PackedB {
         b_cs: usize,
         kernels: Kernels,
     ) -> Option<Self> {
-        let exec = match kernels.f32 {
-            F32Kernel::Portable => return None,
-            F32Kernel::Avx2 => Exec::F32Avx2,
-            F32Kernel::Avx512 => Exec::F32Avx512,
-        };
-        if !exec.runs_here() || n == 0 || k == 0 {
+        let exec = Self::f32_exec(kernels)?;
+        if n == 0 || k == 0 {
             return None;
         }
         assert!(
             b.len() > (k - 1) * b_rs + (n - 1) * b_cs,
             "B is too short for its strides"
         );
-        let panels = n.div_ceil(NR);
-        let mut data = vec![0u32; panels * k * NR];
-        let pack_panel = |(pi, dst): (usize, &mut [u32])| {
-            let j0 = pi * NR;
-            for jj in 0..NR.min(n - j0) {
-                let col = (j0 + jj) * b_cs;
-                for kk in 0..k {
-                    dst[kk * NR + jj] = b[col + kk * b_rs].to_bits();
-                }
-            }
-        };
-        data.par_chunks_mut(k * NR).enumerate().for_each(pack_panel);
+        let data = pack_f32(b, k, n, (b_rs, b_cs), true);
         Some(Self { k, n, exec, data })
+    }
+
+    /// The f32 exec of `kernels` when this CPU runs it.
+    fn f32_exec(kernels: Kernels) -> Option<Exec> {
+        let exec = match kernels.f32 {
+            F32Kernel::Portable => return None,
+            F32Kernel::Avx2 => Exec::F32Avx2,
+            F32Kernel::Avx512 => Exec::F32Avx512,
+        };
+        exec.runs_here().then_some(exec)
     }
 
     /// Whether this is an f32 pack ([`Self::new_f32`]).
@@ -232,63 +230,116 @@ fn run<const BF: bool, O: Copy, A: Copy + Sync>(
     lda: usize,
     b: &PackedB,
 ) -> Option<Vec<O>> {
-    let (k, n, packed) = (b.k, b.n, &b.data);
     if m == 0 {
         return None;
     }
-    assert_eq!(std::mem::size_of::<O>(), if BF { 2 } else { 4 });
-    assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
-    // k-steps: pairs for bf16, single k for f32 (a panel's step is 32 u32 either way).
-    let kp = if b.is_f32() { k } else { k / 2 };
-    let mr_step = b.exec.rows();
+    let n = b.n;
     // Every element is written exactly once (at the last k-block), so no zeroing.
     let mut out: Vec<std::mem::MaybeUninit<O>> = Vec::with_capacity(m * n);
     // SAFETY: MaybeUninit needs no initialisation.
     unsafe { out.set_len(m * n) };
-    let out_ptr = SendPtr(out.as_mut_ptr() as *mut u8);
-    let chunks = m.div_ceil(MC);
+    let parallel = m * n * b.k >= 1 << 20;
+    // SAFETY: `out` holds m rows of n elements.
+    unsafe { run_into::<BF, O, A>(a, m, lda, b, out.as_mut_ptr() as *mut O, n, parallel) };
+    // SAFETY: every element was written; MaybeUninit<O> and O share their layout.
+    let mut out = std::mem::ManuallyDrop::new(out);
+    Some(unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut O, m * n, out.capacity()) })
+}
+
+/// `out (m rows, ldo apart) = A · B`, every element written once; over rayon's threads when
+/// `parallel`, else on the calling thread.
+///
+/// Work is split into tasks of (up to [`SPAN`] rows, a group of panels). Within a task the
+/// k-blocks are the outer loop, then the panels, then the rows: a panel's k-block (32 KiB)
+/// stays in L1/L2 while all the span's rows pass, and the span's k-block of A (at most 256
+/// KiB) stays in L2 while the group's panels pass, so B is read from memory once per span and
+/// A once per group. Partial sums of earlier k-blocks are kept in a per-task scratch of the
+/// span's rows by the group's columns (at most [`SCRATCH_BYTES`], which bounds the group).
+///
+/// # Safety
+/// `out` must address `m` rows of `b.n` elements, `ldo` apart, that nothing else accesses
+/// during the call.
+unsafe fn run_into<const BF: bool, O: Copy, A: Copy + Sync>(
+    a: &[A],
+    m: usize,
+    lda: usize,
+    b: &PackedB,
+    out: *mut O,
+    ldo: usize,
+    parallel: bool,
+) {
+    let (k, n, packed) = (b.k, b.n, &b.data);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert_eq!(std::mem::size_of::<O>(), if BF { 2 } else { 4 });
+    assert!(lda >= k && a.len() >= (m - 1) * lda + k, "A is too short");
+    assert!(ldo >= n, "output rows overlap");
+    // k-steps: pairs for bf16, single k for f32 (a panel's step is 32 u32 either way).
+    let kp = if b.is_f32() { k } else { k / 2 };
+    let mr_step = b.exec.rows();
+    let out_ptr = SendPtr(out as *mut u8);
+    let span = SPAN.min(m);
+    let spans = m.div_ceil(span);
     let panels = n.div_ceil(NR);
-    // Tasks are (row chunk, group of panels): with few rows (decoding a batch), the columns
-    // give the parallelism.
-    let threads = rayon::current_num_threads().max(1);
-    let groups = if chunks >= 2 * threads {
-        1
+    let multi = kp > KP_BLOCK;
+    // At least 4 tasks per thread (a shared machine's threads run at uneven speeds); with
+    // several k-blocks, groups small enough for their scratch.
+    let threads = if parallel {
+        rayon::current_num_threads().max(1)
     } else {
-        (4 * threads).div_ceil(chunks).min(panels)
+        1
     };
+    let mut groups = (4 * threads).div_ceil(spans).min(panels);
+    if multi {
+        let max_panels = (SCRATCH_BYTES / (span * NR * 4)).max(1);
+        groups = groups.max(panels.div_ceil(max_panels));
+    }
     let per_group = panels.div_ceil(groups);
     let groups = panels.div_ceil(per_group);
     let task = |t: usize| {
-        let (ci, gi) = (t / groups, t % groups);
-        let r0 = ci * MC;
-        let rows = MC.min(m - r0);
-        let mut scratch = [0f32; MC * NR];
+        let (si, gi) = (t / groups, t % groups);
+        let r0 = si * span;
+        let rows = span.min(m - r0);
         let pa = gi * per_group;
         let pb = (pa + per_group).min(panels);
-        for pi in pa..pb {
-            let panel = &packed[pi * kp * NR..(pi + 1) * kp * NR];
-            let j0 = pi * NR;
-            let cols = NR.min(n - j0);
-            for p0 in (0..kp).step_by(KP_BLOCK) {
-                let p1 = (p0 + KP_BLOCK).min(kp);
+        let lds = (pb - pa) * NR;
+        // Rows rounded up to 16: the AMX kernel moves whole 16-row tiles through it.
+        let mut scratch = if multi {
+            vec![0f32; rows.next_multiple_of(16) * lds]
+        } else {
+            Vec::new()
+        };
+        for p0 in (0..kp).step_by(KP_BLOCK) {
+            let p1 = (p0 + KP_BLOCK).min(kp);
+            for pi in pa..pb {
+                let panel = &packed[pi * kp * NR..(pi + 1) * kp * NR];
+                let j0 = pi * NR;
+                let cols = NR.min(n - j0);
                 for rb in (0..rows).step_by(mr_step) {
                     let mr = mr_step.min(rows - rb);
                     let a_ptr = a[(r0 + rb) * lda..].as_ptr();
-                    let elem = (r0 + rb) * n + j0;
+                    let elem = (r0 + rb) * ldo + j0;
+                    let sc = if multi {
+                        scratch[rb * lds + (pi - pa) * NR..].as_mut_ptr()
+                    } else {
+                        std::ptr::null_mut()
+                    };
                     // SAFETY: a pack exists only for kernels this CPU runs (`Kernels` come
                     // from `cpu_features`, which checked the CPU, and the AMX tile permission
                     // for the AMX kernel); the pointers cover `mr` rows of A (row stride lda,
-                    // k-steps p0..p1), of the scratch tile (stride NR, rows up to MC) and of
-                    // the output (stride n, `cols` columns), which no other task writes; the
-                    // panel holds kp * NR packed steps.
+                    // k-steps p0..p1), of the scratch (stride lds, 32 columns; used only with
+                    // several k-blocks) and of the output (stride ldo, `cols` columns), which
+                    // no other task writes; the panel holds kp * NR packed steps.
                     unsafe {
                         let o = out_ptr.get().add(elem * std::mem::size_of::<O>());
                         let tile = Tile {
-                            scratch: scratch[rb * NR..].as_mut_ptr(),
+                            scratch: sc,
+                            lds,
                             first: p0 == 0,
                             last: p1 == kp,
                             out: o,
-                            ldo: n,
+                            ldo,
                             cols,
                         };
                         let (pa, pp) = (a_ptr as *const u16, panel.as_ptr());
@@ -327,14 +378,205 @@ fn run<const BF: bool, O: Copy, A: Copy + Sync>(
             }
         }
     };
-    if m * n * k < 1 << 20 {
-        (0..chunks * groups).for_each(task);
+    if parallel {
+        (0..spans * groups).into_par_iter().for_each(task);
     } else {
-        (0..chunks * groups).into_par_iter().for_each(task);
+        (0..spans * groups).for_each(task);
     }
-    // SAFETY: every element was written; MaybeUninit<O> and O share their layout.
-    let mut out = std::mem::ManuallyDrop::new(out);
-    Some(unsafe { Vec::from_raw_parts(out.as_mut_ptr() as *mut O, m * n, out.capacity()) })
+}
+
+/// 32-column panels of single k (columns past n zero), in parallel when `parallel` and large.
+fn pack_f32(
+    b: &[f32],
+    k: usize,
+    n: usize,
+    (b_rs, b_cs): (usize, usize),
+    parallel: bool,
+) -> Vec<u32> {
+    let panels = n.div_ceil(NR);
+    let mut data = vec![0u32; panels * k * NR];
+    let pack_panel = |(pi, dst): (usize, &mut [u32])| {
+        let j0 = pi * NR;
+        let cols = NR.min(n - j0);
+        if b_cs == 1 {
+            // Rows of B are contiguous: copy 32-column pieces of them.
+            for (kk, d) in dst.chunks_exact_mut(NR).enumerate() {
+                let src = &b[kk * b_rs + j0..][..cols];
+                for (d, s) in d.iter_mut().zip(src) {
+                    *d = s.to_bits();
+                }
+            }
+        } else {
+            // Eight k at a time from each column (a transposed B reads them contiguously).
+            let (src, d) = (b.as_ptr(), dst.as_mut_ptr());
+            assert!(b.len() > (k - 1) * b_rs + (j0 + cols - 1) * b_cs);
+            for k0 in (0..k).step_by(8) {
+                let k1 = (k0 + 8).min(k);
+                for jj in 0..cols {
+                    let col = (j0 + jj) * b_cs;
+                    for kk in k0..k1 {
+                        // SAFETY: kk < k and j0 + jj < n (asserted above); the panel holds
+                        // k rows of NR.
+                        unsafe { *d.add(kk * NR + jj) = (*src.add(col + kk * b_rs)).to_bits() };
+                    }
+                }
+            }
+        }
+    };
+    if parallel && k * n >= 1 << 16 {
+        data.par_chunks_mut(k * NR).enumerate().for_each(pack_panel);
+    } else {
+        data.chunks_mut(k * NR).enumerate().for_each(pack_panel);
+    }
+    data
+}
+
+/// Products with fewer rows or columns than this go to the caller's general GEMM: under half
+/// a 32-column panel the kernel computes mostly zero columns, and with a few rows the pack of B
+/// made per call costs more than the product (examples/small_gemm_bench: the LoRA adapter's
+/// products with r = 8 columns ran at 0.54-0.61x the `gemm` crate, with r = 8 rows at
+/// 0.40-0.68x; those with r = 8 as k at 1.7-3.0x).
+pub const THIN: usize = 16;
+
+/// `C = [C +] alpha · A · B` in f32 through the f32 kernel of `kernels`, for an A (m × k) and a
+/// B (k × n) of any strides (row, column; in elements) and a C of row stride `c_rs`: B is
+/// packed for this call, A copied when its rows are not contiguous. The product is summed in
+/// f32 in a fixed order (the same bits on any number of threads), then scaled and added.
+/// Returns `false`, with C untouched, where `kernels` have no f32 kernel this CPU runs
+/// (portable) or the product is [`THIN`]: the caller uses its general GEMM. `parallel`: over rayon's threads when the
+/// product is large, else on the calling thread (callers that split the work themselves).
+///
+/// These are the small products of attention (per block of 64 query rows) and of the LoRA
+/// adapters (rank r), and the f32 input gradient `grad · W`.
+///
+/// # Safety
+/// `a`, `b` and `c` must address the whole matrices their shapes and strides describe; `c`
+/// must not overlap `a` or `b`, and nothing else may access it during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_f32(
+    kernels: Kernels,
+    c: *mut f32,
+    c_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: *const f32,
+    (a_rs, a_cs): (usize, usize),
+    b: *const f32,
+    (b_rs, b_cs): (usize, usize),
+    accumulate: bool,
+    alpha: f32,
+    parallel: bool,
+) -> bool {
+    let Some(exec) = PackedB::f32_exec(kernels) else {
+        return false;
+    };
+    if m < THIN || n < THIN {
+        return false;
+    }
+    let row = |i: usize| std::slice::from_raw_parts_mut(c.add(i * c_rs), n);
+    if k == 0 {
+        if !accumulate {
+            (0..m).for_each(|i| row(i).fill(0.0));
+        }
+        return true;
+    }
+    let parallel = parallel && m * n * k >= 1 << 20;
+    // A single row's stride is free; the kernels want it at least a row long.
+    let (a_rs, c_rs) = if m == 1 { (k, n) } else { (a_rs, c_rs) };
+    let bs = std::slice::from_raw_parts(b, (k - 1) * b_rs + (n - 1) * b_cs + 1);
+    let pack = PackedB {
+        k,
+        n,
+        exec,
+        data: pack_f32(bs, k, n, (b_rs, b_cs), parallel),
+    };
+    let copy;
+    let (av, lda) = if a_cs == 1 {
+        (std::slice::from_raw_parts(a, (m - 1) * a_rs + k), a_rs)
+    } else {
+        let mut d = vec![0f32; m * k];
+        if a_rs < a_cs {
+            // Columns of A are contiguous (a transpose): eight rows of the copy at a time.
+            let dp = d.as_mut_ptr();
+            for i0 in (0..m).step_by(8) {
+                let i1 = (i0 + 8).min(m);
+                for kk in 0..k {
+                    for i in i0..i1 {
+                        *dp.add(i * k + kk) = *a.add(i * a_rs + kk * a_cs);
+                    }
+                }
+            }
+        } else {
+            for (i, dr) in d.chunks_exact_mut(k).enumerate() {
+                for (kk, x) in dr.iter_mut().enumerate() {
+                    *x = *a.add(i * a_rs + kk * a_cs);
+                }
+            }
+        }
+        copy = d;
+        (&copy[..], k)
+    };
+    if !accumulate && alpha == 1.0 {
+        run_into::<false, f32, f32>(av, m, lda, &pack, c, c_rs, parallel);
+        return true;
+    }
+    let mut t = vec![0f32; m * n];
+    run_into::<false, f32, f32>(av, m, lda, &pack, t.as_mut_ptr(), n, parallel);
+    for (i, tr) in t.chunks_exact(n).enumerate() {
+        let cr = row(i);
+        if accumulate {
+            cr.iter_mut().zip(tr).for_each(|(c, &t)| *c += alpha * t);
+        } else {
+            cr.iter_mut().zip(tr).for_each(|(c, &t)| *c = alpha * t);
+        }
+    }
+    true
+}
+
+/// [`gemm_f32`] on slices: `C (m × n, row stride c_rs) = A · B` with `a` and `b` (starting at
+/// their first element) of any strides; `false` where `kernels` have no f32 kernel here.
+/// Panics when a slice is shorter than its shape and strides.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_f32_slices(
+    kernels: Kernels,
+    c: &mut [f32],
+    c_rs: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    a_st: (usize, usize),
+    b: &[f32],
+    b_st: (usize, usize),
+    parallel: bool,
+) -> bool {
+    let end = |(rs, cs): (usize, usize), r: usize, cl: usize| {
+        if r == 0 || cl == 0 {
+            0
+        } else {
+            (r - 1) * rs + (cl - 1) * cs + 1
+        }
+    };
+    assert!(a.len() >= end(a_st, m, k), "A is too short for its strides");
+    assert!(b.len() >= end(b_st, k, n), "B is too short for its strides");
+    assert!(
+        c.len() >= end((c_rs, 1), m, n) && (m <= 1 || c_rs >= n),
+        "C is too short"
+    );
+    // SAFETY: the asserts above: each slice covers its matrix; `c` is borrowed mutably, so it
+    // overlaps neither `a` nor `b`.
+    unsafe {
+        gemm_f32(
+            kernels,
+            c.as_mut_ptr(),
+            c_rs,
+            (m, n, k),
+            a.as_ptr(),
+            a_st,
+            b.as_ptr(),
+            b_st,
+            false,
+            1.0,
+            parallel,
+        )
+    }
 }
 
 /// A pointer that may cross threads: tasks write disjoint elements.
@@ -352,8 +594,9 @@ impl SendPtr {
 /// Where a micro-kernel call reads partial sums from and writes its results to.
 #[derive(Clone, Copy)]
 struct Tile {
-    /// Partial sums of earlier k-blocks, rows NR apart (f32).
+    /// Partial sums of earlier k-blocks (f32), rows `lds` apart.
     scratch: *mut f32,
+    lds: usize,
     /// No earlier k-block: start from zero.
     first: bool,
     /// The last k-block: write the output instead of the scratch.
@@ -526,7 +769,7 @@ unsafe fn store_tile<const R: usize, const BF: bool, const NATIVE: bool>(
         0
     };
     for (r, acc_r) in acc.iter_mut().enumerate() {
-        let sc = tile.scratch.add(r * NR);
+        let sc = tile.scratch.add(r * tile.lds);
         if !tile.first {
             acc_r[0] = _mm512_add_ps(acc_r[0], _mm512_loadu_ps(sc));
             acc_r[1] = _mm512_add_ps(acc_r[1], _mm512_loadu_ps(sc.add(16)));
@@ -683,7 +926,7 @@ unsafe fn store_half_avx2<const R: usize, const BF: bool>(
     let c0 = half * 16;
     let cols = (tile.cols - c0).min(16);
     for (r, acc_r) in acc.iter().enumerate() {
-        let sc = tile.scratch.add(r * NR + c0);
+        let sc = tile.scratch.add(r * tile.lds + c0);
         let (mut x0, mut x1) = (acc_r[0], acc_r[1]);
         if !tile.first {
             x0 = _mm256_add_ps(x0, _mm256_loadu_ps(sc));
@@ -889,8 +1132,8 @@ mod amx {
             tl.zero::<0>();
             tl.zero::<1>();
         } else {
-            tl.load::<0>(sc, row_b);
-            tl.load::<1>(sc.add(64), row_b);
+            tl.load::<0>(sc, tile.lds * 4);
+            tl.load::<1>(sc.add(64), tile.lds * 4);
         }
         let mut abuf = [0u16; 16 * 32];
         let mut bbuf = [0u32; 16 * NR];
@@ -922,8 +1165,8 @@ mod amx {
             q += np;
         }
         if !tile.last {
-            tl.store::<0>(sc, row_b);
-            tl.store::<1>(sc.add(64), row_b);
+            tl.store::<0>(sc, tile.lds * 4);
+            tl.store::<1>(sc.add(64), tile.lds * 4);
             tl.release();
             return;
         }
@@ -1012,6 +1255,9 @@ mod tests {
         (64, 576, 192),
         (33, 192, 576),
         (3, 600, 17),
+        // Two row spans (the second short), several k-blocks and panel groups: partial sums
+        // in a scratch wider than one panel.
+        (300, 1100, 200),
     ];
 
     #[test]
@@ -1097,6 +1343,122 @@ mod tests {
         assert!(matmul_f32(&[1.0; 2], 1, 2, &bfp).is_none());
         assert!(PackedB::new_f32(&[1.0; 4], 2, 2, 2, 1, Kernels::PORTABLE).is_none());
         assert!(PackedB::new(&[bf16::ONE; 4], 2, 2, 2, 1, Kernels::PORTABLE).is_none());
+    }
+
+    /// `gemm_f32` (the attention and adapter products, the f32 input gradient) with each f32
+    /// kernel this CPU runs: A and B row-major, transposed or with padded rows, C with padded
+    /// rows (the padding left untouched), overwritten or accumulated, scaled or not, on the
+    /// calling thread or in parallel (the same bits), against an f64 reference; the portable
+    /// kernels and the thin products leave C untouched and say so.
+    #[test]
+    fn gemm_f32_strided_every_kernel_matches_f64_reference() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(6);
+        let mut kernels: Vec<Kernels> = f32_execs()
+            .into_iter()
+            .map(|e| Kernels {
+                f32: if e == Exec::F32Avx2 {
+                    F32Kernel::Avx2
+                } else {
+                    F32Kernel::Avx512
+                },
+                bf16: Bf16Kernel::Portable,
+            })
+            .collect();
+        if features().avx2_fma {
+            assert!(!kernels.is_empty(), "AVX2 left untested");
+        }
+        kernels.push(Kernels::PORTABLE);
+        // Attention's block shapes (64 query rows, head size 64, keys 1-256), the adapters'
+        // (rank 8), tails of every kernel's rows and of the 32-column panels, k over several
+        // blocks with two row spans.
+        let shapes: &[(usize, usize, usize)] = &[
+            (1, 1, 1),
+            (1, 9, 40),
+            (64, 64, 1),
+            (16, 5, 16),
+            (64, 64, 137),
+            (137, 64, 40),
+            (64, 137, 64),
+            (17, 300, 70),
+            (270, 8, 33),
+            (300, 700, 45),
+        ];
+        for &(m, k, n) in shapes {
+            let rand = |len: usize, rng: &mut rand_chacha::ChaCha8Rng| -> Vec<f32> {
+                (0..len).map(|_| rng.random_range(-1.0..1.0)).collect()
+            };
+            // A (m × k): row-major with 3 padding columns, and transposed.
+            let a_pad = rand(m * (k + 3), &mut rng);
+            let a_t: Vec<f32> = (0..k * m)
+                .map(|i| a_pad[(i % m) * (k + 3) + i / m])
+                .collect();
+            // B (k × n): row-major with 5 padding columns, and transposed.
+            let b_pad = rand(k * (n + 5), &mut rng);
+            let b_t: Vec<f32> = (0..n * k)
+                .map(|i| b_pad[(i % k) * (n + 5) + i / k])
+                .collect();
+            let a_at = |i: usize, kk: usize| a_pad[i * (k + 3) + kk] as f64;
+            let b_at = |kk: usize, j: usize| b_pad[kk * (n + 5) + j] as f64;
+            let c_rs = n + 2;
+            let c0 = rand(m * c_rs, &mut rng);
+            for &kern in &kernels {
+                let portable = kern == Kernels::PORTABLE;
+                for (av, a_st) in [(&a_pad, (k + 3, 1)), (&a_t, (1, m))] {
+                    for (bv, b_st) in [(&b_pad, (n + 5, 1)), (&b_t, (1, k))] {
+                        for (accumulate, alpha) in
+                            [(false, 1.0f32), (true, 1.0), (false, 0.3), (true, -0.7)]
+                        {
+                            let mut runs = Vec::new();
+                            for parallel in [false, true] {
+                                let mut c = c0.clone();
+                                // SAFETY: every matrix lies within its vector.
+                                let done = unsafe {
+                                    gemm_f32(
+                                        kern,
+                                        c.as_mut_ptr(),
+                                        c_rs,
+                                        (m, n, k),
+                                        av.as_ptr(),
+                                        a_st,
+                                        bv.as_ptr(),
+                                        b_st,
+                                        accumulate,
+                                        alpha,
+                                        parallel,
+                                    )
+                                };
+                                let thin = m < THIN || n < THIN;
+                                assert_eq!(done, !portable && !thin, "{kern:?} ({m}, {k}, {n})");
+                                runs.push(c);
+                            }
+                            let c = &runs[0];
+                            assert_eq!(
+                                c.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                                runs[1].iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                                "{kern:?} ({m}, {k}, {n}): threads changed the bits"
+                            );
+                            for i in 0..m {
+                                for j in 0..c_rs {
+                                    let (got, before) = (c[i * c_rs + j], c0[i * c_rs + j]);
+                                    if j >= n || portable || m < THIN || n < THIN {
+                                        assert_eq!(got, before, "{kern:?} wrote C[{i}, {j}]");
+                                        continue;
+                                    }
+                                    let dot: f64 = (0..k).map(|kk| a_at(i, kk) * b_at(kk, j)).sum();
+                                    let want = alpha as f64 * dot
+                                        + if accumulate { before as f64 } else { 0.0 };
+                                    assert!(
+                                        (got as f64 - want).abs() < 1e-5 * (k as f64).sqrt() + 1e-6,
+                                        "{kern:?} ({m}, {k}, {n}) A {a_st:?} B {b_st:?} acc \
+                                         {accumulate} alpha {alpha}: C[{i}, {j}] {got} vs {want}"
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     /// A kernel this CPU lacks is never packed for, whatever `Kernels` a caller builds.
