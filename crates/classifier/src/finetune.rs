@@ -52,7 +52,8 @@ pub struct FinetuneConfig {
     pub rank: usize,
     /// LoRA scale numerator: the update is `alpha / rank · B A`.
     pub alpha: f64,
-    /// Passes over the training examples.
+    /// Passes over the training examples, at most: with validation data, the epoch with the
+    /// most validation lines right at the threshold is kept (the first of equals).
     pub epochs: usize,
     /// Examples per step (batched by length).
     pub batch_size: usize,
@@ -440,6 +441,18 @@ impl BertWeights {
     pub fn batches(&self, ids: &[Vec<u32>], upto: usize, batch_size: usize) -> Result<Vec<Batch>> {
         let mut order: Vec<usize> = (0..ids.len()).collect();
         order.sort_by_key(|&i| (ids[i].len(), i));
+        self.batches_in(ids, &order, upto, batch_size)
+    }
+
+    /// As [`BertWeights::batches`], the texts taken in `order` (a shuffled order gives batches
+    /// that mix lengths, and so labels: length-sorted batches of the recipe hold one kind each).
+    pub fn batches_in(
+        &self,
+        ids: &[Vec<u32>],
+        order: &[usize],
+        upto: usize,
+        batch_size: usize,
+    ) -> Result<Vec<Batch>> {
         let mut out = Vec::new();
         for chunk in order.chunks(batch_size.max(1)) {
             let seqs: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
@@ -559,17 +572,24 @@ pub fn train(
     let device = weights.device.clone();
     let first = weights.num_layers() - cfg.layers;
     let t0 = std::time::Instant::now();
-    let prep = |s: &Split| -> Result<(Vec<Batch>, Vec<Option<Tensor>>)> {
-        let batches = weights.batches(&s.ids, first, cfg.batch_size)?;
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    // Training batches mix lengths (a seeded shuffle); the others are sorted by length.
+    let mut shuffled: Vec<usize> = (0..train.ids.len()).collect();
+    shuffled.shuffle(&mut rng);
+    let prep = |s: &Split, order: Option<&[usize]>| -> Result<(Vec<Batch>, Vec<Option<Tensor>>)> {
+        let batches = match order {
+            Some(o) => weights.batches_in(&s.ids, o, first, cfg.batch_size)?,
+            None => weights.batches(&s.ids, first, cfg.batch_size)?,
+        };
         let feats = batches
             .iter()
             .map(|b| features_of(&s.texts, &b.idx, features, &device))
             .collect::<Result<_>>()?;
         Ok((batches, feats))
     };
-    let (tr, tr_f) = prep(train)?;
-    let (ho, ho_f) = prep(heldout)?;
-    let (va, va_f) = prep(validation)?;
+    let (tr, tr_f) = prep(train, Some(&shuffled))?;
+    let (ho, ho_f) = prep(heldout, None)?;
+    let (va, va_f) = prep(validation, None)?;
     tracing::info!(
         "finetune: {} + {} + {} texts through the frozen {first} layers in {:.1}s",
         train.ids.len(),
@@ -578,7 +598,6 @@ pub fn train(
         t0.elapsed().as_secs_f64()
     );
 
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
     let (hidden, inter) = (weights.hidden_size(), weights.intermediate_size());
     let adapters = (0..cfg.layers)
         .map(|_| Adapter::new(hidden, inter, cfg.rank, cfg.scale(), &mut rng, &device))
@@ -700,6 +719,14 @@ pub fn train(
     let mut losses = Vec::new();
     let mut validation_by_epoch = Vec::new();
     let mut order: Vec<usize> = (0..tr.len()).collect();
+    let all_vars: Vec<Var> = enc_vars
+        .iter()
+        .chain(&head_vars)
+        .map(|v| (*v).clone())
+        .collect();
+    // The epoch kept: the best validation accuracy at the threshold (the first of equals); all
+    // epochs when there is no validation data.
+    let mut best: Option<(usize, usize, Vec<Tensor>)> = None;
     for epoch in 1..=cfg.epochs {
         let t = std::time::Instant::now();
         order.shuffle(&mut rng);
@@ -726,9 +753,26 @@ pub fn train(
                 let m = score(&p, &validation.labels, th);
                 line.push_str(&format!("; validation at {th}: {}/{}", m.tp + m.tn, m.n));
             }
-            validation_by_epoch.push(score(&p, &validation.labels, threshold));
+            let m = score(&p, &validation.labels, threshold);
+            if best.as_ref().is_none_or(|b| m.tp + m.tn > b.1) {
+                let snapshot = all_vars
+                    .iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                best = Some((epoch, m.tp + m.tn, snapshot));
+            }
+            validation_by_epoch.push(m);
         }
         tracing::info!("{line}");
+    }
+    if let Some((epoch, correct, snapshot)) = best {
+        tracing::info!(
+            "finetune: keeping epoch {epoch} ({correct}/{} validation lines right at {threshold})",
+            validation.labels.len()
+        );
+        for (v, t) in all_vars.iter().zip(snapshot) {
+            v.set(&t)?;
+        }
     }
     let heldout_probs = probs_of(&ho, &ho_f, &adapters)?;
     let validation_probs = probs_of(&va, &va_f, &adapters)?;
