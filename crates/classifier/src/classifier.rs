@@ -12,7 +12,8 @@ use serde::{Deserialize, Serialize};
 use crate::encoder::{Encoder, DEFAULT_ENCODER_NAME};
 use crate::error::{Error, Result};
 use crate::features::FeatureSet;
-use crate::head::{Head, HeadKind, HeadTrainConfig};
+use crate::finetune::{merged_deltas, FinetuneConfig, PREFIX};
+use crate::head::{read_prefixed, Head, HeadKind, HeadTrainConfig};
 use crate::metrics::Metrics;
 
 /// One text the encoder reads for an item; a head's input is the embeddings of its views,
@@ -119,6 +120,10 @@ pub struct HeadMeta {
     pub training: Option<TrainingMeta>,
     /// Scores by split name (`train`, `heldout`).
     pub metrics: BTreeMap<String, Metrics>,
+    /// Set when the top of the encoder was fine-tuned with the head: the file then also holds
+    /// the trained deltas (`finetune.*`), merged into the encoder's weights at load.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneConfig>,
 }
 
 pub const META_KEY: &str = "sft.meta";
@@ -158,6 +163,8 @@ pub struct Classifier {
     encoder: Arc<Encoder>,
     head: Head,
     meta: HeadMeta,
+    /// The fine-tuned encoder's stored deltas (`finetune.*`), written back with the head.
+    stored: Vec<(String, Tensor)>,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -203,7 +210,35 @@ impl Classifier {
             encoder,
             head,
             meta,
+            stored: Vec::new(),
         })
+    }
+
+    /// A head whose metadata says the encoder's top was fine-tuned: `stored` (the `finetune.*`
+    /// tensors) are merged into a copy of `encoder`'s weights, which this classifier then uses.
+    pub fn with_finetuned(
+        encoder: Arc<Encoder>,
+        head: Head,
+        meta: HeadMeta,
+        stored: Vec<(String, Tensor)>,
+    ) -> Result<Self> {
+        let Some(ft) = &meta.finetune else {
+            return Self::new(encoder, head, meta);
+        };
+        if stored.is_empty() {
+            return Err(Error::format(
+                "head safetensors",
+                format!(
+                    "head `{}` is fine-tuned but holds no `{PREFIX}*` tensors",
+                    meta.task
+                ),
+            ));
+        }
+        let deltas = merged_deltas(&stored, ft.scale())?;
+        let tuned = Arc::new(encoder.with_deltas(&deltas)?);
+        let mut c = Self::new(tuned, head, meta)?;
+        c.stored = stored;
+        Ok(c)
     }
 
     /// A head from safetensors bytes (e.g. `include_bytes!` of a shipped head).
@@ -222,6 +257,10 @@ impl Classifier {
                     meta.format_version
                 ),
             ));
+        }
+        if meta.finetune.is_some() {
+            let stored = read_prefixed(bytes, PREFIX, encoder.device())?;
+            return Self::with_finetuned(encoder, head, meta, stored);
         }
         Self::new(encoder, head, meta)
     }
@@ -242,7 +281,7 @@ impl Classifier {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let json = serde_json::to_string(&self.meta).map_err(|e| Error::format("head meta", e))?;
         self.head
-            .to_safetensors(HashMap::from([(META_KEY.to_string(), json)]))
+            .to_safetensors_with(HashMap::from([(META_KEY.to_string(), json)]), &self.stored)
     }
 
     /// Writes the head (a file, or `head.safetensors` in a folder) and its metadata as pretty

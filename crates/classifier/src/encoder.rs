@@ -1,7 +1,8 @@
 //! The sentence encoder: all-MiniLM-L6-v2 (a 6-layer, 384-wide BERT) through candle-transformers'
 //! `bert`, with sentence-transformers' pooling: the mean of the last hidden states over the real
-//! tokens, then L2 normalisation. It is frozen: candle's BERT uses the fused LayerNorm, which
-//! passes no gradient, and the heads train on its output as a constant.
+//! tokens, then L2 normalisation. Inference runs candle's BERT, whose fused LayerNorm passes no
+//! gradient; fine-tuning the top layers goes through [`crate::finetune`]'s own forward, and its
+//! trained deltas are merged into the weights at load ([`Encoder::with_deltas`]).
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, D};
@@ -103,6 +104,47 @@ impl Encoder {
         };
         enc.set_max_len(Self::DEFAULT_MAX_LEN)?;
         Ok(enc)
+    }
+
+    /// The same encoder with `deltas` added to some of its weights (named as in
+    /// `model.safetensors`, e.g. `encoder.layer.5.attention.self.query.weight`): how a head with
+    /// a fine-tuned encoder is loaded, so that its inference stays one forward of candle's BERT.
+    /// Reads the weights again from the encoder's folder; same tokenizer, `max_len` and batch size.
+    pub fn with_deltas(&self, deltas: &[(String, Tensor)]) -> Result<Self> {
+        let weights = self.dir.join("model.safetensors");
+        let mut tensors = candle_core::safetensors::load(&weights, &self.device)?;
+        for (name, delta) in deltas {
+            let base = tensors.get(name).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: no weight `{name}` for a fine-tuned delta",
+                    weights.display()
+                ))
+            })?;
+            if base.dims() != delta.dims() {
+                return Err(Error::Invalid(format!(
+                    "{}: weight `{name}` is {:?}, its delta {:?}",
+                    weights.display(),
+                    base.dims(),
+                    delta.dims()
+                )));
+            }
+            let merged = (base.to_dtype(DType::F32)? + delta.to_device(&self.device)?)?;
+            tensors.insert(name.clone(), merged);
+        }
+        let config_path = self.dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path).map_err(|e| Error::io(&config_path, e))?;
+        let config: Config = serde_json::from_str(&text)
+            .map_err(|e| Error::format(config_path.display().to_string(), e))?;
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &self.device);
+        Ok(Self {
+            model: BertModel::load(vb, &config)?,
+            tokenizer: self.tokenizer.clone(),
+            device: self.device.clone(),
+            hidden_size: self.hidden_size,
+            max_len: self.max_len,
+            batch_size: self.batch_size,
+            dir: self.dir.clone(),
+        })
     }
 
     /// Loads the encoder from the cache, with an error that says how to get it.

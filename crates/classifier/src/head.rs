@@ -107,7 +107,7 @@ impl Head {
         self.w1.device()
     }
 
-    fn forward(
+    pub(crate) fn forward(
         kind: HeadKind,
         xs: &Tensor,
         w1: &Tensor,
@@ -128,7 +128,26 @@ impl Head {
         Ok(z.squeeze(D::Minus1)?)
     }
 
-    fn standardize(&self, x: &Tensor) -> Result<Tensor> {
+    /// A head from its parts (the fine-tuning in [`crate::finetune`] trains them itself).
+    pub(crate) fn from_parts(
+        kind: HeadKind,
+        mean: Tensor,
+        std: Tensor,
+        layers: (Tensor, Tensor, Option<Tensor>, Option<Tensor>),
+    ) -> Self {
+        let (w1, b1, w2, b2) = layers;
+        Head {
+            kind,
+            mean,
+            std,
+            w1,
+            b1,
+            w2,
+            b2,
+        }
+    }
+
+    pub(crate) fn standardize(&self, x: &Tensor) -> Result<Tensor> {
         let x = x.to_dtype(DType::F32)?.to_device(self.w1.device())?;
         Ok(x.broadcast_sub(&self.mean)?.broadcast_div(&self.std)?)
     }
@@ -272,6 +291,16 @@ impl Head {
 
     /// The head as safetensors bytes, with `metadata` in the file's `__metadata__`.
     pub fn to_safetensors(&self, metadata: HashMap<String, String>) -> Result<Vec<u8>> {
+        self.to_safetensors_with(metadata, &[])
+    }
+
+    /// As [`Head::to_safetensors`], with more named tensors in the same file (a fine-tuned
+    /// encoder's deltas).
+    pub fn to_safetensors_with(
+        &self,
+        metadata: HashMap<String, String>,
+        extra: &[(String, Tensor)],
+    ) -> Result<Vec<u8>> {
         let mut views = vec![
             (MEAN, view(&self.mean)?),
             (STD, view(&self.std)?),
@@ -281,6 +310,14 @@ impl Head {
         if let (Some(w2), Some(b2)) = (&self.w2, &self.b2) {
             views.push((W2, view(w2)?));
             views.push((B2, view(b2)?));
+        }
+        for (name, t) in extra {
+            if [MEAN, STD, W1, B1, W2, B2].contains(&name.as_str()) {
+                return Err(Error::Invalid(format!(
+                    "tensor name `{name}` is the head's own"
+                )));
+            }
+            views.push((name.as_str(), view(t)?));
         }
         let refs: Vec<(&str, &F32View)> = views.iter().map(|(n, v)| (*n, v)).collect();
         safetensors::serialize(refs, Some(metadata))
@@ -352,15 +389,48 @@ impl Head {
     }
 }
 
+/// The f32 tensors of a safetensors file whose names start with `prefix`, in name order.
+pub(crate) fn read_prefixed(
+    bytes: &[u8],
+    prefix: &str,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let what = "head safetensors";
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| Error::format(what, e))?;
+    let mut names: Vec<String> = st
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with(prefix))
+        .map(|n| n.to_string())
+        .collect();
+    names.sort();
+    let mut out = Vec::with_capacity(names.len());
+    for name in names {
+        let t = st
+            .tensor(&name)
+            .map_err(|e| Error::format(what, format!("{name}: {e}")))?;
+        if t.dtype() != safetensors::Dtype::F32 {
+            return Err(Error::format(what, format!("{name}: expected F32")));
+        }
+        let values: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
+        out.push((name.clone(), Tensor::from_vec(values, t.shape(), device)?));
+    }
+    Ok(out)
+}
+
 /// Numerically stable binary cross-entropy on logits, per element:
 /// `max(z, 0) - z·y + log(1 + exp(-|z|))`.
-fn bce_with_logits(z: &Tensor, y: &Tensor) -> Result<Tensor> {
+pub(crate) fn bce_with_logits(z: &Tensor, y: &Tensor) -> Result<Tensor> {
     let soft = (z.abs()?.neg()?.exp()? + 1.0)?.log()?;
     Ok(((z.relu()? - (z * y)?)? + soft)?)
 }
 
 /// Adam (Kingma & Ba) without decay of its own: small, f32, enough for a head.
-struct Adam {
+pub(crate) struct Adam {
     vars: Vec<Var>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
@@ -373,7 +443,7 @@ impl Adam {
     const B2: f64 = 0.999;
     const EPS: f64 = 1e-8;
 
-    fn new(vars: &[&Var], lr: f64) -> Result<Self> {
+    pub(crate) fn new(vars: &[&Var], lr: f64) -> Result<Self> {
         let zeros = |v: &Var| v.as_tensor().zeros_like();
         Ok(Self {
             vars: vars.iter().map(|v| (*v).clone()).collect(),
@@ -390,7 +460,7 @@ impl Adam {
         })
     }
 
-    fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
+    pub(crate) fn step(&mut self, grads: &candle_core::backprop::GradStore) -> Result<()> {
         self.t += 1;
         let c1 = 1.0 - Self::B1.powi(self.t);
         let c2 = 1.0 - Self::B2.powi(self.t);

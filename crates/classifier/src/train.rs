@@ -17,6 +17,7 @@ use crate::encoder::{default_encoder_dir, Encoder};
 use crate::error::{Error, Result};
 use crate::eval::{read_labelled, select_split, Labelled, JUDGE_KEYS, TONE_KEYS};
 use crate::features::FeatureSet;
+use crate::finetune::{self, BertWeights, FinetuneConfig, Split};
 use crate::head::{Head, HeadKind, HeadTrainConfig};
 use crate::metrics::Metrics;
 use crate::recipe::{build_examples, split_pairs, Example, RecipeConfig};
@@ -206,6 +207,10 @@ pub struct TrainConfig {
     pub tone: Option<ToneData>,
     #[serde(default)]
     pub judge: Option<JudgeData>,
+    /// Fine-tune the encoder's top layers with the head (LoRA; see [`crate::finetune`]) instead
+    /// of training the head on the frozen encoder. Needs `views: [text]`.
+    #[serde(default)]
+    pub finetune: Option<FinetuneConfig>,
 }
 
 fn default_views() -> Vec<View> {
@@ -280,6 +285,15 @@ impl TrainConfig {
         }
         if self.views.is_empty() {
             return Err(Error::Invalid("views: give at least one view".into()));
+        }
+        if let Some(ft) = &self.finetune {
+            if self.views != [View::Text] {
+                return Err(Error::Invalid(format!(
+                    "finetune: needs `views: [text]`, got {:?}",
+                    self.views
+                )));
+            }
+            ft.validate(None)?;
         }
         if !(0.0..=1.0).contains(&self.threshold) {
             return Err(Error::Invalid(format!(
@@ -532,45 +546,87 @@ pub fn train_on(
             .collect()
     };
     let (tr, ho, va) = (refs(&ds.train), refs(&ds.heldout), refs(&ds.validation));
-    let t0 = std::time::Instant::now();
-    let x_train = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&tr))?;
-    let x_heldout = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&ho))?;
-    let x_validation = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&va))?;
-    let seconds_embedding = t0.elapsed().as_secs_f64();
-    tracing::info!(
-        "embedded {} + {} texts in {seconds_embedding:.1}s",
-        tr.len(),
-        ho.len()
-    );
     let y_train: Vec<u8> = ds.train.iter().map(|l| l.label).collect();
     let y_heldout: Vec<u8> = ds.heldout.iter().map(|l| l.label).collect();
     let y_validation: Vec<u8> = ds.validation.iter().map(|l| l.label).collect();
     let head_cfg = cfg.head_config();
-    let t1 = std::time::Instant::now();
-    let (head, losses) = Head::train(&x_train, &y_train, &head_cfg)?;
-    let seconds_training = t1.elapsed().as_secs_f64();
-    let score = |x, y: &[u8]| -> Result<Metrics> {
-        let p = head.probs(x)?;
+    let t0 = std::time::Instant::now();
+    // (head, fine-tuned tensors, losses, probabilities of train / held-out / validation,
+    // validation metrics per epoch, seconds embedding)
+    let (head, stored, losses, probs, by_epoch, seconds_embedding) = match &cfg.finetune {
+        None => {
+            let x_train = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&tr))?;
+            let x_heldout = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&ho))?;
+            let x_validation = build_inputs(&encoder, &cfg.views, cfg.features, &as_refs(&va))?;
+            let seconds_embedding = t0.elapsed().as_secs_f64();
+            tracing::info!(
+                "embedded {} + {} texts in {seconds_embedding:.1}s",
+                tr.len(),
+                ho.len()
+            );
+            let (head, losses) = Head::train(&x_train, &y_train, &head_cfg)?;
+            let probs = [
+                head.probs(&x_train)?,
+                head.probs(&x_heldout)?,
+                head.probs(&x_validation)?,
+            ];
+            (
+                head,
+                Vec::new(),
+                losses,
+                probs,
+                Vec::new(),
+                seconds_embedding,
+            )
+        }
+        Some(ft) => {
+            let weights = BertWeights::load(encoder.dir(), encoder.device())?;
+            fn split<'a>(encoder: &Encoder, items: &'a [Labelled], y: &[u8]) -> Result<Split<'a>> {
+                let texts: Vec<String> = items.iter().map(|l| l.text.clone()).collect();
+                Ok(Split {
+                    ids: encoder.token_ids(&texts)?,
+                    texts: items.iter().map(|l| l.text.as_str()).collect(),
+                    labels: y.to_vec(),
+                })
+            }
+            let t = finetune::train(
+                &weights,
+                ft,
+                cfg.head,
+                cfg.features,
+                cfg.threshold,
+                &split(&encoder, &ds.train, &y_train)?,
+                &split(&encoder, &ds.heldout, &y_heldout)?,
+                &split(&encoder, &ds.validation, &y_validation)?,
+            )?;
+            let probs = [t.train_probs, t.heldout_probs, t.validation_probs];
+            (
+                t.head,
+                t.stored,
+                t.losses,
+                probs,
+                t.validation_by_epoch,
+                0.0,
+            )
+        }
+    };
+    let seconds_training = t0.elapsed().as_secs_f64() - seconds_embedding;
+    let score = |p: &[f32], y: &[u8]| -> Metrics {
         let pred: Vec<u8> = p.iter().map(|&p| (p >= cfg.threshold) as u8).collect();
-        Ok(Metrics::from_labels(&pred, y))
+        Metrics::from_labels(&pred, y)
     };
-    let train_m = score(&x_train, &y_train)?;
-    let heldout_m = if y_heldout.is_empty() {
-        None
-    } else {
-        Some(score(&x_heldout, &y_heldout)?)
-    };
-    let validation_m = if y_validation.is_empty() {
-        None
-    } else {
-        Some(score(&x_validation, &y_validation)?)
-    };
+    let train_m = score(&probs[0], &y_train);
+    let heldout_m = (!y_heldout.is_empty()).then(|| score(&probs[1], &y_heldout));
+    let validation_m = (!y_validation.is_empty()).then(|| score(&probs[2], &y_validation));
     let mut metrics = BTreeMap::from([("train".to_string(), train_m)]);
     if let Some(m) = heldout_m {
         metrics.insert("heldout".to_string(), m);
     }
     if let Some(m) = validation_m {
         metrics.insert("validation".to_string(), m);
+    }
+    for (e, m) in by_epoch.into_iter().enumerate() {
+        metrics.insert(format!("validation_epoch_{}", e + 1), m);
     }
     let (positive, negative) = cfg.task.labels();
     let options = match cfg.task {
@@ -600,6 +656,7 @@ pub fn train_on(
             final_loss: losses.last().copied().unwrap_or(f32::NAN),
         }),
         metrics,
+        finetune: cfg.finetune.clone(),
     };
     let report = TrainReport {
         output: cfg.output.clone(),
@@ -612,7 +669,10 @@ pub fn train_on(
         seconds_embedding,
         seconds_training,
     };
-    Ok((Classifier::new(encoder, head, meta)?, report))
+    Ok((
+        Classifier::with_finetuned(encoder, head, meta, stored)?,
+        report,
+    ))
 }
 
 /// The whole job: data, encoder, head, metrics, files.

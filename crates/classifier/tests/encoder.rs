@@ -2,7 +2,8 @@
 //! (scripts/minilm_reference.py wrote tests/data/minilm_reference.json).
 mod common;
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
+use sft_classifier::finetune::{self, Adapter, BertWeights};
 use sft_classifier::Encoder;
 
 #[derive(serde::Deserialize)]
@@ -76,4 +77,84 @@ fn truncates_long_texts() {
 fn a_missing_folder_is_named_in_the_error() {
     let err = Encoder::load("/nonexistent/minilm", &Device::Cpu).unwrap_err();
     assert!(err.to_string().contains("/nonexistent/minilm"), "{err}");
+}
+
+/// The fine-tuning's own forward (LayerNorm from primitive ops, with backward) gives candle's
+/// BERT's embeddings on the frozen weights.
+#[test]
+fn the_differentiable_forward_equals_candles_bert() {
+    let enc = common::encoder();
+    let r = reference();
+    let weights = BertWeights::load(enc.dir(), &Device::Cpu).unwrap();
+    let ids = enc.token_ids(&r.texts).unwrap();
+    let ours = weights.embed(&ids, &[]).unwrap().to_vec2::<f32>().unwrap();
+    let theirs = enc.embed(&r.texts).unwrap().to_vec2::<f32>().unwrap();
+    let worst = max_diff(&ours, &theirs);
+    assert!(worst < 1e-5, "max |diff| {worst}");
+}
+
+fn max_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0f32, f32::max)
+}
+
+/// Deltas merged into the weights at load (the inference path of a fine-tuned head) give the
+/// same embeddings as the adapters in the training forward, and different ones from the frozen
+/// encoder.
+#[test]
+fn merged_deltas_equal_the_adapted_forward() {
+    use rand::{Rng, SeedableRng};
+    let enc = common::encoder();
+    let r = reference();
+    let weights = BertWeights::load(enc.dir(), &Device::Cpu).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let mut t = |shape: &[usize], a: f32| {
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-a..a)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    };
+    let (rank, d, inter) = (4, 384, 1536);
+    let mut stored = Vec::new();
+    for l in [4, 5] {
+        for (m, i, o) in [
+            ("attention.self.query", d, d),
+            ("attention.self.key", d, d),
+            ("attention.self.value", d, d),
+            ("attention.output.dense", d, d),
+            ("intermediate.dense", d, inter),
+            ("output.dense", inter, d),
+        ] {
+            let p = format!("{}encoder.layer.{l}.{m}", finetune::PREFIX);
+            stored.push((format!("{p}.lora_a"), t(&[rank, i], 0.05)));
+            stored.push((format!("{p}.lora_b"), t(&[o, rank], 0.05)));
+        }
+        for m in finetune::NORMS {
+            let p = format!("{}encoder.layer.{l}.{m}", finetune::PREFIX);
+            stored.push((format!("{p}.weight"), t(&[d], 0.1)));
+            stored.push((format!("{p}.bias"), t(&[d], 0.1)));
+        }
+    }
+    let scale = 2.0;
+    let adapters = Adapter::from_stored(&stored, 6, scale).unwrap();
+    assert_eq!(adapters.len(), 2);
+    let ids = enc.token_ids(&r.texts).unwrap();
+    let ours = weights
+        .embed(&ids, &adapters)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    let merged = enc
+        .with_deltas(&finetune::merged_deltas(&stored, scale).unwrap())
+        .unwrap();
+    let theirs = merged.embed(&r.texts).unwrap().to_vec2::<f32>().unwrap();
+    let worst = max_diff(&ours, &theirs);
+    assert!(worst < 1e-5, "max |diff| {worst}");
+    let frozen = enc.embed(&r.texts).unwrap().to_vec2::<f32>().unwrap();
+    assert!(
+        max_diff(&ours, &frozen) > 1e-2,
+        "the deltas changed nothing"
+    );
 }

@@ -412,4 +412,44 @@ fn a_small_tone_run_writes_a_loadable_head_and_its_held_out_split() {
     assert_eq!(heldout.len(), report.n_heldout);
     let (m, _) = evaluate(&c, &heldout).unwrap();
     assert_eq!(m.accuracy, report.heldout.unwrap().accuracy);
+
+    // The encoder's top layer fine-tuned with the head: the file carries the LoRA factors, and
+    // the head loaded through candle's BERT with them merged scores the held-out split as the
+    // training forward did.
+    let mut tuned = cfg.clone();
+    tuned.output = dir.path().join("h3.safetensors");
+    tuned.finetune = Some(sft_classifier::FinetuneConfig {
+        layers: 1,
+        rank: 2,
+        epochs: 4,
+        batch_size: 16,
+        lr: 0.003,
+        head_lr: 0.003,
+        ..Default::default()
+    });
+    let report3 = train::run(&tuned, &Device::Cpu).unwrap();
+    // Better than the majority class (0.53 of these 199 lines).
+    assert!(report3.train.accuracy > 0.7, "{report3:?}");
+    let c3 = Classifier::load(Arc::clone(&common::encoder()), &report3.output).unwrap();
+    assert_eq!(c3.meta().finetune, tuned.finetune);
+    assert!(!Arc::ptr_eq(c3.encoder(), &common::encoder()));
+    let (m3, _) = evaluate(&c3, &heldout).unwrap();
+    let want = report3.heldout.unwrap();
+    assert_eq!(
+        (m3.tp, m3.fp, m3.tn, m3.fn_),
+        (want.tp, want.fp, want.tn, want.fn_)
+    );
+    let texts = vec!["The capital of France is Paris.".to_string()];
+    let e_tuned = c3.encoder().embed(&texts).unwrap();
+    let e_frozen = common::encoder().embed(&texts).unwrap();
+    let moved = (e_tuned - e_frozen)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        moved.to_scalar::<f32>().unwrap() > 1e-4,
+        "fine-tuning left the encoder as it was"
+    );
 }
