@@ -400,17 +400,7 @@ impl AdamW {
             }
         }
         self.step += 1;
-        let t = self.step as i32;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
-        let bc1 = 1.0 - beta1.powi(t);
-        let bc2 = 1.0 - beta2.powi(t);
-        let step_size = lr / bc1;
-        let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
+        let corrections = bias_corrections(&self.cfg, lr, self.step);
         for p in &mut self.params {
             let sd = p.exp_avg.dtype();
             let g = grads
@@ -423,17 +413,15 @@ impl AdamW {
                 // Without a master copy a half-precision weight is updated in f32 and rounded.
                 None => p.spec.var.as_tensor().detach().to_dtype(sd)?,
             };
-            let param = if p.spec.weight_decay && weight_decay != 0.0 {
-                param.affine(1.0 - lr * weight_decay, 0.0)?
-            } else {
-                param
-            };
-            p.exp_avg = (p.exp_avg.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?;
-            p.exp_avg_sq =
-                (p.exp_avg_sq.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?;
-            let denom = p.exp_avg_sq.sqrt()?.affine(inv_sqrt_bc2, eps)?;
-            let update = (&p.exp_avg / denom)?.affine(step_size, 0.0)?;
-            let param = (param - update)?;
+            let param = update(
+                param,
+                &g,
+                (&mut p.exp_avg, &mut p.exp_avg_sq),
+                &self.cfg,
+                p.spec.weight_decay,
+                lr,
+                corrections,
+            )?;
             match &mut p.master {
                 Some(m) => {
                     p.spec.var.set(&param.to_dtype(p.spec.var.dtype())?)?;
@@ -632,4 +620,38 @@ fn raw_to_tensor(
         dt => return Err(format!("unexpected dtype {dt:?} (expected F32 or F64)")),
     };
     t.map_err(|e| e.to_string())
+}
+
+/// `(lr / (1 - beta1^t), 1 / sqrt(1 - beta2^t))`: the bias-corrected step size and the
+/// second moment's correction of AdamW's step `t`.
+pub(crate) fn bias_corrections(cfg: &AdamWConfig, lr: f64, t: u64) -> (f64, f64) {
+    let t = t as i32;
+    let bc1 = 1.0 - cfg.beta1.powi(t);
+    let bc2 = 1.0 - cfg.beta2.powi(t);
+    (lr / bc1, 1.0 / bc2.sqrt())
+}
+
+/// One AdamW update of `param` with gradient `g` (both in the moments' dtype): decoupled
+/// weight decay when `decay`, the moments updated in place, the new parameter returned. The one
+/// definition the replicated and the sharded optimizer share, so that a sharded run updates
+/// every element with the same operations as a replicated one.
+pub(crate) fn update(
+    param: Tensor,
+    g: &Tensor,
+    (exp_avg, exp_avg_sq): (&mut Tensor, &mut Tensor),
+    cfg: &AdamWConfig,
+    decay: bool,
+    lr: f64,
+    (step_size, inv_sqrt_bc2): (f64, f64),
+) -> Result<Tensor> {
+    let param = if decay && cfg.weight_decay != 0.0 {
+        param.affine(1.0 - lr * cfg.weight_decay, 0.0)?
+    } else {
+        param
+    };
+    *exp_avg = (exp_avg.affine(cfg.beta1, 0.0)? + g.affine(1.0 - cfg.beta1, 0.0)?)?;
+    *exp_avg_sq = (exp_avg_sq.affine(cfg.beta2, 0.0)? + g.sqr()?.affine(1.0 - cfg.beta2, 0.0)?)?;
+    let denom = exp_avg_sq.sqrt()?.affine(inv_sqrt_bc2, cfg.eps)?;
+    let step = (&*exp_avg / denom)?.affine(step_size, 0.0)?;
+    Ok((param - step)?)
 }

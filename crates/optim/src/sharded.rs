@@ -218,18 +218,8 @@ impl ShardedAdamW {
             }
         }
         self.step += 1;
-        let t = self.step as i32;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.cfg;
         // The same numbers and operations as AdamW::step, element for element.
-        let bc1 = 1.0 - beta1.powi(t);
-        let bc2 = 1.0 - beta2.powi(t);
-        let step_size = lr / bc1;
-        let inv_sqrt_bc2 = 1.0 / bc2.sqrt();
+        let corrections = crate::bias_corrections(&self.cfg, lr, self.step);
         let mut out = Vec::with_capacity(self.range().len());
         for s in &mut self.segs {
             let spec = &self.params[s.param];
@@ -246,17 +236,15 @@ impl ShardedAdamW {
                     .detach()
                     .to_dtype(DType::F32)?,
             };
-            let param = if spec.weight_decay && weight_decay != 0.0 {
-                param.affine(1.0 - lr * weight_decay, 0.0)?
-            } else {
-                param
-            };
-            s.exp_avg = (s.exp_avg.affine(beta1, 0.0)? + g.affine(1.0 - beta1, 0.0)?)?;
-            s.exp_avg_sq =
-                (s.exp_avg_sq.affine(beta2, 0.0)? + g.sqr()?.affine(1.0 - beta2, 0.0)?)?;
-            let denom = s.exp_avg_sq.sqrt()?.affine(inv_sqrt_bc2, eps)?;
-            let update = (&s.exp_avg / denom)?.affine(step_size, 0.0)?;
-            let param = (param - update)?;
+            let param = crate::update(
+                param,
+                &g,
+                (&mut s.exp_avg, &mut s.exp_avg_sq),
+                &self.cfg,
+                spec.weight_decay,
+                lr,
+                corrections,
+            )?;
             out.extend(param.to_vec1::<f32>()?);
             if let Some(m) = &mut s.master {
                 *m = param;
