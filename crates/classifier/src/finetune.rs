@@ -627,33 +627,7 @@ pub fn train(
         .clamp(1e-6, f64::MAX)?;
     drop(x0);
     let d = mean.dims1()?;
-    let mut glorot = |rows: usize, cols: usize| -> Result<Var> {
-        let a = (6.0 / (rows + cols) as f64).sqrt() as f32;
-        let v: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
-        Ok(Var::from_tensor(&Tensor::from_vec(
-            v,
-            (rows, cols),
-            &device,
-        )?)?)
-    };
-    let (w1, b1, w2, b2) = match kind {
-        HeadKind::Logistic => (
-            Var::zeros((1, d), DType::F32, &device)?,
-            Var::zeros(1, DType::F32, &device)?,
-            None,
-            None,
-        ),
-        HeadKind::Mlp { hidden } => {
-            let w1 = glorot(hidden, d)?;
-            let w2 = glorot(1, hidden)?;
-            (
-                w1,
-                Var::zeros(hidden, DType::F32, &device)?,
-                Some(w2),
-                Some(Var::zeros(1, DType::F32, &device)?),
-            )
-        }
-    };
+    let (w1, b1, w2, b2) = crate::head::init_params(kind, d, &mut rng, &device)?;
     let mut head_vars = vec![&w1, &b1];
     if let (Some(w2), Some(b2)) = (&w2, &b2) {
         head_vars.push(w2);

@@ -220,33 +220,7 @@ impl Head {
         let wts = Tensor::from_vec(wts, n, &device)?;
 
         let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-        let mut glorot = |rows: usize, cols: usize| -> Result<Var> {
-            let a = (6.0 / (rows + cols) as f64).sqrt() as f32;
-            let v: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
-            Ok(Var::from_tensor(&Tensor::from_vec(
-                v,
-                (rows, cols),
-                &device,
-            )?)?)
-        };
-        let zeros = |len: usize| -> Result<Var> { Ok(Var::zeros(len, DType::F32, &device)?) };
-        let (w1, b1, w2, b2) = match cfg.head {
-            // Convex: start from zero.
-            HeadKind::Logistic => (
-                Var::zeros((1, d), DType::F32, &device)?,
-                zeros(1)?,
-                None,
-                None,
-            ),
-            HeadKind::Mlp { hidden } => {
-                if hidden == 0 {
-                    return Err(Error::Invalid("mlp hidden size must be > 0".into()));
-                }
-                let w1 = glorot(hidden, d)?;
-                let w2 = glorot(1, hidden)?;
-                (w1, zeros(hidden)?, Some(w2), Some(zeros(1)?))
-            }
-        };
+        let (w1, b1, w2, b2) = init_params(cfg.head, d, &mut rng, &device)?;
         let mut params: Vec<(&Var, bool)> = vec![(&w1, true), (&b1, false)];
         if let (Some(w2), Some(b2)) = (&w2, &b2) {
             params.push((w2, true));
@@ -375,15 +349,7 @@ impl Head {
             return Err(Error::format(what, "tensor shapes do not form a head"));
         }
         Ok((
-            Head {
-                kind,
-                mean,
-                std,
-                w1,
-                b1,
-                w2,
-                b2,
-            },
+            Head::from_parts(kind, mean, std, (w1, b1, w2, b2)),
             metadata,
         ))
     }
@@ -478,6 +444,42 @@ impl Adam {
         }
         Ok(())
     }
+}
+
+/// A head's fresh parameters `(w1, b1, w2, b2)` for `d` features: the logistic head from zero
+/// (convex), the MLP's weights Glorot-uniform from `rng` (w1, then w2) and its biases zero.
+pub(crate) fn init_params(
+    kind: HeadKind,
+    d: usize,
+    rng: &mut ChaCha8Rng,
+    device: &Device,
+) -> Result<(Var, Var, Option<Var>, Option<Var>)> {
+    let mut glorot = |rows: usize, cols: usize| -> Result<Var> {
+        let a = (6.0 / (rows + cols) as f64).sqrt() as f32;
+        let v: Vec<f32> = (0..rows * cols).map(|_| rng.random_range(-a..a)).collect();
+        Ok(Var::from_tensor(&Tensor::from_vec(
+            v,
+            (rows, cols),
+            device,
+        )?)?)
+    };
+    let zeros = |len: usize| -> Result<Var> { Ok(Var::zeros(len, DType::F32, device)?) };
+    Ok(match kind {
+        HeadKind::Logistic => (
+            Var::zeros((1, d), DType::F32, device)?,
+            zeros(1)?,
+            None,
+            None,
+        ),
+        HeadKind::Mlp { hidden } => {
+            if hidden == 0 {
+                return Err(Error::Invalid("mlp hidden size must be > 0".into()));
+            }
+            let w1 = glorot(hidden, d)?;
+            let w2 = glorot(1, hidden)?;
+            (w1, zeros(hidden)?, Some(w2), Some(zeros(1)?))
+        }
+    })
 }
 
 #[cfg(test)]
