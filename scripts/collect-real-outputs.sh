@@ -2,12 +2,13 @@
 # Collects the real model responses behind crates/classifier/data/real_outputs/ (see the README
 # there): SmolLM2-135M-Instruct, greedy, through `sft ifs` and the quickstart's own IFS
 # evaluations. Writes raw, unlabelled responses under OUT (default real-outputs/); labelling is
-# by hand. Needs scripts/fetch-test-models.sh. About 20 minutes on 2 cores.
+# by hand. Needs scripts/fetch-test-models.sh. About 23 minutes on 2 cores (step 5: 2.5).
 #
 # The split is by instruction, fixed before any response was read:
 #   test:  ifs-0031 ... ifs-0068 (lines 31-68 of crates/ifs/assets/instructions.jsonl)
 #   train: ifs-0001 ... ifs-0016 (the quickstart's IFS instructions) and ifs-0069 ... ifs-0082
 #   validation: ifs-0083 ... ifs-0088 (and the older set's ifs-0017 ... ifs-0030)
+#   later (step 5): train ifs-0089 ... ifs-0124, validation ifs-0125 ... ifs-0136
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-real-outputs}
@@ -50,3 +51,20 @@ done
 "$bin/sft" ifs --model "$model" --adapter "$out/checkpoints/past-plateau/step-000061" \
   --template alpaca_modified --items "$out/train-items.jsonl" \
   --out "$out/train/quickstart-step-000061" >"$out/train/quickstart-step-000061.json"
+
+# 5. More train and validation data on the weakest templates, added later (lines 89-124 of
+#    instructions.jsonl go to the train split, 125-136 to the validation split, fixed by
+#    position before any response was read): the base model under alpaca_modified and
+#    alpaca_modified_nl, and the checkpoints at the plateau (step 16) and past it (step 61)
+#    under alpaca_modified, 64 new tokens.
+sed -n 89,136p crates/ifs/assets/instructions.jsonl >"$out/more-items.jsonl"
+mkdir -p "$out/more"
+for t in alpaca_modified alpaca_modified_nl; do
+  "$bin/sft" ifs --model "$model" --template "$t" --items "$out/more-items.jsonl" \
+    --out "$out/more/base-$t" >"$out/more/base-$t.json"
+done
+for step in 000016 000061; do
+  "$bin/sft" ifs --model "$model" --adapter "$out/checkpoints/past-plateau/step-$step" \
+    --template alpaca_modified --items "$out/more-items.jsonl" \
+    --out "$out/more/quickstart-step-$step" >"$out/more/quickstart-step-$step.json"
+done
