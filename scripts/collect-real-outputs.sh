@@ -17,12 +17,23 @@ cargo build --release -q -p sft-cli --bins
 bin=$(scripts/target-dir)/release
 model=cache:smollm2-135m-instruct
 sed -n 31,68p crates/ifs/assets/instructions.jsonl >"$out/test-items.jsonl"
+ckpt=$out/checkpoints/past-plateau
+
+# answer ITEMS DIR TEMPLATE [STEP]: `sft ifs` (64 new tokens, full and fragment prompts) on
+# ITEMS under TEMPLATE, the base model or the past-plateau run's checkpoint STEP; responses in
+# DIR/base-TEMPLATE or DIR/quickstart-step-STEP, the summary in the same name plus .json.
+answer() {
+  local items=$1 dir=$2 t=$3 step=${4:-} name
+  name=${step:+quickstart-step-$step}
+  name=${name:-base-$t}
+  mkdir -p "$dir"
+  "$bin/sft" ifs --model "$model" ${step:+--adapter "$ckpt/step-$step"} --template "$t" \
+    --items "$items" --out "$dir/$name" >"$dir/$name.json"
+}
 
 # 1. The base model under each template, full and fragment prompts, 64 new tokens (test).
-mkdir -p "$out/test"
 for t in raw alpaca_modified alpaca_modified_nl chat_template; do
-  "$bin/sft" ifs --model "$model" --template "$t" --items "$out/test-items.jsonl" \
-    --out "$out/test/base-$t" >"$out/test/base-$t.json"
+  answer "$out/test-items.jsonl" "$out/test" "$t"
 done
 
 # 2. The quickstart pushed past its plateau: early stopping off, every checkpoint kept, so it
@@ -34,23 +45,17 @@ done
 # 3. Its checkpoints at the plateau (128 examples: step 16) and at the end (486 examples: step
 #    61) on the test instructions, under the template it was tuned with.
 for step in 000016 000061; do
-  "$bin/sft" ifs --model "$model" --adapter "$out/checkpoints/past-plateau/step-$step" \
-    --template alpaca_modified --items "$out/test-items.jsonl" \
-    --out "$out/test/quickstart-step-$step" >"$out/test/quickstart-step-$step.json"
+  answer "$out/test-items.jsonl" "$out/test" alpaca_modified "$step"
 done
 
 # 4. Train side, added later (lines 69-88 of instructions.jsonl; 69-82 go to the train split,
 #    83-88 to the validation split): the base model under each template and the run's last
 #    checkpoint (step 61, past the plateau), 64 new tokens.
 sed -n 69,88p crates/ifs/assets/instructions.jsonl >"$out/train-items.jsonl"
-mkdir -p "$out/train"
 for t in raw alpaca_modified alpaca_modified_nl chat_template; do
-  "$bin/sft" ifs --model "$model" --template "$t" --items "$out/train-items.jsonl" \
-    --out "$out/train/base-$t" >"$out/train/base-$t.json"
+  answer "$out/train-items.jsonl" "$out/train" "$t"
 done
-"$bin/sft" ifs --model "$model" --adapter "$out/checkpoints/past-plateau/step-000061" \
-  --template alpaca_modified --items "$out/train-items.jsonl" \
-  --out "$out/train/quickstart-step-000061" >"$out/train/quickstart-step-000061.json"
+answer "$out/train-items.jsonl" "$out/train" alpaca_modified 000061
 
 # 5. More train and validation data on the weakest templates, added later (lines 89-124 of
 #    instructions.jsonl go to the train split, 125-136 to the validation split, fixed by
@@ -58,13 +63,9 @@ done
 #    alpaca_modified_nl, and the checkpoints at the plateau (step 16) and past it (step 61)
 #    under alpaca_modified, 64 new tokens.
 sed -n 89,136p crates/ifs/assets/instructions.jsonl >"$out/more-items.jsonl"
-mkdir -p "$out/more"
 for t in alpaca_modified alpaca_modified_nl; do
-  "$bin/sft" ifs --model "$model" --template "$t" --items "$out/more-items.jsonl" \
-    --out "$out/more/base-$t" >"$out/more/base-$t.json"
+  answer "$out/more-items.jsonl" "$out/more" "$t"
 done
 for step in 000016 000061; do
-  "$bin/sft" ifs --model "$model" --adapter "$out/checkpoints/past-plateau/step-$step" \
-    --template alpaca_modified --items "$out/more-items.jsonl" \
-    --out "$out/more/quickstart-step-$step" >"$out/more/quickstart-step-$step.json"
+  answer "$out/more-items.jsonl" "$out/more" alpaca_modified "$step"
 done
