@@ -2,13 +2,14 @@
 # Collects the real model responses behind crates/classifier/data/real_outputs/ (see the README
 # there): SmolLM2-135M-Instruct, greedy, through `sft ifs` and the quickstart's own IFS
 # evaluations. Writes raw, unlabelled responses under OUT (default real-outputs/); labelling is
-# by hand. Needs scripts/fetch-test-models.sh. About 23 minutes on 2 cores (step 5: 2.5).
+# by hand. Needs scripts/fetch-test-models.sh. About 26 minutes on 2 cores (step 5: 2.5, step 6: 3).
 #
 # The split is by instruction, fixed before any response was read:
 #   test:  ifs-0031 ... ifs-0068 (lines 31-68 of crates/ifs/assets/instructions.jsonl)
 #   train: ifs-0001 ... ifs-0016 (the quickstart's IFS instructions) and ifs-0069 ... ifs-0082
 #   validation: ifs-0083 ... ifs-0088 (and the older set's ifs-0017 ... ifs-0030)
 #   later (step 5): train ifs-0089 ... ifs-0124, validation ifs-0125 ... ifs-0136
+#   later (step 6): train ifs-0137 ... ifs-0181, validation ifs-0182 ... ifs-0196
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-real-outputs}
@@ -68,4 +69,15 @@ for t in alpaca_modified alpaca_modified_nl; do
 done
 for step in 000016 000061; do
   answer "$out/more-items.jsonl" "$out/more" alpaca_modified "$step"
+done
+
+# 6. The same four settings on the next 60 instructions, added later (lines 137-181 go to the
+#    train split, 182-196 to the validation split, fixed by position before any response was
+#    generated or read).
+sed -n 137,196p crates/ifs/assets/instructions.jsonl >"$out/more2-items.jsonl"
+for t in alpaca_modified alpaca_modified_nl; do
+  answer "$out/more2-items.jsonl" "$out/more2" "$t"
+done
+for step in 000016 000061; do
+  answer "$out/more2-items.jsonl" "$out/more2" alpaca_modified "$step"
 done
