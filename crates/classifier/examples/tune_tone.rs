@@ -1,7 +1,8 @@
 //! Development tool: chooses the tone head's training settings on the VALIDATION split of the
 //! real outputs (never the test split): the weight (repeat) of the hand-labelled train lines
-//! against the recipe's examples, the optimizer steps, the hidden width and the threshold. Prints
-//! validation and bundled held-out accuracy per setting. Embeddings are cached under /tmp.
+//! against the recipe's examples, the optimizer steps, the hidden width and the threshold, and
+//! (SEEDS) the spread over the head's initialisation. Prints validation and bundled held-out
+//! accuracy per setting. Embeddings are cached under /tmp.
 //!
 //! `cargo run --release -p sft-classifier --example tune_tone -- configs/classifier/tone.yaml`
 //! (run from the repository root; the config's `labelled` repeat is what the grid replaces).
@@ -102,6 +103,12 @@ fn main() {
         .split(',')
         .map(|s| s.parse().expect("HIDDEN"))
         .collect();
+    // Other seeds of the head's initialisation show how much of a difference is noise.
+    let seeds: Vec<u64> = std::env::var("SEEDS")
+        .unwrap_or_else(|_| cfg.head_config().seed.to_string())
+        .split(',')
+        .map(|s| s.parse().expect("SEEDS"))
+        .collect();
     for &r in &repeats {
         let mut xs = vec![x_rec.clone()];
         let mut ys = y_rec.clone();
@@ -111,16 +118,20 @@ fn main() {
         }
         let x = Tensor::cat(&xs, 0).expect("cat");
         for &s in &steps {
-            for &h in &hidden {
+            for (&h, &seed) in hidden
+                .iter()
+                .flat_map(|h| seeds.iter().map(move |s| (h, s)))
+            {
                 let hc = HeadTrainConfig {
                     head: HeadKind::Mlp { hidden: h },
                     steps: s,
+                    seed,
                     ..cfg.head_config()
                 };
                 let (head, _) = Head::train(&x, &ys, &hc).expect("train");
                 let pv = head.probs(&x_val).expect("probs");
                 let ph = head.probs(&x_ho).expect("probs");
-                let mut line = format!("repeat {r:>2} steps {s:>4} hidden {h:>3}:");
+                let mut line = format!("repeat {r:>2} steps {s:>4} hidden {h:>3} seed {seed}:");
                 for t in [0.3f32, 0.4, 0.5, 0.6, 0.7] {
                     let mv = acc(&pv, &y_val, t);
                     let mh = acc(&ph, &y_ho, t);

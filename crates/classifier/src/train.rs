@@ -615,6 +615,29 @@ pub fn train_on(
         let pred: Vec<u8> = p.iter().map(|&p| (p >= cfg.threshold) as u8).collect();
         Metrics::from_labels(&pred, y)
     };
+    // Where else the threshold could sit: the figures a choice of threshold needs, from the
+    // same probabilities (the training path's, which a grid over cached embeddings only
+    // approximates).
+    let sweep: &[f32] = if y_heldout.is_empty() && y_validation.is_empty() {
+        &[]
+    } else {
+        &[0.3, 0.4, 0.5, 0.6, 0.7]
+    };
+    for &t in sweep {
+        let at = |p: &[f32], y: &[u8]| {
+            let pred: Vec<u8> = p.iter().map(|&p| (p >= t) as u8).collect();
+            Metrics::from_labels(&pred, y)
+        };
+        let (h, v) = (at(&probs[1], &y_heldout), at(&probs[2], &y_validation));
+        tracing::info!(
+            "threshold {t:.1}: held-out {}/{} ({:.4}), validation {}/{}",
+            h.tp + h.tn,
+            h.n,
+            h.accuracy,
+            v.tp + v.tn,
+            v.n
+        );
+    }
     let train_m = score(&probs[0], &y_train);
     let heldout_m = (!y_heldout.is_empty()).then(|| score(&probs[1], &y_heldout));
     let validation_m = (!y_validation.is_empty()).then(|| score(&probs[2], &y_validation));
