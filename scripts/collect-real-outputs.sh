@@ -2,7 +2,7 @@
 # Collects the real model responses behind crates/classifier/data/real_outputs/ (see the README
 # there): SmolLM2-135M-Instruct, greedy, through `sft ifs` and the quickstart's own IFS
 # evaluations. Writes raw, unlabelled responses under OUT (default real-outputs/); labelling is
-# by hand. Needs scripts/fetch-test-models.sh. About 26 minutes on 2 cores (step 5: 2.5, step 6: 3).
+# by hand. Needs scripts/fetch-test-models.sh. About 30 minutes on 2 cores (step 5: 2.5, step 6: 2, step 7: 4).
 #
 # The split is by instruction, fixed before any response was read:
 #   test:  ifs-0031 ... ifs-0068 (lines 31-68 of crates/ifs/assets/instructions.jsonl)
@@ -10,6 +10,8 @@
 #   validation: ifs-0083 ... ifs-0088 (and the older set's ifs-0017 ... ifs-0030)
 #   later (step 5): train ifs-0089 ... ifs-0124, validation ifs-0125 ... ifs-0136
 #   later (step 6): train ifs-0137 ... ifs-0181, validation ifs-0182 ... ifs-0196
+#   later (step 7): a fresh test split, ifs-0197 ... ifs-0234 (the first test split, ifs-0031 ...
+#   ifs-0068, became validation once it had been used to judge heads)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-real-outputs}
@@ -80,4 +82,15 @@ for t in alpaca_modified alpaca_modified_nl; do
 done
 for step in 000016 000061; do
   answer "$out/more2-items.jsonl" "$out/more2" alpaca_modified "$step"
+done
+
+# 7. A fresh test split (lines 197-234 of instructions.jsonl), the same six settings as step 1
+#    and step 3: the base model under each template, and the checkpoints at the plateau and
+#    past it under alpaca_modified, 64 new tokens.
+sed -n 197,234p crates/ifs/assets/instructions.jsonl >"$out/test2-items.jsonl"
+for t in raw alpaca_modified alpaca_modified_nl chat_template; do
+  answer "$out/test2-items.jsonl" "$out/test2" "$t"
+done
+for step in 000016 000061; do
+  answer "$out/test2-items.jsonl" "$out/test2" alpaca_modified "$step"
 done

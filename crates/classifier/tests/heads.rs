@@ -246,12 +246,12 @@ fn real_output_test_split_is_complete_and_split_by_instruction() {
     assert_eq!(paths(&tone.validation), [REAL_VALIDATION]);
 }
 
-/// A regression guard on the shipped tone head over the real test split: 428/456 = 0.939
-/// (95% Wilson 0.913-0.957) when the split was written (the README's table); 433/456 = 0.950
-/// (0.925-0.966) with the head retrained on the recipe plus the real train split (its settings
-/// chosen on the validation split); 441/456 = 0.967 (0.946-0.980) with 288 more hand-labelled
-/// train lines on the weakest templates (chosen on the validation split, 268 lines, over two
-/// fine-tuned encoders). Two more errors than measured still pass, three fail.
+/// A regression guard on the shipped tone head over the real test split. The first test split
+/// (`ifs-0031` … `ifs-0068`) judged four heads and had its errors read, so it became part of the
+/// validation split; the split here is a fresh one (`ifs-0197` … `ifs-0234`, the same six
+/// settings), labelled before any head met it and scored once by the head chosen on the
+/// validation split: 424/456 = 0.930 (95% Wilson 0.903-0.950); the head shipped before it
+/// scores 421/456 there. Two more errors than measured still pass, three fail.
 /// Never lower it to make a change pass.
 #[test]
 fn tone_head_on_the_real_output_test_split() {
@@ -277,7 +277,7 @@ fn tone_head_on_the_real_output_test_split() {
 /// The size of the real test split and the shipped head's correct answers on it, as measured.
 /// A retrained head that does better raises `REAL_TEST_CORRECT`.
 const REAL_TEST_N: usize = 456;
-const REAL_TEST_CORRECT: usize = 441;
+const REAL_TEST_CORRECT: usize = 424;
 
 #[test]
 fn judge_head_reaches_its_goal_on_the_test_split() {
