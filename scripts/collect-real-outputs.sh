@@ -34,6 +34,21 @@ answer() {
     --items "$items" --out "$dir/$name" >"$dir/$name.json"
 }
 
+# answer_lines FIRST LAST NAME TEMPLATE...: lines FIRST-LAST of instructions.jsonl (saved as
+# NAME-items.jsonl) answered by the base model under each TEMPLATE and by the checkpoints at the
+# plateau (step 16) and past it (step 61) under alpaca_modified; responses under NAME/.
+answer_lines() {
+  local first=$1 last=$2 name=$3 t step
+  shift 3
+  sed -n "${first},${last}p" crates/ifs/assets/instructions.jsonl >"$out/$name-items.jsonl"
+  for t in "$@"; do
+    answer "$out/$name-items.jsonl" "$out/$name" "$t"
+  done
+  for step in 000016 000061; do
+    answer "$out/$name-items.jsonl" "$out/$name" alpaca_modified "$step"
+  done
+}
+
 # 1. The base model under each template, full and fragment prompts, 64 new tokens (test).
 for t in raw alpaca_modified alpaca_modified_nl chat_template; do
   answer "$out/test-items.jsonl" "$out/test" "$t"
@@ -65,32 +80,14 @@ answer "$out/train-items.jsonl" "$out/train" alpaca_modified 000061
 #    position before any response was read): the base model under alpaca_modified and
 #    alpaca_modified_nl, and the checkpoints at the plateau (step 16) and past it (step 61)
 #    under alpaca_modified, 64 new tokens.
-sed -n 89,136p crates/ifs/assets/instructions.jsonl >"$out/more-items.jsonl"
-for t in alpaca_modified alpaca_modified_nl; do
-  answer "$out/more-items.jsonl" "$out/more" "$t"
-done
-for step in 000016 000061; do
-  answer "$out/more-items.jsonl" "$out/more" alpaca_modified "$step"
-done
+answer_lines 89 136 more alpaca_modified alpaca_modified_nl
 
 # 6. The same four settings on the next 60 instructions, added later (lines 137-181 go to the
 #    train split, 182-196 to the validation split, fixed by position before any response was
 #    generated or read).
-sed -n 137,196p crates/ifs/assets/instructions.jsonl >"$out/more2-items.jsonl"
-for t in alpaca_modified alpaca_modified_nl; do
-  answer "$out/more2-items.jsonl" "$out/more2" "$t"
-done
-for step in 000016 000061; do
-  answer "$out/more2-items.jsonl" "$out/more2" alpaca_modified "$step"
-done
+answer_lines 137 196 more2 alpaca_modified alpaca_modified_nl
 
 # 7. A fresh test split (lines 197-234 of instructions.jsonl), the same six settings as step 1
 #    and step 3: the base model under each template, and the checkpoints at the plateau and
 #    past it under alpaca_modified, 64 new tokens.
-sed -n 197,234p crates/ifs/assets/instructions.jsonl >"$out/test2-items.jsonl"
-for t in raw alpaca_modified alpaca_modified_nl chat_template; do
-  answer "$out/test2-items.jsonl" "$out/test2" "$t"
-done
-for step in 000016 000061; do
-  answer "$out/test2-items.jsonl" "$out/test2" alpaca_modified "$step"
-done
+answer_lines 197 234 test2 raw alpaca_modified alpaca_modified_nl chat_template
