@@ -123,13 +123,7 @@ fn main() {
                     let p = h.probs(&xho).unwrap();
                     let pred: Vec<u8> = p.iter().map(|&p| (p >= 0.5) as u8).collect();
                     let m = Metrics::from_labels(&pred, &yho);
-                    let ptr: Vec<u8> = h
-                        .probs(&xtr)
-                        .unwrap()
-                        .iter()
-                        .map(|&p| (p >= 0.5) as u8)
-                        .collect();
-                    let mtr = Metrics::from_labels(&ptr, &ytr);
+                    let mtr = Metrics::at_threshold(&h.probs(&xtr).unwrap(), &ytr, 0.5);
                     let mut wrong: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
                     for i in 0..yho.len() {
                         let e = wrong.entry(shapes[i].as_str()).or_default();

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
 use sft_classifier::eval::Labelled;
+use sft_classifier::metrics::THRESHOLD_SWEEP;
 use sft_classifier::train::{tone_dataset, TrainConfig};
 use sft_classifier::{Encoder, FeatureSet, Head, HeadKind, HeadTrainConfig, Metrics};
 
@@ -37,11 +38,6 @@ fn inputs(enc: &Encoder, items: &[Labelled], f: FeatureSet, tag: &str) -> Tensor
     let feats: Vec<f32> = items.iter().flat_map(|l| f.compute(&l.text)).collect();
     let feats = Tensor::from_vec(feats, (items.len(), f.len()), &Device::Cpu).expect("features");
     Tensor::cat(&[e, feats], 1).expect("inputs")
-}
-
-fn acc(p: &[f32], y: &[u8], t: f32) -> Metrics {
-    let pred: Vec<u8> = p.iter().map(|&p| (p >= t) as u8).collect();
-    Metrics::from_labels(&pred, y)
 }
 
 fn main() {
@@ -132,9 +128,9 @@ fn main() {
                 let pv = head.probs(&x_val).expect("probs");
                 let ph = head.probs(&x_ho).expect("probs");
                 let mut line = format!("repeat {r:>2} steps {s:>4} hidden {h:>3} seed {seed}:");
-                for t in [0.3f32, 0.4, 0.5, 0.6, 0.7] {
-                    let mv = acc(&pv, &y_val, t);
-                    let mh = acc(&ph, &y_ho, t);
+                for t in THRESHOLD_SWEEP {
+                    let mv = Metrics::at_threshold(&pv, &y_val, t);
+                    let mh = Metrics::at_threshold(&ph, &y_ho, t);
                     line.push_str(&format!(
                         "  t{t:.1} val {}/{} heldout {:.4}",
                         mv.tp + mv.tn,

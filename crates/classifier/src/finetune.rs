@@ -25,7 +25,7 @@ use crate::encoder::l2_normalize;
 use crate::error::{Error, Result};
 use crate::features::FeatureSet;
 use crate::head::{bce_with_logits, Adam, Head, HeadKind};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, THRESHOLD_SWEEP};
 
 /// The six linear maps of a BERT layer, as named under `encoder.layer.N.`.
 pub const LINEARS: [&str; 6] = [
@@ -685,11 +685,6 @@ pub fn train(
             }
             Ok(out)
         };
-    let score = |p: &[f32], y: &[u8], th: f32| -> Metrics {
-        let pred: Vec<u8> = p.iter().map(|&p| (p >= th) as u8).collect();
-        Metrics::from_labels(&pred, y)
-    };
-
     let mut losses = Vec::new();
     let mut validation_by_epoch = Vec::new();
     let mut order: Vec<usize> = (0..tr.len()).collect();
@@ -723,11 +718,11 @@ pub fn train(
         );
         if !validation.labels.is_empty() {
             let p = probs_of(&va, &va_f, &adapters)?;
-            for th in [0.3f32, 0.4, 0.5, 0.6, 0.7] {
-                let m = score(&p, &validation.labels, th);
+            for th in THRESHOLD_SWEEP {
+                let m = Metrics::at_threshold(&p, &validation.labels, th);
                 line.push_str(&format!("; validation at {th}: {}/{}", m.tp + m.tn, m.n));
             }
-            let m = score(&p, &validation.labels, threshold);
+            let m = Metrics::at_threshold(&p, &validation.labels, threshold);
             if best.as_ref().is_none_or(|b| m.tp + m.tn > b.1) {
                 let snapshot = all_vars
                     .iter()

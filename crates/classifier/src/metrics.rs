@@ -1,6 +1,10 @@
 //! Binary classification metrics with 1 as the positive class.
 use serde::{Deserialize, Serialize};
 
+/// The thresholds a choice of threshold is made among: the training logs and `tune_tone` report
+/// accuracy at each.
+pub const THRESHOLD_SWEEP: [f32; 5] = [0.3, 0.4, 0.5, 0.6, 0.7];
+
 /// Counts and scores of predictions against labels; precision, recall and F1 are of class 1
 /// (0 where undefined, as scikit-learn's `zero_division=0`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -50,6 +54,13 @@ impl Metrics {
             fn_,
         }
     }
+
+    /// Probabilities of class 1 cut at `threshold` (a probability equal to it predicts 1, as a
+    /// classifier's labels do), scored against `labels`.
+    pub fn at_threshold(probs: &[f32], labels: &[u8], threshold: f32) -> Self {
+        let predicted: Vec<u8> = probs.iter().map(|&p| (p >= threshold) as u8).collect();
+        Self::from_labels(&predicted, labels)
+    }
 }
 
 #[cfg(test)]
@@ -89,6 +100,12 @@ mod tests {
         assert!((m.recall - 2.0 / 3.0).abs() < 1e-12);
         let f1 = 2.0 * (2.0 / 5.0) * (2.0 / 3.0) / (2.0 / 5.0 + 2.0 / 3.0);
         assert!((m.f1 - f1).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_probability_at_the_threshold_predicts_one() {
+        let m = Metrics::at_threshold(&[0.4, 0.5, 0.6, 0.2], &[0, 1, 1, 1], 0.5);
+        assert_eq!((m.tp, m.fp, m.tn, m.fn_), (2, 0, 1, 1));
     }
 
     #[test]

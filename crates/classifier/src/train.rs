@@ -19,7 +19,7 @@ use crate::eval::{read_labelled, select_split, Labelled, JUDGE_KEYS, TONE_KEYS};
 use crate::features::FeatureSet;
 use crate::finetune::{self, BertWeights, FinetuneConfig, Split};
 use crate::head::{Head, HeadKind, HeadTrainConfig};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, THRESHOLD_SWEEP};
 use crate::recipe::{build_examples, split_pairs, Example, RecipeConfig};
 use crate::sources::{oasst1_pairs_from_hub, read_pairs_jsonl_split, Pair};
 
@@ -611,32 +611,25 @@ pub fn train_on(
         }
     };
     let seconds_training = t0.elapsed().as_secs_f64() - seconds_embedding;
-    let score = |p: &[f32], y: &[u8]| -> Metrics {
-        let pred: Vec<u8> = p.iter().map(|&p| (p >= cfg.threshold) as u8).collect();
-        Metrics::from_labels(&pred, y)
-    };
+    let score = |p: &[f32], y: &[u8]| Metrics::at_threshold(p, y, cfg.threshold);
     // Where else the threshold could sit: the figures a choice of threshold needs, from the
     // same probabilities (the training path's, which a grid over cached embeddings only
     // approximates).
-    let sweep: &[f32] = if y_heldout.is_empty() && y_validation.is_empty() {
-        &[]
-    } else {
-        &[0.3, 0.4, 0.5, 0.6, 0.7]
-    };
-    for &t in sweep {
-        let at = |p: &[f32], y: &[u8]| {
-            let pred: Vec<u8> = p.iter().map(|&p| (p >= t) as u8).collect();
-            Metrics::from_labels(&pred, y)
-        };
-        let (h, v) = (at(&probs[1], &y_heldout), at(&probs[2], &y_validation));
-        tracing::info!(
-            "threshold {t:.1}: held-out {}/{} ({:.4}), validation {}/{}",
-            h.tp + h.tn,
-            h.n,
-            h.accuracy,
-            v.tp + v.tn,
-            v.n
-        );
+    for t in THRESHOLD_SWEEP {
+        let parts: Vec<String> = [
+            ("held-out", &probs[1], &y_heldout),
+            ("validation", &probs[2], &y_validation),
+        ]
+        .into_iter()
+        .filter(|(_, _, y)| !y.is_empty())
+        .map(|(name, p, y)| {
+            let m = Metrics::at_threshold(p, y, t);
+            format!("{name} {}/{} ({:.4})", m.tp + m.tn, m.n, m.accuracy)
+        })
+        .collect();
+        if !parts.is_empty() {
+            tracing::info!("threshold {t:.1}: {}", parts.join(", "));
+        }
     }
     let train_m = score(&probs[0], &y_train);
     let heldout_m = (!y_heldout.is_empty()).then(|| score(&probs[1], &y_heldout));
