@@ -247,7 +247,7 @@ fn real_output_test_split_is_complete_and_split_by_instruction() {
 }
 
 /// A regression guard on the shipped tone head over the real test split. The first test split
-/// (`ifs-0031` … `ifs-0068`) judged four heads and had its errors read, so it became part of the
+/// (`ifs-0031` … `ifs-0068`) judged five heads and had its errors read, so it became part of the
 /// validation split; the split here is a fresh one (`ifs-0197` … `ifs-0234`, the same six
 /// settings), labelled before any head met it and scored once by the head chosen on the
 /// validation split: 424/456 = 0.930 (95% Wilson 0.903-0.950); the head shipped before it
